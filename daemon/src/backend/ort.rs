@@ -1,0 +1,297 @@
+//! ONNX Runtime backend (`ort` with `load-dynamic`: `libonnxruntime.so` is opened at run time).
+//!
+//! KV cache, as onnxruntime-genai runs it with `past_present_share_buffer`: one ORT-owned f32
+//! buffer per layer and K/V, `[1, kv_heads, capacity, head_dim]`, allocated and zeroed once and
+//! bound as both `past_key_values.N.*` and `present.N.*`, so GroupQueryAttention writes new
+//! positions in place and no step copies or allocates the cache. Capacity is `max_length` for
+//! full-attention layers and window + slack for sliding layers (the op evicts inside the buffer,
+//! `sliding_window_cache=1`). Each step binds `input_ids [1,S]` and an all-ones
+//! `attention_mask [1,T]` (T = tokens so far, this step included); the graph derives
+//! `seqlens_k` and `total_sequence_length` from it. Prompts run in chunks of `prefill_chunk`.
+
+use std::path::{Path, PathBuf};
+
+use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
+use ort::session::Session;
+use ort::session::builder::GraphOptimizationLevel;
+use ort::value::Tensor;
+
+use super::{Backend, BackendError};
+use crate::package::{KvLayout, Package};
+
+/// Where ONNX Runtime comes from and how sessions run.
+#[derive(Debug, Clone)]
+pub struct OrtOptions {
+    /// `libonnxruntime.so` path; `None`: `ORT_DYLIB_PATH`, then the system library.
+    pub library: Option<PathBuf>,
+    /// Intra-op threads; 0 = ONNX Runtime's default (all cores).
+    pub threads: usize,
+    /// KV capacity in tokens (prompt + generated), clamped to the package's context length.
+    pub max_length: usize,
+    /// Prompt tokens per prefill step.
+    pub prefill_chunk: usize,
+}
+
+impl Default for OrtOptions {
+    fn default() -> Self {
+        OrtOptions {
+            library: None,
+            threads: 0,
+            max_length: 4096,
+            prefill_chunk: 256,
+        }
+    }
+}
+
+/// The library path to load: the configured one, else `ORT_DYLIB_PATH`, else the system's.
+pub fn resolve_library(configured: Option<&Path>) -> PathBuf {
+    if let Some(p) = configured.filter(|p| !p.as_os_str().is_empty()) {
+        return p.to_path_buf();
+    }
+    match std::env::var_os("ORT_DYLIB_PATH") {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => PathBuf::from("libonnxruntime.so"),
+    }
+}
+
+/// The process's ONNX Runtime environment. ONNX Runtime allows one per process and `ort`
+/// loads one library per process, so every backend shares it; asking for a different library
+/// later is an error rather than a silent mix.
+fn environment(lib: &Path) -> Result<ort::environment::Environment, BackendError> {
+    static ENV: std::sync::Mutex<Option<(PathBuf, ort::environment::Environment)>> =
+        std::sync::Mutex::new(None);
+    let mut slot = ENV.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some((loaded, env)) = slot.as_ref() {
+        if loaded != lib {
+            return Err(BackendError::Library {
+                path: lib.to_path_buf(),
+                msg: format!(
+                    "this process already loaded ONNX Runtime from {}",
+                    loaded.display()
+                ),
+            });
+        }
+        return Ok(env.clone());
+    }
+    let err = |e: &dyn std::fmt::Display| BackendError::Library {
+        path: lib.to_path_buf(),
+        msg: e.to_string(),
+    };
+    let env = ort::init_from(lib)
+        .map_err(|e| err(&e))?
+        .with_name("edgellm")
+        .build()
+        .map_err(|e| err(&e))?;
+    *slot = Some((lib.to_path_buf(), env.clone()));
+    Ok(env)
+}
+
+fn rt(context: &str) -> impl FnOnce(ort::Error) -> BackendError + '_ {
+    move |e| BackendError::Runtime {
+        context: context.to_string(),
+        msg: e.to_string(),
+    }
+}
+
+pub struct OrtBackend {
+    session: Session,
+    binding: ort::session::IoBinding,
+    /// Kept alive: bound as past and present of every layer.
+    _kv: Vec<Tensor<f32>>,
+    cpu: MemoryInfo<'static>,
+    layout: KvLayout,
+    names: Names,
+    vocab: usize,
+    /// Tokens in the KV cache.
+    pos: usize,
+    prefill_chunk: usize,
+    /// Logits of the last forward: `[rows, vocab]`.
+    logits: Vec<f32>,
+}
+
+struct Names {
+    input_ids: String,
+    attention_mask: String,
+    logits: String,
+}
+
+impl std::fmt::Debug for OrtBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OrtBackend")
+            .field("layout", &self.layout)
+            .field("pos", &self.pos)
+            .finish_non_exhaustive()
+    }
+}
+
+impl OrtBackend {
+    pub fn load(pkg: &Package, opts: &OrtOptions) -> Result<Self, BackendError> {
+        let env = environment(&resolve_library(opts.library.as_deref()))?;
+        let graph = pkg.graph_path();
+        let ctx = format!("creating an ONNX Runtime session for {}", graph.display());
+        let builder = Session::builder(&env).map_err(rt(&ctx))?;
+        let builder = builder
+            .with_optimization_level(GraphOptimizationLevel::All)
+            .map_err(|e| rt(&ctx)(e.into()))?
+            .with_intra_op_spinning(false)
+            .map_err(|e| rt(&ctx)(e.into()))?
+            .with_inter_threads(1)
+            .map_err(|e| rt(&ctx)(e.into()))?;
+        let mut builder = if opts.threads > 0 {
+            builder
+                .with_intra_threads(opts.threads)
+                .map_err(|e| rt(&ctx)(e.into()))?
+        } else {
+            builder
+        };
+        let session = builder.commit_from_file(&graph).map_err(rt(&ctx))?;
+
+        let d = &pkg.config.model.decoder;
+        let layout = pkg.kv_layout(opts.max_length);
+        let name =
+            |n: &Option<String>, default: &str| n.clone().unwrap_or_else(|| default.to_string());
+        let names = Names {
+            input_ids: name(&d.inputs.input_ids, "input_ids"),
+            attention_mask: name(&d.inputs.attention_mask, "attention_mask"),
+            logits: name(&d.outputs.logits, "logits"),
+        };
+        if d.inputs.position_ids.is_some() {
+            return Err(BackendError::Unsupported(format!(
+                "{}: graphs with a position_ids input (RoPE outside GroupQueryAttention) are not supported",
+                graph.display()
+            )));
+        }
+        let cpu = MemoryInfo::new(
+            AllocationDevice::CPU,
+            0,
+            AllocatorType::Device,
+            MemoryType::Default,
+        )
+        .map_err(rt("CPU memory info"))?;
+        let allocator = Allocator::default();
+        let mut binding = session
+            .create_binding()
+            .map_err(rt("creating an I/O binding"))?;
+        let mut kv = Vec::with_capacity(2 * d.num_hidden_layers);
+        for (layer, &cap) in layout.capacity.iter().enumerate() {
+            for (past, present) in [
+                (&d.inputs.past_key_names, &d.outputs.present_key_names),
+                (&d.inputs.past_value_names, &d.outputs.present_value_names),
+            ] {
+                let past = name(past, "past_key_values.%d.key").replace("%d", &layer.to_string());
+                let present = name(present, "present.%d.key").replace("%d", &layer.to_string());
+                let mut t =
+                    Tensor::<f32>::new(&allocator, [1, layout.kv_heads, cap, layout.head_dim])
+                        .map_err(rt("allocating the KV cache"))?;
+                t.extract_tensor_mut().1.fill(0.0);
+                binding.bind_input(&past, &t).map_err(rt(&past))?;
+                binding
+                    .bind_output(&present, &mut t)
+                    .map_err(rt(&present))?;
+                kv.push(t);
+            }
+        }
+        Ok(OrtBackend {
+            session,
+            binding,
+            _kv: kv,
+            cpu,
+            vocab: pkg.config.model.vocab_size,
+            layout,
+            names,
+            pos: 0,
+            prefill_chunk: opts.prefill_chunk.max(1),
+            logits: Vec::new(),
+        })
+    }
+
+    pub fn layout(&self) -> &KvLayout {
+        &self.layout
+    }
+
+    /// Tokens currently in the KV cache.
+    pub fn position(&self) -> usize {
+        self.pos
+    }
+
+    /// One graph run over `tokens` (appended at `self.pos`); keeps all returned logit rows.
+    fn step(&mut self, tokens: &[u32]) -> Result<(), BackendError> {
+        let s = tokens.len();
+        let total = self.pos + s;
+        if total > self.layout.max_length {
+            return Err(BackendError::ContextFull {
+                needed: total,
+                capacity: self.layout.max_length,
+            });
+        }
+        if let Some(&id) = tokens.iter().find(|&&t| t as usize >= self.vocab) {
+            return Err(BackendError::BadToken {
+                id,
+                vocab: self.vocab,
+            });
+        }
+        let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
+        let ids = Tensor::from_array(([1usize, s], ids)).map_err(rt("input_ids"))?;
+        let mask = Tensor::from_array(([1usize, total], vec![1i64; total]))
+            .map_err(rt("attention_mask"))?;
+        self.binding
+            .bind_input(&self.names.input_ids, &ids)
+            .map_err(rt("input_ids"))?;
+        self.binding
+            .bind_input(&self.names.attention_mask, &mask)
+            .map_err(rt("attention_mask"))?;
+        // A device-bound output keeps the shape of its first run; rebind every step.
+        self.binding
+            .bind_output_to_device(&self.names.logits, &self.cpu)
+            .map_err(rt("logits"))?;
+        let outputs = self
+            .session
+            .run_binding(&self.binding)
+            .map_err(rt("running the model"))?;
+        let logits = outputs
+            .get(&self.names.logits)
+            .ok_or_else(|| BackendError::Runtime {
+                context: "running the model".into(),
+                msg: format!("no {:?} output", self.names.logits),
+            })?;
+        let (_, data) = logits
+            .try_extract_tensor::<f32>()
+            .map_err(rt("reading logits"))?;
+        self.logits.clear();
+        self.logits.extend_from_slice(data);
+        self.pos = total;
+        Ok(())
+    }
+
+    /// Runs `tokens` and returns the logits of every position the graph reports: `[S, vocab]`
+    /// for packages exported with `--logits all`, `[1, vocab]` (the last) otherwise. Runs in one
+    /// step (no chunking) so the rows line up with `tokens`.
+    pub fn forward_all(&mut self, tokens: &[u32]) -> Result<&[f32], BackendError> {
+        self.step(tokens)?;
+        Ok(&self.logits)
+    }
+}
+
+impl Backend for OrtBackend {
+    fn name(&self) -> &'static str {
+        "ort"
+    }
+
+    fn reset(&mut self) {
+        // The buffers keep stale rows; the attention mask length (== pos) decides what is read.
+        self.pos = 0;
+    }
+
+    fn forward(&mut self, tokens: &[u32]) -> Result<&[f32], BackendError> {
+        if tokens.is_empty() {
+            return Err(BackendError::Unsupported(
+                "forward() needs at least one token".into(),
+            ));
+        }
+        for chunk in tokens.chunks(self.prefill_chunk) {
+            self.step(chunk)?;
+        }
+        let v = self.vocab;
+        Ok(&self.logits[self.logits.len() - v..])
+    }
+}

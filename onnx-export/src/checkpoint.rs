@@ -1,0 +1,249 @@
+//! Read-only view of a Hugging Face safetensors checkpoint (`model.safetensors`, or shards listed
+//! by `model.safetensors.index.json`). Files are memory-mapped; a tensor is converted to f32 only
+//! when the exporter asks for it, a row range at a time, so peak memory follows the largest
+//! tensor (or row chunk), never the model.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use half::{bf16, f16};
+use memmap2::Mmap;
+
+use crate::error::{ExportError, Result};
+
+/// Element types found in HF checkpoints that we can read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dtype {
+    F32,
+    F16,
+    BF16,
+    U8,
+}
+
+impl Dtype {
+    fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "F32" => Dtype::F32,
+            "F16" => Dtype::F16,
+            "BF16" => Dtype::BF16,
+            "U8" => Dtype::U8,
+            _ => return None,
+        })
+    }
+
+    pub fn size(self) -> usize {
+        match self {
+            Dtype::F32 => 4,
+            Dtype::F16 | Dtype::BF16 => 2,
+            Dtype::U8 => 1,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct TensorInfo {
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    file: usize,
+    /// Byte range inside the mapped file (header already skipped).
+    bytes: Range<usize>,
+}
+
+#[derive(Debug)]
+pub struct Checkpoint {
+    dir: PathBuf,
+    maps: Vec<Mmap>,
+    tensors: HashMap<String, TensorInfo>,
+}
+
+#[derive(serde::Deserialize)]
+struct HeaderEntry {
+    dtype: String,
+    shape: Vec<usize>,
+    data_offsets: [usize; 2],
+}
+
+impl Checkpoint {
+    /// Opens `model.safetensors` or the shards named by `model.safetensors.index.json` in `dir`.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let index = dir.join("model.safetensors.index.json");
+        let files: Vec<PathBuf> = if index.exists() {
+            let text = std::fs::read_to_string(&index).map_err(ExportError::io(&index))?;
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| ExportError::config(&index, e.to_string()))?;
+            let map = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| ExportError::config(&index, "no \"weight_map\" object"))?;
+            let unique: std::collections::BTreeSet<&str> =
+                map.values().filter_map(|f| f.as_str()).collect();
+            unique.into_iter().map(|f| dir.join(f)).collect()
+        } else {
+            vec![dir.join("model.safetensors")]
+        };
+        let mut ck = Checkpoint {
+            dir: dir.to_path_buf(),
+            maps: Vec::new(),
+            tensors: HashMap::new(),
+        };
+        for path in files {
+            if !path.exists() {
+                return Err(ExportError::MissingFile {
+                    path,
+                    why: "safetensors weights (model.safetensors or the shards of model.safetensors.index.json)",
+                });
+            }
+            ck.add_file(&path)?;
+        }
+        Ok(ck)
+    }
+
+    fn add_file(&mut self, path: &Path) -> Result<()> {
+        let file = File::open(path).map_err(ExportError::io(path))?;
+        // SAFETY: the checkpoint is opened read-only and is not expected to change while the
+        // export runs; a concurrent writer could only corrupt the output, not memory safety of
+        // our own data structures (we copy out of the map before use).
+        let map = unsafe { Mmap::map(&file) }.map_err(ExportError::io(path))?;
+        let corrupt = |msg: String| ExportError::CorruptHeader {
+            path: path.to_path_buf(),
+            msg,
+        };
+        if map.len() < 8 {
+            return Err(corrupt(format!("file is {} bytes long", map.len())));
+        }
+        let n = u64::from_le_bytes(map[..8].try_into().expect("8-byte slice")) as usize;
+        if n > map.len() - 8 || n > 100 << 20 {
+            return Err(corrupt(format!(
+                "header length {n} exceeds the file size {}",
+                map.len()
+            )));
+        }
+        let header: BTreeMap<String, serde_json::Value> = serde_json::from_slice(&map[8..8 + n])
+            .map_err(|e| corrupt(format!("header is not JSON: {e}")))?;
+        let data_start = 8 + n;
+        let file_idx = self.maps.len();
+        for (name, value) in header {
+            if name == "__metadata__" {
+                continue;
+            }
+            let entry: HeaderEntry = serde_json::from_value(value)
+                .map_err(|e| corrupt(format!("entry {name:?}: {e}")))?;
+            let dtype =
+                Dtype::parse(&entry.dtype).ok_or_else(|| ExportError::UnsupportedDtype {
+                    name: name.clone(),
+                    dtype: entry.dtype.clone(),
+                    expected: "F32, F16, BF16 (or U8 for MXFP4 blocks/scales)",
+                })?;
+            let [start, end] = entry.data_offsets;
+            let numel: usize = entry.shape.iter().product();
+            if end < start || end - start != numel * dtype.size() || data_start + end > map.len() {
+                return Err(corrupt(format!(
+                    "entry {name:?}: offsets {start}..{end} do not match shape {:?} x {} bytes within a {}-byte file",
+                    entry.shape,
+                    dtype.size(),
+                    map.len()
+                )));
+            }
+            self.tensors.insert(
+                name,
+                TensorInfo {
+                    dtype,
+                    shape: entry.shape,
+                    file: file_idx,
+                    bytes: data_start + start..data_start + end,
+                },
+            );
+        }
+        self.maps.push(map);
+        Ok(())
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    pub fn info(&self, name: &str) -> Result<&TensorInfo> {
+        self.tensors
+            .get(name)
+            .ok_or_else(|| ExportError::MissingTensor {
+                name: name.to_string(),
+            })
+    }
+
+    /// Looks a tensor up and checks its shape.
+    pub fn expect(&self, name: &str, shape: &[usize]) -> Result<&TensorInfo> {
+        let info = self.info(name)?;
+        if info.shape != shape {
+            return Err(ExportError::ShapeMismatch {
+                name: name.to_string(),
+                expected: shape.to_vec(),
+                found: info.shape.clone(),
+            });
+        }
+        Ok(info)
+    }
+
+    /// Raw bytes of a U8 tensor (MXFP4 blocks and scales).
+    pub fn bytes(&self, name: &str) -> Result<&[u8]> {
+        let info = self.info(name)?;
+        if info.dtype != Dtype::U8 {
+            return Err(ExportError::UnsupportedDtype {
+                name: name.to_string(),
+                dtype: format!("{:?}", info.dtype),
+                expected: "U8",
+            });
+        }
+        Ok(&self.maps[info.file][info.bytes.clone()])
+    }
+
+    /// The whole tensor as f32 (exact for F32/F16/BF16).
+    pub fn f32(&self, name: &str) -> Result<Vec<f32>> {
+        let info = self.info(name)?;
+        let rows = info.shape.first().copied().unwrap_or(1);
+        self.f32_rows(name, 0..rows)
+    }
+
+    /// Rows `rows` of the tensor (split along its first dimension) as f32.
+    pub fn f32_rows(&self, name: &str, rows: Range<usize>) -> Result<Vec<f32>> {
+        let info = self.info(name)?;
+        let row_len: usize = info.shape.iter().skip(1).product();
+        let nrows = info.shape.first().copied().unwrap_or(1);
+        if rows.end > nrows {
+            return Err(ExportError::BadTensor {
+                name: name.to_string(),
+                msg: format!("row range {rows:?} outside {nrows} rows"),
+            });
+        }
+        let sz = info.dtype.size();
+        let start = info.bytes.start + rows.start * row_len * sz;
+        let end = info.bytes.start + rows.end * row_len * sz;
+        let raw = &self.maps[info.file][start..end];
+        Ok(match info.dtype {
+            Dtype::F32 => raw
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            Dtype::F16 => raw
+                .chunks_exact(2)
+                .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            Dtype::BF16 => raw
+                .chunks_exact(2)
+                .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            Dtype::U8 => {
+                return Err(ExportError::UnsupportedDtype {
+                    name: name.to_string(),
+                    dtype: "U8".into(),
+                    expected: "F32, F16 or BF16",
+                });
+            }
+        })
+    }
+}

@@ -1,0 +1,125 @@
+//! Weight encodings.
+//!
+//! * int4 blockwise, exactly as ONNX Runtime's `MatMulNBitsQuantizer` writes it by default
+//!   (symmetric, no zero points): per block of `block` values along K, `scale = v / -8` where `v`
+//!   is the value of largest magnitude (sign kept, so it maps exactly to code 0), then
+//!   `q = clamp(round_half_even(w / scale) + 8, 0, 15)`, dequantized as `(q - 8) * scale`.
+//!   Two codes per byte, low nibble first. One row of `[N, K]` becomes `ceil(K/block)` blobs of
+//!   `block/2` bytes and `ceil(K/block)` f32 scales: the `B [N, k_blocks, block/2]` and
+//!   `scales [N, k_blocks]` inputs of `MatMulNBits`, `QMoE` and `GatherBlockQuantized`.
+//! * MXFP4 decoding (gpt-oss experts as released): `blocks [.., 16]` bytes holding 32 e2m1 codes
+//!   (low nibble = even element) and one e8m0 scale byte per 32 values.
+
+/// Quantizes `rows` (row-major `[n, k]`) to int4; appends packed bytes and scales.
+pub fn quantize_rows(
+    rows: &[f32],
+    k: usize,
+    block: usize,
+    packed: &mut Vec<u8>,
+    scales: &mut Vec<f32>,
+) {
+    let k_blocks = k.div_ceil(block);
+    let mut codes = vec![8u8; block];
+    for row in rows.chunks_exact(k) {
+        for b in 0..k_blocks {
+            let vals = &row[b * block..((b + 1) * block).min(k)];
+            let extreme = vals
+                .iter()
+                .copied()
+                .fold(0.0f32, |m, v| if v.abs() > m.abs() { v } else { m });
+            let scale = extreme / -8.0;
+            let inv = if scale != 0.0 { 1.0 / scale } else { 0.0 };
+            codes.fill(8);
+            for (c, &v) in codes.iter_mut().zip(vals) {
+                *c = ((v * inv).round_ties_even() + 8.0).clamp(0.0, 15.0) as u8;
+            }
+            packed.extend(codes.chunks_exact(2).map(|p| p[0] | (p[1] << 4)));
+            scales.push(scale);
+        }
+    }
+}
+
+/// Inverse of [`quantize_rows`] for one row (used by tests and parity checks).
+pub fn dequantize_row(packed: &[u8], scales: &[f32], k: usize, block: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(k);
+    for (b, &scale) in scales.iter().enumerate() {
+        let blob = &packed[b * block / 2..(b + 1) * block / 2];
+        for &byte in blob {
+            for code in [byte & 0x0f, byte >> 4] {
+                if out.len() < k {
+                    out.push((code as f32 - 8.0) * scale);
+                }
+            }
+        }
+    }
+    out
+}
+
+const FP4_E2M1: [f32; 8] = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0];
+
+/// Decodes one MXFP4 matrix `[n, k]` from `blocks [n, k/32, 16]` and `scales [n, k/32]`.
+pub fn decode_mxfp4(blocks: &[u8], scales: &[u8], n: usize, k: usize) -> Vec<f32> {
+    let groups = k / 32;
+    debug_assert_eq!(blocks.len(), n * groups * 16);
+    debug_assert_eq!(scales.len(), n * groups);
+    let mut out = Vec::with_capacity(n * k);
+    for (g, &e) in scales.iter().enumerate() {
+        let scale = 2f32.powi(e as i32 - 127);
+        for &byte in &blocks[g * 16..(g + 1) * 16] {
+            for code in [byte & 0x0f, byte >> 4] {
+                let mag = FP4_E2M1[(code & 7) as usize] * scale;
+                out.push(if code & 8 != 0 { -mag } else { mag });
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extreme_value_round_trips_exactly_and_error_is_bounded() {
+        let row: Vec<f32> = (0..64)
+            .map(|i| ((i * 37 % 23) as f32 - 11.0) / 7.0)
+            .collect();
+        let (mut packed, mut scales) = (Vec::new(), Vec::new());
+        quantize_rows(&row, 64, 32, &mut packed, &mut scales);
+        assert_eq!(packed.len(), 32);
+        assert_eq!(scales.len(), 2);
+        let back = dequantize_row(&packed, &scales, 64, 32);
+        for b in 0..2 {
+            let blk = &row[b * 32..(b + 1) * 32];
+            let ext = blk
+                .iter()
+                .copied()
+                .fold(0f32, |m, v| if v.abs() > m.abs() { v } else { m });
+            let i = blk.iter().position(|&v| v == ext).unwrap();
+            assert_eq!(back[b * 32 + i], ext);
+            for (x, y) in blk.iter().zip(&back[b * 32..(b + 1) * 32]) {
+                assert!(
+                    (x - y).abs() <= scales[b].abs() * 0.5 + 1e-6
+                        || (x - y).abs() <= scales[b].abs()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn zero_block_encodes_as_code_eight() {
+        let (mut packed, mut scales) = (Vec::new(), Vec::new());
+        quantize_rows(&[0.0; 32], 32, 32, &mut packed, &mut scales);
+        assert!(packed.iter().all(|&b| b == 0x88));
+        assert_eq!(scales, vec![-0.0]);
+    }
+
+    #[test]
+    fn mxfp4_decodes_sign_magnitude_and_scale() {
+        // byte 0x9F: low nibble 0xF = -6, high nibble 0x9 = -0.5; scale 2^(128-127) = 2
+        let mut blocks = vec![0u8; 16];
+        blocks[0] = 0x9f;
+        let out = decode_mxfp4(&blocks, &[128], 1, 32);
+        assert_eq!(&out[..3], &[-12.0, -1.0, 0.0]);
+    }
+}

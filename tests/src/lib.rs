@@ -1,0 +1,147 @@
+//! Shared harness for edgellm's end-to-end tests: fixture and golden loading, package export
+//! into temporary folders, and the ONNX Runtime library location. Every helper fails loudly
+//! (panics with the fix) when something the tests need is missing; nothing is skipped.
+
+use std::path::{Path, PathBuf};
+
+use edgellm_export::{ExportOptions, Precision};
+
+/// Repository root (the workspace).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ lives inside the workspace")
+        .to_path_buf()
+}
+
+pub fn fixture_checkpoint(name: &str) -> PathBuf {
+    repo_root()
+        .join("tests/fixtures")
+        .join(name)
+        .join("checkpoint")
+}
+
+/// The ONNX Runtime library the tests load: `ORT_DYLIB_PATH`, else the one
+/// `scripts/fetch-onnxruntime.sh` unpacks. Panics with instructions when neither exists.
+pub fn ort_library() -> PathBuf {
+    let candidate = match std::env::var_os("ORT_DYLIB_PATH") {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => repo_root().join(".onnxruntime/1.31.1/libonnxruntime.so"),
+    };
+    assert!(
+        candidate.exists(),
+        "ONNX Runtime library not found at {}: run scripts/fetch-onnxruntime.sh (or set ORT_DYLIB_PATH)",
+        candidate.display()
+    );
+    candidate
+}
+
+/// Goldens computed by Hugging Face transformers (tests/fixtures/make_fixtures.py).
+#[derive(Debug, serde::Deserialize)]
+pub struct Golden {
+    pub teacher_forced_ids: Vec<u32>,
+    pub logits_shape: [usize; 2],
+    pub prompt_ids: Vec<u32>,
+    pub greedy_ids: Vec<u32>,
+    #[serde(skip)]
+    pub logits: Vec<f32>,
+    /// transformers' logits with round-to-nearest int4 weights (make_int4_reference.py).
+    #[serde(skip)]
+    pub int4_rtn_logits: Vec<f32>,
+    #[serde(skip)]
+    pub int4_rtn: Option<Int4Reference>,
+}
+
+/// What round-to-nearest int4 itself does to the fixture, per transformers.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct Int4Reference {
+    pub top1_agreement_vs_fp32: f64,
+    pub mean_kl_vs_fp32: f64,
+}
+
+fn read_f32(path: &Path) -> Vec<f32> {
+    let raw = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    raw.chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
+}
+
+impl Golden {
+    pub fn load(name: &str) -> Golden {
+        let dir = repo_root().join("tests/fixtures").join(name);
+        let text = std::fs::read_to_string(dir.join("golden.json"))
+            .unwrap_or_else(|e| panic!("{}: {e}", dir.join("golden.json").display()));
+        let mut g: Golden = serde_json::from_str(&text).expect("golden.json parses");
+        g.logits = read_f32(&dir.join("golden_logits.f32"));
+        assert_eq!(
+            g.logits.len(),
+            g.logits_shape[0] * g.logits_shape[1],
+            "golden logits size"
+        );
+        let rtn = dir.join("golden_int4_rtn.json");
+        if rtn.exists() {
+            let text = std::fs::read_to_string(&rtn).expect("golden_int4_rtn.json readable");
+            g.int4_rtn = Some(serde_json::from_str(&text).expect("golden_int4_rtn.json parses"));
+            g.int4_rtn_logits = read_f32(&dir.join("golden_int4_rtn_logits.f32"));
+            assert_eq!(
+                g.int4_rtn_logits.len(),
+                g.logits.len(),
+                "int4 reference logits size"
+            );
+        }
+        g
+    }
+
+    pub fn vocab(&self) -> usize {
+        self.logits_shape[1]
+    }
+
+    pub fn row(&self, i: usize) -> &[f32] {
+        let v = self.vocab();
+        &self.logits[i * v..(i + 1) * v]
+    }
+}
+
+/// Exports fixture `name` into a fresh temporary folder.
+pub fn export_fixture(name: &str, precision: Precision, logits_all: bool) -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let out = tmp.path().join("pkg");
+    let opts = ExportOptions {
+        precision,
+        logits_all,
+        max_length: Some(256),
+        ..ExportOptions::default()
+    };
+    edgellm_export::export(&fixture_checkpoint(name), &out, &opts)
+        .unwrap_or_else(|e| panic!("export of {name} failed: {e}"));
+    tmp
+}
+
+pub fn argmax(row: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in row.iter().enumerate() {
+        if v > row[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// KL(p || q) of the softmax distributions of two logit rows, in nats.
+pub fn kl_divergence(p_logits: &[f32], q_logits: &[f32]) -> f64 {
+    let log_softmax = |l: &[f32]| {
+        let m = l.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let z = l.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln() + m;
+        l.iter().map(|&x| x as f64 - z).collect::<Vec<_>>()
+    };
+    let (lp, lq) = (log_softmax(p_logits), log_softmax(q_logits));
+    lp.iter().zip(&lq).map(|(a, b)| a.exp() * (a - b)).sum()
+}
