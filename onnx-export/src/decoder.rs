@@ -320,7 +320,7 @@ impl<'a> DecoderBuilder<'a> {
             )[0]
             .clone());
         }
-        if h % bs != 0 {
+        if !h.is_multiple_of(bs) {
             return Err(ExportError::InvalidOption(format!(
                 "--embeddings int4 needs hidden_size ({h}) to be a multiple of the block size ({bs})"
             )));
@@ -539,8 +539,14 @@ impl<'a> DecoderBuilder<'a> {
         let node = format!("{name}/{op}");
         match output {
             Some(out) => {
-                self.g
-                    .node_named(&node, op, domain, &inputs, &[out.clone()], &attrs);
+                self.g.node_named(
+                    &node,
+                    op,
+                    domain,
+                    &inputs,
+                    std::slice::from_ref(&out),
+                    &attrs,
+                );
                 out
             }
             None => self.g.node(&node, op, domain, &inputs, 1, &attrs)[0].clone(),
@@ -944,7 +950,7 @@ impl<'a> DecoderBuilder<'a> {
         let ck = self.ck;
         match self.opts.precision {
             Precision::Int4 => {
-                if k % bs != 0 {
+                if !k.is_multiple_of(bs) {
                     return Err(ExportError::InvalidOption(format!(
                         "QMoE needs the expert input size ({k}) to be a multiple of the block size ({bs})"
                     )));

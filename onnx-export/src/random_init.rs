@@ -19,7 +19,11 @@ pub const SHAPES_HELP: &str =
     "Random-init shapes: qwen2.5-0.5b, llama-3.2-1b, qwen3-1.7b, gpt-oss-20b";
 
 /// `(config.json, specials [(id, text)], chat_template)` of a shape; token ids are the real ones.
-fn shape_config(shape: &str) -> Result<(Value, Vec<(u32, &'static str)>, &'static str)> {
+/// A random-init shape: its `config.json`, special tokens `(id, text)` at the real model's ids,
+/// and a chat template.
+type ShapeConfig = (Value, Vec<(u32, &'static str)>, &'static str);
+
+fn shape_config(shape: &str) -> Result<ShapeConfig> {
     const CHATML: &str = "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
     const LLAMA3: &str = "{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' + m['content'] | trim + '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}";
     let qwen_specials = vec![
@@ -319,7 +323,7 @@ fn write_safetensors(path: &Path, tensors: &[(String, Vec<usize>, Init)], seed: 
     }
     header.insert("__metadata__".into(), json!({"format": "pt"}));
     let mut hbytes = serde_json::to_vec(&Value::Object(header)).expect("JSON map serializes");
-    while hbytes.len() % 8 != 0 {
+    while !hbytes.len().is_multiple_of(8) {
         hbytes.push(b' ');
     }
     let file = File::create(path).map_err(ExportError::io(path))?;
@@ -380,7 +384,7 @@ pub fn write_checkpoint(shape: &str, out: &Path, seed: u64, force: bool) -> Resu
     let name_of = |id: Option<u32>| {
         id.and_then(|id| specials.iter().find(|(i, _)| *i == id).map(|(_, t)| *t))
     };
-    let eos = spec.eos.iter().copied().collect::<Vec<_>>();
+    let eos = spec.eos.clone();
     crate::package::write_json(
         &out.join("generation_config.json"),
         &json!({"bos_token_id": spec.bos, "eos_token_id": eos, "pad_token_id": spec.pad.or(eos.first().copied()), "do_sample": false}),

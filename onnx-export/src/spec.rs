@@ -199,7 +199,7 @@ impl ModelSpec {
                 "num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"
             )));
         }
-        if head_dim % 16 != 0 {
+        if !head_dim.is_multiple_of(16) {
             return Err(bad(format!(
                 "head_dim {head_dim} is not a multiple of 16, which ONNX Runtime's GroupQueryAttention requires"
             )));

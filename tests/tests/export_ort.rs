@@ -7,6 +7,8 @@
 //! * int4 packages: top-1 agreement with the fp32 package and mean KL divergence, against the
 //!   thresholds justified in `int4_thresholds`.
 
+#![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
+
 use edgellm::backend::Backend;
 use edgellm::backend::ort::{OrtBackend, OrtOptions};
 use edgellm::package::Package;

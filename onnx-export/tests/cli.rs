@@ -1,0 +1,230 @@
+//! `edgellm-export` as a user runs it: success writes a complete, checksummed package; every
+//! kind of bad input exits non-zero, names the file or tensor and why, and leaves no partial
+//! package behind.
+
+#![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures")
+        .join(name)
+        .join("checkpoint")
+}
+
+/// A writable copy of a fixture checkpoint.
+fn copy_fixture(name: &str, into: &Path) -> PathBuf {
+    let dst = into.join(name);
+    std::fs::create_dir_all(&dst).unwrap();
+    for e in std::fs::read_dir(fixture(name)).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
+    }
+    dst
+}
+
+fn export(hf: &Path, out: &Path, extra: &[&str]) -> (bool, String) {
+    let o = Command::new(env!("CARGO_BIN_EXE_edgellm-export"))
+        .arg("--hf")
+        .arg(hf)
+        .arg("--out")
+        .arg(out)
+        .args(["--max-length", "64"])
+        .args(extra)
+        .output()
+        .unwrap();
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+/// Runs a failing export and checks the message and that nothing was left behind.
+fn assert_fails(hf: &Path, tmp: &Path, expected: &[&str]) {
+    let out = tmp.join("pkg");
+    let (ok, err) = export(hf, &out, &[]);
+    assert!(!ok, "export should fail; stderr: {err}");
+    for e in expected {
+        assert!(err.contains(e), "stderr {err:?} should mention {e:?}");
+    }
+    assert!(!out.exists(), "a failed export left {}", out.display());
+    let leftovers: Vec<_> = std::fs::read_dir(tmp)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("partial"))
+        .collect();
+    assert!(
+        leftovers.is_empty(),
+        "staging folders left behind: {leftovers:?}"
+    );
+}
+
+fn edit_config(dir: &Path, f: impl FnOnce(&mut serde_json::Value)) {
+    let p = dir.join("config.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    f(&mut v);
+    std::fs::write(&p, serde_json::to_string(&v).unwrap()).unwrap();
+}
+
+#[test]
+fn export_writes_a_complete_checksummed_package() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("pkg");
+    let (ok, err) = export(&fixture("qwen2"), &out, &[]);
+    assert!(ok, "{err}");
+    for f in [
+        "genai_config.json",
+        "model.onnx",
+        "model.onnx.data",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "SHA256SUMS",
+    ] {
+        assert!(out.join(f).exists(), "missing {f}");
+    }
+    let sums = Command::new("sha256sum")
+        .arg("-c")
+        .arg("SHA256SUMS")
+        .current_dir(&out)
+        .output()
+        .unwrap();
+    assert!(
+        sums.status.success(),
+        "sha256sum -c: {}",
+        String::from_utf8_lossy(&sums.stdout)
+    );
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("genai_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg["model"]["type"], "qwen2");
+    assert_eq!(cfg["model"]["context_length"], 64);
+    assert_eq!(cfg["search"]["past_present_share_buffer"], true);
+    // A second export to the same folder needs --force.
+    let (ok, err) = export(&fixture("qwen2"), &out, &[]);
+    assert!(!ok && err.contains("already exists"), "{err}");
+    let (ok, err) = export(&fixture("qwen2"), &out, &["--force"]);
+    assert!(ok, "{err}");
+}
+
+#[test]
+fn unsupported_architecture_lists_the_supported_ones() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hf = copy_fixture("qwen2", tmp.path());
+    edit_config(&hf, |v| {
+        v["architectures"] = serde_json::json!(["GPT2LMHeadModel"])
+    });
+    assert_fails(
+        &hf,
+        tmp.path(),
+        &["GPT2LMHeadModel", "LlamaForCausalLM", "GptOssForCausalLM"],
+    );
+}
+
+#[test]
+fn unsupported_rope_type_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    // llama-linear keeps the pre-transformers-5 `rope_scaling` form.
+    let hf = copy_fixture("llama-linear", tmp.path());
+    edit_config(&hf, |v| {
+        v["rope_scaling"] = serde_json::json!({"rope_type": "dynamic", "factor": 2.0})
+    });
+    assert_fails(
+        &hf,
+        tmp.path(),
+        &["dynamic", "linear, llama3, yarn, longrope"],
+    );
+}
+
+#[test]
+fn shape_mismatch_names_tensor_and_shapes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hf = copy_fixture("qwen2", tmp.path());
+    edit_config(&hf, |v| v["intermediate_size"] = serde_json::json!(192));
+    assert_fails(
+        &hf,
+        tmp.path(),
+        &[
+            "model.layers.0.mlp.gate_proj.weight",
+            "[192, 128]",
+            "[256, 128]",
+        ],
+    );
+}
+
+#[test]
+fn missing_tensor_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hf = copy_fixture("llama", tmp.path());
+    // Drop the last shard from the index: its tensors disappear from the checkpoint.
+    let p = hf.join("model.safetensors.index.json");
+    let mut idx: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    let map = idx["weight_map"].as_object_mut().unwrap();
+    let last = map
+        .values()
+        .filter_map(|v| v.as_str())
+        .max()
+        .unwrap()
+        .to_string();
+    map.retain(|_, f| f.as_str() != Some(last.as_str()));
+    std::fs::write(&p, idx.to_string()).unwrap();
+    assert_fails(
+        &hf,
+        tmp.path(),
+        &["is missing from the checkpoint", "model."],
+    );
+}
+
+#[test]
+fn corrupt_safetensors_header_is_reported() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hf = copy_fixture("qwen2", tmp.path());
+    let st = hf.join("model.safetensors");
+    let bytes = std::fs::read(&st).unwrap();
+    std::fs::write(&st, &bytes[..64]).unwrap();
+    assert_fails(
+        &hf,
+        tmp.path(),
+        &["model.safetensors", "corrupt safetensors header"],
+    );
+}
+
+#[test]
+fn unsupported_dtype_names_the_tensor() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hf = copy_fixture("qwen2", tmp.path());
+    let header =
+        br#"{"model.embed_tokens.weight":{"dtype":"I64","shape":[1],"data_offsets":[0,8]}}"#;
+    let mut file = (header.len() as u64).to_le_bytes().to_vec();
+    file.extend_from_slice(header);
+    file.extend_from_slice(&[0u8; 8]);
+    std::fs::write(hf.join("model.safetensors"), file).unwrap();
+    assert_fails(
+        &hf,
+        tmp.path(),
+        &["model.embed_tokens.weight", "unsupported dtype I64"],
+    );
+}
+
+#[test]
+fn missing_files_are_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hf = copy_fixture("qwen2", tmp.path());
+    std::fs::remove_file(hf.join("tokenizer.json")).unwrap();
+    assert_fails(&hf, tmp.path(), &["tokenizer.json", "missing"]);
+    std::fs::remove_file(hf.join("config.json")).unwrap();
+    assert_fails(&hf, tmp.path(), &["config.json", "missing"]);
+}
+
+#[test]
+fn bad_block_size_is_rejected() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("pkg");
+    let (ok, err) = export(&fixture("qwen2"), &out, &["--block-size", "48"]);
+    assert!(!ok && err.contains("--block-size 48"), "{err}");
+    assert!(!out.exists());
+}

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Runs every test of the workspace: the one command the README gives and CI calls.
+#
+# Tests need the ONNX Runtime shared library; the first run fetches it (from the Python package
+# index, via scripts/fetch-onnxruntime.sh) into .onnxruntime/, later runs find it there. Nothing
+# is downloaded while the tests themselves run. Extra arguments go to `cargo test`.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+ORT_DYLIB_PATH="${ORT_DYLIB_PATH:-$(scripts/fetch-onnxruntime.sh)}"
+export ORT_DYLIB_PATH
+echo "test.sh: ONNX Runtime library: $ORT_DYLIB_PATH"
+
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test --workspace --locked "$@" 2>&1 | tee "$log" || status=$?
+
+# One closing line over every test binary (cargo prints a result line per binary, the last
+# ones being empty doc-test runs).
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+exit "$status"
