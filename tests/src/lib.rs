@@ -50,6 +50,9 @@ pub struct Golden {
     pub int4_rtn_logits: Vec<f32>,
     #[serde(skip)]
     pub int4_rtn: Option<Int4Reference>,
+    /// The same with the embedding table RTN-int4 as well (`--embeddings int4`).
+    #[serde(skip)]
+    pub int4_rtn_embeddings_logits: Vec<f32>,
 }
 
 /// What round-to-nearest int4 itself does to the fixture, per transformers.
@@ -83,6 +86,8 @@ impl Golden {
             let text = std::fs::read_to_string(&rtn).expect("golden_int4_rtn.json readable");
             g.int4_rtn = Some(serde_json::from_str(&text).expect("golden_int4_rtn.json parses"));
             g.int4_rtn_logits = read_f32(&dir.join("golden_int4_rtn_logits.f32"));
+            g.int4_rtn_embeddings_logits =
+                read_f32(&dir.join("golden_int4_rtn_embeddings_logits.f32"));
             assert_eq!(
                 g.int4_rtn_logits.len(),
                 g.logits.len(),
@@ -104,13 +109,23 @@ impl Golden {
 
 /// Exports fixture `name` into a fresh temporary folder.
 pub fn export_fixture(name: &str, precision: Precision, logits_all: bool) -> tempfile::TempDir {
+    export_fixture_with(
+        name,
+        ExportOptions {
+            precision,
+            logits_all,
+            ..ExportOptions::default()
+        },
+    )
+}
+
+/// Exports fixture `name` with `opts` (max_length 256) into a fresh temporary folder `pkg`.
+pub fn export_fixture_with(name: &str, opts: ExportOptions) -> tempfile::TempDir {
     let tmp = tempfile::tempdir().expect("temp dir");
     let out = tmp.path().join("pkg");
     let opts = ExportOptions {
-        precision,
-        logits_all,
         max_length: Some(256),
-        ..ExportOptions::default()
+        ..opts
     };
     edgellm_export::export(&fixture_checkpoint(name), &out, &opts)
         .unwrap_or_else(|e| panic!("export of {name} failed: {e}"));
