@@ -1,0 +1,412 @@
+//! The decoder graph, in the op set and I/O names of onnxruntime-genai's CPU builds
+//! (`shared/reference/ort-genai-gptoss.md` §1.4, §2.3). It reads top to bottom like the model:
+//!
+//! ```text
+//! input_ids -> embedding -> for each layer:
+//!     (Skip)SimplifiedLayerNormalization -> qkv MatMulNBits (+bias) [-> q/k RMSNorm]
+//!     -> GroupQueryAttention (RoPE caches, past/present KV, local window, head_sink)
+//!     -> o_proj -> SkipSimplifiedLayerNormalization
+//!     -> MLP (gate/up/down, SiLU) | MoE (router f32 MatMul + QMoE/MoE swiglu)
+//! -> final SkipSimplifiedLayerNormalization [-> last position] -> lm_head -> logits
+//! ```
+//!
+//! Tensor contracts: activations are f32 `[batch, seq, features]`; `MatMulNBits` weights are
+//! `uint8 [N, K/block, block/2]` with f32 scales `[N, K/block]` (see `quant`); fp32 `MatMul`
+//! weights are `[K, N]`; KV buffers are `[batch, kv_heads, capacity, head_dim]`.
+//!
+//! Files: this one (inputs/outputs, embedding, norms, RoPE caches, the layer loop),
+//! `linear.rs` (weights of linear layers), `attention.rs`, `ffn.rs` (MLP and MoE).
+
+mod attention;
+mod ffn;
+mod linear;
+
+use crate::checkpoint::Checkpoint;
+use crate::error::{ExportError, Result};
+use crate::onnx::proto::data_type;
+use crate::onnx::{Attr, Dim, GraphBuilder};
+use crate::quant;
+use crate::rope;
+use crate::spec::ModelSpec;
+
+const MS: &str = "com.microsoft";
+
+use linear::{Linear, LinearWeights, for_each_chunk};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Precision {
+    Int4,
+    Fp32,
+}
+
+#[derive(Clone, Debug)]
+pub struct BuildOptions {
+    pub precision: Precision,
+    pub embeddings: Precision,
+    pub block: usize,
+    /// Keep logits for every position (teacher-forced parity) instead of the last one only.
+    pub logits_all: bool,
+    /// Rows of the RoPE caches: the longest sequence the package can run.
+    pub max_length: usize,
+}
+
+/// HF tensor names of one decoder layer.
+struct LayerNames {
+    p: String,
+}
+
+impl LayerNames {
+    fn new(i: usize) -> Self {
+        LayerNames {
+            p: format!("model.layers.{i}"),
+        }
+    }
+    fn t(&self, suffix: &str) -> String {
+        format!("{}.{suffix}", self.p)
+    }
+}
+
+pub struct DecoderBuilder<'a> {
+    spec: &'a ModelSpec,
+    ck: &'a Checkpoint,
+    opts: &'a BuildOptions,
+    g: GraphBuilder,
+}
+
+impl<'a> DecoderBuilder<'a> {
+    pub fn new(
+        spec: &'a ModelSpec,
+        ck: &'a Checkpoint,
+        opts: &'a BuildOptions,
+        g: GraphBuilder,
+    ) -> Self {
+        DecoderBuilder { spec, ck, opts, g }
+    }
+
+    pub fn build(mut self) -> Result<GraphBuilder> {
+        let s = self.spec;
+        self.declare_io();
+        // lm_head first when it doubles as the int4 embedding table (tied weights).
+        let lm_head = self.lm_head_source()?;
+        let share_embedding = s.tie_embeddings
+            && self.opts.precision == Precision::Int4
+            && self.opts.embeddings == Precision::Int4;
+        let lm_head_weights = if share_embedding {
+            Some(self.linear_weights("lm_head", &lm_head)?)
+        } else {
+            None
+        };
+        let mut x = self.embedding(lm_head_weights.as_ref())?;
+        let (seqlens_k, total_len) = self.mask_lengths();
+        let (cos, sin) = self.rope_caches()?;
+
+        let mut residual = String::new();
+        for i in 0..s.layers {
+            let n = LayerNames::new(i);
+            let base = format!("/model/layers.{i}");
+            let w = self.norm_weight(
+                &n.t("input_layernorm.weight"),
+                &format!("model.layers.{i}.input_layernorm.weight"),
+            )?;
+            let normed = if i == 0 {
+                residual = x.clone();
+                self.g.node(
+                    &format!("{base}/input_layernorm/LayerNorm"),
+                    "SimplifiedLayerNormalization",
+                    "",
+                    &[&x, &w],
+                    1,
+                    &[
+                        ("axis", Attr::I(-1)),
+                        ("epsilon", Attr::F(s.rms_eps)),
+                        ("stash_type", Attr::I(1)),
+                    ],
+                )
+            } else {
+                let out = self.skip_norm(
+                    &format!("{base}/input_layernorm/SkipLayerNorm"),
+                    &x,
+                    &residual,
+                    &w,
+                );
+                residual = out[3].clone();
+                out
+            };
+            let attn =
+                self.attention(i, &n, &base, &normed[0], &seqlens_k, &total_len, &cos, &sin)?;
+            let w = self.norm_weight(
+                &n.t("post_attention_layernorm.weight"),
+                &format!("model.layers.{i}.post_attention_layernorm.weight"),
+            )?;
+            let out = self.skip_norm(
+                &format!("{base}/post_attention_layernorm/SkipLayerNorm"),
+                &attn,
+                &residual,
+                &w,
+            );
+            residual = out[3].clone();
+            x = if s.moe.is_some() {
+                self.moe(i, &n, &base, &out[0])?
+            } else {
+                self.mlp(i, &n, &base, &out[0])?
+            };
+        }
+        let w = self.norm_weight(
+            "model.norm.weight",
+            &format!("model.layers.{}.final_norm_layernorm.weight", s.layers),
+        )?;
+        let out = self.skip_norm(
+            "/model/layers.final_norm_layernorm/SkipLayerNorm",
+            &x,
+            &residual,
+            &w,
+        );
+        let mut h = out[0].clone();
+        if !self.opts.logits_all {
+            // genai's prune_lm_head: only the last position reaches the lm_head (logits [B,1,V]).
+            let starts = self
+                .g
+                .constant_i64("/model/lm_head/last/starts", &[1], &[-1]);
+            let ends = self
+                .g
+                .constant_i64("/model/lm_head/last/ends", &[1], &[i64::MAX]);
+            let axes = self.g.constant_i64("/model/lm_head/last/axes", &[1], &[1]);
+            h = self.g.node(
+                "/model/lm_head/last/Slice",
+                "Slice",
+                "",
+                &[&h, &starts, &ends, &axes],
+                1,
+                &[],
+            )[0]
+            .clone();
+        }
+        let weights = match lm_head_weights {
+            Some(w) => w,
+            None => self.linear_weights("lm_head", &lm_head)?,
+        };
+        self.apply_linear("/model/lm_head", &h, &weights, Some("logits".to_string()));
+        Ok(self.g)
+    }
+
+    fn declare_io(&mut self) {
+        let s = self.spec;
+        let batch = Dim::Named("batch_size");
+        self.g.input(
+            "input_ids",
+            data_type::INT64,
+            &[batch.clone(), Dim::Named("sequence_length")],
+        );
+        self.g.input(
+            "attention_mask",
+            data_type::INT64,
+            &[batch.clone(), Dim::Named("total_sequence_length")],
+        );
+        for i in 0..s.layers {
+            let (past, total) = if s.windows[i].is_some() {
+                (
+                    Dim::Named("past_sliding_length"),
+                    Dim::Named("total_sliding_length"),
+                )
+            } else {
+                (
+                    Dim::Named("past_sequence_length"),
+                    Dim::Named("total_sequence_length"),
+                )
+            };
+            let kv = |len: Dim| {
+                vec![
+                    batch.clone(),
+                    Dim::Fixed(s.kv_heads as i64),
+                    len,
+                    Dim::Fixed(s.head_dim as i64),
+                ]
+            };
+            for kind in ["key", "value"] {
+                self.g.input(
+                    &format!("past_key_values.{i}.{kind}"),
+                    data_type::FLOAT,
+                    &kv(past.clone()),
+                );
+                self.g.output(
+                    &format!("present.{i}.{kind}"),
+                    data_type::FLOAT,
+                    &kv(total.clone()),
+                );
+            }
+        }
+        let seq = if self.opts.logits_all {
+            Dim::Named("sequence_length")
+        } else {
+            Dim::Fixed(1)
+        };
+        self.g.output(
+            "logits",
+            data_type::FLOAT,
+            &[batch, seq, Dim::Fixed(s.vocab as i64)],
+        );
+    }
+
+    fn lm_head_source(&self) -> Result<Linear> {
+        let s = self.spec;
+        let name = if s.tie_embeddings {
+            "model.embed_tokens.weight"
+        } else {
+            "lm_head.weight"
+        };
+        Linear::whole(self.ck, name, s.vocab, s.hidden)
+    }
+
+    fn embedding(&mut self, shared_lm_head: Option<&LinearWeights>) -> Result<String> {
+        let s = self.spec;
+        let (v, h, bs) = (s.vocab, s.hidden, self.opts.block);
+        let table = Linear::whole(self.ck, "model.embed_tokens.weight", v, h)?;
+        let name = "/model/embed_tokens";
+        if self.opts.embeddings == Precision::Fp32 {
+            let w = self
+                .g
+                .tensor::<f32>("model.embed_tokens.weight", &[v, h], |sink| {
+                    for_each_chunk(self.ck, &table, |rows| sink.put(rows))
+                })?;
+            return Ok(self.g.node(
+                &format!("{name}/Gather"),
+                "Gather",
+                "",
+                &[&w, "input_ids"],
+                1,
+                &[],
+            )[0]
+            .clone());
+        }
+        if !h.is_multiple_of(bs) {
+            return Err(ExportError::InvalidOption(format!(
+                "--embeddings int4 needs hidden_size ({h}) to be a multiple of the block size ({bs})"
+            )));
+        }
+        let (data, scales) = match shared_lm_head {
+            Some(LinearWeights::Int4 { q, scales, .. }) => {
+                let shape = self.g.constant_i64(
+                    &format!("{name}/Reshape/shape"),
+                    &[2],
+                    &[v as i64, (h / 2) as i64],
+                );
+                let data = self.g.node(
+                    &format!("{name}/Reshape"),
+                    "Reshape",
+                    "",
+                    &[q, &shape],
+                    1,
+                    &[],
+                )[0]
+                .clone();
+                (data, scales.clone())
+            }
+            _ => {
+                let mut all_scales = Vec::with_capacity(v * h / bs);
+                let data =
+                    self.g
+                        .tensor::<u8>("model.embed_tokens.qweight", &[v, h / 2], |sink| {
+                            for_each_chunk(self.ck, &table, |rows| {
+                                let mut packed = Vec::with_capacity(rows.len() / 2);
+                                quant::quantize_rows(rows, h, bs, &mut packed, &mut all_scales);
+                                sink.put(&packed)
+                            })
+                        })?;
+                let scales =
+                    self.g
+                        .tensor_from("model.embed_tokens.scales", &[v, h / bs], &all_scales)?;
+                (data, scales)
+            }
+        };
+        Ok(self.g.node(
+            &format!("{name}/GatherBlockQuantized"),
+            "GatherBlockQuantized",
+            MS,
+            &[&data, "input_ids", &scales],
+            1,
+            &[
+                ("bits", Attr::I(4)),
+                ("block_size", Attr::I(bs as i64)),
+                ("gather_axis", Attr::I(0)),
+                ("quantize_axis", Attr::I(1)),
+            ],
+        )[0]
+        .clone())
+    }
+
+    /// `seqlens_k = ReduceSum(mask) - 1` (int32 [B]) and `total_sequence_length` (int32 scalar),
+    /// computed once in-graph exactly as genai's builder does.
+    fn mask_lengths(&mut self) -> (String, String) {
+        let g = &mut self.g;
+        let p = "/model/attn_mask_reformat/attn_mask_subgraph";
+        let axes = g.constant_i64(&format!("{p}/ReduceSum/axes"), &[1], &[1]);
+        let sum = g.node(
+            &format!("{p}/ReduceSum"),
+            "ReduceSum",
+            "",
+            &["attention_mask", &axes],
+            1,
+            &[("keepdims", Attr::I(0))],
+        );
+        let one = g.constant_i64(&format!("{p}/Sub/one"), &[], &[1]);
+        let sub = g.node(&format!("{p}/Sub"), "Sub", "", &[&sum[0], &one], 1, &[]);
+        let seqlens = g.node(
+            &format!("{p}/Sub/Cast"),
+            "Cast",
+            "",
+            &[&sub[0]],
+            1,
+            &[("to", Attr::I(data_type::INT32 as i64))],
+        );
+        let shape = g.node(
+            &format!("{p}/Shape"),
+            "Shape",
+            "",
+            &["attention_mask"],
+            1,
+            &[],
+        );
+        let idx = g.constant_i64(&format!("{p}/Gather/index"), &[], &[1]);
+        let total = g.node(
+            &format!("{p}/Gather"),
+            "Gather",
+            "",
+            &[&shape[0], &idx],
+            1,
+            &[("axis", Attr::I(0))],
+        );
+        let total = g.node(
+            &format!("{p}/Gather/Cast"),
+            "Cast",
+            "",
+            &[&total[0]],
+            1,
+            &[("to", Attr::I(data_type::INT32 as i64))],
+        );
+        (seqlens[0].clone(), total[0].clone())
+    }
+
+    fn rope_caches(&mut self) -> Result<(String, String)> {
+        let (cos, sin) = rope::caches(&self.spec.rope, self.opts.max_length);
+        let dims = [self.opts.max_length, self.spec.rope.dim / 2];
+        Ok((
+            self.g.tensor_from("cos_cache", &dims, &cos)?,
+            self.g.tensor_from("sin_cache", &dims, &sin)?,
+        ))
+    }
+
+    fn norm_weight(&mut self, hf: &str, onnx: &str) -> Result<String> {
+        self.matrix_f32(hf, onnx, &[self.spec.hidden])
+    }
+
+    fn skip_norm(&mut self, name: &str, x: &str, skip: &str, w: &str) -> Vec<String> {
+        self.g.node(
+            name,
+            "SkipSimplifiedLayerNormalization",
+            MS,
+            &[x, skip, w],
+            4,
+            &[("epsilon", Attr::F(self.spec.rms_eps))],
+        )
+    }
+}
