@@ -66,7 +66,7 @@ pub fn export(hf: &Path, out: &Path, opts: &ExportOptions) -> Result<ExportSumma
             "--block-size {bs}: must be a power of two between 16 and 256"
         )));
     }
-    let spec = spec::ModelSpec::from_dir(hf)?;
+    let mut spec = spec::ModelSpec::from_dir(hf)?;
     let max_length = opts.max_length.unwrap_or(spec.max_position);
     if max_length == 0 {
         return Err(ExportError::InvalidOption(
@@ -87,6 +87,7 @@ pub fn export(hf: &Path, out: &Path, opts: &ExportOptions) -> Result<ExportSumma
         });
     }
     let ck = checkpoint::Checkpoint::open(hf)?;
+    spec.resolve(ck.contains("lm_head.weight"), max_length);
     let staging = package::Staging::new(out, opts.force)?;
     let data = onnx::DataFile::create(&staging.dir.join(onnx::DATA_FILE))?;
     let graph =

@@ -178,7 +178,7 @@ pub fn export_info(spec: &ModelSpec, opts: &BuildOptions, source: &str) -> Value
         "block_size": opts.block,
         "logits": if opts.logits_all { "all" } else { "last" },
         "max_length": opts.max_length,
-        "tied_embeddings": spec.tie_embeddings,
+        "tied_embeddings": spec.tied(),
     })
 }
 

@@ -228,7 +228,7 @@ fn tensors(spec: &ModelSpec) -> Vec<(String, Vec<usize>, Init)> {
     };
     let (h, i, v) = (spec.hidden, spec.intermediate, spec.vocab);
     let mut t = vec![("model.embed_tokens.weight".to_string(), vec![v, h], w())];
-    if !spec.tie_embeddings {
+    if !spec.tied() {
         t.push(("lm_head.weight".into(), vec![v, h], w()));
     }
     t.push(("model.norm.weight".into(), vec![h], norm()));

@@ -111,7 +111,8 @@ pub struct ModelSpec {
     pub head_dim: usize,
     pub vocab: usize,
     pub rms_eps: f32,
-    pub tie_embeddings: bool,
+    /// `None` when config.json does not say; [`ModelSpec::resolve`] decides from the weights.
+    pub tie_embeddings: Option<bool>,
     pub max_position: usize,
     pub rope: Rope,
     /// Per layer: `Some(W)` for sliding-window attention over the last W positions.
@@ -227,9 +228,7 @@ impl ModelSpec {
             )));
         }
         let max_position = usize_of("max_position_embeddings")?;
-        let tie_embeddings = get(cfg, "tie_word_embeddings")
-            .and_then(|v| v.as_bool())
-            .unwrap_or(!matches!(arch, Arch::Phi3 | Arch::GptOss | Arch::Mistral));
+        let tie_embeddings = get(cfg, "tie_word_embeddings").and_then(|v| v.as_bool());
         let rope = rope_from_config(cfg, head_dim, max_position, path)?;
         let windows = windows_from_config(cfg, arch, layers, path)?;
         let moe = if arch == Arch::GptOss {
@@ -285,6 +284,23 @@ impl ModelSpec {
             pad: pick("pad_token_id").first().copied(),
             eos,
         })
+    }
+
+    /// Settles what config.json leaves to the weights and to the package's length:
+    /// - an absent `tie_word_embeddings` means tied exactly when there is no `lm_head.weight`;
+    /// - a sliding window at least as long as `max_length` never slides, so those layers become
+    ///   full attention (Phi-3.5's 262144-token window would otherwise size a huge KV buffer).
+    pub fn resolve(&mut self, has_lm_head: bool, max_length: usize) {
+        self.tie_embeddings.get_or_insert(!has_lm_head);
+        for w in &mut self.windows {
+            if w.is_some_and(|w| w >= max_length) {
+                *w = None;
+            }
+        }
+    }
+
+    pub fn tied(&self) -> bool {
+        self.tie_embeddings.unwrap_or(false)
     }
 
     pub fn q_dim(&self) -> usize {

@@ -228,3 +228,51 @@ fn bad_block_size_is_rejected() {
     assert!(!ok && err.contains("--block-size 48"), "{err}");
     assert!(!out.exists());
 }
+
+fn genai_config(out: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(out.join("genai_config.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn absent_tie_flag_is_decided_by_the_presence_of_lm_head() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (name, tied) in [("qwen2", true), ("mistral", false)] {
+        let hf = copy_fixture(name, tmp.path());
+        edit_config(&hf, |v| {
+            v.as_object_mut().unwrap().remove("tie_word_embeddings");
+        });
+        let out = tmp.path().join(format!("{name}-pkg"));
+        let (ok, err) = export(&hf, &out, &[]);
+        assert!(ok, "{name}: {err}");
+        let info: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("edgellm.json")).unwrap())
+                .unwrap();
+        assert_eq!(info["tied_embeddings"], tied, "{name}");
+    }
+}
+
+#[test]
+fn a_window_longer_than_max_length_becomes_full_attention() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("pkg");
+    // mistral's window is 16: with --max-length 64 it slides, with 16 it cannot.
+    let (ok, err) = export(&fixture("mistral"), &out, &[]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        genai_config(&out)["model"]["decoder"]["sliding_window"]["window_size"],
+        16
+    );
+    let o = Command::new(env!("CARGO_BIN_EXE_edgellm-export"))
+        .args(["--max-length", "16", "--force", "--hf"])
+        .arg(fixture("mistral"))
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        genai_config(&out)["model"]["decoder"]
+            .get("sliding_window")
+            .is_none()
+    );
+}

@@ -88,7 +88,7 @@ impl<'a> DecoderBuilder<'a> {
         self.declare_io();
         // lm_head first when it doubles as the int4 embedding table (tied weights).
         let lm_head = self.lm_head_source()?;
-        let share_embedding = s.tie_embeddings
+        let share_embedding = s.tied()
             && self.opts.precision == Precision::Int4
             && self.opts.embeddings == Precision::Int4;
         let lm_head_weights = if share_embedding {
@@ -249,7 +249,7 @@ impl<'a> DecoderBuilder<'a> {
 
     fn lm_head_source(&self) -> Result<Linear> {
         let s = self.spec;
-        let name = if s.tie_embeddings {
+        let name = if s.tied() {
             "model.embed_tokens.weight"
         } else {
             "lm_head.weight"
