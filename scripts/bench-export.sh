@@ -16,6 +16,7 @@
 #                 GNU time logs
 #   BENCH_PYTHON  python with onnxruntime-genai + torch + transformers + onnx + onnx-ir
 #                 (default <repo>/.venv-bench/bin/python; create it with scripts/setup-bench-venv.sh)
+#   EDGELLM_ARGS  extra edgellm-export flags, word-split (e.g. "--embeddings int4")
 #   EDGELLM_EXPORT  the exporter binary (default <repo>/target/release/edgellm-export; built with
 #                 `cargo build --release -p edgellm-export` when missing)
 # Exit status: 0 when both exports succeeded (whether or not the targets are met), 1 otherwise.
@@ -74,41 +75,14 @@ size_mib() { du -sb "$1" | awk '{ printf "%.1f", $1 / 1048576 }'; }
 timed random-init "$exe" --random-init-hf "$shape" --out "$ckpt"
 say "checkpoint: $ckpt ($(size_mib "$ckpt") MiB, written in $(wall_s random-init) s)"
 
-# The builder loads the tokenizer with transformers before anything else. A tokenizer.json that the
-# `tokenizers` library rejects (a BPE merge whose parts are not in the vocab) stops it; the weights
-# are what is benchmarked, so add the missing parts to this scratch copy, and say so loudly.
-"$py" - "$ckpt/tokenizer.json" <<'EOF' || die "checkpoint tokenizer.json is unusable (see above)"
-import json, sys
-from tokenizers import Tokenizer
-path = sys.argv[1]
-try:
-    Tokenizer.from_file(path)
-    sys.exit(0)
-except Exception as e:
-    err = str(e)
-t = json.load(open(path))
-m = t["model"]
-vocab, merges = m["vocab"], m["merges"]
-used = set(vocab.values()) | {a["id"] for a in t.get("added_tokens", [])}
-nxt = max(vocab.values()) + 1
-missing = []
-for mg in merges:
-    for part in (mg.split(" ") if isinstance(mg, str) else mg):
-        if part not in vocab:
-            while nxt in used:
-                nxt += 1
-            vocab[part] = nxt
-            used.add(nxt)
-            missing.append(part)
-json.dump(t, open(path, "w"), ensure_ascii=False)
-Tokenizer.from_file(path)
-print(f"bench-export: WARNING: the random-init tokenizer.json is invalid ({err}); added {missing} to "
-      "the vocab of this scratch copy so the genai builder can load it. This is a bug in "
-      "edgellm-export --random-init-hf (onnx-export/src/random_init.rs, tokenizer_json).", file=sys.stderr)
-EOF
+# The builder loads the tokenizer with transformers first: fail early if it cannot.
+"$py" -c 'import sys; from tokenizers import Tokenizer; Tokenizer.from_file(sys.argv[1])' "$ckpt/tokenizer.json" \
+    || die "the random-init tokenizer.json does not load in the tokenizers library"
 
 # --- 2. edgellm-export ----------------------------------------------------------------------------
-cmd1=("$exe" --hf "$ckpt" --out "$out1")
+# EDGELLM_ARGS: extra exporter flags, e.g. "--embeddings int4" (word-split).
+read -r -a extra_args <<<"${EDGELLM_ARGS:-}"
+cmd1=("$exe" --hf "$ckpt" --out "$out1" ${extra_args[@]+"${extra_args[@]}"})
 timed edgellm "${cmd1[@]}"
 
 # --- 3. onnxruntime-genai builder -----------------------------------------------------------------
@@ -223,18 +197,24 @@ def io(m, which):
     return {v.name: dims(v) for v in getattr(m.graph, which)}
 
 
+import re
+
 for which in ("input", "output"):
     ia, ib = io(ma, which), io(mb, which)
-    print(f"\n  graph {which}s ({len(ia)} / {len(ib)})")
-    shown = 0
+    print(f"\n  graph {which}s ({len(ia)} / {len(ib)}; per-layer names folded to %d)")
+    # Fold per-layer KV names (past_key_values.%d.key, present.%d.value) into one row each.
+    rows = {}
     for name in list(dict.fromkeys(list(ia) + list(ib))):
-        va, vb = ia.get(name, "-"), ib.get(name, "-")
-        if va != vb or shown < 4:
-            mark = "" if va == vb else "   <- differs"
-            print(f"    {name:28s} {A}: {va:40s} {B}: {vb}{mark}")
-            shown += 1
-    same = sum(1 for n in ia if ia.get(n) == ib.get(n))
-    print(f"    ({same} of {len(set(ia) | set(ib))} identical in name, dtype and shape)")
+        pat = re.sub(r"\.\d+\.", ".%d.", name)
+        r = rows.setdefault(pat, {"n": 0, A: set(), B: set()})
+        r["n"] += 1
+        r[A].add(ia.get(name, "-"))
+        r[B].add(ib.get(name, "-"))
+    for pat, r in rows.items():
+        va, vb = " | ".join(sorted(r[A])), " | ".join(sorted(r[B]))
+        mark = "" if va == vb else "   <- differs"
+        count = f" (x{r['n']})" if r["n"] > 1 else ""
+        print(f"    {pat + count:32s} {A}: {va:44s} {B}: {vb}{mark}")
 
 for tag, m, d in ((A, ma, a_dir), (B, mb, b_dir)):
     t, nb = init_stats(m, d)

@@ -1,7 +1,9 @@
 //! Read-only view of a Hugging Face safetensors checkpoint (`model.safetensors`, or shards listed
 //! by `model.safetensors.index.json`). Files are memory-mapped; a tensor is converted to f32 only
 //! when the exporter asks for it, a row range at a time, so peak memory follows the largest
-//! tensor (or row chunk), never the model.
+//! tensor (or row chunk), never the model. Every read copies out of the map and then drops the
+//! pages it read from the process (`MADV_DONTNEED`; they stay in the page cache), so the
+//! checkpoint does not accumulate in the exporter's resident set either.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -9,7 +11,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use half::{bf16, f16};
-use memmap2::Mmap;
+use memmap2::{Advice, Mmap, UncheckedAdvice};
 
 use crate::error::{ExportError, Result};
 
@@ -106,6 +108,8 @@ impl Checkpoint {
         // export runs; a concurrent writer could only corrupt the output, not memory safety of
         // our own data structures (we copy out of the map before use).
         let map = unsafe { Mmap::map(&file) }.map_err(ExportError::io(path))?;
+        // Read-ahead helps the mostly front-to-back order of an export; failure is harmless.
+        let _ = map.advise(Advice::Sequential);
         let corrupt = |msg: String| ExportError::CorruptHeader {
             path: path.to_path_buf(),
             msg,
@@ -189,8 +193,8 @@ impl Checkpoint {
         Ok(info)
     }
 
-    /// Raw bytes of a U8 tensor (MXFP4 blocks and scales).
-    pub fn bytes(&self, name: &str) -> Result<&[u8]> {
+    /// Bytes `range` of a U8 tensor (MXFP4 blocks and scales), copied out of the map.
+    pub fn bytes(&self, name: &str, range: Range<usize>) -> Result<Vec<u8>> {
         let info = self.info(name)?;
         if info.dtype != Dtype::U8 {
             return Err(ExportError::UnsupportedDtype {
@@ -199,7 +203,35 @@ impl Checkpoint {
                 expected: "U8",
             });
         }
-        Ok(&self.maps[info.file][info.bytes.clone()])
+        if range.end > info.bytes.len() {
+            return Err(ExportError::BadTensor {
+                name: name.to_string(),
+                msg: format!("byte range {range:?} outside {} bytes", info.bytes.len()),
+            });
+        }
+        let abs = info.bytes.start + range.start..info.bytes.start + range.end;
+        let out = self.maps[info.file][abs.clone()].to_vec();
+        self.release(info.file, abs);
+        Ok(out)
+    }
+
+    /// Drops the whole pages inside `range` of file `file` from our resident set.
+    fn release(&self, file: usize, range: Range<usize>) {
+        const PAGE: usize = 4096;
+        let start = range.start.div_ceil(PAGE) * PAGE;
+        let end = range.end / PAGE * PAGE;
+        if end > start {
+            // SAFETY: the map is a private read-only file mapping that we only read; dropping
+            // its pages makes a later read fetch the same bytes from the file again. No
+            // reference into the range outlives this call (callers copy out first).
+            let _ = unsafe {
+                self.maps[file].unchecked_advise_range(
+                    UncheckedAdvice::DontNeed,
+                    start,
+                    end - start,
+                )
+            };
+        }
     }
 
     /// The whole tensor as f32 (exact for F32/F16/BF16).
@@ -224,7 +256,7 @@ impl Checkpoint {
         let start = info.bytes.start + rows.start * row_len * sz;
         let end = info.bytes.start + rows.end * row_len * sz;
         let raw = &self.maps[info.file][start..end];
-        Ok(match info.dtype {
+        let out = match info.dtype {
             Dtype::F32 => raw
                 .chunks_exact(4)
                 .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
@@ -244,6 +276,8 @@ impl Checkpoint {
                     expected: "F32, F16 or BF16",
                 });
             }
-        })
+        };
+        self.release(info.file, start..end);
+        Ok(out)
     }
 }

@@ -10,7 +10,8 @@
 //! * MXFP4 decoding (gpt-oss experts as released): `blocks [.., 16]` bytes holding 32 e2m1 codes
 //!   (low nibble = even element) and one e8m0 scale byte per 32 values.
 
-/// Quantizes `rows` (row-major `[n, k]`) to int4; appends packed bytes and scales.
+/// Quantizes `rows` (row-major `[n, k]`) to int4; appends packed bytes and scales. Large inputs
+/// are split by rows over the machine's cores; the output order is the row order either way.
 pub fn quantize_rows(
     rows: &[f32],
     k: usize,
@@ -18,20 +19,69 @@ pub fn quantize_rows(
     packed: &mut Vec<u8>,
     scales: &mut Vec<f32>,
 ) {
+    let n = rows.len() / k;
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |t| t.get())
+        .min(n);
+    if threads <= 1 || rows.len() < 1 << 18 {
+        return quantize_serial(rows, k, block, packed, scales);
+    }
+    let per_thread = n.div_ceil(threads) * k;
+    let parts: Vec<(Vec<u8>, Vec<f32>)> = std::thread::scope(|s| {
+        let handles: Vec<_> = rows
+            .chunks(per_thread)
+            .map(|part| {
+                s.spawn(move || {
+                    let (mut p, mut sc) = (Vec::new(), Vec::new());
+                    quantize_serial(part, k, block, &mut p, &mut sc);
+                    (p, sc)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("quantization threads do not panic"))
+            .collect()
+    });
+    for (p, sc) in parts {
+        packed.extend_from_slice(&p);
+        scales.extend_from_slice(&sc);
+    }
+}
+
+/// Round half to even for |x| <= 2^22 without a libm call: adding 1.5 * 2^23 pushes the
+/// fraction out of the mantissa under the default round-to-nearest-even mode.
+#[inline]
+fn round_half_even(x: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0;
+    (x + MAGIC) - MAGIC
+}
+
+fn quantize_serial(
+    rows: &[f32],
+    k: usize,
+    block: usize,
+    packed: &mut Vec<u8>,
+    scales: &mut Vec<f32>,
+) {
     let k_blocks = k.div_ceil(block);
+    packed.reserve(rows.len() / 2 + block);
+    scales.reserve(rows.len() / block + 1);
     let mut codes = vec![8u8; block];
     for row in rows.chunks_exact(k) {
         for b in 0..k_blocks {
             let vals = &row[b * block..((b + 1) * block).min(k)];
-            let extreme = vals
-                .iter()
-                .copied()
-                .fold(0.0f32, |m, v| if v.abs() > m.abs() { v } else { m });
+            let mut extreme = 0.0f32;
+            for &v in vals {
+                if v.abs() > extreme.abs() {
+                    extreme = v;
+                }
+            }
             let scale = extreme / -8.0;
             let inv = if scale != 0.0 { 1.0 / scale } else { 0.0 };
             codes.fill(8);
             for (c, &v) in codes.iter_mut().zip(vals) {
-                *c = ((v * inv).round_ties_even() + 8.0).clamp(0.0, 15.0) as u8;
+                *c = (round_half_even(v * inv) + 8.0).clamp(0.0, 15.0) as u8;
             }
             packed.extend(codes.chunks_exact(2).map(|p| p[0] | (p[1] << 4)));
             scales.push(scale);
@@ -104,6 +154,29 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn fast_rounding_is_round_half_even() {
+        for i in -1700..=1700 {
+            let x = i as f32 / 100.0;
+            assert_eq!(round_half_even(x), x.round_ties_even(), "{x}");
+        }
+        for x in [0.5f32, 1.5, 2.5, -0.5, -1.5, -2.5, 7.5, -7.5, 8.5] {
+            assert_eq!(round_half_even(x), x.round_ties_even(), "{x}");
+        }
+    }
+
+    #[test]
+    fn parallel_and_serial_quantization_agree() {
+        let rows: Vec<f32> = (0..(1i64 << 19))
+            .map(|i| ((i * 7919 % 1013) as f32 - 506.0) / 97.0)
+            .collect();
+        let (mut p1, mut s1, mut p2, mut s2) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        quantize_rows(&rows, 1024, 32, &mut p1, &mut s1);
+        quantize_serial(&rows, 1024, 32, &mut p2, &mut s2);
+        assert_eq!(p1, p2);
+        assert_eq!(s1, s2);
     }
 
     #[test]

@@ -156,7 +156,7 @@ fn tokenizer_json(specials: &[(u32, &str)]) -> Value {
     .map(|(a, b)| (a.to_string(), b.to_string()))
     .chain([
         (sp.to_string(), "t".to_string()),
-        (format!("{sp}t"), "he".to_string()),
+        (sp.to_string(), "the".to_string()),
         (sp.to_string(), "a".to_string()),
     ])
     .collect();
@@ -448,6 +448,21 @@ mod tests {
                 assert!(
                     specials.iter().any(|(i, _)| i == id),
                     "{shape}: token {id} has no special"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn every_merge_joins_two_vocabulary_tokens_into_one() {
+        let tok = tokenizer_json(&[(1000, "<|end|>")]);
+        let vocab = tok["model"]["vocab"].as_object().unwrap();
+        for m in tok["model"]["merges"].as_array().unwrap() {
+            let (a, b) = m.as_str().unwrap().split_once(' ').unwrap();
+            for t in [a, b, &format!("{a}{b}")] {
+                assert!(
+                    vocab.contains_key(t),
+                    "merge {m} needs {t:?} in the vocabulary"
                 );
             }
         }

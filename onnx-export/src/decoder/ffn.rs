@@ -318,15 +318,10 @@ impl Experts {
             Proj::Down => &self.down,
         };
         if self.mxfp4 {
-            let blocks = ck.bytes(&format!("{base}_blocks"))?;
-            let scales = ck.bytes(&format!("{base}_scales"))?;
             let (bl, sl) = (n * k / 2, n * k / 32);
-            Ok(quant::decode_mxfp4(
-                &blocks[x * bl..(x + 1) * bl],
-                &scales[x * sl..(x + 1) * sl],
-                n,
-                k,
-            ))
+            let blocks = ck.bytes(&format!("{base}_blocks"), x * bl..(x + 1) * bl)?;
+            let scales = ck.bytes(&format!("{base}_scales"), x * sl..(x + 1) * sl)?;
+            Ok(quant::decode_mxfp4(&blocks, &scales, n, k))
         } else {
             // Stored [E, K, N]: rows x*K..(x+1)*K hold expert x, transposed to [N, K].
             Ok(transpose(&ck.f32_rows(base, x..x + 1)?, k, n))
