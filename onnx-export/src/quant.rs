@@ -67,26 +67,48 @@ fn quantize_serial(
     let k_blocks = k.div_ceil(block);
     packed.reserve(rows.len() / 2 + block);
     scales.reserve(rows.len() / block + 1);
-    let mut codes = vec![8u8; block];
+    let mut padded = vec![0.0f32; block];
     for row in rows.chunks_exact(k) {
         for b in 0..k_blocks {
             let vals = &row[b * block..((b + 1) * block).min(k)];
-            let mut extreme = 0.0f32;
-            for &v in vals {
-                if v.abs() > extreme.abs() {
-                    extreme = v;
-                }
-            }
-            let scale = extreme / -8.0;
+            let vals = if vals.len() == block {
+                vals
+            } else {
+                // A partial last block is zero-padded (code 8), as ORT's quantizer does.
+                padded.fill(0.0);
+                padded[..vals.len()].copy_from_slice(vals);
+                &padded
+            };
+            let scale = extreme(vals) / -8.0;
             let inv = if scale != 0.0 { 1.0 / scale } else { 0.0 };
-            codes.fill(8);
-            for (c, &v) in codes.iter_mut().zip(vals) {
-                *c = (round_half_even(v * inv) + 8.0).clamp(0.0, 15.0) as u8;
-            }
-            packed.extend(codes.chunks_exact(2).map(|p| p[0] | (p[1] << 4)));
+            packed.extend(
+                vals.chunks_exact(2)
+                    .map(|p| code(p[0], inv) | (code(p[1], inv) << 4)),
+            );
             scales.push(scale);
         }
     }
+}
+
+/// The value of largest magnitude, sign kept; on a tie between `+a` and `-a`, the first one
+/// (numpy's `argmax(abs)`, which ORT's quantizer uses). Max and min reduce to SIMD; the scan
+/// runs only on exact ties.
+#[inline]
+fn extreme(vals: &[f32]) -> f32 {
+    let max = vals.iter().copied().fold(f32::MIN, f32::max);
+    let min = vals.iter().copied().fold(f32::MAX, f32::min);
+    if max > -min {
+        max
+    } else if -min > max {
+        min
+    } else {
+        vals.iter().copied().find(|v| v.abs() == max).unwrap_or(0.0)
+    }
+}
+
+#[inline]
+fn code(v: f32, inv: f32) -> u8 {
+    (round_half_even(v * inv) + 8.0).clamp(0.0, 15.0) as u8
 }
 
 /// Inverse of [`quantize_rows`] for one row (used by tests and parity checks).
