@@ -17,6 +17,7 @@
 #   BENCH_PYTHON  python with onnxruntime-genai + torch + transformers + onnx + onnx-ir
 #                 (default <repo>/.venv-bench/bin/python; create it with scripts/setup-bench-venv.sh)
 #   EDGELLM_ARGS  extra edgellm-export flags, word-split (e.g. "--embeddings int4")
+#   BENCH_RUNS    runs of each exporter, alternating (default 3); median wall time, max peak RSS
 #   EDGELLM_EXPORT  the exporter binary (default <repo>/target/release/edgellm-export; built with
 #                 `cargo build --release -p edgellm-export` when missing)
 # Exit status: 0 when both exports succeeded (whether or not the targets are met), 1 otherwise.
@@ -56,6 +57,8 @@ rm -rf "$ckpt" "$out1" "$out2" "$cache"
 # Runs a command under GNU time; LOG gets time's report, OUT.log the command's output.
 timed() {
     local name="$1"; shift
+    # Flush earlier steps' dirty pages first, so no run pays for another's writeback.
+    sync
     say "running: $*"
     if ! "$gnu_time" -v -o "$bench/$name.time" "$@" >"$bench/$name.log" 2>&1; then
         tail -n 30 "$bench/$name.log" >&2
@@ -83,15 +86,30 @@ say "checkpoint: $ckpt ($(size_mib "$ckpt") MiB, written in $(wall_s random-init
 # EDGELLM_ARGS: extra exporter flags, e.g. "--embeddings int4" (word-split).
 read -r -a extra_args <<<"${EDGELLM_ARGS:-}"
 cmd1=("$exe" --hf "$ckpt" --out "$out1" ${extra_args[@]+"${extra_args[@]}"})
-timed edgellm "${cmd1[@]}"
-
-# --- 3. onnxruntime-genai builder -----------------------------------------------------------------
 cmd2=("$py" -m onnxruntime_genai.models.builder -i "$ckpt" -o "$out2" -p int4 -e cpu -c "$cache")
-timed genai "${cmd2[@]}"
+
+# --- 2/3. both exporters, alternating, BENCH_RUNS times each --------------------------------------
+# Median wall time and the largest peak RSS over the runs: single runs vary by +-30% here
+# (page cache and writeback state), and alternating keeps both tools under the same conditions.
+runs="${BENCH_RUNS:-3}"
+for ((i = 1; i <= runs; i++)); do
+    rm -rf "$out1" "$out2" "$cache"
+    timed "edgellm-$i" "${cmd1[@]}"
+    timed "genai-$i" "${cmd2[@]}"
+done
+median_wall() {  # median of wall_s over TOOL-1..TOOL-runs
+    for ((i = 1; i <= runs; i++)); do wall_s "$1-$i"; echo; done | sort -n |
+        awk '{ v[NR] = $1 } END { printf "%.2f", (NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2) }'
+}
+max_rss() {
+    for ((i = 1; i <= runs; i++)); do rss_mib "$1-$i"; echo; done | sort -n | tail -n 1
+}
+all_walls() { for ((i = 1; i <= runs; i++)); do printf '%s ' "$(wall_s "$1-$i")"; done; }
 
 # --- report ---------------------------------------------------------------------------------------
-w1=$(wall_s edgellm); w2=$(wall_s genai)
-r1=$(rss_mib edgellm); r2=$(rss_mib genai)
+w1=$(median_wall edgellm); w2=$(median_wall genai)
+r1=$(max_rss edgellm); r2=$(max_rss genai)
+say "edgellm-export wall s per run: $(all_walls edgellm); genai builder: $(all_walls genai)"
 s1=$(size_mib "$out1"); s2=$(size_mib "$out2")
 speedup=$(awk -v a="$w2" -v b="$w1" 'BEGIN { printf "%.1f", (b > 0 ? a / b : 0) }')
 memratio=$(awk -v a="$r1" -v b="$r2" 'BEGIN { printf "%.3f", (b > 0 ? a / b : 0) }')
@@ -109,7 +127,7 @@ printf '%-16s %10s %16s %14s\n' genai-builder "$w2" "$r2" "$s2"
 echo
 echo "time   genai/edgellm = ${speedup}x   (target >= 5x: $ok_t)"
 echo "memory edgellm/genai = ${memratio}   (target <= 0.25: $ok_m)"
-echo "GNU time reports: $bench/edgellm.time $bench/genai.time"
+echo "GNU time reports: $bench/edgellm-*.time $bench/genai-*.time"
 
 # --- structural comparison ------------------------------------------------------------------------
 echo
