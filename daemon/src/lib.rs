@@ -1,10 +1,21 @@
 //! edgellm: run int4 ONNX language-model packages on edge devices.
 //!
 //! # Layout
-//! Following a request's path (pieces arrive issue by issue; see DESIGN.md):
-//! - [`package`]: a model package folder: `genai_config.json`, checksums, the KV-cache layout.
-//! - [`backend`]: the small synchronous seam the engine drives ([`backend::Backend`]), and its
-//!   implementations (`backend/ort.rs`: ONNX Runtime through `ort`, loaded at run time).
+//! Following a request's path (DESIGN.md):
+//! - [`api`]: transport-neutral request, event and completion types.
+//! - [`model`]: a loaded package: [`package`] (genai_config.json, checksums, KV layout),
+//!   [`tokenizer`] (ids <-> text, incremental detokenizer), [`chat`] (chat templates, harmony).
+//! - [`engine`]: the generation loop that owns a backend: prefill, sample, detokenize, stop.
+//! - [`backend`]: the small synchronous seam ([`backend::Backend`]) and its implementations
+//!   (`backend/ort.rs`: ONNX Runtime through `ort`, loaded at run time).
+//! - [`sampler`]: logits -> next token (greedy, temperature, top-k/p, min-p, repetition
+//!   penalty, seeded), and stop strings.
 
+pub mod api;
 pub mod backend;
+pub mod chat;
+pub mod engine;
+pub mod model;
 pub mod package;
+pub mod sampler;
+pub mod tokenizer;

@@ -104,10 +104,21 @@ pub struct SlidingWindow {
     pub cache_slack: usize,
 }
 
+/// Generation defaults (onnxruntime-genai's `search`); used when a request leaves them unset.
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct SearchSection {
     #[serde(default)]
     pub max_length: Option<usize>,
+    #[serde(default)]
+    pub do_sample: bool,
+    #[serde(default)]
+    pub temperature: Option<f32>,
+    #[serde(default)]
+    pub top_k: Option<usize>,
+    #[serde(default)]
+    pub top_p: Option<f32>,
+    #[serde(default)]
+    pub repetition_penalty: Option<f32>,
 }
 
 fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<u32>, D::Error> {

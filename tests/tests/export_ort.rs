@@ -10,7 +10,8 @@
 #![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
 
 use edgellm::backend::Backend;
-use edgellm::backend::ort::{OrtBackend, OrtOptions};
+use edgellm::backend::BackendOptions;
+use edgellm::backend::ort::OrtBackend;
 use edgellm::package::Package;
 use edgellm_export::Precision;
 use edgellm_tests::*;
@@ -21,7 +22,7 @@ const PREFILL: usize = 20;
 
 fn backend(pkg: &std::path::Path) -> OrtBackend {
     let pkg = Package::open(&pkg.join("pkg")).expect("package opens");
-    let opts = OrtOptions {
+    let opts = BackendOptions {
         library: Some(ort_library()),
         threads: 1,
         max_length: 256,

@@ -6,7 +6,8 @@
 #![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
 
 use edgellm::backend::Backend;
-use edgellm::backend::ort::{OrtBackend, OrtOptions};
+use edgellm::backend::BackendOptions;
+use edgellm::backend::ort::OrtBackend;
 use edgellm::package::Package;
 use edgellm_export::{ExportOptions, random_init};
 
@@ -28,7 +29,7 @@ fn random_init_qwen2_5_0_5b_exports_and_runs_on_ort() {
     assert_eq!(pkg.config.model.decoder.num_hidden_layers, 24);
     let mut be = OrtBackend::load(
         &pkg,
-        &OrtOptions {
+        &BackendOptions {
             library: Some(edgellm_tests::ort_library()),
             threads: 2,
             max_length: 512,

@@ -5,7 +5,118 @@
 #[cfg(feature = "ort")]
 pub mod ort;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+use crate::package::Package;
+
+/// Which runtime serves the package (`backend` in the config, `--backend` on the CLI).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BackendChoice {
+    /// ONNX Runtime when its library loads and the session builds, else tract.
+    #[default]
+    Auto,
+    Ort,
+    Tract,
+}
+
+impl BackendChoice {
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "auto" => Self::Auto,
+            "ort" => Self::Ort,
+            "tract" => Self::Tract,
+            _ => return None,
+        })
+    }
+}
+
+/// How a backend is built.
+#[derive(Debug, Clone)]
+pub struct BackendOptions {
+    /// `libonnxruntime.so`; `None`: see [`ort_library_candidates`].
+    pub library: Option<PathBuf>,
+    /// Intra-op threads; 0 = all cores.
+    pub threads: usize,
+    /// KV capacity in tokens (prompt + generated), clamped to the package's context length.
+    pub max_length: usize,
+    /// Prompt tokens per prefill step.
+    pub prefill_chunk: usize,
+}
+
+impl Default for BackendOptions {
+    fn default() -> Self {
+        BackendOptions {
+            library: None,
+            threads: 0,
+            max_length: 4096,
+            prefill_chunk: 256,
+        }
+    }
+}
+
+/// Where to look for ONNX Runtime, in order: the configured path; `ORT_DYLIB_PATH`; the folder
+/// `scripts/fetch-onnxruntime.sh` fills (`.onnxruntime/<version>/`), searched upwards from the
+/// executable and from the working directory; the system library (`libonnxruntime.so` on the
+/// loader's search path).
+pub fn ort_library_candidates(configured: Option<&Path>) -> Vec<PathBuf> {
+    if let Some(p) = configured.filter(|p| !p.as_os_str().is_empty()) {
+        return vec![p.to_path_buf()];
+    }
+    if let Some(p) = std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()) {
+        return vec![PathBuf::from(p)];
+    }
+    let fetched = Path::new(".onnxruntime")
+        .join(ORT_VERSION)
+        .join("libonnxruntime.so");
+    let mut out = Vec::new();
+    let starts = [
+        std::env::current_exe()
+            .ok()
+            .and_then(|e| e.parent().map(Path::to_path_buf)),
+        std::env::current_dir().ok(),
+    ];
+    for start in starts.into_iter().flatten() {
+        for dir in start.ancestors() {
+            let c = dir.join(&fetched);
+            if c.exists() && !out.contains(&c) {
+                out.push(c);
+            }
+        }
+    }
+    out.push(PathBuf::from("libonnxruntime.so"));
+    out
+}
+
+/// The ONNX Runtime release `ort` 2.0.0-rc.15 is built against.
+pub const ORT_VERSION: &str = "1.31.1";
+
+/// Builds the backend `choice` asks for. `Auto` tries ONNX Runtime, then tract.
+pub fn load(
+    pkg: &Package,
+    choice: BackendChoice,
+    opts: &BackendOptions,
+) -> Result<Box<dyn Backend>, BackendError> {
+    match choice {
+        BackendChoice::Tract => Err(tract_unavailable()),
+        BackendChoice::Ort | BackendChoice::Auto => load_ort(pkg, opts),
+    }
+}
+
+fn tract_unavailable() -> BackendError {
+    BackendError::Unsupported("the tract backend is not part of this build yet".into())
+}
+
+#[cfg(feature = "ort")]
+fn load_ort(pkg: &Package, opts: &BackendOptions) -> Result<Box<dyn Backend>, BackendError> {
+    Ok(Box::new(ort::OrtBackend::load(pkg, opts)?))
+}
+
+#[cfg(not(feature = "ort"))]
+fn load_ort(_: &Package, _: &BackendOptions) -> Result<Box<dyn Backend>, BackendError> {
+    Err(BackendError::Unsupported(
+        "this build has no ONNX Runtime backend (feature `ort`)".into(),
+    ))
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {

@@ -16,48 +16,31 @@ use ort::session::Session;
 use ort::session::builder::GraphOptimizationLevel;
 use ort::value::Tensor;
 
-use super::{Backend, BackendError};
+use super::{Backend, BackendError, BackendOptions, ort_library_candidates};
 use crate::package::{KvLayout, Package};
-
-/// Where ONNX Runtime comes from and how sessions run.
-#[derive(Debug, Clone)]
-pub struct OrtOptions {
-    /// `libonnxruntime.so` path; `None`: `ORT_DYLIB_PATH`, then the system library.
-    pub library: Option<PathBuf>,
-    /// Intra-op threads; 0 = ONNX Runtime's default (all cores).
-    pub threads: usize,
-    /// KV capacity in tokens (prompt + generated), clamped to the package's context length.
-    pub max_length: usize,
-    /// Prompt tokens per prefill step.
-    pub prefill_chunk: usize,
-}
-
-impl Default for OrtOptions {
-    fn default() -> Self {
-        OrtOptions {
-            library: None,
-            threads: 0,
-            max_length: 4096,
-            prefill_chunk: 256,
-        }
-    }
-}
-
-/// The library path to load: the configured one, else `ORT_DYLIB_PATH`, else the system's.
-pub fn resolve_library(configured: Option<&Path>) -> PathBuf {
-    if let Some(p) = configured.filter(|p| !p.as_os_str().is_empty()) {
-        return p.to_path_buf();
-    }
-    match std::env::var_os("ORT_DYLIB_PATH") {
-        Some(p) if !p.is_empty() => PathBuf::from(p),
-        _ => PathBuf::from("libonnxruntime.so"),
-    }
-}
 
 /// The process's ONNX Runtime environment. ONNX Runtime allows one per process and `ort`
 /// loads one library per process, so every backend shares it; asking for a different library
 /// later is an error rather than a silent mix.
-fn environment(lib: &Path) -> Result<ort::environment::Environment, BackendError> {
+fn environment(candidates: &[PathBuf]) -> Result<ort::environment::Environment, BackendError> {
+    let mut tried = Vec::new();
+    for lib in candidates {
+        match environment_from(lib) {
+            Ok(env) => return Ok(env),
+            Err(e) => tried.push(e.to_string()),
+        }
+    }
+    Err(BackendError::Library {
+        path: candidates.first().cloned().unwrap_or_default(),
+        msg: format!(
+            "could not load ONNX Runtime {}: {} (set [onnxruntime] library or ORT_DYLIB_PATH, or run scripts/fetch-onnxruntime.sh)",
+            super::ORT_VERSION,
+            tried.join("; ")
+        ),
+    })
+}
+
+fn environment_from(lib: &Path) -> Result<ort::environment::Environment, BackendError> {
     static ENV: std::sync::Mutex<Option<(PathBuf, ort::environment::Environment)>> =
         std::sync::Mutex::new(None);
     let mut slot = ENV.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -125,8 +108,8 @@ impl std::fmt::Debug for OrtBackend {
 }
 
 impl OrtBackend {
-    pub fn load(pkg: &Package, opts: &OrtOptions) -> Result<Self, BackendError> {
-        let env = environment(&resolve_library(opts.library.as_deref()))?;
+    pub fn load(pkg: &Package, opts: &BackendOptions) -> Result<Self, BackendError> {
+        let env = environment(&ort_library_candidates(opts.library.as_deref()))?;
         let graph = pkg.graph_path();
         let ctx = format!("creating an ONNX Runtime session for {}", graph.display());
         let builder = Session::builder(&env).map_err(rt(&ctx))?;

@@ -1,0 +1,98 @@
+//! Transport-neutral request, event and finish types: what D-Bus, MQTT and the CLI all
+//! translate to and from (DESIGN.md, "Transports": OpenAI chat field names).
+
+use crate::chat::Message;
+use crate::chat::harmony::ReasoningEffort;
+use crate::sampler::SamplingParams;
+
+/// What to complete.
+#[derive(Debug, Clone)]
+pub enum Input {
+    /// Rendered with the model's chat template (or harmony for gpt-oss).
+    Messages(Vec<Message>),
+    /// A plain prompt. `raw`: tokenized as transformers' `tokenizer(prompt)` would, without the
+    /// chat template; otherwise sent as one user message.
+    Prompt { text: String, raw: bool },
+}
+
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub input: Input,
+    /// Upper bound on generated tokens; `None`: as many as the context allows.
+    pub max_tokens: Option<usize>,
+    pub sampling: SamplingParams,
+    /// Stop strings: generation ends before the first one, which is not returned.
+    pub stop: Vec<String>,
+    /// gpt-oss only; default medium.
+    pub reasoning_effort: Option<ReasoningEffort>,
+    /// gpt-oss: also stream the `analysis` channel (as [`Event::Reasoning`]).
+    pub include_reasoning: bool,
+    /// Keep going past end-of-sequence tokens (benchmarks).
+    pub ignore_eos: bool,
+}
+
+impl Request {
+    pub fn new(input: Input) -> Self {
+        Request {
+            input,
+            max_tokens: None,
+            sampling: SamplingParams::default(),
+            stop: Vec::new(),
+            reasoning_effort: None,
+            include_reasoning: false,
+            ignore_eos: false,
+        }
+    }
+}
+
+/// Streamed while a request runs.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// Answer text, in order; concatenated they are the final text.
+    Delta(String),
+    /// gpt-oss analysis text, when asked for.
+    Reasoning(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// An end-of-sequence token or a stop string.
+    Stop,
+    /// `max_tokens` or the context length.
+    Length,
+    Cancelled,
+    Shutdown,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stop => "stop",
+            Self::Length => "length",
+            Self::Cancelled => "cancelled",
+            Self::Shutdown => "shutdown",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    /// From the start of the prefill to the first sampled token.
+    pub ttft_ms: f64,
+    pub prefill_tok_s: f64,
+    /// Tokens after the first, per second of decoding.
+    pub decode_tok_s: f64,
+}
+
+/// The result of a finished request.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Completion {
+    pub text: String,
+    /// Generated ids only (an end-of-sequence token included when one ended the answer).
+    pub token_ids: Vec<u32>,
+    pub finish_reason: FinishReason,
+    pub usage: Usage,
+}

@@ -1,0 +1,160 @@
+//! `edgellm`: the client and tool CLI. Parses, dispatches on the subcommand, and maps errors
+//! to exit codes in one place (1: the request failed; 2: bad arguments, from clap).
+//!
+//! - `run`: generate from a package in-process, streaming to stdout.
+//! - `prompt`: print the exact prompt text the model would see.
+//! - `inspect`: describe a package.
+//! - `bench`: prefill/decode speed, time to first token, peak RSS.
+
+mod bench;
+mod inspect;
+mod run;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use edgellm::backend::{BackendChoice, BackendOptions};
+use edgellm::chat::harmony::ReasoningEffort;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "edgellm",
+    version,
+    about = "Run int4 ONNX language models on edge devices"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Generate from a model package, streaming text to stdout.
+    Run(run::RunArgs),
+    /// Print the exact prompt text the model will see for a messages file.
+    Prompt(PromptArgs),
+    /// Describe a model package: architecture, sizes, quantization, context, KV bytes per token.
+    Inspect {
+        /// Model package folder.
+        dir: PathBuf,
+    },
+    /// Measure prefill and decode speed, time to first token and peak memory.
+    Bench(bench::BenchArgs),
+}
+
+#[derive(Debug, Args)]
+struct PromptArgs {
+    #[arg(long, value_name = "DIR")]
+    model: PathBuf,
+    /// JSON file: [{"role": "...", "content": "..."}]
+    #[arg(long, value_name = "FILE.json")]
+    messages: PathBuf,
+    #[arg(long, value_enum)]
+    reasoning_effort: Option<Effort>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Effort {
+    Low,
+    Medium,
+    High,
+}
+
+impl From<Effort> for ReasoningEffort {
+    fn from(e: Effort) -> Self {
+        match e {
+            Effort::Low => ReasoningEffort::Low,
+            Effort::Medium => ReasoningEffort::Medium,
+            Effort::High => ReasoningEffort::High,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, Default)]
+pub enum BackendArg {
+    #[default]
+    Auto,
+    Ort,
+    Tract,
+}
+
+impl From<BackendArg> for BackendChoice {
+    fn from(b: BackendArg) -> Self {
+        match b {
+            BackendArg::Auto => BackendChoice::Auto,
+            BackendArg::Ort => BackendChoice::Ort,
+            BackendArg::Tract => BackendChoice::Tract,
+        }
+    }
+}
+
+/// Options shared by the subcommands that load a model into a backend.
+#[derive(Debug, Args)]
+pub struct EngineArgs {
+    #[arg(long, value_name = "DIR")]
+    pub model: PathBuf,
+    #[arg(long, value_enum, default_value = "auto")]
+    pub backend: BackendArg,
+    /// Intra-op threads (0: all cores).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// KV capacity in tokens, prompt included (default: 4096, or the package's context if smaller).
+    #[arg(long, value_name = "N")]
+    pub max_length: Option<usize>,
+}
+
+impl EngineArgs {
+    /// Loads the model and builds its backend and engine.
+    pub fn engine(&self) -> anyhow::Result<edgellm::engine::Engine> {
+        let model = edgellm::model::Model::load(&self.model)?;
+        let opts = BackendOptions {
+            threads: self.threads,
+            max_length: self.max_length.unwrap_or(4096),
+            ..BackendOptions::default()
+        };
+        let max_length = model.package.kv_layout(opts.max_length).max_length;
+        let backend = edgellm::backend::load(&model.package, self.backend.into(), &opts)?;
+        Ok(edgellm::engine::Engine::new(model, backend, max_length))
+    }
+}
+
+/// Reads a messages file: `[{"role": "...", "content": "..."}]`.
+pub fn read_messages(path: &std::path::Path) -> anyhow::Result<Vec<edgellm::chat::Message>> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    serde_json::from_str(&text).map_err(|e| {
+        anyhow::anyhow!(
+            "{}: not a messages list [{{\"role\": ..., \"content\": ...}}]: {e}",
+            path.display()
+        )
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => run::run(&args),
+        Command::Prompt(args) => prompt(&args),
+        Command::Inspect { dir } => inspect::inspect(&dir),
+        Command::Bench(args) => bench::bench(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("edgellm: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn prompt(args: &PromptArgs) -> anyhow::Result<()> {
+    use std::io::Write;
+    let model = edgellm::model::Model::load(&args.model)?;
+    let messages = read_messages(&args.messages)?;
+    let text = model.render(&messages, args.reasoning_effort.map(Into::into))?;
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())?;
+    out.flush()?;
+    Ok(())
+}

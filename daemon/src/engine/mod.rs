@@ -1,0 +1,312 @@
+//! The generation loop: one [`Engine`] owns one backend (and so one KV cache) and runs one
+//! request at a time: render and tokenize, prefill, then sample -> detokenize -> stop checks ->
+//! emit -> decode one token, until an end-of-sequence token, a stop string, `max_tokens`, the
+//! context length, or the caller's cancellation. The daemon runs it on its own OS thread.
+
+use std::time::{Duration, Instant};
+
+use crate::api::{Completion, Event, FinishReason, Request, Usage};
+use crate::backend::{Backend, BackendError};
+use crate::chat::harmony::{self, Channel};
+use crate::model::{Model, ModelError};
+use crate::sampler::{Sampler, SamplingError, StopMatcher};
+use crate::tokenizer::{Detokenizer, TokenizerError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    #[error(transparent)]
+    Sampling(#[from] SamplingError),
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
+    #[error("prompt of {prompt} tokens leaves no room to generate (max_length {max_length})")]
+    PromptTooLong { prompt: usize, max_length: usize },
+}
+
+pub struct Engine {
+    model: Model,
+    backend: Box<dyn Backend>,
+    max_length: usize,
+    stats: Stats,
+}
+
+/// Timing of the last request's decode phase, for benchmarks.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Stats {
+    /// Wall time from the first sampled token to the end.
+    pub decode: Duration,
+    /// Time inside the backend's forward pass during that phase.
+    pub decode_forward: Duration,
+}
+
+impl Stats {
+    /// Share of decode time spent outside the forward pass (sampling, detokenizing, emitting).
+    pub fn decode_overhead_fraction(&self) -> f64 {
+        let total = self.decode.as_secs_f64();
+        if total <= 0.0 {
+            return 0.0;
+        }
+        (total - self.decode_forward.as_secs_f64()).max(0.0) / total
+    }
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("backend", &self.backend.name())
+            .field("max_length", &self.max_length)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Whether the caller wants generation to go on after an event.
+pub type Flow = std::ops::ControlFlow<()>;
+
+impl Engine {
+    /// `max_length`: the KV capacity the backend was built with (prompt + generated tokens).
+    pub fn new(model: Model, backend: Box<dyn Backend>, max_length: usize) -> Self {
+        Engine {
+            model,
+            backend,
+            max_length,
+            stats: Stats::default(),
+        }
+    }
+
+    pub fn last_stats(&self) -> Stats {
+        self.stats
+    }
+
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    pub fn backend_name(&self) -> &'static str {
+        self.backend.name()
+    }
+
+    pub fn max_length(&self) -> usize {
+        self.max_length
+    }
+
+    /// Prompt ids for a request (render + tokenize), checked against the context length.
+    pub fn prompt_ids(&self, req: &Request) -> Result<Vec<u32>, EngineError> {
+        let ids = self.model.prompt_ids(&req.input, req.reasoning_effort)?;
+        if ids.len() >= self.max_length {
+            return Err(EngineError::PromptTooLong {
+                prompt: ids.len(),
+                max_length: self.max_length,
+            });
+        }
+        Ok(ids)
+    }
+
+    /// Runs `req` to completion, calling `on_event` with each piece of text as it is decoded.
+    /// Returning `Break` from `on_event` cancels the request (finish reason `cancelled`).
+    pub fn generate(
+        &mut self,
+        req: &Request,
+        on_event: &mut dyn FnMut(Event) -> Flow,
+    ) -> Result<Completion, EngineError> {
+        let prompt = self.prompt_ids(req)?;
+        self.generate_from_ids(req, prompt, on_event)
+    }
+
+    pub fn generate_from_ids(
+        &mut self,
+        req: &Request,
+        prompt: Vec<u32>,
+        on_event: &mut dyn FnMut(Event) -> Flow,
+    ) -> Result<Completion, EngineError> {
+        let mut sampler = Sampler::new(req.sampling.clone())?;
+        let room = self.max_length.saturating_sub(prompt.len());
+        let max_new = req.max_tokens.map_or(room, |m| m.min(room));
+        let mut out = Output::new(&self.model, req);
+        let mut history = prompt.clone();
+        let mut generated = Vec::new();
+
+        self.backend.reset();
+        let start = Instant::now();
+        let mut logits = self.backend.forward(&prompt)?;
+        let mut first_token_at = None;
+        let mut finish = FinishReason::Length;
+        let mut forward = Duration::ZERO;
+        while generated.len() < max_new {
+            let next = sampler.sample(logits, &history);
+            first_token_at.get_or_insert_with(Instant::now);
+            generated.push(next);
+            history.push(next);
+            match out.push(&self.model, next, on_event)? {
+                Step::Continue => {}
+                Step::Stop => {
+                    finish = FinishReason::Stop;
+                    break;
+                }
+                Step::Cancelled => {
+                    finish = FinishReason::Cancelled;
+                    break;
+                }
+            }
+            if generated.len() >= max_new {
+                break;
+            }
+            let t = Instant::now();
+            logits = self.backend.forward(&[next])?;
+            forward += t.elapsed();
+        }
+        if finish != FinishReason::Cancelled {
+            out.flush(&self.model, on_event)?;
+        }
+        let end = Instant::now();
+        let ttft = first_token_at.map_or(end - start, |t| t - start);
+        let decode = end.saturating_duration_since(first_token_at.unwrap_or(end));
+        self.stats = Stats {
+            decode,
+            decode_forward: forward,
+        };
+        let usage = Usage {
+            prompt_tokens: prompt.len(),
+            completion_tokens: generated.len(),
+            ttft_ms: ttft.as_secs_f64() * 1e3,
+            prefill_tok_s: prompt.len() as f64 / ttft.as_secs_f64().max(1e-9),
+            decode_tok_s: if generated.len() > 1 {
+                (generated.len() - 1) as f64 / decode.as_secs_f64().max(1e-9)
+            } else {
+                0.0
+            },
+        };
+        Ok(Completion {
+            text: out.text,
+            token_ids: generated,
+            finish_reason: finish,
+            usage,
+        })
+    }
+}
+
+enum Step {
+    Continue,
+    Stop,
+    Cancelled,
+}
+
+/// Turns generated ids into answer text: harmony channel parsing (gpt-oss), detokenization,
+/// end-of-sequence ids and stop strings.
+struct Output {
+    detok: Detokenizer,
+    stops: StopMatcher,
+    harmony: Option<harmony::Parser>,
+    /// Channel of the message being decoded (harmony).
+    channel: Channel,
+    reasoning: Detokenizer,
+    include_reasoning: bool,
+    ignore_eos: bool,
+    text: String,
+}
+
+impl Output {
+    fn new(model: &Model, req: &Request) -> Self {
+        Output {
+            detok: Detokenizer::new(),
+            stops: StopMatcher::new(&req.stop),
+            harmony: model.harmony().map(harmony::Parser::new),
+            channel: Channel::Other,
+            reasoning: Detokenizer::new(),
+            include_reasoning: req.include_reasoning,
+            ignore_eos: req.ignore_eos,
+            text: String::new(),
+        }
+    }
+
+    fn emit(&mut self, text: String, on_event: &mut dyn FnMut(Event) -> Flow) -> Step {
+        let (safe, hit) = self.stops.push(&text);
+        let flow = if safe.is_empty() {
+            Flow::Continue(())
+        } else {
+            self.text.push_str(&safe);
+            on_event(Event::Delta(safe))
+        };
+        if hit {
+            Step::Stop
+        } else if flow.is_break() {
+            Step::Cancelled
+        } else {
+            Step::Continue
+        }
+    }
+
+    fn push(
+        &mut self,
+        model: &Model,
+        id: u32,
+        on_event: &mut dyn FnMut(Event) -> Flow,
+    ) -> Result<Step, EngineError> {
+        let tok = &model.tokenizer;
+        if let Some(parser) = &mut self.harmony {
+            let decode = |ids: &[u32]| tok.decode(ids, false).unwrap_or_default();
+            return Ok(match parser.push(id, &decode) {
+                harmony::Event::Stop { .. } if !self.ignore_eos => Step::Stop,
+                harmony::Event::Content {
+                    channel: Channel::Final,
+                    id,
+                } => {
+                    self.channel = Channel::Final;
+                    let text = self.detok.push(tok, id)?;
+                    self.emit(text, on_event)
+                }
+                harmony::Event::Content { channel, id } => {
+                    self.channel = channel;
+                    let text = self.reasoning.push(tok, id)?;
+                    if self.include_reasoning
+                        && channel == Channel::Analysis
+                        && !text.is_empty()
+                        && on_event(Event::Reasoning(text)).is_break()
+                    {
+                        return Ok(Step::Cancelled);
+                    }
+                    Step::Continue
+                }
+                harmony::Event::MessageEnd => {
+                    let rest = self.reasoning.finish(tok)?;
+                    if self.include_reasoning
+                        && self.channel == Channel::Analysis
+                        && !rest.is_empty()
+                        && on_event(Event::Reasoning(rest)).is_break()
+                    {
+                        return Ok(Step::Cancelled);
+                    }
+                    self.reasoning = Detokenizer::new();
+                    Step::Continue
+                }
+                _ => Step::Continue,
+            });
+        }
+        if !self.ignore_eos && model.eos.contains(&id) {
+            return Ok(Step::Stop);
+        }
+        let text = self.detok.push(tok, id)?;
+        Ok(self.emit(text, on_event))
+    }
+
+    /// End of generation: release held-back text.
+    fn flush(
+        &mut self,
+        model: &Model,
+        on_event: &mut dyn FnMut(Event) -> Flow,
+    ) -> Result<(), EngineError> {
+        let tail = self.detok.finish(&model.tokenizer)?;
+        let (safe, hit) = self.stops.push(&tail);
+        let mut rest = safe;
+        if !hit {
+            rest.push_str(&self.stops.finish());
+        }
+        if !rest.is_empty() {
+            self.text.push_str(&rest);
+            let _ = on_event(Event::Delta(rest));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,134 @@
+//! A loaded model, immutable and shareable: the package, its tokenizer and how prompts are
+//! rendered (chat template or harmony). The mutable per-sequence state lives in the backend
+//! the engine owns.
+
+use std::path::Path;
+
+use crate::api::Input;
+use crate::chat::harmony::{self, HarmonyTokens, ReasoningEffort, SystemOptions};
+use crate::chat::{ChatError, ChatTemplate, Message};
+use crate::package::{Package, PackageError};
+use crate::tokenizer::{Tokenizer, TokenizerError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    Package(#[from] PackageError),
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
+    #[error(transparent)]
+    Chat(#[from] ChatError),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// How messages become prompt text.
+#[derive(Debug)]
+enum Prompter {
+    Harmony(HarmonyTokens),
+    Template(Box<ChatTemplate>),
+    None,
+}
+
+#[derive(Debug)]
+pub struct Model {
+    pub package: Package,
+    pub tokenizer: Tokenizer,
+    prompter: Prompter,
+    /// End-of-sequence ids (genai_config's list; for harmony, `<|return|>` and `<|call|>`).
+    pub eos: Vec<u32>,
+}
+
+impl Model {
+    pub fn load(dir: &Path) -> Result<Self, ModelError> {
+        let package = Package::open(dir)?;
+        let tokenizer = Tokenizer::load(dir)?;
+        // gpt-oss speaks harmony when its tokenizer has harmony's tokens; otherwise (and for
+        // every other model) the tokenizer's chat template decides, as in transformers.
+        let harmony = (package.config.model.model_type == "gptoss")
+            .then(|| HarmonyTokens::resolve(|t| tokenizer.token_to_id(t)))
+            .flatten();
+        let prompter = if let Some(tokens) = harmony {
+            Prompter::Harmony(tokens)
+        } else if let Some(src) = &tokenizer.chat_template {
+            Prompter::Template(Box::new(ChatTemplate::new(
+                src,
+                tokenizer.bos_token.as_deref(),
+                tokenizer.eos_token.as_deref(),
+            )?))
+        } else {
+            Prompter::None
+        };
+        let mut eos = package.config.model.eos_token_id.clone();
+        if let Prompter::Harmony(t) = &prompter {
+            for id in [t.ret, t.call] {
+                if !eos.contains(&id) {
+                    eos.push(id);
+                }
+            }
+        }
+        Ok(Model {
+            package,
+            tokenizer,
+            prompter,
+            eos,
+        })
+    }
+
+    pub fn harmony(&self) -> Option<HarmonyTokens> {
+        match self.prompter {
+            Prompter::Harmony(t) => Some(t),
+            _ => None,
+        }
+    }
+
+    /// The exact text the model sees for `messages` (what `edgellm prompt` prints).
+    pub fn render(
+        &self,
+        messages: &[Message],
+        effort: Option<ReasoningEffort>,
+    ) -> Result<String, ModelError> {
+        if messages.is_empty() {
+            return Err(ModelError::Invalid("messages is empty".into()));
+        }
+        match &self.prompter {
+            Prompter::Harmony(_) => {
+                let sys = SystemOptions {
+                    reasoning_effort: effort.unwrap_or_default(),
+                    current_date: Some(crate::chat::strftime_utc(
+                        "%Y-%m-%d",
+                        crate::chat::now_unix(),
+                    )),
+                    ..SystemOptions::default()
+                };
+                Ok(harmony::render(messages, &sys)?)
+            }
+            Prompter::Template(t) => Ok(t.render(messages, true, &serde_json::Map::new())?),
+            Prompter::None => Err(ChatError::NoTemplate.into()),
+        }
+    }
+
+    /// Prompt token ids for `input`.
+    pub fn prompt_ids(
+        &self,
+        input: &Input,
+        effort: Option<ReasoningEffort>,
+    ) -> Result<Vec<u32>, ModelError> {
+        let ids = match input {
+            Input::Prompt { text, raw: true } => self.tokenizer.encode(text, true)?,
+            Input::Prompt { text, raw: false } => {
+                let msg = Message {
+                    role: "user".into(),
+                    content: text.clone(),
+                };
+                self.tokenizer
+                    .encode(&self.render(&[msg], effort)?, false)?
+            }
+            Input::Messages(m) => self.tokenizer.encode(&self.render(m, effort)?, false)?,
+        };
+        if ids.is_empty() {
+            return Err(ModelError::Invalid("the prompt is empty".into()));
+        }
+        Ok(ids)
+    }
+}

@@ -1,0 +1,183 @@
+//! Text <-> token ids, as transformers does it: Hugging Face `tokenizers` on the package's
+//! `tokenizer.json`, with `tokenizer_config.json` supplying the special tokens and chat
+//! template. [`Detokenizer`] turns a growing id sequence into text deltas that never end in
+//! half a UTF-8 character.
+//!
+//! Sits between the scheduler (prompt -> ids) and the engine (ids -> streamed text).
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenizerError {
+    #[error("{path}: {msg}")]
+    Load { path: PathBuf, msg: String },
+    #[error("tokenizer: {0}")]
+    Codec(String),
+}
+
+#[derive(Debug)]
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    pub bos_token: Option<String>,
+    pub eos_token: Option<String>,
+    /// The model's Jinja chat template (`chat_template.jinja` wins over tokenizer_config.json).
+    pub chat_template: Option<String>,
+    bos_id: Option<u32>,
+    /// tokenizer_config.json's `add_bos_token`, which transformers applies on top of the
+    /// post-processor of tokenizer.json.
+    add_bos: Option<bool>,
+}
+
+/// A special-token entry: a plain string or an AddedToken object `{"content": ...}`.
+fn token_text(v: Option<&Value>) -> Option<String> {
+    match v? {
+        Value::String(s) => Some(s.clone()),
+        Value::Object(o) => o
+            .get("content")
+            .and_then(|c| c.as_str())
+            .map(str::to_string),
+        _ => None,
+    }
+}
+
+impl Tokenizer {
+    /// Loads `tokenizer.json` (required) and `tokenizer_config.json` / `chat_template.jinja`
+    /// (optional) from a package or checkpoint folder.
+    pub fn load(dir: &Path) -> Result<Self, TokenizerError> {
+        let path = dir.join("tokenizer.json");
+        let load_err = |path: &Path, msg: String| TokenizerError::Load {
+            path: path.to_path_buf(),
+            msg,
+        };
+        if !path.exists() {
+            return Err(load_err(&path, "missing (a model package needs it)".into()));
+        }
+        let inner =
+            tokenizers::Tokenizer::from_file(&path).map_err(|e| load_err(&path, e.to_string()))?;
+        let cfg_path = dir.join("tokenizer_config.json");
+        let cfg: Value = match std::fs::read_to_string(&cfg_path) {
+            Ok(text) => {
+                serde_json::from_str(&text).map_err(|e| load_err(&cfg_path, e.to_string()))?
+            }
+            Err(_) => Value::Null,
+        };
+        let template_file = dir.join("chat_template.jinja");
+        let chat_template = match std::fs::read_to_string(&template_file) {
+            Ok(t) => Some(t),
+            Err(_) => match cfg.get("chat_template") {
+                Some(Value::String(s)) => Some(s.clone()),
+                // A list of named templates: transformers uses "default".
+                Some(Value::Array(list)) => list
+                    .iter()
+                    .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+                    .and_then(|t| t.get("template"))
+                    .and_then(|t| t.as_str())
+                    .map(str::to_string),
+                _ => None,
+            },
+        };
+        let bos_token = token_text(cfg.get("bos_token"));
+        let bos_id = bos_token.as_deref().and_then(|t| inner.token_to_id(t));
+        Ok(Tokenizer {
+            bos_token,
+            eos_token: token_text(cfg.get("eos_token")),
+            chat_template,
+            bos_id,
+            add_bos: cfg.get("add_bos_token").and_then(|v| v.as_bool()),
+            inner,
+        })
+    }
+
+    /// `tokenizer(text)` (`add_special_tokens = true`: BOS and the post-processor as
+    /// transformers applies them), or a plain encoding of already-templated text (`false`, what
+    /// `apply_chat_template(tokenize=True)` does).
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, TokenizerError> {
+        let enc = self
+            .inner
+            .encode(text, add_special_tokens)
+            .map_err(|e| TokenizerError::Codec(e.to_string()))?;
+        let mut ids = enc.get_ids().to_vec();
+        if add_special_tokens && let Some(bos) = self.bos_id {
+            match self.add_bos {
+                Some(true) if ids.first() != Some(&bos) => ids.insert(0, bos),
+                Some(false)
+                    if ids.first() == Some(&bos)
+                        && !text.starts_with(self.bos_token.as_deref().unwrap_or("")) =>
+                {
+                    ids.remove(0);
+                }
+                _ => {}
+            }
+        }
+        Ok(ids)
+    }
+
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String, TokenizerError> {
+        self.inner
+            .decode(ids, skip_special_tokens)
+            .map_err(|e| TokenizerError::Codec(e.to_string()))
+    }
+
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+}
+
+/// Incremental detokenization (the prefix/read-offset scheme of TGI and vLLM): each new id is
+/// decoded together with a few ids before it, and only text past the previous decode is
+/// emitted, once it no longer ends in U+FFFD (an incomplete UTF-8 sequence that later bytes
+/// will complete). Special tokens are skipped.
+#[derive(Debug, Default)]
+pub struct Detokenizer {
+    ids: Vec<u32>,
+    prefix: usize,
+    read: usize,
+}
+
+impl Detokenizer {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds one generated id; returns the text it completes (possibly empty).
+    pub fn push(&mut self, tok: &Tokenizer, id: u32) -> Result<String, TokenizerError> {
+        self.ids.push(id);
+        let before = tok.decode(&self.ids[self.prefix..self.read], true)?;
+        let now = tok.decode(&self.ids[self.prefix..], true)?;
+        if now.len() <= before.len() || now.ends_with('\u{FFFD}') {
+            return Ok(String::new());
+        }
+        let delta = match now.strip_prefix(before.as_str()) {
+            Some(d) => d.to_string(),
+            // The decoder rewrote earlier text (rare: e.g. cleanup of spaces); emit the part
+            // after the common prefix at a character boundary.
+            None => {
+                let common = before
+                    .char_indices()
+                    .zip(now.chars())
+                    .take_while(|((_, a), b)| a == b)
+                    .last()
+                    .map_or(0, |((i, c), _)| i + c.len_utf8());
+                now[common..].to_string()
+            }
+        };
+        self.prefix = self.read;
+        self.read = self.ids.len();
+        Ok(delta)
+    }
+
+    /// Text still held back at the end of generation (an incomplete character becomes U+FFFD).
+    pub fn finish(&mut self, tok: &Tokenizer) -> Result<String, TokenizerError> {
+        let before = tok.decode(&self.ids[self.prefix..self.read], true)?;
+        let now = tok.decode(&self.ids[self.prefix..], true)?;
+        self.prefix = self.ids.len();
+        self.read = self.ids.len();
+        Ok(now.get(before.len()..).unwrap_or_default().to_string())
+    }
+}

@@ -1,0 +1,320 @@
+//! `edgellm` as a user runs it, on packages exported from the committed fixtures: greedy
+//! `run --raw` reproduces Hugging Face transformers token for token, int4 runs are
+//! deterministic, and bad packages or arguments fail with a message naming the problem.
+
+#![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use edgellm_export::{ExportOptions, Precision};
+
+const FIXTURES: &[&str] = &[
+    "llama",
+    "llama-linear",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "phi3",
+    "phi3-longrope",
+    "gptoss",
+    "gptoss-dense",
+];
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
+}
+
+fn golden(name: &str) -> serde_json::Value {
+    serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join(name).join("golden.json")).unwrap(),
+    )
+    .unwrap()
+}
+
+fn export(name: &str, precision: Precision, into: &Path) -> PathBuf {
+    let out = into.join(format!("{name}-{precision:?}"));
+    let opts = ExportOptions {
+        precision,
+        max_length: Some(256),
+        ..ExportOptions::default()
+    };
+    edgellm_export::export(&fixtures().join(name).join("checkpoint"), &out, &opts).unwrap();
+    out
+}
+
+fn edgellm(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_edgellm"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn run_json(pkg: &Path, prompt: &str) -> serde_json::Value {
+    let o = edgellm(&[
+        "run",
+        "--model",
+        pkg.to_str().unwrap(),
+        "--prompt",
+        prompt,
+        "--raw",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "24",
+        "--threads",
+        "1",
+        "--json",
+    ]);
+    assert!(
+        o.status.success(),
+        "edgellm run failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+#[test]
+fn run_raw_greedy_matches_transformers_and_int4_is_deterministic() {
+    let tmp = tempfile::tempdir().unwrap();
+    for name in FIXTURES {
+        let g = golden(name);
+        let prompt = g["prompt_text"].as_str().unwrap();
+        let fp32 = run_json(&export(name, Precision::Fp32, tmp.path()), prompt);
+        assert_eq!(
+            fp32["token_ids"], g["greedy_ids"],
+            "{name}: fp32 greedy tokens differ from transformers"
+        );
+        assert_eq!(
+            fp32["usage"]["prompt_tokens"].as_u64().unwrap() as usize,
+            g["prompt_ids"].as_array().unwrap().len(),
+            "{name}: --raw tokenization differs from transformers' tokenizer(prompt)"
+        );
+        assert_eq!(fp32["finish_reason"], "length");
+        let int4 = export(name, Precision::Int4, tmp.path());
+        let (a, b) = (run_json(&int4, prompt), run_json(&int4, prompt));
+        assert_eq!(
+            a["token_ids"], b["token_ids"],
+            "{name}: int4 greedy is not deterministic"
+        );
+        assert_eq!(a["text"], b["text"]);
+        assert_eq!(a["token_ids"].as_array().unwrap().len(), 24);
+    }
+}
+
+#[test]
+fn streamed_text_equals_the_json_text() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pkg = export("qwen2", Precision::Fp32, tmp.path());
+    let json = run_json(&pkg, "The quick brown fox");
+    let o = edgellm(&[
+        "run",
+        "--model",
+        pkg.to_str().unwrap(),
+        "--prompt",
+        "The quick brown fox",
+        "--raw",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "24",
+    ]);
+    assert!(o.status.success());
+    let streamed = String::from_utf8(o.stdout).unwrap();
+    assert_eq!(
+        streamed.strip_suffix('\n').unwrap(),
+        json["text"].as_str().unwrap()
+    );
+}
+
+#[test]
+fn seeded_sampling_repeats_and_seeds_differ() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pkg = export("mistral", Precision::Int4, tmp.path());
+    let sample = |seed: &str| {
+        let o = edgellm(&[
+            "run",
+            "--model",
+            pkg.to_str().unwrap(),
+            "--prompt",
+            "The quick brown fox",
+            "--raw",
+            "--temperature",
+            "1.0",
+            "--top-p",
+            "0.95",
+            "--seed",
+            seed,
+            "--max-tokens",
+            "16",
+            "--json",
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()["token_ids"].clone()
+    };
+    assert_eq!(sample("7"), sample("7"));
+    assert_ne!(sample("7"), sample("8"));
+}
+
+fn args(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+fn fails_with(args: &[&str], env: &[(&str, &str)], needles: &[&str]) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_edgellm"));
+    cmd.args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let o = cmd.output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{args:?} should fail");
+    for n in needles {
+        assert!(err.contains(n), "stderr {err:?} should mention {n:?}");
+    }
+}
+
+#[test]
+fn bad_packages_and_arguments_fail_clearly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pkg = export("qwen2", Precision::Int4, tmp.path());
+    let p = pkg.to_str().unwrap();
+    let run = |extra: &[&str]| -> Vec<String> {
+        [
+            "run",
+            "--model",
+            p,
+            "--prompt",
+            "hi",
+            "--raw",
+            "--max-tokens",
+            "2",
+        ]
+        .iter()
+        .chain(extra)
+        .map(|s| s.to_string())
+        .collect()
+    };
+
+    // Missing package, unreadable messages, conflicting and invalid arguments.
+    fails_with(
+        &["run", "--model", "/nonexistent/pkg", "--prompt", "hi"],
+        &[],
+        &["genai_config.json", "missing"],
+    );
+    fails_with(&args(&run(&["--temperature", "-1"])), &[], &["temperature"]);
+    fails_with(&args(&run(&["--top-p", "1.5"])), &[], &["top_p"]);
+    fails_with(&args(&run(&["--backend", "tract"])), &[], &["tract"]);
+    fails_with(
+        &["run", "--model", p, "--messages", "/nonexistent.json"],
+        &[],
+        &["/nonexistent.json"],
+    );
+    let bad = tmp.path().join("bad.json");
+    std::fs::write(&bad, r#"[{"role": "user", "text": "hi"}]"#).unwrap();
+    let bad = bad.to_str().unwrap();
+    fails_with(
+        &["run", "--model", p, "--messages", bad],
+        &[],
+        &["bad.json", "messages"],
+    );
+    fails_with(
+        &["run", "--model", p, "--prompt", "a", "--messages", bad],
+        &[],
+        &["cannot be used with"],
+    );
+    // Prompt longer than the KV capacity.
+    let long = "x ".repeat(400);
+    fails_with(
+        &["run", "--model", p, "--prompt", &long, "--raw"],
+        &[],
+        &["prompt", "max_length"],
+    );
+    // ONNX Runtime library missing or not a library.
+    let missing = [("ORT_DYLIB_PATH", "/nonexistent/libonnxruntime.so")];
+    fails_with(
+        &args(&run(&[])),
+        &missing,
+        &["ONNX Runtime", "fetch-onnxruntime.sh"],
+    );
+    let fake = tmp.path().join("libonnxruntime.so");
+    std::fs::write(&fake, b"not a library").unwrap();
+    fails_with(
+        &args(&run(&[])),
+        &[("ORT_DYLIB_PATH", fake.to_str().unwrap())],
+        &["ONNX Runtime", "libonnxruntime.so"],
+    );
+
+    // Corrupt weights: the checksum names the file.
+    let data = pkg.join("model.onnx.data");
+    let mut bytes = std::fs::read(&data).unwrap();
+    bytes[1000] ^= 0xff;
+    std::fs::write(&data, bytes).unwrap();
+    fails_with(
+        &args(&run(&[])),
+        &[],
+        &["model.onnx.data", "checksum mismatch"],
+    );
+
+    // Unsupported model.type.
+    let pkg2 = export("mistral", Precision::Int4, tmp.path());
+    let cfg = pkg2.join("genai_config.json");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("\"mistral\"", "\"whisper\"");
+    std::fs::write(&cfg, text).unwrap();
+    std::fs::remove_file(pkg2.join("SHA256SUMS")).unwrap();
+    fails_with(
+        &["run", "--model", pkg2.to_str().unwrap(), "--prompt", "hi"],
+        &[],
+        &["whisper", "supported"],
+    );
+}
+
+#[test]
+fn inspect_describes_the_package() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pkg = export("gptoss", Precision::Int4, tmp.path());
+    let o = edgellm(&["inspect", pkg.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = String::from_utf8(o.stdout).unwrap();
+    for needle in [
+        "GptOssForCausalLM",
+        "model.type gptoss",
+        "1 with a 16-token sliding window",
+        "int4 MatMulNBits (block 32)",
+        "int4 QMoE experts",
+        "context:       256 tokens",
+        // 1 full-attention layer x 2 (K, V) x 2 KV heads x 64 dims x 4 bytes
+        "1024 bytes per token",
+    ] {
+        assert!(
+            out.contains(needle),
+            "inspect output lacks {needle:?}:\n{out}"
+        );
+    }
+}
+
+#[test]
+fn bench_reports_speeds_and_memory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pkg = export("llama", Precision::Int4, tmp.path());
+    let o = edgellm(&[
+        "bench",
+        "--model",
+        pkg.to_str().unwrap(),
+        "--prompt-tokens",
+        "16",
+        "--gen-tokens",
+        "8",
+        "--runs",
+        "2",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["backend"], "ort");
+    for key in ["prefill_tok_s", "decode_tok_s", "ttft_ms", "peak_rss_mib"] {
+        assert!(v[key].as_f64().unwrap() > 0.0, "{key} = {}", v[key]);
+    }
+}
