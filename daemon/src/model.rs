@@ -103,7 +103,7 @@ impl Model {
                 };
                 Ok(harmony::render(messages, &sys)?)
             }
-            Prompter::Template(t) => Ok(t.render(messages, true, &serde_json::Map::new())?),
+            Prompter::Template(t) => Ok(t.render(messages, true, None, &serde_json::Map::new())?),
             Prompter::None => Err(ChatError::NoTemplate.into()),
         }
     }

@@ -1,22 +1,28 @@
-//! OpenAI's harmony format (gpt-oss): rendering a conversation for completion, and a streaming
+//! OpenAI's harmony format (gpt-oss): rendering a conversation for completion, byte for byte as
+//! the `openai-harmony` library does (tests/fixtures/harmony has its goldens), and a streaming
 //! parser that splits what the model writes into channels.
 //!
-//! Rendered prompt (one line per message here; the text has no newlines between messages):
+//! Rendered prompt (messages follow each other with no separator):
 //! ```text
-//! <|start|>system<|message|>{identity}\nKnowledge cutoff: 2024-06\nCurrent date: D\n\nReasoning: high\n\n# Valid channels: analysis, commentary, final. Channel must be included for every message.<|end|>
-//! <|start|>developer<|message|># Instructions\n\n{system/developer messages}<|end|>
+//! <|start|>system<|message|>{identity}\nKnowledge cutoff: {cutoff}\nCurrent date: {date}\n\nReasoning: {effort}\n\n# Valid channels: analysis, commentary, final. Channel must be included for every message.<|end|>
+//! <|start|>developer<|message|># Instructions\n\n{instructions}[\n\n# Tools\n\n## functions\n\nnamespace functions {...} // namespace functions]<|end|>
 //! <|start|>user<|message|>{text}<|end|>
 //! <|start|>assistant<|channel|>final<|message|>{text}<|end|>
+//! <|start|>assistant to=functions.f<|channel|>commentary <|constrain|>json<|message|>{args}<|call|>
+//! <|start|>functions.f to=assistant<|channel|>commentary<|message|>{result}<|end|>
 //! <|start|>assistant
 //! ```
-//! A `system` or `developer` message of the request becomes the developer instructions (the
-//! harmony system message carries identity, dates and reasoning effort), as in gpt-oss's chat
-//! template. The model answers `<|channel|>analysis<|message|>...<|end|><|start|>assistant
-//! <|channel|>final<|message|>...<|return|>` (or `<|call|>` for a tool call).
+//! A request's `system` and `developer` messages become the developer instructions; the harmony
+//! system message carries identity, dates and reasoning effort. The model answers
+//! `<|channel|>analysis<|message|>...<|end|><|start|>assistant<|channel|>final<|message|>...<|return|>`.
+
+use serde::Deserialize;
+use serde_json::Value;
 
 use super::{ChatError, Message};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum ReasoningEffort {
     Low,
     #[default]
@@ -43,12 +49,12 @@ impl ReasoningEffort {
     }
 }
 
-/// The parameters of the harmony system message.
-#[derive(Debug, Clone)]
+/// The harmony system message. `None` fields leave their line out.
+#[derive(Debug, Clone, Deserialize)]
 pub struct SystemOptions {
-    pub model_identity: String,
-    pub knowledge_cutoff: String,
-    /// `YYYY-MM-DD`; `None` omits the line.
+    pub model_identity: Option<String>,
+    pub knowledge_cutoff: Option<String>,
+    /// `YYYY-MM-DD`.
     pub current_date: Option<String>,
     pub reasoning_effort: ReasoningEffort,
 }
@@ -56,65 +62,224 @@ pub struct SystemOptions {
 impl Default for SystemOptions {
     fn default() -> Self {
         SystemOptions {
-            model_identity: "You are ChatGPT, a large language model trained by OpenAI.".into(),
-            knowledge_cutoff: "2024-06".into(),
+            model_identity: Some(
+                "You are ChatGPT, a large language model trained by OpenAI.".into(),
+            ),
+            knowledge_cutoff: Some("2024-06".into()),
             current_date: None,
             reasoning_effort: ReasoningEffort::Medium,
         }
     }
 }
 
-/// Renders `messages` for completion (ending with `<|start|>assistant`).
-pub fn render(messages: &[Message], sys: &SystemOptions) -> Result<String, ChatError> {
-    let mut out = String::new();
-    out.push_str("<|start|>system<|message|>");
-    out.push_str(&sys.model_identity);
-    out.push_str("\nKnowledge cutoff: ");
-    out.push_str(&sys.knowledge_cutoff);
-    if let Some(date) = &sys.current_date {
-        out.push_str("\nCurrent date: ");
-        out.push_str(date);
-    }
-    out.push_str("\n\nReasoning: ");
-    out.push_str(sys.reasoning_effort.as_str());
-    out.push_str("\n\n# Valid channels: analysis, commentary, final. Channel must be included for every message.<|end|>");
+/// One harmony message: an author (`role`, or `name` for tools), optional channel, recipient
+/// (`to=`), and content type (e.g. `<|constrain|>json`).
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct HarmonyMessage {
+    pub role: String,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub channel: Option<String>,
+    #[serde(default)]
+    pub recipient: Option<String>,
+    #[serde(default)]
+    pub content_type: Option<String>,
+    pub content: String,
+}
 
+/// A whole conversation to render for completion.
+#[derive(Debug, Clone, Default)]
+pub struct Conversation<'a> {
+    pub system: Option<&'a SystemOptions>,
+    pub developer: Option<&'a str>,
+    /// Function tools: `{"name", "description", "parameters": JSON schema}`.
+    pub tools: &'a [Value],
+    pub messages: &'a [HarmonyMessage],
+    /// Drop analysis messages before the first final one when the last assistant message is
+    /// final (harmony's default).
+    pub auto_drop_analysis: bool,
+}
+
+/// Renders a request's messages for completion.
+pub fn render(messages: &[Message], sys: &SystemOptions) -> Result<String, ChatError> {
     let instructions: Vec<&str> = messages
         .iter()
         .filter(|m| m.role == "system" || m.role == "developer")
         .map(|m| m.content.as_str())
         .collect();
-    if !instructions.is_empty() {
-        out.push_str("<|start|>developer<|message|># Instructions\n\n");
-        out.push_str(&instructions.join("\n\n"));
-        out.push_str("<|end|>");
-    }
+    let instructions = instructions.join("\n\n");
+    let mut convo = Vec::new();
     for m in messages {
-        match m.role.as_str() {
-            "system" | "developer" => {}
-            "user" => {
-                out.push_str("<|start|>user<|message|>");
-                out.push_str(&m.content);
-                out.push_str("<|end|>");
-            }
-            "assistant" => {
-                out.push_str("<|start|>assistant<|channel|>final<|message|>");
-                out.push_str(&m.content);
-                out.push_str("<|end|>");
-            }
+        let channel = match m.role.as_str() {
+            "system" | "developer" => continue,
+            "user" => None,
+            "assistant" => Some("final".to_string()),
             other => {
                 return Err(ChatError::Render(format!(
-                    "role {other:?} is not supported in harmony conversations (system, developer, user, assistant)"
+                    "role {other:?} is not supported for gpt-oss (system, developer, user, assistant)"
                 )));
             }
+        };
+        convo.push(HarmonyMessage {
+            role: m.role.clone(),
+            channel,
+            content: m.content.clone(),
+            ..HarmonyMessage::default()
+        });
+    }
+    Ok(render_conversation(&Conversation {
+        system: Some(sys),
+        developer: (!instructions.is_empty()).then_some(instructions.as_str()),
+        tools: &[],
+        messages: &convo,
+        auto_drop_analysis: true,
+    }))
+}
+
+pub fn render_conversation(c: &Conversation<'_>) -> String {
+    let mut out = String::new();
+    if let Some(sys) = c.system {
+        let mut lines: Vec<String> = Vec::new();
+        lines.extend(sys.model_identity.clone());
+        lines.extend(
+            sys.knowledge_cutoff
+                .as_ref()
+                .map(|k| format!("Knowledge cutoff: {k}")),
+        );
+        lines.extend(
+            sys.current_date
+                .as_ref()
+                .map(|d| format!("Current date: {d}")),
+        );
+        out.push_str("<|start|>system<|message|>");
+        out.push_str(&lines.join("\n"));
+        out.push_str("\n\nReasoning: ");
+        out.push_str(sys.reasoning_effort.as_str());
+        out.push_str("\n\n# Valid channels: analysis, commentary, final. Channel must be included for every message.");
+        if !c.tools.is_empty() {
+            out.push_str("\nCalls to these tools must go to the commentary channel: 'functions'.");
         }
+        out.push_str("<|end|>");
+    }
+    if c.developer.is_some() || !c.tools.is_empty() {
+        out.push_str("<|start|>developer<|message|>");
+        if let Some(instr) = c.developer {
+            out.push_str("# Instructions\n\n");
+            out.push_str(instr);
+        }
+        if !c.tools.is_empty() {
+            if c.developer.is_some() {
+                out.push_str("\n\n");
+            }
+            out.push_str("# Tools\n\n## functions\n\nnamespace functions {\n\n");
+            for tool in c.tools {
+                render_tool(tool, &mut out);
+            }
+            out.push_str("} // namespace functions");
+        }
+        out.push_str("<|end|>");
+    }
+    let last_assistant_final = c
+        .messages
+        .iter()
+        .rev()
+        .find(|m| m.role == "assistant")
+        .is_some_and(|m| m.channel.as_deref() == Some("final"));
+    let first_final = c
+        .messages
+        .iter()
+        .position(|m| m.role == "assistant" && m.channel.as_deref() == Some("final"));
+    for (i, m) in c.messages.iter().enumerate() {
+        let analysis = m.role == "assistant" && m.channel.as_deref() == Some("analysis");
+        if c.auto_drop_analysis
+            && last_assistant_final
+            && analysis
+            && first_final.is_some_and(|f| i < f)
+        {
+            continue;
+        }
+        out.push_str("<|start|>");
+        out.push_str(if m.role == "tool" {
+            m.name.as_deref().unwrap_or("tool")
+        } else {
+            &m.role
+        });
+        if let Some(r) = &m.recipient {
+            out.push_str(" to=");
+            out.push_str(r);
+        }
+        if let Some(ch) = &m.channel {
+            out.push_str("<|channel|>");
+            out.push_str(ch);
+        }
+        if let Some(ct) = &m.content_type {
+            out.push(' ');
+            out.push_str(ct);
+        }
+        out.push_str("<|message|>");
+        out.push_str(&m.content);
+        let tool_call = m.role == "assistant" && m.recipient.is_some();
+        out.push_str(if tool_call { "<|call|>" } else { "<|end|>" });
     }
     out.push_str("<|start|>assistant");
-    Ok(out)
+    out
+}
+
+/// `// description\ntype name = (_: {...}) => any;\n\n`, harmony's TypeScript-like signature.
+fn render_tool(tool: &Value, out: &mut String) {
+    let f = tool.get("function").unwrap_or(tool);
+    if let Some(d) = f.get("description").and_then(Value::as_str) {
+        out.push_str(&format!("// {d}\n"));
+    }
+    let name = f.get("name").and_then(Value::as_str).unwrap_or("tool");
+    let props = f
+        .pointer("/parameters/properties")
+        .and_then(Value::as_object);
+    match props {
+        Some(props) if !props.is_empty() => {
+            let required: Vec<&str> = f
+                .pointer("/parameters/required")
+                .and_then(Value::as_array)
+                .map(|r| r.iter().filter_map(Value::as_str).collect())
+                .unwrap_or_default();
+            out.push_str(&format!("type {name} = (_: {{\n"));
+            for (p, schema) in props {
+                if let Some(d) = schema.get("description").and_then(Value::as_str) {
+                    out.push_str(&format!("// {d}\n"));
+                }
+                let opt = if required.contains(&p.as_str()) {
+                    ""
+                } else {
+                    "?"
+                };
+                out.push_str(&format!("{p}{opt}: {},\n", ts_type(schema)));
+            }
+            out.push_str("}) => any;\n\n");
+        }
+        _ => out.push_str(&format!("type {name} = () => any;\n\n")),
+    }
+}
+
+fn ts_type(schema: &Value) -> String {
+    if let Some(values) = schema.get("enum").and_then(Value::as_array) {
+        return values
+            .iter()
+            .map(|v| v.to_string())
+            .collect::<Vec<_>>()
+            .join(" | ");
+    }
+    match schema.get("type").and_then(Value::as_str) {
+        Some("string") => "string".into(),
+        Some("number") | Some("integer") => "number".into(),
+        Some("boolean") => "boolean".into(),
+        Some("array") => format!("{}[]", schema.get("items").map_or("any".into(), ts_type)),
+        _ => "any".into(),
+    }
 }
 
 /// Ids of harmony's structural tokens in a tokenizer.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HarmonyTokens {
     pub start: u32,
     pub end: u32,
@@ -122,7 +287,6 @@ pub struct HarmonyTokens {
     pub channel: u32,
     pub ret: u32,
     pub call: u32,
-    pub constrain: Option<u32>,
 }
 
 impl HarmonyTokens {
@@ -134,22 +298,8 @@ impl HarmonyTokens {
             channel: lookup("<|channel|>")?,
             ret: lookup("<|return|>")?,
             call: lookup("<|call|>")?,
-            constrain: lookup("<|constrain|>"),
         })
     }
-}
-
-/// What one generated token means.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Event {
-    /// A token of the current message's content, in `channel`.
-    Content { channel: Channel, id: u32 },
-    /// The current message ended (`<|end|>`); another may follow.
-    MessageEnd,
-    /// Generation is over: `<|return|>` (answer complete) or `<|call|>` (tool call).
-    Stop { call: bool },
-    /// Header or structural token: nothing to show.
-    None,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -157,38 +307,53 @@ pub enum Channel {
     Analysis,
     Commentary,
     Final,
-    /// A message with no or an unknown channel.
+    /// A message addressed to a tool (`to=...`): a call, not text for the user.
+    ToolCall,
+    /// No or an unknown channel.
     Other,
+}
+
+/// What one generated token means.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A token of the current message's content.
+    Content { channel: Channel, id: u32 },
+    /// The current message ended with `<|end|>`; another may follow.
+    MessageEnd,
+    /// Generation is over: `<|return|>`, `<|call|>`, or `<|end|>` after a final message.
+    Stop { call: bool },
+    /// Header or structural token.
+    None,
+}
+
+/// The header of the message being parsed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Header {
+    pub channel: String,
+    pub recipient: Option<String>,
+    pub content_type: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
-    /// After `<|start|>`: the role, up to `<|channel|>` or `<|message|>`.
+    /// After `<|start|>`: the role (and maybe `to=recipient`), up to `<|channel|>`/`<|message|>`.
     Role,
-    /// After `<|channel|>`: the channel name (and recipient/constraint), up to `<|message|>`.
+    /// After `<|channel|>`: `name [to=recipient] [content type]`, up to `<|message|>`.
     Header,
     Content,
     Done,
 }
 
-/// Token-level streaming parser for the assistant's reply. Starts right after the prompt's
+/// Token-level streaming parser for the assistant's reply, starting right after the prompt's
 /// trailing `<|start|>assistant`.
 #[derive(Debug)]
 pub struct Parser {
     tokens: HarmonyTokens,
     state: State,
-    header: Vec<u32>,
+    role_ids: Vec<u32>,
+    header_ids: Vec<u32>,
+    header: Header,
     channel: Channel,
-}
-
-fn channel_from_header(ids: &[u32], decode: &dyn Fn(&[u32]) -> String) -> Channel {
-    let text = decode(ids);
-    match text.split_whitespace().next().unwrap_or("") {
-        "analysis" => Channel::Analysis,
-        "commentary" => Channel::Commentary,
-        "final" => Channel::Final,
-        _ => Channel::Other,
-    }
 }
 
 impl Parser {
@@ -196,12 +361,19 @@ impl Parser {
         Parser {
             tokens,
             state: State::Role,
-            header: Vec::new(),
+            role_ids: Vec::new(),
+            header_ids: Vec::new(),
+            header: Header::default(),
             channel: Channel::Other,
         }
     }
 
-    /// Feeds one generated id. `decode` turns header ids into text.
+    /// The header of the current (or last) message.
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// Feeds one generated id. `decode` turns header ids into text, special tokens included.
     pub fn push(&mut self, id: u32, decode: &dyn Fn(&[u32]) -> String) -> Event {
         let t = self.tokens;
         if self.state == State::Done {
@@ -212,116 +384,75 @@ impl Parser {
             return Event::Stop { call: id == t.call };
         }
         match self.state {
+            State::Role | State::Header if id == t.message => {
+                self.header = parse_header(&decode(&self.role_ids), &decode(&self.header_ids));
+                self.channel = match (
+                    self.header.recipient.is_some(),
+                    self.header.channel.as_str(),
+                ) {
+                    (true, _) => Channel::ToolCall,
+                    (_, "analysis") => Channel::Analysis,
+                    (_, "commentary") => Channel::Commentary,
+                    (_, "final") => Channel::Final,
+                    _ => Channel::Other,
+                };
+                self.state = State::Content;
+                Event::None
+            }
+            State::Role if id == t.channel => {
+                self.state = State::Header;
+                Event::None
+            }
             State::Role => {
-                if id == t.channel {
-                    self.state = State::Header;
-                    self.header.clear();
-                } else if id == t.message {
-                    self.channel = Channel::Other;
-                    self.state = State::Content;
-                }
+                self.role_ids.push(id);
                 Event::None
             }
             State::Header => {
-                if id == t.message {
-                    self.channel = channel_from_header(&self.header, decode);
-                    self.state = State::Content;
-                } else {
-                    self.header.push(id);
-                }
+                self.header_ids.push(id);
                 Event::None
             }
-            State::Content => {
-                if id == t.end {
-                    self.state = State::Role;
-                    Event::MessageEnd
-                } else if id == t.start {
-                    // A new message without <|end|>: tolerate it.
-                    self.state = State::Role;
-                    Event::MessageEnd
-                } else {
-                    Event::Content {
-                        channel: self.channel,
-                        id,
-                    }
+            State::Content if id == t.end || id == t.start => {
+                self.role_ids.clear();
+                self.header_ids.clear();
+                if self.channel == Channel::Final && id == t.end {
+                    self.state = State::Done;
+                    return Event::Stop { call: false };
                 }
+                self.state = State::Role;
+                Event::MessageEnd
             }
+            State::Content => Event::Content {
+                channel: self.channel,
+                id,
+            },
             State::Done => Event::None,
         }
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn msg(role: &str, content: &str) -> Message {
-        Message {
-            role: role.into(),
-            content: content.into(),
+/// `role_text` is what followed `<|start|>` (e.g. `assistant to=functions.f`), `channel_text`
+/// what followed `<|channel|>` (e.g. `commentary to=functions.f <|constrain|>json`).
+fn parse_header(role_text: &str, channel_text: &str) -> Header {
+    let mut h = Header::default();
+    let mut rest = Vec::new();
+    for (i, word) in channel_text
+        .split(' ')
+        .filter(|w| !w.is_empty())
+        .enumerate()
+    {
+        if i == 0 {
+            h.channel = word.to_string();
+        } else if let Some(r) = word.strip_prefix("to=") {
+            h.recipient = Some(r.to_string());
+        } else {
+            rest.push(word);
         }
     }
-
-    #[test]
-    fn renders_system_developer_user_and_generation_prompt() {
-        let sys = SystemOptions {
-            current_date: Some("2025-06-28".into()),
-            reasoning_effort: ReasoningEffort::High,
-            ..SystemOptions::default()
-        };
-        let out = render(&[msg("system", "Be brief."), msg("user", "Hi")], &sys).unwrap();
-        assert_eq!(
-            out,
-            "<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.\n\
-             Knowledge cutoff: 2024-06\nCurrent date: 2025-06-28\n\nReasoning: high\n\n\
-             # Valid channels: analysis, commentary, final. Channel must be included for every message.<|end|>\
-             <|start|>developer<|message|># Instructions\n\nBe brief.<|end|>\
-             <|start|>user<|message|>Hi<|end|><|start|>assistant"
-        );
+    if let Some(r) = role_text.split(' ').find_map(|w| w.strip_prefix("to=")) {
+        h.recipient = Some(r.to_string());
     }
-
-    #[test]
-    fn parser_splits_analysis_and_final_and_stops_on_return() {
-        let t = HarmonyTokens {
-            start: 1,
-            end: 2,
-            message: 3,
-            channel: 4,
-            ret: 5,
-            call: 6,
-            constrain: None,
-        };
-        // ids >= 100 are text; header text "analysis" = [100], "final" = [101]
-        let decode = |ids: &[u32]| -> String {
-            ids.iter()
-                .map(|&i| if i == 100 { "analysis" } else { "final" })
-                .collect()
-        };
-        let mut p = Parser::new(t);
-        let stream = [4, 100, 3, 200, 201, 2, 1, 7, 4, 101, 3, 300, 5];
-        let events: Vec<Event> = stream.iter().map(|&id| p.push(id, &decode)).collect();
-        let analysis: Vec<u32> = events
-            .iter()
-            .filter_map(|e| match e {
-                Event::Content {
-                    channel: Channel::Analysis,
-                    id,
-                } => Some(*id),
-                _ => None,
-            })
-            .collect();
-        let fin: Vec<u32> = events
-            .iter()
-            .filter_map(|e| match e {
-                Event::Content {
-                    channel: Channel::Final,
-                    id,
-                } => Some(*id),
-                _ => None,
-            })
-            .collect();
-        assert_eq!(analysis, vec![200, 201]);
-        assert_eq!(fin, vec![300]);
-        assert_eq!(events.last(), Some(&Event::Stop { call: false }));
+    if !rest.is_empty() {
+        h.content_type = Some(rest.join(" "));
     }
+    h
 }

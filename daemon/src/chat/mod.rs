@@ -34,8 +34,33 @@ pub enum ChatError {
 #[derive(Debug)]
 pub struct ChatTemplate {
     env: Environment<'static>,
-    bos_token: String,
-    eos_token: String,
+    bos_token: Option<String>,
+    eos_token: Option<String>,
+}
+
+/// Python's `str.isspace()` set, which `strip()` and Jinja's `trim` use: Unicode whitespace
+/// plus the ASCII separators U+001C..U+001F that Rust does not count.
+fn py_space(c: char) -> bool {
+    c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c)
+}
+
+/// `str.strip/lstrip/rstrip` with Python's whitespace; everything else goes to minijinja's
+/// Python-compatibility methods.
+fn py_methods(
+    state: &mut minijinja::State,
+    value: &Value,
+    method: &str,
+    args: &[Value],
+) -> Result<Value, Error> {
+    if let (Some(s), true) = (value.as_str(), args.is_empty()) {
+        match method {
+            "strip" => return Ok(Value::from(s.trim_matches(py_space))),
+            "lstrip" => return Ok(Value::from(s.trim_start_matches(py_space))),
+            "rstrip" => return Ok(Value::from(s.trim_end_matches(py_space))),
+            _ => {}
+        }
+    }
+    minijinja_contrib::pycompat::unknown_method_callback(state, value, method, args)
 }
 
 impl ChatTemplate {
@@ -52,30 +77,45 @@ impl ChatTemplate {
                 .build()
                 .expect("the default delimiters are valid"),
         );
-        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.set_unknown_method_callback(py_methods);
         env.add_function("raise_exception", |msg: String| -> Result<Value, Error> {
             Err(Error::new(ErrorKind::InvalidOperation, msg))
         });
         env.add_function("strftime_now", |fmt: String| strftime_utc(&fmt, now_unix()));
         env.add_filter("tojson", tojson);
+        env.add_filter("trim", |s: String| s.trim_matches(py_space).to_string());
         env.add_template_owned("chat", source.to_string())
             .map_err(|e| ChatError::Compile(format!("{e:#}")))?;
         Ok(ChatTemplate {
             env,
-            bos_token: bos_token.unwrap_or_default().to_string(),
-            eos_token: eos_token.unwrap_or_default().to_string(),
+            bos_token: bos_token.map(str::to_string),
+            eos_token: eos_token.map(str::to_string),
         })
     }
 
-    /// Renders `messages`. `extra` holds template keyword arguments beyond the standard ones
-    /// (e.g. `enable_thinking`, `reasoning_effort`, `date_string`), as `apply_chat_template`'s
-    /// `**kwargs` would pass them.
-    pub fn render(
+    /// Makes `strftime_now` read a fixed clock (Unix seconds) instead of the system's.
+    pub fn set_clock(&mut self, unix: i64) {
+        self.env
+            .add_function("strftime_now", move |fmt: String| strftime_utc(&fmt, unix));
+    }
+
+    /// Renders `messages` (JSON objects: `role`, `content`, and whatever else the template
+    /// reads, e.g. `tool_calls`, `thinking`) as `apply_chat_template(tokenize=False)` does:
+    /// `tools` and `documents` are always defined (`none` when absent), special tokens are
+    /// defined when the tokenizer has them, `extra` holds further keyword arguments
+    /// (`enable_thinking`, `reasoning_effort`, `date_string`, ...).
+    pub fn render<M: serde::Serialize>(
         &self,
-        messages: &[Message],
+        messages: &[M],
         add_generation_prompt: bool,
+        tools: Option<&serde_json::Value>,
         extra: &serde_json::Map<String, serde_json::Value>,
     ) -> Result<String, ChatError> {
+        if messages.is_empty() {
+            return Err(ChatError::Render(
+                "Cannot apply chat template to an empty conversation. Provide at least one message.".into(),
+            ));
+        }
         let tmpl = self
             .env
             .get_template("chat")
@@ -84,15 +124,44 @@ impl ChatTemplate {
         for (k, v) in extra {
             ctx.insert(k.clone(), v.clone());
         }
+        let mut msgs =
+            serde_json::to_value(messages).map_err(|e| ChatError::Render(e.to_string()))?;
+        alias_reasoning_fields(&mut msgs);
+        ctx.insert("messages".into(), msgs);
         ctx.insert(
-            "messages".into(),
-            serde_json::to_value(messages).expect("messages serialize"),
+            "tools".into(),
+            tools.cloned().unwrap_or(serde_json::Value::Null),
         );
+        ctx.insert("documents".into(), serde_json::Value::Null);
         ctx.insert("add_generation_prompt".into(), add_generation_prompt.into());
-        ctx.insert("bos_token".into(), self.bos_token.clone().into());
-        ctx.insert("eos_token".into(), self.eos_token.clone().into());
+        if let Some(b) = &self.bos_token {
+            ctx.insert("bos_token".into(), b.clone().into());
+        }
+        if let Some(e) = &self.eos_token {
+            ctx.insert("eos_token".into(), e.clone().into());
+        }
         tmpl.render(Value::from(minijinja::value::Serde(&ctx)))
             .map_err(|e| ChatError::Render(render_error(&e)))
+    }
+}
+
+/// transformers 5 gives a message with any of `reasoning_content`, `thinking`, `reasoning`
+/// both `thinking` (its own value if set) and `reasoning_content` (the first set of the three),
+/// so templates reading either name see the reasoning.
+fn alias_reasoning_fields(messages: &mut serde_json::Value) {
+    let Some(list) = messages.as_array_mut() else {
+        return;
+    };
+    for m in list.iter_mut().filter_map(|m| m.as_object_mut()) {
+        let get = |k: &str| m.get(k).filter(|v| !v.is_null()).cloned();
+        let first = get("reasoning_content")
+            .or_else(|| get("thinking"))
+            .or_else(|| get("reasoning"));
+        if let Some(r) = first {
+            let thinking = get("thinking").unwrap_or_else(|| r.clone());
+            m.insert("thinking".into(), thinking);
+            m.insert("reasoning_content".into(), r);
+        }
     }
 }
 
@@ -288,6 +357,13 @@ pub fn strftime_utc(fmt: &str, unix: i64) -> String {
 mod tests {
     use super::*;
 
+    fn msg() -> Message {
+        Message {
+            role: "user".into(),
+            content: "hi".into(),
+        }
+    }
+
     #[test]
     fn strftime_matches_known_dates() {
         // 2025-06-28 was a Saturday.
@@ -307,7 +383,7 @@ mod tests {
             "x".into(),
             serde_json::json!({"a": [1, 2.5, "é<"], "b": null}),
         );
-        let out = t.render(&[], false, &extra).unwrap();
+        let out = t.render(&[msg()], false, None, &extra).unwrap();
         assert_eq!(
             out,
             "{\"a\": [1, 2.5, \"é<\"], \"b\": null}|{\n  \"a\": [\n    1,\n    2.5,\n    \"é<\"\n  ],\n  \"b\": null\n}"
@@ -318,7 +394,9 @@ mod tests {
     fn raise_exception_surfaces_its_message() {
         let t =
             ChatTemplate::new("{{ raise_exception('roles must alternate') }}", None, None).unwrap();
-        let err = t.render(&[], false, &serde_json::Map::new()).unwrap_err();
+        let err = t
+            .render(&[msg()], false, None, &serde_json::Map::new())
+            .unwrap_err();
         assert!(err.to_string().contains("roles must alternate"), "{err}");
     }
 }
