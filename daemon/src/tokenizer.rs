@@ -181,3 +181,66 @@ impl Detokenizer {
         Ok(now.get(before.len()..).unwrap_or_default().to_string())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fixtures' byte-level BPE: characters outside ASCII span several tokens.
+    fn fixture_tokenizer() -> Tokenizer {
+        Tokenizer::load(
+            &Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/qwen2/checkpoint"),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn incremental_detokenization_never_emits_half_a_character() {
+        let tok = fixture_tokenizer();
+        let text = "Café naïve — 日本語 👩‍💻 ok";
+        let ids = tok.encode(text, false).unwrap();
+        assert!(
+            ids.len() > text.chars().count(),
+            "multi-byte characters should span tokens"
+        );
+        let mut d = Detokenizer::new();
+        let mut deltas = Vec::new();
+        for &id in &ids {
+            deltas.push(d.push(&tok, id).unwrap());
+        }
+        deltas.push(d.finish(&tok).unwrap());
+        for delta in &deltas {
+            assert!(
+                !delta.contains('\u{FFFD}'),
+                "delta {delta:?} carries a broken character"
+            );
+        }
+        assert_eq!(deltas.concat(), text);
+        // Some tokens completed no character and were held back.
+        assert!(deltas.iter().filter(|d| d.is_empty()).count() > 0);
+    }
+
+    #[test]
+    fn an_incomplete_character_is_held_until_the_end() {
+        let tok = fixture_tokenizer();
+        let ids = tok.encode("日", false).unwrap();
+        assert!(ids.len() > 1);
+        let mut d = Detokenizer::new();
+        assert_eq!(d.push(&tok, ids[0]).unwrap(), "");
+        assert_eq!(d.finish(&tok).unwrap(), "\u{FFFD}");
+    }
+
+    #[test]
+    fn raw_encoding_adds_bos_as_transformers_does() {
+        let tok = fixture_tokenizer();
+        // tests/fixtures/qwen2/golden.json: tokenizer("The quick brown fox")
+        assert_eq!(
+            tok.encode("The quick brown fox", true).unwrap(),
+            vec![1, 293, 328, 426, 329]
+        );
+        assert_eq!(
+            tok.encode("The quick brown fox", false).unwrap(),
+            vec![293, 328, 426, 329]
+        );
+    }
+}

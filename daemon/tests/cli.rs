@@ -318,3 +318,43 @@ fn bench_reports_speeds_and_memory() {
         assert!(v[key].as_f64().unwrap() > 0.0, "{key} = {}", v[key]);
     }
 }
+
+/// A package made by onnxruntime-genai's own builder (tests/fixtures/genai-qwen2: int4, int4
+/// tied embeddings, all-position logits, its own tokenizer rewrite) loads, generates through
+/// the CLI, and from the same prompt ids gives exactly the greedy tokens onnxruntime-genai
+/// generated from it.
+#[test]
+fn genai_builder_package_generates_what_onnxruntime_genai_generates() {
+    let dir = fixtures().join("genai-qwen2");
+    let g: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
+    let pkg = dir.join("package");
+    let out = run_json(&pkg, g["prompt_text"].as_str().unwrap());
+    assert_eq!(out["token_ids"].as_array().unwrap().len(), 24);
+
+    let model = edgellm::model::Model::load(&pkg).unwrap();
+    let opts = edgellm::backend::BackendOptions {
+        threads: 1,
+        max_length: 64,
+        ..Default::default()
+    };
+    let backend =
+        edgellm::backend::load(&model.package, edgellm::backend::BackendChoice::Ort, &opts)
+            .unwrap();
+    let mut engine = edgellm::engine::Engine::new(model, backend, 64);
+    let mut req = edgellm::api::Request::new(edgellm::api::Input::Prompt {
+        text: String::new(),
+        raw: true,
+    });
+    req.max_tokens = Some(24);
+    req.sampling.temperature = 0.0;
+    let prompt: Vec<u32> = serde_json::from_value(g["prompt_ids"].clone()).unwrap();
+    let c = engine
+        .generate_from_ids(&req, prompt, &mut |_| std::ops::ControlFlow::Continue(()))
+        .unwrap();
+    let expected: Vec<u32> = serde_json::from_value(g["og_int4_greedy_ids"].clone()).unwrap();
+    assert_eq!(
+        c.token_ids, expected,
+        "differs from onnxruntime-genai on its own package"
+    );
+}

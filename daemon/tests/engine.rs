@@ -1,0 +1,223 @@
+//! The generation loop's own logic (harmony channels, stop tokens, stop strings, max_tokens,
+//! cancellation) on a real package and tokenizer, with a backend that returns scripted logits
+//! so the model "says" exactly the tokens under test. The backends themselves are tested
+//! against transformers elsewhere (tests/tests/export_ort.rs, tests/cli.rs).
+
+#![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
+
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+
+use edgellm::api::{Event, FinishReason, Input, Request};
+use edgellm::backend::{Backend, BackendError};
+use edgellm::chat::Message;
+use edgellm::engine::Engine;
+use edgellm::model::Model;
+
+const HARMONY: &[&str] = &[
+    "<|start|>",
+    "<|end|>",
+    "<|message|>",
+    "<|channel|>",
+    "<|return|>",
+    "<|call|>",
+    "<|constrain|>",
+];
+const VOCAB: usize = 520;
+
+/// Emits `script` one token per forward (one-hot logits), then repeats its last token.
+struct Scripted {
+    script: Vec<u32>,
+    step: usize,
+    logits: Vec<f32>,
+}
+
+impl Backend for Scripted {
+    fn name(&self) -> &'static str {
+        "scripted"
+    }
+    fn reset(&mut self) {
+        self.step = 0;
+    }
+    fn forward(&mut self, _tokens: &[u32]) -> Result<&[f32], BackendError> {
+        let id = self.script[self.step.min(self.script.len() - 1)];
+        self.step += 1;
+        self.logits.fill(0.0);
+        self.logits[id as usize] = 10.0;
+        Ok(&self.logits)
+    }
+}
+
+/// The gpt-oss fixture exported, with harmony's special tokens added to its tokenizer at ids
+/// 512.. (the tiny vocabulary has none).
+fn harmony_package(tmp: &Path) -> PathBuf {
+    let out = tmp.join("gptoss");
+    let opts = edgellm_export::ExportOptions {
+        max_length: Some(256),
+        ..Default::default()
+    };
+    let ckpt = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/gptoss/checkpoint");
+    edgellm_export::export(&ckpt, &out, &opts).unwrap();
+    let tj = out.join("tokenizer.json");
+    let mut tok: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&tj).unwrap()).unwrap();
+    for (i, t) in HARMONY.iter().enumerate() {
+        tok["added_tokens"]
+            .as_array_mut()
+            .unwrap()
+            .push(serde_json::json!({
+                "id": 512 + i, "content": t, "single_word": false, "lstrip": false, "rstrip": false,
+                "normalized": false, "special": true
+            }));
+    }
+    std::fs::write(&tj, tok.to_string()).unwrap();
+    let gc = out.join("genai_config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&gc).unwrap()).unwrap();
+    cfg["model"]["vocab_size"] = VOCAB.into();
+    std::fs::write(&gc, cfg.to_string()).unwrap();
+    std::fs::remove_file(out.join("SHA256SUMS")).unwrap();
+    out
+}
+
+fn engine(pkg: &Path, completion: &str) -> Engine {
+    let model = Model::load(pkg).unwrap();
+    let script = model.tokenizer.encode(completion, false).unwrap();
+    let backend = Scripted {
+        script,
+        step: 0,
+        logits: vec![0.0; VOCAB],
+    };
+    Engine::new(model, Box::new(backend), 256)
+}
+
+fn greedy(input: Input) -> Request {
+    let mut r = Request::new(input);
+    r.sampling.temperature = 0.0;
+    r
+}
+
+fn user(text: &str) -> Input {
+    Input::Messages(vec![Message {
+        role: "user".into(),
+        content: text.into(),
+    }])
+}
+
+fn collect(engine: &mut Engine, req: &Request) -> (edgellm::api::Completion, String, String) {
+    let (mut text, mut reasoning) = (String::new(), String::new());
+    let c = engine
+        .generate(req, &mut |e| {
+            match e {
+                Event::Delta(t) => text.push_str(&t),
+                Event::Reasoning(t) => reasoning.push_str(&t),
+            }
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+    (c, text, reasoning)
+}
+
+#[test]
+fn harmony_answer_is_the_final_channel_and_return_stops() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pkg = harmony_package(tmp.path());
+    let completion = "<|channel|>analysis<|message|>Think: 2+2.<|end|><|start|>assistant<|channel|>final<|message|>Four — 4.<|return|>ignored";
+    let mut e = engine(&pkg, completion);
+    let mut req = greedy(user("2+2?"));
+    let (c, text, reasoning) = collect(&mut e, &req);
+    assert_eq!(text, "Four — 4.");
+    assert_eq!(c.text, "Four — 4.");
+    assert_eq!(reasoning, "", "reasoning is only streamed when asked for");
+    assert_eq!(c.finish_reason, FinishReason::Stop);
+
+    req.include_reasoning = true;
+    let (c, text, reasoning) = collect(&mut e, &req);
+    assert_eq!(
+        (text.as_str(), reasoning.as_str()),
+        ("Four — 4.", "Think: 2+2.")
+    );
+    assert_eq!(c.finish_reason, FinishReason::Stop);
+}
+
+#[test]
+fn harmony_prompt_is_rendered_for_gpt_oss() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pkg = harmony_package(tmp.path());
+    let model = Model::load(&pkg).unwrap();
+    let msgs = [
+        Message {
+            role: "system".into(),
+            content: "Be brief.".into(),
+        },
+        Message {
+            role: "user".into(),
+            content: "Hi".into(),
+        },
+    ];
+    let out = model
+        .render(&msgs, Some(edgellm::chat::harmony::ReasoningEffort::High))
+        .unwrap();
+    assert!(out.starts_with("<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.\nKnowledge cutoff: 2024-06\nCurrent date: "));
+    assert!(out.ends_with("\n\nReasoning: high\n\n# Valid channels: analysis, commentary, final. Channel must be included for every message.<|end|><|start|>developer<|message|># Instructions\n\nBe brief.<|end|><|start|>user<|message|>Hi<|end|><|start|>assistant"));
+}
+
+#[test]
+fn stop_strings_cut_across_tokens_and_max_tokens_bounds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("qwen2");
+    let opts = edgellm_export::ExportOptions {
+        max_length: Some(256),
+        ..Default::default()
+    };
+    edgellm_export::export(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/qwen2/checkpoint"),
+        &out,
+        &opts,
+    )
+    .unwrap();
+    let model = Model::load(&out).unwrap();
+    let script = model
+        .tokenizer
+        .encode("Hello world. STOP here</s>", false)
+        .unwrap();
+    let eos = model.tokenizer.token_to_id("</s>").unwrap();
+    let mut e = Engine::new(
+        model,
+        Box::new(Scripted {
+            script,
+            step: 0,
+            logits: vec![0.0; 512],
+        }),
+        256,
+    );
+
+    let mut req = greedy(Input::Prompt {
+        text: "x".into(),
+        raw: true,
+    });
+    req.stop = vec!["ST".into(), "P h".into()];
+    let (c, text, _) = collect(&mut e, &req);
+    assert_eq!(
+        (text.as_str(), c.text.as_str(), c.finish_reason),
+        ("Hello world. ", "Hello world. ", FinishReason::Stop)
+    );
+
+    req.stop.clear();
+    let (c, _, _) = collect(&mut e, &req);
+    assert_eq!(c.text, "Hello world. STOP here");
+    assert_eq!(c.finish_reason, FinishReason::Stop, "eos ends the answer");
+    assert_eq!(c.token_ids.last(), Some(&eos));
+
+    req.max_tokens = Some(3);
+    let (c, _, _) = collect(&mut e, &req);
+    assert_eq!(
+        (c.token_ids.len(), c.finish_reason),
+        (3, FinishReason::Length)
+    );
+
+    // Cancelling from the event callback ends the request with `cancelled`.
+    req.max_tokens = None;
+    let c = e.generate(&req, &mut |_| ControlFlow::Break(())).unwrap();
+    assert_eq!(c.finish_reason, FinishReason::Cancelled);
+}
