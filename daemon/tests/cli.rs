@@ -358,3 +358,21 @@ fn genai_builder_package_generates_what_onnxruntime_genai_generates() {
         "differs from onnxruntime-genai on its own package"
     );
 }
+
+/// `edgellm prompt` prints exactly what transformers' apply_chat_template renders
+/// (tests/fixtures/chat_templates: case chatml-system-user-gen, the fixtures' own template).
+#[test]
+fn prompt_prints_the_chat_template_rendering() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pkg = export("qwen2", Precision::Int4, tmp.path());
+    let cases: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("chat_templates/cases.json")).unwrap(),
+    )
+    .unwrap();
+    let case = cases.as_array().unwrap().iter().find(|c| c["name"] == "chatml-system-user-gen").unwrap();
+    let messages = tmp.path().join("messages.json");
+    std::fs::write(&messages, case["messages"].to_string()).unwrap();
+    let o = edgellm(&["prompt", "--model", pkg.to_str().unwrap(), "--messages", messages.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(String::from_utf8(o.stdout).unwrap(), case["expected"].as_str().unwrap());
+}
