@@ -137,6 +137,10 @@ impl Sampler {
     /// far (for the repetition penalty; ids >= vocab are ignored). `-inf` and NaN logits are
     /// never drawn; if every logit is, the argmax rule decides (0 for an empty slice).
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
+        if self.params.temperature == 0.0 && self.params.repetition_penalty == 1.0 {
+            // Plain greedy: no copy of the logits.
+            return argmax(logits);
+        }
         self.penalize(logits, history);
         if self.params.temperature == 0.0 {
             return argmax(&self.logits);
@@ -253,13 +257,13 @@ fn max_logit(cands: &[(f64, u32)]) -> f64 {
 
 /// Index of the largest logit, ties to the lowest id; NaN never wins.
 fn argmax(logits: &[f32]) -> u32 {
-    let mut best = (0, f32::NEG_INFINITY);
-    for (&l, id) in logits.iter().zip(0u32..) {
-        if l > best.1 {
-            best = (id, l);
-        }
-    }
-    best.0
+    // Two passes that vectorize (max, then its first position) beat one branchy pass on a
+    // 150k-entry vocabulary. NaN never wins; ties go to the lowest id; all -inf/NaN gives 0.
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    logits
+        .iter()
+        .position(|&l| l == max)
+        .map_or(0, |i| i as u32)
 }
 
 /// A seed for requests without one: the std hasher's per-process OS entropy, mixed with the clock.

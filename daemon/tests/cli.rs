@@ -245,6 +245,33 @@ fn bad_packages_and_arguments_fail_clearly() {
         &["ONNX Runtime", "libonnxruntime.so"],
     );
 
+    // An ONNX Runtime older than the one `ort` targets: a stub library whose OrtGetApiBase
+    // reports version 1.20.0, built with the system C compiler.
+    let stub = tmp.path().join("stub.c");
+    std::fs::write(
+        &stub,
+        "static const char *ver(void) { return \"1.20.0\"; }\n\
+         static const void *api(unsigned v) { (void)v; return 0; }\n\
+         struct base { const void *(*get_api)(unsigned); const char *(*get_version)(void); };\n\
+         static const struct base b = { api, ver };\n\
+         const struct base *OrtGetApiBase(void) { return &b; }\n",
+    )
+    .unwrap();
+    let old = tmp.path().join("old/libonnxruntime.so");
+    std::fs::create_dir_all(old.parent().unwrap()).unwrap();
+    let cc = Command::new("cc")
+        .args(["-shared", "-fPIC", "-o"])
+        .arg(&old)
+        .arg(&stub)
+        .status()
+        .unwrap();
+    assert!(cc.success(), "cc failed to build the stub library");
+    fails_with(
+        &args(&run(&[])),
+        &[("ORT_DYLIB_PATH", old.to_str().unwrap())],
+        &["ONNX Runtime", "1.20.0", "1.31"],
+    );
+
     // Corrupt weights: the checksum names the file.
     let data = pkg.join("model.onnx.data");
     let mut bytes = std::fs::read(&data).unwrap();
@@ -369,10 +396,24 @@ fn prompt_prints_the_chat_template_rendering() {
         &std::fs::read_to_string(fixtures().join("chat_templates/cases.json")).unwrap(),
     )
     .unwrap();
-    let case = cases.as_array().unwrap().iter().find(|c| c["name"] == "chatml-system-user-gen").unwrap();
+    let case = cases
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "chatml-system-user-gen")
+        .unwrap();
     let messages = tmp.path().join("messages.json");
     std::fs::write(&messages, case["messages"].to_string()).unwrap();
-    let o = edgellm(&["prompt", "--model", pkg.to_str().unwrap(), "--messages", messages.to_str().unwrap()]);
+    let o = edgellm(&[
+        "prompt",
+        "--model",
+        pkg.to_str().unwrap(),
+        "--messages",
+        messages.to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert_eq!(String::from_utf8(o.stdout).unwrap(), case["expected"].as_str().unwrap());
+    assert_eq!(
+        String::from_utf8(o.stdout).unwrap(),
+        case["expected"].as_str().unwrap()
+    );
 }

@@ -27,6 +27,7 @@ fn backend(pkg: &std::path::Path) -> OrtBackend {
         threads: 1,
         max_length: 256,
         prefill_chunk: 256,
+        ..BackendOptions::default()
     };
     OrtBackend::load(&pkg, &opts).expect("ORT session loads")
 }

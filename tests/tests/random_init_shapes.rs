@@ -34,6 +34,7 @@ fn random_init_qwen2_5_0_5b_exports_and_runs_on_ort() {
             threads: 2,
             max_length: 512,
             prefill_chunk: 256,
+            ..BackendOptions::default()
         },
     )
     .unwrap();

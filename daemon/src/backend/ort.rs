@@ -5,7 +5,8 @@
 //! bound as both `past_key_values.N.*` and `present.N.*`, so GroupQueryAttention writes new
 //! positions in place and no step copies or allocates the cache. Capacity is `max_length` for
 //! full-attention layers and window + slack for sliding layers (the op evicts inside the buffer,
-//! `sliding_window_cache=1`). Each step binds `input_ids [1,S]` and an all-ones
+//! `sliding_window_cache=1`). Intra-op threads may spin between operators during a request
+//! ([`BackendOptions::allow_spinning`]). Each step binds `input_ids [1,S]` and an all-ones
 //! `attention_mask [1,T]` (T = tokens so far, this step included); the graph derives
 //! `seqlens_k` and `total_sequence_length` from it. Prompts run in chunks of `prefill_chunk`.
 
@@ -88,8 +89,9 @@ pub struct OrtBackend {
     /// Tokens in the KV cache.
     pos: usize,
     prefill_chunk: usize,
-    /// Logits of the last forward: `[rows, vocab]`.
-    logits: Vec<f32>,
+    /// The logits output of the last step (`[1, rows, vocab]`), kept to hand out slices of it
+    /// without copying.
+    logits: Option<ort::value::DynValue>,
 }
 
 struct Names {
@@ -116,7 +118,7 @@ impl OrtBackend {
         let builder = builder
             .with_optimization_level(GraphOptimizationLevel::All)
             .map_err(|e| rt(&ctx)(e.into()))?
-            .with_intra_op_spinning(false)
+            .with_intra_op_spinning(opts.allow_spinning)
             .map_err(|e| rt(&ctx)(e.into()))?
             .with_inter_threads(1)
             .map_err(|e| rt(&ctx)(e.into()))?;
@@ -184,7 +186,7 @@ impl OrtBackend {
             names,
             pos: 0,
             prefill_chunk: opts.prefill_chunk.max(1),
-            logits: Vec::new(),
+            logits: None,
         })
     }
 
@@ -227,21 +229,18 @@ impl OrtBackend {
         self.binding
             .bind_output_to_device(&self.names.logits, &self.cpu)
             .map_err(rt("logits"))?;
-        let outputs = self
+        let mut outputs = self
             .session
             .run_binding(&self.binding)
             .map_err(rt("running the model"))?;
         let logits = outputs
-            .get(&self.names.logits)
+            .remove(&self.names.logits)
             .ok_or_else(|| BackendError::Runtime {
                 context: "running the model".into(),
                 msg: format!("no {:?} output", self.names.logits),
             })?;
-        let (_, data) = logits
-            .try_extract_tensor::<f32>()
-            .map_err(rt("reading logits"))?;
-        self.logits.clear();
-        self.logits.extend_from_slice(data);
+        drop(outputs);
+        self.logits = Some(logits);
         self.pos = total;
         Ok(())
     }
@@ -251,7 +250,19 @@ impl OrtBackend {
     /// step (no chunking) so the rows line up with `tokens`.
     pub fn forward_all(&mut self, tokens: &[u32]) -> Result<&[f32], BackendError> {
         self.step(tokens)?;
-        Ok(&self.logits)
+        self.logit_rows()
+    }
+
+    /// All rows of the last step's logits.
+    fn logit_rows(&self) -> Result<&[f32], BackendError> {
+        let value = self.logits.as_ref().ok_or_else(|| BackendError::Runtime {
+            context: "reading logits".into(),
+            msg: "no forward pass has run".into(),
+        })?;
+        let (_, data) = value
+            .try_extract_tensor::<f32>()
+            .map_err(rt("reading logits"))?;
+        Ok(data)
     }
 }
 
@@ -275,6 +286,7 @@ impl Backend for OrtBackend {
             self.step(chunk)?;
         }
         let v = self.vocab;
-        Ok(&self.logits[self.logits.len() - v..])
+        let rows = self.logit_rows()?;
+        Ok(&rows[rows.len() - v..])
     }
 }

@@ -102,6 +102,9 @@ pub struct EngineArgs {
     /// KV capacity in tokens, prompt included (default: 4096, or the package's context if smaller).
     #[arg(long, value_name = "N")]
     pub max_length: Option<usize>,
+    /// Keep ONNX Runtime's threads from spinning between operators (slower, for the last bit of idle CPU).
+    #[arg(long)]
+    pub no_spin: bool,
 }
 
 impl EngineArgs {
@@ -111,6 +114,7 @@ impl EngineArgs {
         let opts = BackendOptions {
             threads: self.threads,
             max_length: self.max_length.unwrap_or(4096),
+            allow_spinning: !self.no_spin,
             ..BackendOptions::default()
         };
         let max_length = model.package.kv_layout(opts.max_length).max_length;

@@ -1,0 +1,360 @@
+#!/usr/bin/env bash
+# Benchmark `edgellm bench` (int4 ONNX package) against llama.cpp's llama-bench (Q4_0 GGUF) on the
+# same random weights.
+#
+#   1. writes a deterministic random-weight Hugging Face checkpoint of a real shape
+#      (`edgellm-export --random-init-hf SHAPE`, default qwen2.5-0.5b; bf16 safetensors) and
+#      exports it to an edgellm int4 package (`edgellm-export --hf CKPT`),
+#   2. builds llama.cpp's llama-quantize and llama-bench (Release, cmake) from the llama.cpp that
+#      the `llama-cpp-python` source distribution on PyPI vendors (vendor/llama.cpp); the sdist and
+#      the build are cached under BENCH_DIR, so reruns skip this step,
+#   3. converts the checkpoint with llama.cpp's convert_hf_to_gguf.py (--outtype bf16, lossless
+#      for a bf16 checkpoint) and quantizes it with `llama-quantize ... Q4_0`,
+#   4. runs `edgellm bench --threads T` on the package and
+#      `llama-bench -m model-q4_0.gguf -p P -n G -t T -r R -o json` on the GGUF, and prints both and
+#      the ratios edgellm/llama.cpp (prefill, decode) against the targets (both >= 1.0x).
+#
+# What each number is:
+#   edgellm   medians of R runs after a warm-up: prefill = P / TTFT (prompt forward + first
+#             argmax), decode = (G - 1) tokens after the first / time after the first token, the
+#             decode running at context P .. P+G.
+#   llama.cpp llama-bench's pp P (prompt processing of P tokens in one batch) and tg G (G one-token
+#             decode steps from an empty context), each after llama-bench's own warm-up; the
+#             median of the R samples (samples_ts; llama-bench's avg_ts, the mean, is shown too).
+#             As tg starts at context 0, a second llama-bench run `-p 0 -n G -d P` (tg G after a
+#             P-token context, the context edgellm's decode runs at) is reported as well
+#             (LLAMA_DEPTH_RUN=0 skips it).
+#
+# The convert step needs the gguf package: the vendored gguf-py is put on PYTHONPATH. Two
+# adaptations, made by a small wrapper around convert_hf_to_gguf.py (the files are not edited):
+#   - Qwen2's set_vocab tries SentencePiece first and falls back to the GPT-2 BPE vocabulary on
+#     FileNotFoundError (no tokenizer.model); without the sentencepiece module installed the
+#     import fails first, so the wrapper raises FileNotFoundError when tokenizer.model is absent.
+#   - the converter identifies the BPE pre-tokenizer by hashing the tokenization of a test string;
+#     the random-init tokenizer (256 bytes + a few merges) matches no known hash, so when it is not
+#     recognized the wrapper uses "qwen2" (Qwen2.5's). This only affects text tokenization, which
+#     llama-bench does not use.
+#
+# Usage: scripts/bench-vs-llamacpp.sh [SHAPE]
+# Environment:
+#   BENCH_DIR      work folder (default /tmp/edgellm-bench); files under BENCH_DIR/vs-llamacpp,
+#                  the llama.cpp sdist and build under BENCH_DIR/llama.cpp
+#   BENCH_PYTHON   python with torch + transformers + numpy (the converter's needs; default
+#                  <repo>/.venv-bench/bin/python, created by scripts/setup-bench-venv.sh)
+#   BENCH_THREADS  threads for both (default 2)
+#   BENCH_PROMPT   prompt tokens (default 128)
+#   BENCH_GEN      generated tokens (default 128)
+#   BENCH_RUNS     runs, medians reported (default 5)
+#   EDGELLM_ARGS   extra edgellm-export flags, word-split (e.g. "--embeddings int4")
+#   EDGELLM_MAX_LENGTH  edgellm bench --max-length (default BENCH_PROMPT + BENCH_GEN)
+#   LLAMA_CPP_PYTHON_VERSION  the llama-cpp-python sdist version (default: the one already cached
+#                  under BENCH_DIR/llama.cpp, else the newest on PyPI)
+#   LLAMA_NATIVE   1 (default): -DGGML_NATIVE=ON, falling back to explicit flags if a binary dies
+#                  with SIGILL; 0: -DGGML_NATIVE=OFF with explicit -DGGML_AVX2/FMA/F16C/... flags
+#                  for the instruction sets /proc/cpuinfo lists
+#   LLAMA_DEPTH_RUN  1 (default): also run tg at depth P (see above); 0: skip
+#   EDGELLM, EDGELLM_EXPORT  the binaries (default <repo>/target/release/{edgellm,edgellm-export};
+#                  built with `cargo build --release -p edgellm -p edgellm-export` when missing)
+#   ORT_DYLIB_PATH the ONNX Runtime library edgellm loads (default: scripts/fetch-onnxruntime.sh)
+# Needs cmake, a C/C++ compiler and pip (for `pip download`); installs Debian's cmake with apt-get
+# when it is missing and apt-get is usable.
+# Exit status: 0 when both benchmarks ran (whether or not the targets are met), 1 otherwise.
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+shape="${1:-qwen2.5-0.5b}"
+bench_root="${BENCH_DIR:-/tmp/edgellm-bench}"
+bench="$bench_root/vs-llamacpp"
+llroot="$bench_root/llama.cpp"
+py="${BENCH_PYTHON:-$root/.venv-bench/bin/python}"
+edgellm="${EDGELLM:-$root/target/release/edgellm}"
+exporter="${EDGELLM_EXPORT:-$root/target/release/edgellm-export}"
+threads="${BENCH_THREADS:-2}"
+prompt="${BENCH_PROMPT:-128}"
+gen="${BENCH_GEN:-128}"
+runs="${BENCH_RUNS:-5}"
+max_length="${EDGELLM_MAX_LENGTH:-$((prompt + gen))}"
+native="${LLAMA_NATIVE:-1}"
+depth_run="${LLAMA_DEPTH_RUN:-1}"
+
+die() { echo "bench-vs-llamacpp: $*" >&2; exit 1; }
+say() { echo "bench-vs-llamacpp: $*" >&2; }
+
+for v in threads prompt gen runs max_length; do
+    [[ ${!v} =~ ^[0-9]+$ ]] && ((${!v} > 0)) || die "$v must be a positive integer (got '${!v}')"
+done
+((gen >= 2)) || die "BENCH_GEN must be at least 2 (decode speed needs a second token)"
+
+# --- prerequisites --------------------------------------------------------------------------------
+[[ -x $py ]] || die "no Python at $py; run scripts/setup-bench-venv.sh (or set BENCH_PYTHON=/path/to/python)"
+"$py" -c 'import torch, transformers, numpy, yaml, tqdm' 2>/dev/null \
+    || die "$py lacks torch/transformers/numpy/pyyaml/tqdm (convert_hf_to_gguf.py needs them); run scripts/setup-bench-venv.sh"
+"$py" -m pip --version >/dev/null 2>&1 || die "$py has no pip (needed for 'pip download llama-cpp-python')"
+if [[ ! -x $edgellm || ! -x $exporter ]]; then
+    [[ -z ${EDGELLM:-} && -z ${EDGELLM_EXPORT:-} ]] \
+        || die "EDGELLM=$edgellm or EDGELLM_EXPORT=$exporter is not an executable"
+    command -v cargo >/dev/null || die "$edgellm or $exporter is missing and cargo is not on PATH"
+    say "building: cargo build --release -p edgellm -p edgellm-export"
+    (cd "$root" && cargo build --release -p edgellm -p edgellm-export) || die "cargo build failed"
+fi
+if [[ -z ${ORT_DYLIB_PATH:-} ]]; then
+    ORT_DYLIB_PATH="$("$root/scripts/fetch-onnxruntime.sh")" || die "scripts/fetch-onnxruntime.sh failed"
+fi
+[[ -e $ORT_DYLIB_PATH ]] || die "ORT_DYLIB_PATH=$ORT_DYLIB_PATH does not exist"
+export ORT_DYLIB_PATH
+command -v c++ >/dev/null || die "no C++ compiler (c++) on PATH (Debian: apt-get install -y build-essential)"
+if ! command -v cmake >/dev/null; then
+    if command -v apt-get >/dev/null && [[ $(id -u) == 0 ]]; then
+        say "cmake is missing: apt-get install -y cmake"
+        { apt-get install -y cmake || { apt-get update && apt-get install -y cmake; }; } >&2 \
+            || die "apt-get install cmake failed"
+    else
+        die "cmake is missing (Debian: apt-get install -y cmake)"
+    fi
+fi
+
+mkdir -p "$bench" "$llroot"
+
+# --- 2. llama.cpp source and build (cached) -------------------------------------------------------
+# The sdist folder: the requested version, else a cached one, else the newest on PyPI.
+src=""
+if [[ -n ${LLAMA_CPP_PYTHON_VERSION:-} ]]; then
+    src="$llroot/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION"
+    spec="llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION"
+else
+    src="$(ls -d "$llroot"/llama_cpp_python-*/ 2>/dev/null | sort -V | tail -n 1 || true)"
+    src="${src%/}"
+    spec="llama-cpp-python"
+fi
+if [[ -z $src || ! -f $src/vendor/llama.cpp/CMakeLists.txt ]]; then
+    say "downloading the $spec source distribution from PyPI"
+    rm -rf "$llroot/dl" && mkdir -p "$llroot/dl"
+    # --no-binary only for llama-cpp-python: with :all:, pip would build the build backend's own
+    # dependencies (cmake, ninja) from source just to read the sdist's metadata.
+    "$py" -m pip download --disable-pip-version-check --no-deps --no-binary llama-cpp-python \
+        --dest "$llroot/dl" "$spec" >&2 || die "pip download $spec failed"
+    sdist="$(ls "$llroot"/dl/llama_cpp_python-*.tar.gz 2>/dev/null | head -n 1)"
+    [[ -n $sdist ]] || die "pip download produced no llama_cpp_python-*.tar.gz (got: $(ls "$llroot/dl"))"
+    tar -xzf "$sdist" -C "$llroot" || die "cannot unpack $sdist"
+    src="$llroot/$(basename "$sdist" .tar.gz)"
+    rm -rf "$llroot/dl"
+fi
+llama="$src/vendor/llama.cpp"
+[[ -f $llama/convert_hf_to_gguf.py && -f $llama/CMakeLists.txt ]] \
+    || die "$llama has no convert_hf_to_gguf.py / CMakeLists.txt (the sdist layout changed?)"
+llversion="${src##*/llama_cpp_python-}"
+
+# Explicit instruction-set flags for -DGGML_NATIVE=OFF, from /proc/cpuinfo.
+explicit_flags() {
+    local flags f
+    flags=" $(grep -m1 '^flags' /proc/cpuinfo | cut -d: -f2) "
+    local out=(-DGGML_NATIVE=OFF)
+    for f in "avx:GGML_AVX" "avx2:GGML_AVX2" "fma:GGML_FMA" "f16c:GGML_F16C" "bmi2:GGML_BMI2" \
+        "avx_vnni:GGML_AVX_VNNI" "avx512f:GGML_AVX512" "avx512vbmi:GGML_AVX512_VBMI" \
+        "avx512_vnni:GGML_AVX512_VNNI" "avx512_bf16:GGML_AVX512_BF16"; do
+        if [[ $flags == *" ${f%%:*} "* ]]; then out+=("-D${f#*:}=ON"); else out+=("-D${f#*:}=OFF"); fi
+    done
+    echo "${out[@]}"
+}
+
+# build MODE (native|explicit): configures and builds llama-quantize and llama-bench into
+# $llama/build-MODE unless both are already there. Sets build_dir, build_flags, build_s.
+build_s="cached"
+build() {
+    local mode="$1" isa
+    build_dir="$llama/build-$mode"
+    if [[ $mode == native ]]; then isa="-DGGML_NATIVE=ON"; else isa="$(explicit_flags)"; fi
+    # shellcheck disable=SC2206  # isa is a list of -D flags
+    build_flags=(-DCMAKE_BUILD_TYPE=Release $isa -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_TESTS=OFF
+        -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF
+        -DLLAMA_OPENSSL=OFF -DGGML_BACKEND_DL=OFF)
+    if [[ -x $build_dir/bin/llama-quantize && -x $build_dir/bin/llama-bench ]] \
+        && [[ "$(cat "$build_dir/.edgellm-bench-flags" 2>/dev/null)" == "${build_flags[*]}" ]]; then
+        say "using the cached llama.cpp build $build_dir"
+        return 0
+    fi
+    say "building llama.cpp ($llversion, $mode): cmake ${build_flags[*]}"
+    local t0=$SECONDS
+    rm -rf "$build_dir"
+    if ! cmake -S "$llama" -B "$build_dir" "${build_flags[@]}" >"$bench/cmake-$mode.log" 2>&1; then
+        tail -n 30 "$bench/cmake-$mode.log" >&2
+        die "cmake configure failed (log: $bench/cmake-$mode.log)"
+    fi
+    if ! cmake --build "$build_dir" --config Release -j "$(nproc)" --target llama-quantize llama-bench \
+        >>"$bench/cmake-$mode.log" 2>&1; then
+        tail -n 30 "$bench/cmake-$mode.log" >&2
+        die "llama.cpp build failed (log: $bench/cmake-$mode.log)"
+    fi
+    build_s=$((SECONDS - t0))
+    echo "${build_flags[*]}" >"$build_dir/.edgellm-bench-flags"
+    say "built llama-quantize and llama-bench in ${build_s} s"
+}
+mode=native
+[[ $native == 1 ]] || mode=explicit
+build "$mode"
+
+# Runs a llama.cpp binary; on SIGILL (exit 132) with a native build, rebuilds with explicit flags
+# and runs it again. "$@": tool name then arguments.
+run_ll() {
+    local tool="$1"; shift
+    local rc=0
+    "$build_dir/bin/$tool" "$@" || rc=$?
+    if [[ $rc == 132 && $mode == native ]]; then
+        say "$tool died with an illegal instruction (native build); rebuilding with explicit flags"
+        mode=explicit
+        build explicit
+        rc=0
+        "$build_dir/bin/$tool" "$@" || rc=$?
+    fi
+    return $rc
+}
+
+# --- 1. checkpoint and edgellm package ------------------------------------------------------------
+ckpt="$bench/checkpoint-$shape"
+pkg="$bench/edgellm-$shape"
+say "writing the random-init checkpoint: $exporter --random-init-hf $shape --out $ckpt --force"
+"$exporter" --random-init-hf "$shape" --out "$ckpt" --force >"$bench/random-init.log" 2>&1 \
+    || { cat "$bench/random-init.log" >&2; die "random-init checkpoint failed"; }
+read -r -a extra_args <<<"${EDGELLM_ARGS:-}"
+export_cmd=("$exporter" --hf "$ckpt" --out "$pkg" --force ${extra_args[@]+"${extra_args[@]}"})
+say "exporting: ${export_cmd[*]}"
+"${export_cmd[@]}" >"$bench/export.log" 2>&1 || { cat "$bench/export.log" >&2; die "export failed"; }
+
+# --- 3. GGUF: convert and quantize ----------------------------------------------------------------
+gguf_bf16="$bench/model-bf16.gguf"
+gguf_q4="$bench/model-q4_0.gguf"
+rm -f "$gguf_bf16" "$gguf_q4"
+say "converting: convert_hf_to_gguf.py $ckpt --outtype bf16 --outfile $gguf_bf16"
+if ! PYTHONPATH="$llama/gguf-py${PYTHONPATH:+:$PYTHONPATH}" \
+    "$py" - "$llama" "$ckpt" --outtype bf16 --outfile "$gguf_bf16" >"$bench/convert.log" 2>&1 <<'EOF'
+# Runs llama.cpp's convert_hf_to_gguf.py with two adaptations (see the script's header).
+import runpy
+import sys
+from pathlib import Path
+
+llama = Path(sys.argv[1])
+sys.path[:0] = [str(llama), str(llama / "gguf-py")]
+from conversion import base  # noqa: E402  (llama.cpp's converter package)
+
+orig_spm = base.TextModel._create_vocab_sentencepiece
+
+
+def create_vocab_sentencepiece(self):
+    # No tokenizer.model: the FileNotFoundError set_vocab expects (not sentencepiece's ImportError).
+    if not (self.dir_model / "tokenizer.model").is_file():
+        raise FileNotFoundError(f"File not found: {self.dir_model / 'tokenizer.model'}")
+    return orig_spm(self)
+
+
+orig_pre = base.TextModel.get_vocab_base_pre
+
+
+def get_vocab_base_pre(self, tokenizer):
+    try:
+        return orig_pre(self, tokenizer)
+    except NotImplementedError:
+        print("bench-vs-llamacpp: BPE pre-tokenizer not recognized (random-init tokenizer); using 'qwen2'",
+              file=sys.stderr)
+        return "qwen2"
+
+
+base.TextModel._create_vocab_sentencepiece = create_vocab_sentencepiece
+base.TextModel.get_vocab_base_pre = get_vocab_base_pre
+sys.argv = [str(llama / "convert_hf_to_gguf.py")] + sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+EOF
+then
+    tail -n 30 "$bench/convert.log" >&2
+    die "convert_hf_to_gguf.py failed (log: $bench/convert.log)"
+fi
+say "quantizing: llama-quantize $gguf_bf16 $gguf_q4 Q4_0 $(nproc)"
+run_ll llama-quantize "$gguf_bf16" "$gguf_q4" Q4_0 "$(nproc)" >"$bench/quantize.log" 2>&1 \
+    || { tail -n 30 "$bench/quantize.log" >&2; die "llama-quantize failed (log: $bench/quantize.log)"; }
+rm -f "$gguf_bf16"
+sync
+
+# --- 4. benchmarks --------------------------------------------------------------------------------
+edgellm_cmd=("$edgellm" bench --model "$pkg" --threads "$threads" --prompt-tokens "$prompt"
+    --gen-tokens "$gen" --runs "$runs" --max-length "$max_length" --json)
+say "running: ${edgellm_cmd[*]}"
+if ! "${edgellm_cmd[@]}" >"$bench/edgellm.json" 2>"$bench/edgellm.err"; then
+    cat "$bench/edgellm.err" >&2
+    die "edgellm bench failed (ORT_DYLIB_PATH=$ORT_DYLIB_PATH)"
+fi
+
+ll_args=(-m "$gguf_q4" -p "$prompt" -n "$gen" -t "$threads" -r "$runs" -o json)
+say "running: llama-bench ${ll_args[*]}"
+run_ll llama-bench "${ll_args[@]}" >"$bench/llama-bench.json" 2>"$bench/llama-bench.err" \
+    || { tail -n 30 "$bench/llama-bench.err" >&2; die "llama-bench failed (log: $bench/llama-bench.err)"; }
+ll_depth_args=(-m "$gguf_q4" -p 0 -n "$gen" -d "$prompt" -t "$threads" -r "$runs" -o json)
+if [[ $depth_run == 1 ]]; then
+    say "running: llama-bench ${ll_depth_args[*]}"
+    run_ll llama-bench "${ll_depth_args[@]}" >"$bench/llama-bench-depth.json" 2>"$bench/llama-bench-depth.err" \
+        || { tail -n 30 "$bench/llama-bench-depth.err" >&2; die "llama-bench (depth) failed"; }
+else
+    echo "[]" >"$bench/llama-bench-depth.json"
+fi
+
+# --- report ---------------------------------------------------------------------------------------
+# Tensor types in the Q4_0 file, from llama-quantize's per-tensor lines
+# ("[  2/290] token_embd.weight - [...], type = bf16, converting to q8_0 .. size = ...").
+types="$(awk '/^\[ *[0-9]+\/ *[0-9]+\]/ {
+        t = ""
+        if (match($0, /converting to +[a-z0-9_]+/)) { t = substr($0, RSTART, RLENGTH); sub(/converting to +/, "", t) }
+        else if (match($0, /type = +[a-z0-9_]+/)) { t = substr($0, RSTART, RLENGTH); sub(/type = +/, "", t) }
+        if (t != "") n[t]++
+        if ($0 ~ /token_embd\.weight/) emb = t
+    } END { for (k in n) printf "%s x%d\n", k, n[k]; if (emb != "") printf "token_embd (tied output) %s\n", emb }' \
+    "$bench/quantize.log" | sort | paste -sd, | sed 's/,/, /g')"
+"$py" - "$bench/edgellm.json" "$bench/llama-bench.json" "$bench/llama-bench-depth.json" <<EOF
+import json, statistics, sys
+e = json.load(open(sys.argv[1]))
+ll = json.load(open(sys.argv[2]))
+lld = json.load(open(sys.argv[3]))
+
+
+def pick(entries, n_prompt, n_gen):
+    for r in entries:
+        if r["n_prompt"] == n_prompt and r["n_gen"] == n_gen:
+            return r
+    sys.exit(f"no llama-bench result with n_prompt={n_prompt} n_gen={n_gen}")
+
+
+pp, tg = pick(ll, $prompt, 0), pick(ll, 0, $gen)
+med = lambda r: statistics.median(r["samples_ts"])
+print()
+print("Decode benchmark: $shape random-init weights, $threads threads, $prompt prompt + $gen generated tokens,"
+      " $runs runs; $(nproc) cores, $(uname -m)")
+print("  cpu:       $(lscpu | sed -n 's/^Model name: *//p' | head -n 1)")
+print("  edgellm:   ${edgellm_cmd[*]}")
+print("             package exported by: ${export_cmd[*]}")
+import os
+pj = json.load(open("$pkg/edgellm.json"))
+print(f"             weights: {pj['precision']} block {pj['block_size']}, embeddings {pj['embeddings']} (tied: {pj.get('tied_embeddings')}), logits {pj['logits']}; model.onnx.data {os.path.getsize('$pkg/model.onnx.data') / 2**20:.1f} MiB")
+print("  llama.cpp: llama-bench ${ll_args[*]}")
+print(f"             build {pp.get('build_commit', '?')} ({pp.get('build_number', '?')}) from llama-cpp-python $llversion;"
+      f" cmake ${build_flags[*]}; build time: ${build_s}$([[ $build_s == cached ]] || echo ' s')")
+print(f"             {pp.get('model_type', '?')}, {pp.get('model_size', 0) / 2**20:.1f} MiB; cpu_info {pp.get('cpu_info', '?')!r};"
+      f" backends {pp.get('backends', '?')}; flash_attn {pp.get('flash_attn', '?')}; n_batch {pp.get('n_batch', '?')},"
+      f" n_ubatch {pp.get('n_ubatch', '?')}")
+print("             quantized tensor types: ${types:-see $bench/quantize.log}")
+print()
+print(f"{'tool':28s} {'prefill tok/s':>14s} {'decode tok/s':>13s}")
+print(f"{'edgellm (median)':28s} {e['prefill_tok_s']:14.1f} {e['decode_tok_s']:13.1f}"
+      f"   (TTFT {e['ttft_ms']:.1f} ms, peak RSS {e['peak_rss_mib']:.0f} MiB)")
+print(f"{'llama.cpp (median)':28s} {med(pp):14.1f} {med(tg):13.1f}   (pp$prompt / tg$gen)")
+print(f"{'llama.cpp (mean +- sd)':28s} {pp['avg_ts']:8.1f} +- {pp['stddev_ts']:3.1f} {tg['avg_ts']:7.1f} +- {tg['stddev_ts']:3.1f}")
+if lld:
+    tgd = pick(lld, 0, $gen)
+    print(f"{'llama.cpp tg$gen @ depth $prompt':28s} {'':14s} {med(tgd):13.1f}   (median; mean {tgd['avg_ts']:.1f} +- {tgd['stddev_ts']:.1f})")
+pr = e["prefill_tok_s"] / med(pp)
+dr = e["decode_tok_s"] / med(tg)
+print()
+print(f"prefill edgellm/llama.cpp = {pr:.2f}x   (target >= 1.0x: {'met' if pr >= 1.0 else 'NOT met'})")
+print(f"decode  edgellm/llama.cpp = {dr:.2f}x   (target >= 1.0x: {'met' if dr >= 1.0 else 'NOT met'})")
+if lld:
+    print(f"decode  edgellm/llama.cpp at depth $prompt = {e['decode_tok_s'] / med(tgd):.2f}x")
+print(f"edgellm decode_overhead_pct = {e['decode_overhead_pct']:.2f}%")
+print(f"llama.cpp samples tok/s: pp {[round(x, 1) for x in pp['samples_ts']]}, tg {[round(x, 1) for x in tg['samples_ts']]}")
+print("raw results: $bench/edgellm.json $bench/llama-bench.json $bench/llama-bench-depth.json")
+EOF
