@@ -210,7 +210,7 @@ fn harmony_stream_parser_splits_channels_like_openai_harmony() {
                 event @ (harmony::Event::MessageEnd | harmony::Event::Stop { .. }) => {
                     let header = parser.header().clone();
                     // A message with empty content still counts (e.g. empty analysis).
-                    let c = if open { channel } else { channel_of(&header) };
+                    let c = if open { channel } else { header.kind() };
                     flush(c, &mut current, &header);
                     open = false;
                     if let harmony::Event::Stop { call } = event {
@@ -220,7 +220,7 @@ fn harmony_stream_parser_splits_channels_like_openai_harmony() {
                 }
                 harmony::Event::None => {
                     if *tid == id("<|message|>") {
-                        channel = channel_of(parser.header());
+                        channel = parser.header().kind();
                     }
                 }
             }
@@ -247,15 +247,5 @@ fn harmony_stream_parser_splits_channels_like_openai_harmony() {
         );
         assert_eq!(Value::Array(calls), exp["tool_calls"], "{name}: tool calls");
         assert_eq!(stop, exp["stop"], "{name}: stop token");
-    }
-}
-
-fn channel_of(h: &harmony::Header) -> Channel {
-    match (h.recipient.is_some(), h.channel.as_str()) {
-        (true, _) => Channel::ToolCall,
-        (_, "analysis") => Channel::Analysis,
-        (_, "commentary") => Channel::Commentary,
-        (_, "final") => Channel::Final,
-        _ => Channel::Other,
     }
 }

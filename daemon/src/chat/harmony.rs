@@ -334,6 +334,20 @@ pub struct Header {
     pub content_type: Option<String>,
 }
 
+impl Header {
+    /// What the message is for: a message addressed to a recipient is a tool call, whatever
+    /// its channel.
+    pub fn kind(&self) -> Channel {
+        match (self.recipient.is_some(), self.channel.as_str()) {
+            (true, _) => Channel::ToolCall,
+            (_, "analysis") => Channel::Analysis,
+            (_, "commentary") => Channel::Commentary,
+            (_, "final") => Channel::Final,
+            _ => Channel::Other,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     /// After `<|start|>`: the role (and maybe `to=recipient`), up to `<|channel|>`/`<|message|>`.
@@ -386,16 +400,7 @@ impl Parser {
         match self.state {
             State::Role | State::Header if id == t.message => {
                 self.header = parse_header(&decode(&self.role_ids), &decode(&self.header_ids));
-                self.channel = match (
-                    self.header.recipient.is_some(),
-                    self.header.channel.as_str(),
-                ) {
-                    (true, _) => Channel::ToolCall,
-                    (_, "analysis") => Channel::Analysis,
-                    (_, "commentary") => Channel::Commentary,
-                    (_, "final") => Channel::Final,
-                    _ => Channel::Other,
-                };
+                self.channel = self.header.kind();
                 self.state = State::Content;
                 Event::None
             }
