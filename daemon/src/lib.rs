@@ -2,6 +2,7 @@
 //!
 //! # Layout
 //! Following a request's path (DESIGN.md):
+//! - [`config`]: the daemon's TOML configuration and its defaults.
 //! - [`api`]: transport-neutral request, event and completion types.
 //! - [`model`]: a loaded package: [`package`] (genai_config.json, checksums, KV layout),
 //!   [`tokenizer`] (ids <-> text, incremental detokenizer), [`chat`] (chat templates, harmony).
@@ -14,6 +15,7 @@
 pub mod api;
 pub mod backend;
 pub mod chat;
+pub mod config;
 pub mod engine;
 pub mod model;
 pub mod package;

@@ -1,0 +1,389 @@
+//! The daemon's configuration: one TOML file (`/etc/edgellm/edgellm.toml`), the key names of
+//! DESIGN.md's "Configuration" section, unknown keys rejected, every default defined once here
+//! ([`Default`] impls), and [`Config::default_file`] printing them as a commented file.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::backend::{BackendChoice, BackendOptions};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Parse(String),
+    #[error("{key}: {msg}")]
+    Invalid { key: &'static str, msg: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub model: ModelConfig,
+    pub onnxruntime: OnnxRuntimeConfig,
+    pub limits: LimitsConfig,
+    pub dbus: DbusConfig,
+    pub mqtt: MqttConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// Model package folder.
+    pub path: PathBuf,
+    /// `auto` | `ort` | `tract`.
+    pub backend: String,
+    /// KV capacity: prompt + generated tokens.
+    pub max_length: usize,
+    /// 0 = all cores.
+    pub threads: usize,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        ModelConfig {
+            path: PathBuf::from("/usr/share/edgellm/models/default"),
+            backend: "auto".into(),
+            max_length: 4096,
+            threads: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OnnxRuntimeConfig {
+    /// `libonnxruntime.so`; empty: `ORT_DYLIB_PATH`, then the system library.
+    pub library: String,
+    pub execution_providers: Vec<String>,
+    /// Let ONNX Runtime's threads spin between operators during a request (faster decoding;
+    /// they park once the request is done).
+    pub allow_spinning: bool,
+}
+
+impl Default for OnnxRuntimeConfig {
+    fn default() -> Self {
+        OnnxRuntimeConfig {
+            library: String::new(),
+            execution_providers: vec!["cpu".into()],
+            allow_spinning: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    pub queue_depth: usize,
+    pub max_new_tokens: usize,
+    pub request_timeout_s: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            queue_depth: 8,
+            max_new_tokens: 1024,
+            request_timeout_s: 300,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DbusConfig {
+    pub enabled: bool,
+    /// `system` | `session` (session uses DBUS_SESSION_BUS_ADDRESS).
+    pub bus: String,
+}
+
+impl Default for DbusConfig {
+    fn default() -> Self {
+        DbusConfig {
+            enabled: true,
+            bus: "system".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttConfig {
+    pub enabled: bool,
+    pub url: String,
+    /// Empty: the host name.
+    pub node_id: String,
+    pub topic_prefix: String,
+    pub username: String,
+    pub password_file: String,
+    pub ca_file: String,
+    pub max_payload_bytes: usize,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        MqttConfig {
+            enabled: true,
+            url: "mqtt://127.0.0.1:1883".into(),
+            node_id: String::new(),
+            topic_prefix: "edgellm".into(),
+            username: String::new(),
+            password_file: String::new(),
+            ca_file: String::new(),
+            max_payload_bytes: 65536,
+        }
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|e| match e {
+            ConfigError::Parse(msg) => ConfigError::Parse(format!("{}: {msg}", path.display())),
+            other => other,
+        })
+    }
+
+    /// Parses and validates TOML text.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key, msg: String| Err(ConfigError::Invalid { key, msg });
+        if BackendChoice::parse(&self.model.backend).is_none() {
+            return bad(
+                "model.backend",
+                format!("{:?}: expected auto, ort or tract", self.model.backend),
+            );
+        }
+        if self.model.max_length == 0 {
+            return bad("model.max_length", "must be positive".into());
+        }
+        for ep in &self.onnxruntime.execution_providers {
+            if !["cpu", "cuda"].contains(&ep.as_str()) {
+                return bad(
+                    "onnxruntime.execution_providers",
+                    format!("{ep:?}: expected cpu or cuda"),
+                );
+            }
+        }
+        if self.limits.queue_depth == 0 {
+            return bad("limits.queue_depth", "must be positive".into());
+        }
+        if self.limits.max_new_tokens == 0 {
+            return bad("limits.max_new_tokens", "must be positive".into());
+        }
+        if self.limits.request_timeout_s == 0 {
+            return bad("limits.request_timeout_s", "must be positive".into());
+        }
+        if !["system", "session"].contains(&self.dbus.bus.as_str()) {
+            return bad(
+                "dbus.bus",
+                format!("{:?}: expected system or session", self.dbus.bus),
+            );
+        }
+        if !(self.mqtt.url.starts_with("mqtt://") || self.mqtt.url.starts_with("mqtts://")) {
+            return bad(
+                "mqtt.url",
+                format!(
+                    "{:?}: expected mqtt://HOST:PORT or mqtts://HOST:PORT",
+                    self.mqtt.url
+                ),
+            );
+        }
+        if self.mqtt.topic_prefix.is_empty() || self.mqtt.topic_prefix.contains(['+', '#']) {
+            return bad(
+                "mqtt.topic_prefix",
+                "must be non-empty and free of MQTT wildcards (+, #)".into(),
+            );
+        }
+        if self.mqtt.max_payload_bytes < 1024 {
+            return bad("mqtt.max_payload_bytes", "must be at least 1024".into());
+        }
+        Ok(())
+    }
+
+    /// How to build the backend this configuration describes.
+    pub fn backend_options(&self) -> (BackendChoice, BackendOptions) {
+        let choice = BackendChoice::parse(&self.model.backend).unwrap_or_default();
+        let library =
+            Some(PathBuf::from(&self.onnxruntime.library)).filter(|p| !p.as_os_str().is_empty());
+        (
+            choice,
+            BackendOptions {
+                library,
+                threads: self.model.threads,
+                max_length: self.model.max_length,
+                allow_spinning: self.onnxruntime.allow_spinning,
+                ..BackendOptions::default()
+            },
+        )
+    }
+
+    /// The default configuration as a commented TOML file (`edgellmd --print-default-config`).
+    /// The values come from the [`Default`] impls, so file and code cannot disagree.
+    pub fn default_file() -> String {
+        let d = Config::default();
+        let q = |s: &str| toml::Value::String(s.to_string()).to_string();
+        let list = |v: &[String]| {
+            format!(
+                "[{}]",
+                v.iter().map(|s| q(s)).collect::<Vec<_>>().join(", ")
+            )
+        };
+        format!(
+            r#"# edgellmd configuration (/etc/edgellm/edgellm.toml). Every key is optional; the values
+# below are the defaults. Unknown keys are rejected: check a file with `edgellmd --check-config FILE`.
+
+[model]
+# Model package folder (genai_config.json, model.onnx, tokenizer.json, ...).
+path = {path}
+# auto: ONNX Runtime when its library loads and the session builds, else tract. Or: ort, tract.
+backend = {backend}
+# KV-cache capacity in tokens, prompt plus answer. Memory grows with it.
+max_length = {max_length}
+# Intra-op threads; 0 = all cores.
+threads = {threads}
+
+[onnxruntime]
+# libonnxruntime.so to load; empty: ORT_DYLIB_PATH, then the system library.
+library = {library}
+# cpu, or cuda (Jetson, with NVIDIA's CUDA-enabled ONNX Runtime).
+execution_providers = {eps}
+# Threads spin between operators while a request runs (faster decoding); they park afterwards.
+allow_spinning = {spin}
+
+[limits]
+# Requests waiting behind the running one; more are answered `busy`.
+queue_depth = {queue}
+# Upper bound on generated tokens per request.
+max_new_tokens = {max_new}
+# A request running longer than this ends with its partial answer.
+request_timeout_s = {timeout}
+
+[dbus]
+enabled = {dbus_enabled}
+# system, or session (uses DBUS_SESSION_BUS_ADDRESS; for development).
+bus = {bus}
+
+[mqtt]
+enabled = {mqtt_enabled}
+# mqtt://HOST:PORT, or mqtts://HOST:PORT for TLS.
+url = {url}
+# Topics are <topic_prefix>/<node_id>/...; empty node_id: the host name.
+node_id = {node}
+topic_prefix = {prefix}
+username = {user}
+# File holding the password (not the password itself).
+password_file = {pw}
+# CA certificate for mqtts://; empty: the system's roots.
+ca_file = {ca}
+# Larger request payloads are refused with an error reply.
+max_payload_bytes = {max_payload}
+"#,
+            path = q(&d.model.path.display().to_string()),
+            backend = q(&d.model.backend),
+            max_length = d.model.max_length,
+            threads = d.model.threads,
+            library = q(&d.onnxruntime.library),
+            eps = list(&d.onnxruntime.execution_providers),
+            spin = d.onnxruntime.allow_spinning,
+            queue = d.limits.queue_depth,
+            max_new = d.limits.max_new_tokens,
+            timeout = d.limits.request_timeout_s,
+            dbus_enabled = d.dbus.enabled,
+            bus = q(&d.dbus.bus),
+            mqtt_enabled = d.mqtt.enabled,
+            url = q(&d.mqtt.url),
+            node = q(&d.mqtt.node_id),
+            prefix = q(&d.mqtt.topic_prefix),
+            user = q(&d.mqtt.username),
+            pw = q(&d.mqtt.password_file),
+            ca = q(&d.mqtt.ca_file),
+            max_payload = d.mqtt.max_payload_bytes,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_file_parses_back_to_the_defaults() {
+        assert_eq!(
+            Config::parse(&Config::default_file()).unwrap(),
+            Config::default()
+        );
+    }
+
+    #[test]
+    fn the_default_file_sets_every_key() {
+        // Every field of every section appears in the printed file, so it documents them all.
+        let printed: toml::Table = toml::from_str(&Config::default_file()).unwrap();
+        let full: toml::Table =
+            toml::from_str(&toml::to_string(&Config::default()).unwrap()).unwrap();
+        for (section, keys) in &full {
+            for key in keys.as_table().unwrap().keys() {
+                assert!(
+                    printed[section].get(key).is_some(),
+                    "{section}.{key} is missing from the default file"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn an_empty_file_is_the_defaults_and_partial_files_keep_the_rest() {
+        assert_eq!(Config::parse("").unwrap(), Config::default());
+        let c =
+            Config::parse("[model]\nmax_length = 2048\n[mqtt]\nnode_id = \"cell-7\"\n").unwrap();
+        assert_eq!(c.model.max_length, 2048);
+        assert_eq!(c.model.backend, "auto");
+        assert_eq!(c.mqtt.node_id, "cell-7");
+        assert_eq!(c.mqtt.topic_prefix, "edgellm");
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_named() {
+        let err = |text: &str| Config::parse(text).unwrap_err().to_string();
+        assert!(err("[model]\nmax_lenght = 5\n").contains("max_lenght"));
+        assert!(err("[modle]\n").contains("modle"));
+        assert!(err("[model]\nbackend = \"gpu\"\n").contains("model.backend"));
+        assert!(err("[model]\nmax_length = 0\n").contains("model.max_length"));
+        assert!(err("[model]\nmax_length = \"big\"\n").contains("max_length"));
+        assert!(err("[dbus]\nbus = \"user\"\n").contains("dbus.bus"));
+        assert!(err("[mqtt]\nurl = \"http://x\"\n").contains("mqtt.url"));
+        assert!(err("[mqtt]\ntopic_prefix = \"a/#\"\n").contains("mqtt.topic_prefix"));
+        assert!(err("[limits]\nqueue_depth = 0\n").contains("limits.queue_depth"));
+        assert!(
+            err("[onnxruntime]\nexecution_providers = [\"tpu\"]\n").contains("execution_providers")
+        );
+    }
+
+    #[test]
+    fn backend_options_follow_the_file() {
+        let c = Config::parse("[model]\nbackend = \"ort\"\nthreads = 2\n[onnxruntime]\nlibrary = \"/opt/ort/libonnxruntime.so\"\nallow_spinning = false\n").unwrap();
+        let (choice, opts) = c.backend_options();
+        assert_eq!(choice, BackendChoice::Ort);
+        assert_eq!(opts.threads, 2);
+        assert_eq!(
+            opts.library.as_deref(),
+            Some(Path::new("/opt/ort/libonnxruntime.so"))
+        );
+        assert!(!opts.allow_spinning);
+        assert_eq!(Config::default().backend_options().1.library, None);
+    }
+}
