@@ -88,7 +88,7 @@ pub struct Usage {
 }
 
 /// The result of a finished request.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Completion {
     pub text: String,
     /// Generated ids only (an end-of-sequence token included when one ended the answer).

@@ -6,6 +6,8 @@
 //! - [`api`]: transport-neutral request, event and completion types.
 //! - [`model`]: a loaded package: [`package`] (genai_config.json, checksums, KV layout),
 //!   [`tokenizer`] (ids <-> text, incremental detokenizer), [`chat`] (chat templates, harmony).
+//! - [`scheduler`]: admission (validate, tokenize, length check), the bounded queue, per-request
+//!   cancellation and deadlines; runs the engine on its own OS thread.
 //! - [`engine`]: the generation loop that owns a backend: prefill, sample, detokenize, stop.
 //! - [`backend`]: the small synchronous seam ([`backend::Backend`]) and its implementations
 //!   (`backend/ort.rs`: ONNX Runtime through `ort`, loaded at run time).
@@ -20,4 +22,5 @@ pub mod engine;
 pub mod model;
 pub mod package;
 pub mod sampler;
+pub mod scheduler;
 pub mod tokenizer;

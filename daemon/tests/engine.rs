@@ -5,11 +5,12 @@
 
 #![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
 
+mod common;
+
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
 use edgellm::api::{Event, FinishReason, Input, Request};
-use edgellm::backend::{Backend, BackendError};
 use edgellm::chat::Message;
 use edgellm::engine::Engine;
 use edgellm::model::Model;
@@ -25,39 +26,10 @@ const HARMONY: &[&str] = &[
 ];
 const VOCAB: usize = 520;
 
-/// Emits `script` one token per forward (one-hot logits), then repeats its last token.
-struct Scripted {
-    script: Vec<u32>,
-    step: usize,
-    logits: Vec<f32>,
-}
-
-impl Backend for Scripted {
-    fn name(&self) -> &'static str {
-        "scripted"
-    }
-    fn reset(&mut self) {
-        self.step = 0;
-    }
-    fn forward(&mut self, _tokens: &[u32]) -> Result<&[f32], BackendError> {
-        let id = self.script[self.step.min(self.script.len() - 1)];
-        self.step += 1;
-        self.logits.fill(0.0);
-        self.logits[id as usize] = 10.0;
-        Ok(&self.logits)
-    }
-}
-
 /// The gpt-oss fixture exported, with harmony's special tokens added to its tokenizer at ids
 /// 512.. (the tiny vocabulary has none).
 fn harmony_package(tmp: &Path) -> PathBuf {
-    let out = tmp.join("gptoss");
-    let opts = edgellm_export::ExportOptions {
-        max_length: Some(256),
-        ..Default::default()
-    };
-    let ckpt = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/gptoss/checkpoint");
-    edgellm_export::export(&ckpt, &out, &opts).unwrap();
+    let out = common::export("gptoss", tmp);
     let tj = out.join("tokenizer.json");
     let mut tok: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&tj).unwrap()).unwrap();
@@ -83,11 +55,7 @@ fn harmony_package(tmp: &Path) -> PathBuf {
 fn engine(pkg: &Path, completion: &str) -> Engine {
     let model = Model::load(pkg).unwrap();
     let script = model.tokenizer.encode(completion, false).unwrap();
-    let backend = Scripted {
-        script,
-        step: 0,
-        logits: vec![0.0; VOCAB],
-    };
+    let backend = common::Scripted::new(script, VOCAB, std::time::Duration::ZERO);
     Engine::new(model, Box::new(backend), 256)
 }
 
@@ -165,17 +133,7 @@ fn harmony_prompt_is_rendered_for_gpt_oss() {
 #[test]
 fn stop_strings_cut_across_tokens_and_max_tokens_bounds() {
     let tmp = tempfile::tempdir().unwrap();
-    let out = tmp.path().join("qwen2");
-    let opts = edgellm_export::ExportOptions {
-        max_length: Some(256),
-        ..Default::default()
-    };
-    edgellm_export::export(
-        &Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/qwen2/checkpoint"),
-        &out,
-        &opts,
-    )
-    .unwrap();
+    let out = common::export("qwen2", tmp.path());
     let model = Model::load(&out).unwrap();
     let script = model
         .tokenizer
@@ -184,11 +142,11 @@ fn stop_strings_cut_across_tokens_and_max_tokens_bounds() {
     let eos = model.tokenizer.token_to_id("</s>").unwrap();
     let mut e = Engine::new(
         model,
-        Box::new(Scripted {
+        Box::new(common::Scripted::new(
             script,
-            step: 0,
-            logits: vec![0.0; 512],
-        }),
+            512,
+            std::time::Duration::ZERO,
+        )),
         256,
     );
 

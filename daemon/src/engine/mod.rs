@@ -27,7 +27,7 @@ pub enum EngineError {
 }
 
 pub struct Engine {
-    model: Model,
+    model: std::sync::Arc<Model>,
     backend: Box<dyn Backend>,
     max_length: usize,
     stats: Stats,
@@ -67,9 +67,13 @@ pub type Flow = std::ops::ControlFlow<()>;
 
 impl Engine {
     /// `max_length`: the KV capacity the backend was built with (prompt + generated tokens).
-    pub fn new(model: Model, backend: Box<dyn Backend>, max_length: usize) -> Self {
+    pub fn new(
+        model: impl Into<std::sync::Arc<Model>>,
+        backend: Box<dyn Backend>,
+        max_length: usize,
+    ) -> Self {
         Engine {
-            model,
+            model: model.into(),
             backend,
             max_length,
             stats: Stats::default(),
@@ -80,7 +84,7 @@ impl Engine {
         self.stats
     }
 
-    pub fn model(&self) -> &Model {
+    pub fn model(&self) -> &std::sync::Arc<Model> {
         &self.model
     }
 
@@ -121,6 +125,18 @@ impl Engine {
         prompt: Vec<u32>,
         on_event: &mut dyn FnMut(Event) -> Flow,
     ) -> Result<Completion, EngineError> {
+        self.generate_with(req, prompt, on_event, &|| true)
+    }
+
+    /// Like [`Engine::generate_from_ids`], also asking `keep_going` before every decode step,
+    /// so a cancellation is seen even while no text is being emitted.
+    pub fn generate_with(
+        &mut self,
+        req: &Request,
+        prompt: Vec<u32>,
+        on_event: &mut dyn FnMut(Event) -> Flow,
+        keep_going: &dyn Fn() -> bool,
+    ) -> Result<Completion, EngineError> {
         let mut sampler = Sampler::new(req.sampling.clone())?;
         let room = self.max_length.saturating_sub(prompt.len());
         let max_new = req.max_tokens.map_or(room, |m| m.min(room));
@@ -151,6 +167,10 @@ impl Engine {
                 }
             }
             if generated.len() >= max_new {
+                break;
+            }
+            if !keep_going() {
+                finish = FinishReason::Cancelled;
                 break;
             }
             let t = Instant::now();
