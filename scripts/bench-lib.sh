@@ -2,7 +2,7 @@
 # and the edgellm binaries and ONNX Runtime library both benchmarks need.
 #
 # Before sourcing, set `name` (for messages). Sets: root shape py edgellm exporter threads prompt
-# gen runs max_length, functions die and say; exports ORT_DYLIB_PATH. See either script's header
+# gen runs max_length, functions die, say and run_edgellm_bench (needs $bench); exports ORT_DYLIB_PATH. See either script's header
 # for the environment variables.
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -37,3 +37,15 @@ if [[ -z ${ORT_DYLIB_PATH:-} ]]; then
 fi
 [[ -e $ORT_DYLIB_PATH ]] || die "ORT_DYLIB_PATH=$ORT_DYLIB_PATH does not exist"
 export ORT_DYLIB_PATH
+
+# Runs `edgellm bench` on package $1 with the shared settings; JSON to $bench/edgellm.json.
+# Sets edgellm_cmd (the command, for reports).
+run_edgellm_bench() {
+    edgellm_cmd=("$edgellm" bench --model "$1" --threads "$threads" --prompt-tokens "$prompt"
+        --gen-tokens "$gen" --runs "$runs" --max-length "$max_length" --json)
+    say "running: ${edgellm_cmd[*]}"
+    if ! "${edgellm_cmd[@]}" >"$bench/edgellm.json" 2>"$bench/edgellm.err"; then
+        cat "$bench/edgellm.err" >&2
+        die "edgellm bench failed (ORT_DYLIB_PATH=$ORT_DYLIB_PATH)"
+    fi
+}

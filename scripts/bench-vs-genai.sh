@@ -64,13 +64,7 @@ say "exporting: ${export_cmd[*]}"
 sync
 
 # --- 2. edgellm bench -----------------------------------------------------------------------------
-edgellm_cmd=("$edgellm" bench --model "$pkg" --threads "$threads" --prompt-tokens "$prompt"
-    --gen-tokens "$gen" --runs "$runs" --max-length "$max_length" --json)
-say "running: ${edgellm_cmd[*]}"
-if ! "${edgellm_cmd[@]}" >"$bench/edgellm.json" 2>"$bench/edgellm.err"; then
-    cat "$bench/edgellm.err" >&2
-    die "edgellm bench failed (ORT_DYLIB_PATH=$ORT_DYLIB_PATH)"
-fi
+run_edgellm_bench "$pkg"
 
 # --- 3. onnxruntime-genai -------------------------------------------------------------------------
 og_cmd=("$py" - "$pkg" "$threads" "$prompt" "$gen" "$runs")

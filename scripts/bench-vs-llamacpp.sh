@@ -244,13 +244,7 @@ rm -f "$gguf_bf16"
 sync
 
 # --- 4. benchmarks --------------------------------------------------------------------------------
-edgellm_cmd=("$edgellm" bench --model "$pkg" --threads "$threads" --prompt-tokens "$prompt"
-    --gen-tokens "$gen" --runs "$runs" --max-length "$max_length" --json)
-say "running: ${edgellm_cmd[*]}"
-if ! "${edgellm_cmd[@]}" >"$bench/edgellm.json" 2>"$bench/edgellm.err"; then
-    cat "$bench/edgellm.err" >&2
-    die "edgellm bench failed (ORT_DYLIB_PATH=$ORT_DYLIB_PATH)"
-fi
+run_edgellm_bench "$pkg"
 
 ll_args=(-m "$gguf_q4" -p "$prompt" -n "$gen" -t "$threads" -r "$runs" -o json)
 say "running: llama-bench ${ll_args[*]}"

@@ -50,8 +50,9 @@ fn edgellm(args: &[&str]) -> Output {
         .unwrap()
 }
 
-fn run_json(pkg: &Path, prompt: &str) -> serde_json::Value {
-    let o = edgellm(&[
+/// `edgellm run --raw`, greedy, 24 tokens, plus `extra` arguments.
+fn run_greedy(pkg: &Path, prompt: &str, extra: &[&str]) -> Output {
+    let mut args = vec![
         "run",
         "--model",
         pkg.to_str().unwrap(),
@@ -64,14 +65,19 @@ fn run_json(pkg: &Path, prompt: &str) -> serde_json::Value {
         "24",
         "--threads",
         "1",
-        "--json",
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    let o = edgellm(&args);
     assert!(
         o.status.success(),
         "edgellm run failed: {}",
         String::from_utf8_lossy(&o.stderr)
     );
-    serde_json::from_slice(&o.stdout).unwrap()
+    o
+}
+
+fn run_json(pkg: &Path, prompt: &str) -> serde_json::Value {
+    serde_json::from_slice(&run_greedy(pkg, prompt, &["--json"]).stdout).unwrap()
 }
 
 #[test]
@@ -107,19 +113,7 @@ fn streamed_text_equals_the_json_text() {
     let tmp = tempfile::tempdir().unwrap();
     let pkg = export("qwen2", Precision::Fp32, tmp.path());
     let json = run_json(&pkg, "The quick brown fox");
-    let o = edgellm(&[
-        "run",
-        "--model",
-        pkg.to_str().unwrap(),
-        "--prompt",
-        "The quick brown fox",
-        "--raw",
-        "--temperature",
-        "0",
-        "--max-tokens",
-        "24",
-    ]);
-    assert!(o.status.success());
+    let o = run_greedy(&pkg, "The quick brown fox", &[]);
     let streamed = String::from_utf8(o.stdout).unwrap();
     assert_eq!(
         streamed.strip_suffix('\n').unwrap(),

@@ -97,13 +97,9 @@ pub fn export(hf: &Path, out: &Path, opts: &ExportOptions) -> Result<ExportSumma
         &staging.dir.join("model.onnx"),
         env!("CARGO_PKG_VERSION"),
     )?;
-    let gen_path = hf.join("generation_config.json");
-    let gen_cfg: Option<serde_json::Value> = std::fs::read_to_string(&gen_path)
-        .ok()
-        .and_then(|t| serde_json::from_str(&t).ok());
     package::write_json(
         &staging.dir.join("genai_config.json"),
-        &package::genai_config(&spec, &build, gen_cfg.as_ref()),
+        &package::genai_config(&spec, &build, spec.generation.as_ref()),
     )?;
     package::write_json(
         &staging.dir.join("edgellm.json"),

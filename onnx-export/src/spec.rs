@@ -121,6 +121,8 @@ pub struct ModelSpec {
     pub bos: Option<u32>,
     pub eos: Vec<u32>,
     pub pad: Option<u32>,
+    /// `generation_config.json`, when the checkpoint has one (sampling defaults).
+    pub generation: Option<Value>,
 }
 
 fn get<'a>(cfg: &'a Value, key: &str) -> Option<&'a Value> {
@@ -163,7 +165,9 @@ impl ModelSpec {
         } else {
             None
         };
-        Self::from_json(&cfg, gen_cfg.as_ref(), &path)
+        let mut spec = Self::from_json(&cfg, gen_cfg.as_ref(), &path)?;
+        spec.generation = gen_cfg;
+        Ok(spec)
     }
 
     pub fn from_json(cfg: &Value, gen_cfg: Option<&Value>, path: &Path) -> Result<Self> {
@@ -282,6 +286,7 @@ impl ModelSpec {
             moe,
             bos: pick("bos_token_id").first().copied(),
             pad: pick("pad_token_id").first().copied(),
+            generation: None,
             eos,
         })
     }

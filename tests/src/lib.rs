@@ -21,21 +21,6 @@ pub fn fixture_checkpoint(name: &str) -> PathBuf {
         .join("checkpoint")
 }
 
-/// The ONNX Runtime library the tests load: `ORT_DYLIB_PATH`, else the one
-/// `scripts/fetch-onnxruntime.sh` unpacks. Panics with instructions when neither exists.
-pub fn ort_library() -> PathBuf {
-    let candidate = match std::env::var_os("ORT_DYLIB_PATH") {
-        Some(p) if !p.is_empty() => PathBuf::from(p),
-        _ => repo_root().join(".onnxruntime/1.31.1/libonnxruntime.so"),
-    };
-    assert!(
-        candidate.exists(),
-        "ONNX Runtime library not found at {}: run scripts/fetch-onnxruntime.sh (or set ORT_DYLIB_PATH)",
-        candidate.display()
-    );
-    candidate
-}
-
 /// Goldens computed by Hugging Face transformers (tests/fixtures/make_fixtures.py).
 #[derive(Debug, serde::Deserialize)]
 pub struct Golden {

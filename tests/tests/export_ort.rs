@@ -23,7 +23,6 @@ const PREFILL: usize = 20;
 fn backend(pkg: &std::path::Path) -> OrtBackend {
     let pkg = Package::open(&pkg.join("pkg")).expect("package opens");
     let opts = BackendOptions {
-        library: Some(ort_library()),
         threads: 1,
         max_length: 256,
         prefill_chunk: 256,

@@ -30,7 +30,6 @@ fn random_init_qwen2_5_0_5b_exports_and_runs_on_ort() {
     let mut be = OrtBackend::load(
         &pkg,
         &BackendOptions {
-            library: Some(edgellm_tests::ort_library()),
             threads: 2,
             max_length: 512,
             prefill_chunk: 256,

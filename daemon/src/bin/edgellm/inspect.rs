@@ -32,7 +32,7 @@ pub fn inspect(dir: &Path) -> anyhow::Result<()> {
     }
     if has("QMoE") {
         quant.push("int4 QMoE experts".into());
-    } else if has("\u{2}MoE") || has("MoE") {
+    } else if has("MoE") {
         quant.push("float MoE experts".into());
     }
     quant.push(if has("GatherBlockQuantized") {
