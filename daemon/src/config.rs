@@ -83,6 +83,8 @@ pub struct LimitsConfig {
     pub queue_depth: usize,
     pub max_new_tokens: usize,
     pub request_timeout_s: u64,
+    /// On SIGTERM: how long the running request and the transports get to finish.
+    pub shutdown_grace_s: u64,
 }
 
 impl Default for LimitsConfig {
@@ -91,6 +93,7 @@ impl Default for LimitsConfig {
             queue_depth: 8,
             max_new_tokens: 1024,
             request_timeout_s: 300,
+            shutdown_grace_s: 10,
         }
     }
 }
@@ -101,6 +104,8 @@ pub struct DbusConfig {
     pub enabled: bool,
     /// `system` | `session` (session uses DBUS_SESSION_BUS_ADDRESS).
     pub bus: String,
+    /// A bus address (`unix:path=...`) to use instead of `bus`; empty: `bus` decides.
+    pub address: String,
 }
 
 impl Default for DbusConfig {
@@ -108,6 +113,7 @@ impl Default for DbusConfig {
         DbusConfig {
             enabled: true,
             bus: "system".into(),
+            address: String::new(),
         }
     }
 }
@@ -124,6 +130,9 @@ pub struct MqttConfig {
     pub password_file: String,
     pub ca_file: String,
     pub max_payload_bytes: usize,
+    /// Also take requests from `<topic_prefix>/<share_group>/request` through the shared
+    /// subscription `$share/<share_group>/...`: the broker gives each to one daemon of the group.
+    pub share_group: String,
 }
 
 impl Default for MqttConfig {
@@ -137,6 +146,7 @@ impl Default for MqttConfig {
             password_file: String::new(),
             ca_file: String::new(),
             max_payload_bytes: 65536,
+            share_group: String::new(),
         }
     }
 }
@@ -185,6 +195,9 @@ impl Config {
         if self.limits.max_new_tokens == 0 {
             return bad("limits.max_new_tokens", "must be positive".into());
         }
+        if self.limits.shutdown_grace_s == 0 {
+            return bad("limits.shutdown_grace_s", "must be positive".into());
+        }
         if self.limits.request_timeout_s == 0 {
             return bad("limits.request_timeout_s", "must be positive".into());
         }
@@ -207,6 +220,18 @@ impl Config {
             return bad(
                 "mqtt.topic_prefix",
                 "must be non-empty and free of MQTT wildcards (+, #)".into(),
+            );
+        }
+        if self.mqtt.node_id.contains(['+', '#', '/']) {
+            return bad(
+                "mqtt.node_id",
+                "must be free of MQTT wildcards and '/'".into(),
+            );
+        }
+        if self.mqtt.share_group.contains(['+', '#', '/']) {
+            return bad(
+                "mqtt.share_group",
+                "must be free of MQTT wildcards and '/'".into(),
             );
         }
         if self.mqtt.max_payload_bytes < 1024 {
@@ -272,11 +297,16 @@ queue_depth = {queue}
 max_new_tokens = {max_new}
 # A request running longer than this ends with its partial answer.
 request_timeout_s = {timeout}
+# On SIGTERM the running request ends (reason `shutdown`), queued ones are answered
+# `shutting_down`; this bounds the wait for that. Keep it below the unit's TimeoutStopSec.
+shutdown_grace_s = {grace}
 
 [dbus]
 enabled = {dbus_enabled}
 # system, or session (uses DBUS_SESSION_BUS_ADDRESS; for development).
 bus = {bus}
+# A bus address (unix:path=...) used instead of `bus`; empty: `bus` decides.
+address = {dbus_address}
 
 [mqtt]
 enabled = {mqtt_enabled}
@@ -292,6 +322,9 @@ password_file = {pw}
 ca_file = {ca}
 # Larger request payloads are refused with an error reply.
 max_payload_bytes = {max_payload}
+# Fleets: also take requests published to <topic_prefix>/<share_group>/request, shared by every
+# daemon of the group through `$share/<share_group>/...` (one daemon answers each). Empty: off.
+share_group = {share}
 "#,
             path = q(&d.model.path.display().to_string()),
             backend = q(&d.model.backend),
@@ -303,6 +336,9 @@ max_payload_bytes = {max_payload}
             queue = d.limits.queue_depth,
             max_new = d.limits.max_new_tokens,
             timeout = d.limits.request_timeout_s,
+            grace = d.limits.shutdown_grace_s,
+            dbus_address = q(&d.dbus.address),
+            share = q(&d.mqtt.share_group),
             dbus_enabled = d.dbus.enabled,
             bus = q(&d.dbus.bus),
             mqtt_enabled = d.mqtt.enabled,

@@ -11,6 +11,8 @@
 //! - [`engine`]: the generation loop that owns a backend: prefill, sample, detokenize, stop.
 //! - [`backend`]: the small synchronous seam ([`backend::Backend`]) and its implementations
 //!   (`backend/ort.rs`: ONNX Runtime through `ort`, loaded at run time).
+//! - [`service`]: the daemon ([`run`]): start-up, systemd notifications and watchdog
+//!   ([`systemd`]), the transports ([`transport`]: D-Bus and MQTT, wire <-> [`api`]), shutdown.
 //! - [`sampler`]: logits -> next token (greedy, temperature, top-k/p, min-p, repetition
 //!   penalty, seeded), and stop strings.
 
@@ -23,4 +25,9 @@ pub mod model;
 pub mod package;
 pub mod sampler;
 pub mod scheduler;
+pub mod service;
+pub mod systemd;
 pub mod tokenizer;
+pub mod transport;
+
+pub use service::run;

@@ -75,6 +75,28 @@ impl Model {
         })
     }
 
+    /// Sampling defaults from genai_config.json's `search` section (greedy unless
+    /// `do_sample`): what a request gets for the options it does not set.
+    pub fn default_sampling(&self) -> crate::sampler::SamplingParams {
+        use crate::sampler::SamplingParams;
+        let s = &self.package.config.search;
+        if s.do_sample {
+            SamplingParams {
+                temperature: s.temperature.unwrap_or(1.0),
+                top_k: s.top_k.unwrap_or(0),
+                top_p: s.top_p.unwrap_or(1.0),
+                repetition_penalty: s.repetition_penalty.unwrap_or(1.0),
+                ..SamplingParams::default()
+            }
+        } else {
+            SamplingParams {
+                temperature: 0.0,
+                repetition_penalty: s.repetition_penalty.unwrap_or(1.0),
+                ..SamplingParams::default()
+            }
+        }
+    }
+
     pub fn harmony(&self) -> Option<HarmonyTokens> {
         match self.prompter {
             Prompter::Harmony(t) => Some(t),

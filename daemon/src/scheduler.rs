@@ -14,10 +14,10 @@
 
 use std::ops::ControlFlow;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{Completion, Event, FinishReason, Request};
@@ -69,6 +69,93 @@ pub struct Limits {
     pub request_timeout: Duration,
 }
 
+/// What the service is doing, as the transports and systemd's STATUS= report it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    Loading,
+    Ready,
+    Busy,
+    Stopping,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Loading => "loading",
+            State::Ready => "ready",
+            State::Busy => "busy",
+            State::Stopping => "stopping",
+        }
+    }
+}
+
+/// A snapshot of the service, published on a [`watch`] channel whenever it changes, so health
+/// and status are read without waiting behind inference.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Status {
+    pub state: State,
+    /// Requests waiting behind the running one.
+    pub queue_length: usize,
+}
+
+/// Liveness of the engine thread, readable at any time (the systemd watchdog's input).
+#[derive(Debug)]
+pub struct EngineHealth {
+    started: Instant,
+    alive: AtomicBool,
+    busy: AtomicBool,
+    /// Milliseconds since `started` at the engine's last sign of progress.
+    progress_ms: AtomicU64,
+}
+
+impl EngineHealth {
+    fn new() -> Self {
+        EngineHealth {
+            started: Instant::now(),
+            alive: AtomicBool::new(true),
+            busy: AtomicBool::new(false),
+            progress_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn tick(&self) {
+        let ms = self.started.elapsed().as_millis() as u64;
+        self.progress_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// The engine thread is running and, if it is working on a request, has made progress (a
+    /// prefill or a decoded token) within `stall`. An idle engine waiting for work is healthy.
+    pub fn healthy(&self, stall: Duration) -> bool {
+        if !self.alive.load(Ordering::Relaxed) {
+            return false;
+        }
+        if !self.busy.load(Ordering::Relaxed) {
+            return true;
+        }
+        let last = Duration::from_millis(self.progress_ms.load(Ordering::Relaxed));
+        self.started.elapsed().saturating_sub(last) < stall
+    }
+}
+
+/// Marks the engine dead when its thread ends, by return or by panic.
+struct AliveGuard(Arc<EngineHealth>);
+
+impl Drop for AliveGuard {
+    fn drop(&mut self) {
+        self.0.alive.store(false, Ordering::Relaxed);
+    }
+}
+
+/// Work for the engine thread.
+enum Work {
+    Run(Job),
+    /// Run one forward pass and answer: the start-up heartbeat (READY=1 waits for it).
+    Ping(oneshot::Sender<Result<(), String>>),
+    /// Nothing to do: wakes an idle engine thread so it sees the shutdown.
+    Wake,
+}
+
 struct Job {
     req: Request,
     prompt: Vec<u32>,
@@ -88,11 +175,13 @@ pub struct Scheduler {
     model: Arc<Model>,
     max_length: usize,
     limits: Limits,
-    queue: mpsc::Sender<Job>,
+    queue: mpsc::Sender<Work>,
     root: CancellationToken,
     /// Requests accepted and not finished (queued + running).
     in_flight: Arc<AtomicUsize>,
-    engine_thread: Option<std::thread::JoinHandle<()>>,
+    status: Arc<watch::Sender<Status>>,
+    health: Arc<EngineHealth>,
+    engine_thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for Scheduler {
@@ -112,11 +201,23 @@ impl Scheduler {
         // The queue holds waiting requests; the running one has already left it.
         let (tx, rx) = mpsc::channel(limits.queue_depth.max(1));
         let in_flight = Arc::new(AtomicUsize::new(0));
-        let thread_root = root.clone();
-        let thread_count = in_flight.clone();
+        let status = Arc::new(watch::Sender::new(Status {
+            state: State::Ready,
+            queue_length: 0,
+        }));
+        let health = Arc::new(EngineHealth::new());
+        let shared = EngineShared {
+            root: root.clone(),
+            in_flight: in_flight.clone(),
+            status: status.clone(),
+            health: health.clone(),
+        };
         let engine_thread = std::thread::Builder::new()
             .name("edgellm-engine".into())
-            .spawn(move || run_engine(engine, rx, thread_root, thread_count))
+            .spawn(move || {
+                let _alive = AliveGuard(shared.health.clone());
+                run_engine(engine, rx, &shared)
+            })
             .expect("spawning the engine thread");
         Scheduler {
             model,
@@ -125,8 +226,40 @@ impl Scheduler {
             queue: tx,
             root,
             in_flight,
-            engine_thread: Some(engine_thread),
+            status,
+            health,
+            engine_thread: std::sync::Mutex::new(Some(engine_thread)),
         }
+    }
+
+    /// The service's state and queue length, updated as they change.
+    pub fn status(&self) -> watch::Receiver<Status> {
+        self.status.subscribe()
+    }
+
+    pub fn health(&self) -> &Arc<EngineHealth> {
+        &self.health
+    }
+
+    pub fn max_length(&self) -> usize {
+        self.max_length
+    }
+
+    /// Marks the service as stopping (before the shutdown itself), for status readers.
+    pub fn set_stopping(&self) {
+        self.status.send_modify(|s| s.state = State::Stopping);
+    }
+
+    /// The start-up heartbeat: the engine thread runs one forward pass (which also warms the
+    /// backend up) and answers. Waits behind queued work, so call it before serving.
+    pub async fn ping(&self) -> Result<(), String> {
+        let (tx, rx) = oneshot::channel();
+        self.queue
+            .send(Work::Ping(tx))
+            .await
+            .map_err(|_| "the engine thread has stopped".to_string())?;
+        rx.await
+            .map_err(|_| "the engine thread stopped before answering".to_string())?
     }
 
     /// Requests accepted and not yet finished.
@@ -182,11 +315,19 @@ impl Scheduler {
             deadline: Instant::now() + self.limits.request_timeout,
         };
         self.in_flight.fetch_add(1, Ordering::Relaxed);
-        match self.queue.try_send(job) {
-            Ok(()) => Ok(Handle {
-                events: events_rx,
-                cancel,
-            }),
+        match self.queue.try_send(Work::Run(job)) {
+            Ok(()) => {
+                let waiting = self.limits.queue_depth.max(1) - self.queue.capacity();
+                self.status.send_if_modified(|s| {
+                    let changed = s.queue_length != waiting;
+                    s.queue_length = waiting;
+                    changed
+                });
+                Ok(Handle {
+                    events: events_rx,
+                    cancel,
+                })
+            }
             Err(e) => {
                 self.in_flight.fetch_sub(1, Ordering::Relaxed);
                 Err(match e {
@@ -202,52 +343,125 @@ impl Scheduler {
         }
     }
 
-    /// Shuts down (cancels the root token), closes the queue and waits for the engine thread:
-    /// the running request ends with `shutdown`, queued ones with `shutting_down`.
-    pub fn join(mut self) {
+    /// Starts the shutdown: cancels the root token (the running request ends with `shutdown`,
+    /// queued ones with `shutting_down`, new ones are refused) and wakes an idle engine thread.
+    pub fn shutdown(&self) {
+        self.set_stopping();
         self.root.cancel();
-        // Dropping the only sender wakes an idle engine thread (its receive returns `None`).
-        let (closed, _) = mpsc::channel(1);
-        drop(std::mem::replace(&mut self.queue, closed));
-        if let Some(t) = self.engine_thread.take() {
+        // If the queue is full the engine is busy and sees the cancellation after this request.
+        let _ = self.queue.try_send(Work::Wake);
+    }
+
+    /// [`Scheduler::shutdown`], then waits for the engine thread (blocking: call it from a
+    /// blocking context) until every accepted request has had its terminal event.
+    pub fn join(&self) {
+        self.shutdown();
+        let handle = self
+            .engine_thread
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(t) = handle {
             let _ = t.join();
         }
     }
 }
 
-/// The engine thread: runs jobs in order until shutdown, then answers what is left.
-fn run_engine(
-    mut engine: Engine,
-    mut rx: mpsc::Receiver<Job>,
+impl Drop for Scheduler {
+    fn drop(&mut self) {
+        self.join();
+    }
+}
+
+/// What the engine thread shares with the scheduler.
+struct EngineShared {
     root: CancellationToken,
     in_flight: Arc<AtomicUsize>,
-) {
-    while let Some(job) = rx.blocking_recv() {
-        let events = job.events.clone();
+    status: Arc<watch::Sender<Status>>,
+    health: Arc<EngineHealth>,
+}
+
+impl EngineShared {
+    /// Publishes the state and the number of requests still waiting in `rx`.
+    fn publish(&self, rx: &mpsc::Receiver<Work>, running: bool) {
+        let state = if self.root.is_cancelled() || self.status.borrow().state == State::Stopping {
+            State::Stopping
+        } else if running {
+            State::Busy
+        } else {
+            State::Ready
+        };
+        let queue_length = rx.len();
+        self.status.send_if_modified(|s| {
+            let next = Status {
+                state,
+                queue_length,
+            };
+            let changed = *s != next;
+            *s = next;
+            changed
+        });
+    }
+
+    fn finish(&self, job: &Job, terminal: RequestEvent) {
+        let _ = job.events.send(terminal);
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The engine thread: runs work in order until shutdown, then answers what is left.
+fn run_engine(mut engine: Engine, mut rx: mpsc::Receiver<Work>, shared: &EngineShared) {
+    let root = &shared.root;
+    while let Some(work) = rx.blocking_recv() {
+        let job = match work {
+            Work::Ping(answer) => {
+                shared.health.busy.store(true, Ordering::Relaxed);
+                shared.health.tick();
+                let _ = answer.send(engine.warm_up().map_err(|e| e.to_string()));
+                shared.health.busy.store(false, Ordering::Relaxed);
+                continue;
+            }
+            Work::Wake if root.is_cancelled() => break,
+            Work::Wake => continue,
+            Work::Run(job) => job,
+        };
+        shared.publish(&rx, true);
+        shared.health.tick();
+        shared.health.busy.store(true, Ordering::Relaxed);
         let terminal = if root.is_cancelled() {
             RequestEvent::Error(ServiceError::new(
                 ErrorCode::ShuttingDown,
                 "the service is stopping",
             ))
-        } else if job.cancel.is_cancelled() || events.is_closed() {
+        } else if job.cancel.is_cancelled() || job.events.is_closed() {
             RequestEvent::Done(cancelled_before_start(&job))
         } else {
-            run_job(&mut engine, &job, &root)
+            run_job(&mut engine, &job, root, &shared.health)
         };
-        let _ = events.send(terminal);
-        in_flight.fetch_sub(1, Ordering::Relaxed);
+        shared.health.busy.store(false, Ordering::Relaxed);
+        shared.finish(&job, terminal);
+        shared.publish(&rx, false);
         if root.is_cancelled() {
             break;
         }
     }
     rx.close();
-    while let Ok(job) = rx.try_recv() {
-        let _ = job.events.send(RequestEvent::Error(ServiceError::new(
-            ErrorCode::ShuttingDown,
-            "the service is stopping",
-        )));
-        in_flight.fetch_sub(1, Ordering::Relaxed);
+    while let Ok(work) = rx.try_recv() {
+        match work {
+            Work::Run(job) => shared.finish(
+                &job,
+                RequestEvent::Error(ServiceError::new(
+                    ErrorCode::ShuttingDown,
+                    "the service is stopping",
+                )),
+            ),
+            Work::Ping(answer) => {
+                let _ = answer.send(Err("the service is stopping".into()));
+            }
+            Work::Wake => {}
+        }
     }
+    shared.publish(&rx, false);
 }
 
 fn cancelled_before_start(job: &Job) -> Completion {
@@ -269,10 +483,16 @@ enum Why {
     Deadline,
 }
 
-fn run_job(engine: &mut Engine, job: &Job, root: &CancellationToken) -> RequestEvent {
+fn run_job(
+    engine: &mut Engine,
+    job: &Job,
+    root: &CancellationToken,
+    health: &EngineHealth,
+) -> RequestEvent {
     // Why generation was cut short, decided by whichever check saw it first.
     let why = std::cell::Cell::new(None);
     let check = || {
+        health.tick();
         if job.cancel.is_cancelled() || job.events.is_closed() {
             // A receiver that went away (caller disconnected) cancels the request.
             why.set(Some(if root.is_cancelled() {

@@ -134,8 +134,11 @@ fn byte_chars() -> Vec<char> {
 }
 
 /// A byte-level BPE `tokenizer.json`: 256 byte tokens, a few merges of common English pairs
-/// (llama.cpp's converter needs at least one merge), and the shape's special tokens.
-fn tokenizer_json(specials: &[(u32, &str)]) -> Value {
+/// (llama.cpp's converter needs at least one merge), the shape's special tokens, and made-up
+/// syllable words for every other id below `vocab_size`, so that what a random model generates
+/// decodes to visible (if meaningless) text. Those words have no merges: encoding only ever
+/// produces the byte tokens and the few merged pairs.
+fn tokenizer_json(specials: &[(u32, &str)], vocab_size: usize) -> Value {
     let chars = byte_chars();
     let mut vocab = serde_json::Map::new();
     for (i, c) in chars.iter().enumerate() {
@@ -166,6 +169,32 @@ fn tokenizer_json(specials: &[(u32, &str)]) -> Value {
         let id = vocab.len();
         vocab.entry(merged).or_insert(json!(id));
         merges.push(format!("{a} {b}"));
+    }
+    let taken: std::collections::HashSet<u32> = specials.iter().map(|(id, _)| *id).collect();
+    const CONSONANTS: &[u8] = b"bdfgklmnprstvz";
+    const VOWELS: &[u8] = b"aeiou";
+    for id in vocab.len()..vocab_size {
+        if taken.contains(&(id as u32)) {
+            continue;
+        }
+        let mut word = String::new();
+        let mut n = id;
+        loop {
+            word.push(CONSONANTS[n % CONSONANTS.len()] as char);
+            n /= CONSONANTS.len();
+            word.push(VOWELS[n % VOWELS.len()] as char);
+            n /= VOWELS.len();
+            if n == 0 {
+                break;
+            }
+        }
+        // Most tokens start a word (byte-level BPE's space marker).
+        let token = if id % 4 == 0 {
+            word
+        } else {
+            format!("{sp}{word}")
+        };
+        vocab.entry(token).or_insert(json!(id));
     }
     let added: Vec<Value> = specials
         .iter()
@@ -401,7 +430,10 @@ pub fn write_checkpoint(shape: &str, out: &Path, seed: u64, force: bool) -> Resu
         tok_cfg["chat_template"] = json!(template);
     }
     crate::package::write_json(&out.join("tokenizer_config.json"), &tok_cfg)?;
-    crate::package::write_json(&out.join("tokenizer.json"), &tokenizer_json(&specials))?;
+    crate::package::write_json(
+        &out.join("tokenizer.json"),
+        &tokenizer_json(&specials, spec.vocab),
+    )?;
     write_safetensors(&out.join("model.safetensors"), &tensors(&spec), seed)
 }
 
@@ -455,7 +487,7 @@ mod tests {
 
     #[test]
     fn every_merge_joins_two_vocabulary_tokens_into_one() {
-        let tok = tokenizer_json(&[(1000, "<|end|>")]);
+        let tok = tokenizer_json(&[(1000, "<|end|>")], 2000);
         let vocab = tok["model"]["vocab"].as_object().unwrap();
         for m in tok["model"]["merges"].as_array().unwrap() {
             let (a, b) = m.as_str().unwrap().split_once(' ').unwrap();

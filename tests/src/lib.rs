@@ -2,6 +2,8 @@
 //! into temporary folders, and the ONNX Runtime library location. Every helper fails loudly
 //! (panics with the fix) when something the tests need is missing; nothing is skipped.
 
+pub mod harness;
+
 use std::path::{Path, PathBuf};
 
 use edgellm_export::{ExportOptions, Precision};

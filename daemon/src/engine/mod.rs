@@ -96,6 +96,16 @@ impl Engine {
         self.max_length
     }
 
+    /// One forward pass of a single token, then a reset: proves the backend runs the model
+    /// (the daemon's start-up heartbeat) and takes first-run costs before the first request.
+    pub fn warm_up(&mut self) -> Result<(), EngineError> {
+        let token = self.model.package.config.model.bos_token_id.unwrap_or(0);
+        self.backend.reset();
+        let result = self.backend.forward(&[token]).map(|_| ());
+        self.backend.reset();
+        Ok(result?)
+    }
+
     /// Prompt ids for a request (render + tokenize), checked against the context length.
     pub fn prompt_ids(&self, req: &Request) -> Result<Vec<u32>, EngineError> {
         let ids = self.model.prompt_ids(&req.input, req.reasoning_effort)?;

@@ -2,10 +2,12 @@
 //! to exit codes in one place (1: the request failed; 2: bad arguments, from clap).
 //!
 //! - `run`: generate from a package in-process, streaming to stdout.
+//! - `ask`: one request to a running `edgellmd`, over D-Bus or MQTT.
 //! - `prompt`: print the exact prompt text the model would see.
 //! - `inspect`: describe a package.
 //! - `bench`: prefill/decode speed, time to first token, peak RSS.
 
+mod ask;
 mod bench;
 mod inspect;
 mod run;
@@ -16,6 +18,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use edgellm::backend::{BackendChoice, BackendOptions};
 use edgellm::chat::harmony::ReasoningEffort;
+use edgellm::sampler::SamplingParams;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -32,6 +35,8 @@ struct Cli {
 enum Command {
     /// Generate from a model package, streaming text to stdout.
     Run(run::RunArgs),
+    /// Ask a running edgellmd over D-Bus or MQTT.
+    Ask(Box<ask::AskArgs>),
     /// Print the exact prompt text the model will see for a messages file.
     Prompt(PromptArgs),
     /// Describe a model package: architecture, sizes, quantization, context, KV bytes per token.
@@ -123,6 +128,86 @@ impl EngineArgs {
     }
 }
 
+/// Request options shared by `run` (in-process) and `ask` (over a transport).
+#[derive(Debug, Args)]
+pub struct RequestArgs {
+    #[arg(long, value_name = "N")]
+    pub max_tokens: Option<usize>,
+    /// 0 = greedy. Default: the package's search settings (greedy unless it samples).
+    #[arg(long, allow_negative_numbers = true)]
+    pub temperature: Option<f32>,
+    #[arg(long, allow_negative_numbers = true)]
+    pub top_p: Option<f32>,
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    #[arg(long, allow_negative_numbers = true)]
+    pub min_p: Option<f32>,
+    #[arg(long, allow_negative_numbers = true)]
+    pub repetition_penalty: Option<f32>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Stop string (repeatable).
+    #[arg(long = "stop", value_name = "TEXT")]
+    pub stop: Vec<String>,
+    /// gpt-oss reasoning effort.
+    #[arg(long, value_enum)]
+    pub reasoning_effort: Option<Effort>,
+}
+
+impl RequestArgs {
+    /// Sets the given options on `req`, the package's defaults for the rest.
+    pub fn apply(&self, req: &mut edgellm::api::Request, defaults: SamplingParams) {
+        req.max_tokens = self.max_tokens;
+        req.stop = self.stop.clone();
+        req.reasoning_effort = self.reasoning_effort.map(Into::into);
+        req.sampling = SamplingParams {
+            temperature: self.temperature.unwrap_or(defaults.temperature),
+            top_p: self.top_p.unwrap_or(defaults.top_p),
+            top_k: self.top_k.unwrap_or(defaults.top_k),
+            min_p: self.min_p.unwrap_or(defaults.min_p),
+            repetition_penalty: self
+                .repetition_penalty
+                .unwrap_or(defaults.repetition_penalty),
+            seed: self.seed,
+        };
+    }
+
+    /// The options given, as the transports' request fields (the daemon applies its package's
+    /// defaults to the rest).
+    pub fn to_json(&self) -> serde_json::Map<String, serde_json::Value> {
+        use serde_json::Value;
+        let mut m = serde_json::Map::new();
+        let mut put = |k: &str, v: Option<Value>| {
+            if let Some(v) = v {
+                m.insert(k.to_string(), v);
+            }
+        };
+        put("max_tokens", self.max_tokens.map(Value::from));
+        put(
+            "temperature",
+            self.temperature.map(|f| Value::from(f64::from(f))),
+        );
+        put("top_p", self.top_p.map(|f| Value::from(f64::from(f))));
+        put("top_k", self.top_k.map(Value::from));
+        put("min_p", self.min_p.map(|f| Value::from(f64::from(f))));
+        put(
+            "repetition_penalty",
+            self.repetition_penalty.map(|f| Value::from(f64::from(f))),
+        );
+        put("seed", self.seed.map(Value::from));
+        put(
+            "stop",
+            (!self.stop.is_empty()).then(|| Value::from(self.stop.clone())),
+        );
+        put(
+            "reasoning_effort",
+            self.reasoning_effort
+                .map(|e| Value::from(ReasoningEffort::from(e).as_str())),
+        );
+        m
+    }
+}
+
 /// Reads a messages file: `[{"role": "...", "content": "..."}]`.
 pub fn read_messages(path: &std::path::Path) -> anyhow::Result<Vec<edgellm::chat::Message>> {
     let text =
@@ -139,6 +224,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run::run(&args),
+        Command::Ask(args) => ask::ask(&args),
         Command::Prompt(args) => prompt(&args),
         Command::Inspect { dir } => inspect::inspect(&dir),
         Command::Bench(args) => bench::bench(&args),

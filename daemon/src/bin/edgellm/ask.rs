@@ -1,0 +1,352 @@
+//! `edgellm ask`: one request to a running `edgellmd`, over D-Bus or MQTT. Prints the answer
+//! (streamed with `--stream`), or one JSON object `{"text","finish_reason","usage"}` with
+//! `--json`. A refused request prints the daemon's error code and message and exits 1.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use futures_util::StreamExt;
+use serde_json::{Map, Value, json};
+
+use crate::{RequestArgs, read_messages};
+
+#[derive(Debug, Args)]
+pub struct AskArgs {
+    /// Ask over D-Bus (the session bus unless --system or --address).
+    #[arg(long, conflicts_with = "mqtt", required_unless_present = "mqtt")]
+    dbus: bool,
+    /// The system bus (production), not the session bus.
+    #[arg(long, requires = "dbus")]
+    system: bool,
+    /// A D-Bus address (unix:path=...) instead of the session or system bus.
+    #[arg(long, requires = "dbus", value_name = "ADDRESS")]
+    address: Option<String>,
+    /// Ask over MQTT: the broker's mqtt://HOST:PORT.
+    #[arg(long, value_name = "URL")]
+    mqtt: Option<String>,
+    /// The daemon's node id (MQTT topics <topic-prefix>/<node>/...). Default: this host's name.
+    #[arg(long, requires = "mqtt")]
+    node: Option<String>,
+    #[arg(long, requires = "mqtt", default_value = "edgellm")]
+    topic_prefix: String,
+    /// Prompt text, sent as one user message (through the chat template, unless --raw).
+    #[arg(
+        long,
+        conflicts_with = "messages",
+        required_unless_present = "messages"
+    )]
+    prompt: Option<String>,
+    /// Plain-text completion: no chat template (D-Bus `Complete`, MQTT `prompt`).
+    #[arg(long, requires = "prompt")]
+    raw: bool,
+    /// JSON file: [{"role": "...", "content": "..."}]
+    #[arg(long, value_name = "FILE.json")]
+    messages: Option<PathBuf>,
+    #[command(flatten)]
+    request: RequestArgs,
+    /// Print the answer as it is generated.
+    #[arg(long)]
+    stream: bool,
+    /// Print one JSON object at the end: {"text", "finish_reason", "usage"}.
+    #[arg(long)]
+    json: bool,
+    /// Give up after this many seconds.
+    #[arg(long, default_value_t = 600)]
+    timeout: u64,
+}
+
+/// The input as transport fields: `messages` or (raw) `prompt`.
+fn input(args: &AskArgs) -> anyhow::Result<Value> {
+    Ok(match (&args.prompt, &args.messages) {
+        (Some(p), None) if args.raw => json!({ "prompt": p }),
+        (Some(p), None) => json!({ "messages": [{"role": "user", "content": p}] }),
+        (None, Some(path)) => json!({ "messages": read_messages(path)? }),
+        _ => bail!("give --prompt TEXT or --messages FILE.json"),
+    })
+}
+
+pub fn ask(args: &AskArgs) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let work = async {
+            if args.dbus {
+                dbus(args).await
+            } else {
+                mqtt(args).await
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(args.timeout), work)
+            .await
+            .map_err(|_| anyhow::anyhow!("no answer within {} s", args.timeout))?
+    })
+}
+
+/// Prints the end of an answer: a newline after streamed text, or the text, or the JSON.
+fn finish(args: &AskArgs, text: &str, finish_reason: &str, usage: Value) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        let v = json!({"text": text, "finish_reason": finish_reason, "usage": usage});
+        writeln!(out, "{v}")?;
+    } else if args.stream {
+        writeln!(out)?;
+    } else {
+        writeln!(out, "{text}")?;
+    }
+    Ok(())
+}
+
+fn print_delta(args: &AskArgs, text: &str) -> anyhow::Result<()> {
+    if args.stream && !args.json {
+        let mut out = std::io::stdout().lock();
+        out.write_all(text.as_bytes())?;
+        out.flush()?;
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// D-Bus
+
+type Dict = std::collections::HashMap<String, zbus::OwnedVariant>;
+
+fn to_variant(v: &Value) -> anyhow::Result<zbus::OwnedVariant> {
+    Ok(match v {
+        Value::Bool(b) => (*b).into(),
+        Value::Number(n) if n.is_u64() => n.as_u64().unwrap_or_default().into(),
+        Value::Number(n) => n.as_f64().unwrap_or_default().into(),
+        Value::String(s) => zbus::OwnedVariant::from(zbus::Str::from(s.clone())),
+        Value::Array(items) => {
+            let strings: Vec<String> = items
+                .iter()
+                .map(|i| i.as_str().map(str::to_string))
+                .collect::<Option<_>>()
+                .context("only lists of strings are options")?;
+            zbus::OwnedVariant::try_from(zbus::Variant::from(strings))?
+        }
+        other => bail!("{other} is not an option value"),
+    })
+}
+
+fn stats_json(stats: &Dict) -> (String, Value) {
+    let mut usage = Map::new();
+    let mut reason = String::new();
+    for (k, v) in stats {
+        match &**v {
+            zbus::Variant::Str(s) if k == "finish_reason" => reason = s.to_string(),
+            zbus::Variant::U32(n) => {
+                usage.insert(k.clone(), json!(n));
+            }
+            zbus::Variant::F64(f) => {
+                usage.insert(k.clone(), json!(f));
+            }
+            _ => {}
+        }
+    }
+    (reason, Value::Object(usage))
+}
+
+fn dbus_error(e: zbus::Error) -> anyhow::Error {
+    match e {
+        zbus::Error::MethodError(name, msg, _) => {
+            anyhow::anyhow!("{}: {}", name.as_str(), msg.unwrap_or_default())
+        }
+        other => anyhow::anyhow!("D-Bus: {other}"),
+    }
+}
+
+async fn dbus(args: &AskArgs) -> anyhow::Result<()> {
+    let builder = match (&args.address, args.system) {
+        (Some(a), _) => zbus::connection::Builder::address(a.as_str()),
+        (None, true) => zbus::connection::Builder::system(),
+        (None, false) => zbus::connection::Builder::session(),
+    };
+    let conn = builder.build().await.context("connecting to D-Bus")?;
+    let mut options = Dict::new();
+    for (k, v) in args.request.to_json() {
+        options.insert(k, to_variant(&v)?);
+    }
+    let fields = input(args)?;
+    let messages: Vec<(String, String)> = fields
+        .get("messages")
+        .and_then(Value::as_array)
+        .map(|m| {
+            m.iter()
+                .map(|m| {
+                    (
+                        m["role"].as_str().unwrap_or_default().to_string(),
+                        m["content"].as_str().unwrap_or_default().to_string(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let call = |method: &'static str| (BUS, PATH, Some(IFACE), method);
+    const BUS: &str = "org.edgellm.Inference1";
+    const PATH: &str = "/org/edgellm/Inference1";
+    const IFACE: &str = "org.edgellm.Inference1";
+
+    if !args.stream {
+        let (dest, path, iface, method) = call(if args.raw { "Complete" } else { "Chat" });
+        let reply = if args.raw {
+            let prompt = fields["prompt"].as_str().unwrap_or_default();
+            conn.call_method(Some(dest), path, iface, method, &(prompt, &options))
+                .await
+        } else {
+            conn.call_method(Some(dest), path, iface, method, &(&messages, &options))
+                .await
+        }
+        .map_err(dbus_error)?;
+        let (text, stats): (String, Dict) = reply.body().deserialize()?;
+        let (reason, usage) = stats_json(&stats);
+        return finish(args, &text, &reason, usage);
+    }
+    if args.raw {
+        bail!("--stream over D-Bus needs chat messages (StartChat); drop --raw or --stream");
+    }
+    // Subscribe before the call: the first Delta may follow the reply at once.
+    let rule = zbus::MatchRule::builder()
+        .msg_type(zbus::message::Type::Signal)
+        .interface("org.edgellm.Inference1.Request")
+        .build()?;
+    let mut signals =
+        zbus::MessageStream::for_match_rule(rule, &conn, std::num::NonZeroUsize::new(1024)).await?;
+    let (dest, path, iface, method) = call("StartChat");
+    let reply = conn
+        .call_method(Some(dest), path, iface, method, &(&messages, &options))
+        .await
+        .map_err(dbus_error)?;
+    let request: zbus::OwnedObjectPath = reply.body().deserialize()?;
+    let mut text = String::new();
+    while let Some(msg) = signals.next().await {
+        let msg = msg?;
+        let header = msg.header();
+        if header.path().map(|p| p.as_str()) != Some(request.as_str()) {
+            continue;
+        }
+        match header.member().map(|m| m.as_str()) {
+            Some("Delta") => {
+                let delta: String = msg.body().deserialize()?;
+                print_delta(args, &delta)?;
+                text.push_str(&delta);
+            }
+            Some("Finished") => {
+                let (reason, stats): (String, Dict) = msg.body().deserialize()?;
+                if reason == "error" {
+                    let get = |k: &str| match stats.get(k).map(|v| &**v) {
+                        Some(zbus::Variant::Str(s)) => s.to_string(),
+                        _ => String::new(),
+                    };
+                    bail!("{}: {}", get("error_code"), get("error_message"));
+                }
+                let (_, usage) = stats_json(&stats);
+                return finish(args, &text, &reason, usage);
+            }
+            _ => {}
+        }
+    }
+    bail!("the bus connection closed before the answer finished")
+}
+
+// ---------------------------------------------------------------------------------------------
+// MQTT
+
+async fn mqtt(args: &AskArgs) -> anyhow::Result<()> {
+    use rumqttc::v5::mqttbytes::QoS;
+    use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
+    use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+
+    let url = args.mqtt.as_deref().unwrap_or_default();
+    let rest = url
+        .strip_prefix("mqtt://")
+        .with_context(|| format!("--mqtt {url:?}: expected mqtt://HOST[:PORT]"))?;
+    let (host, port) = match rest.trim_end_matches('/').rsplit_once(':') {
+        Some((h, p)) => (h.to_string(), p.parse().context("--mqtt: bad port")?),
+        None => (rest.to_string(), 1883),
+    };
+    let node = args
+        .node
+        .clone()
+        .unwrap_or_else(edgellm::transport::mqtt::host_name);
+    let me = format!("edgellm-ask-{}-{}", std::process::id(), nanos());
+    let reply_topic = format!("{}/client/{me}/reply", args.topic_prefix);
+    let mut opts = MqttOptions::new(me.clone(), host, port);
+    opts.set_keep_alive(Duration::from_secs(30));
+    let (client, mut eventloop) = AsyncClient::new(opts, 64);
+
+    let mut fields = match input(args)? {
+        Value::Object(m) => m,
+        _ => Map::new(),
+    };
+    fields.extend(args.request.to_json());
+    fields.insert("id".into(), json!(me));
+    fields.insert("stream".into(), json!(args.stream));
+    let payload = Value::Object(fields).to_string();
+    let mut sent = false;
+    let mut text = String::new();
+    loop {
+        let ev = eventloop
+            .poll()
+            .await
+            .with_context(|| format!("MQTT broker {url}"))?;
+        match ev {
+            Event::Incoming(Packet::ConnAck(_)) => {
+                client.subscribe(&reply_topic, QoS::AtLeastOnce).await?;
+            }
+            Event::Incoming(Packet::SubAck(_)) if !sent => {
+                sent = true;
+                let props = PublishProperties {
+                    response_topic: Some(reply_topic.clone()),
+                    correlation_data: Some(me.clone().into_bytes().into()),
+                    ..Default::default()
+                };
+                client
+                    .publish_with_properties(
+                        format!("{}/{node}/request", args.topic_prefix),
+                        QoS::AtLeastOnce,
+                        false,
+                        payload.clone(),
+                        props,
+                    )
+                    .await?;
+            }
+            Event::Incoming(Packet::Publish(p)) => {
+                let msg: Value =
+                    serde_json::from_slice(&p.payload).context("the daemon's reply is not JSON")?;
+                if let Some(err) = msg.get("error") {
+                    bail!(
+                        "{}: {}",
+                        err["code"].as_str().unwrap_or("error"),
+                        err["message"].as_str().unwrap_or_default()
+                    );
+                }
+                if msg.get("done").and_then(Value::as_bool) == Some(true) {
+                    let _ = client.disconnect().await;
+                    let full = msg["text"].as_str().unwrap_or_default();
+                    return finish(
+                        args,
+                        full,
+                        msg["finish_reason"].as_str().unwrap_or_default(),
+                        msg["usage"].clone(),
+                    );
+                }
+                if let Some(delta) = msg["delta"].as_str() {
+                    print_delta(args, delta)?;
+                    text.push_str(delta);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+fn nanos() -> u32 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or_default()
+}

@@ -1,0 +1,127 @@
+//! `edgellmd`: the edgellm service. Reads the configuration, logs to the journal when systemd
+//! started it (`JOURNAL_STREAM`) or to stderr otherwise, turns SIGTERM/SIGINT into a graceful
+//! shutdown, and runs [`edgellm::run`]. Exit codes: 0 after a clean stop, 1 when start-up
+//! failed, 2 for bad arguments or a bad configuration file.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use edgellm::config::Config;
+use tokio_util::sync::CancellationToken;
+
+const DEFAULT_CONFIG: &str = "/etc/edgellm/edgellm.toml";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "edgellmd",
+    version,
+    about = "edgellm service: answers over D-Bus and MQTT"
+)]
+struct Cli {
+    /// Configuration file (TOML). Default: /etc/edgellm/edgellm.toml if it exists, else the
+    /// built-in defaults.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Check a configuration file and exit (0: valid).
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["config", "print_default_config"])]
+    check_config: Option<PathBuf>,
+    /// Print the default configuration file, every key commented, and exit.
+    #[arg(long)]
+    print_default_config: bool,
+}
+
+fn init_logging() {
+    use tracing_subscriber::prelude::*;
+    let filter = tracing_subscriber::EnvFilter::try_from_env("EDGELLM_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,zbus=warn,rumqttc=warn"));
+    let registry = tracing_subscriber::registry().with(filter);
+    if std::env::var_os("JOURNAL_STREAM").is_some()
+        && let Ok(journald) = tracing_journald::layer()
+    {
+        registry.with(journald).init();
+        return;
+    }
+    registry
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if cli.print_default_config {
+        print!("{}", Config::default_file());
+        return ExitCode::SUCCESS;
+    }
+    if let Some(path) = &cli.check_config {
+        return match Config::load(path) {
+            Ok(_) => {
+                println!("{}: ok", path.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("edgellmd: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
+    init_logging();
+    let config = match &cli.config {
+        Some(path) => Config::load(path),
+        None if std::path::Path::new(DEFAULT_CONFIG).exists() => {
+            Config::load(std::path::Path::new(DEFAULT_CONFIG))
+        }
+        None => {
+            tracing::info!("no {DEFAULT_CONFIG}: using the built-in defaults");
+            Ok(Config::default())
+        }
+    };
+    let config = match config {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("edgellmd: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("edgellmd-io")
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("edgellmd: starting the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        let shutdown = CancellationToken::new();
+        let signals = shutdown.clone();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            let (Ok(mut term), Ok(mut int)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) else {
+                tracing::error!("cannot install signal handlers");
+                return;
+            };
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM"),
+                _ = int.recv() => tracing::info!("SIGINT"),
+            }
+            signals.cancel();
+        });
+        edgellm::run(config, shutdown).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("edgellmd: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

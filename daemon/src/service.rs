@@ -1,0 +1,227 @@
+//! The daemon: [`run`] loads the model, starts the engine thread and the transports, tells
+//! systemd it is ready, keeps the watchdog fed while the engine lives, and on shutdown drains
+//! within the grace period. `edgellmd`'s `main` and the end-to-end tests both call it.
+//!
+//! Start-up: load the package and build the backend (off the async threads), start the
+//! [`Scheduler`], run one forward pass through it (the heartbeat), then D-Bus (fatal if the bus
+//! cannot be reached: systemd restarts us) and MQTT (a broker that is down is retried with
+//! backoff, never fatal), then `READY=1`.
+//!
+//! Shutdown (the `shutdown` token, cancelled on SIGTERM by `edgellmd`): `STOPPING=1`; new
+//! requests get `shutting_down`; the running request ends with `shutdown` and queued ones with
+//! `shutting_down`; the transports deliver those terminal messages; MQTT publishes the retained
+//! `offline` status and disconnects; D-Bus releases its name. All within
+//! `limits.shutdown_grace_s`.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::engine::Engine;
+use crate::model::Model;
+use crate::scheduler::{Limits, Scheduler, Status};
+use crate::systemd::Notifier;
+use crate::transport::dbus::DbusServer;
+use crate::transport::mqtt;
+
+/// What the transports share: the scheduler and the facts they report.
+pub struct Service {
+    pub scheduler: Scheduler,
+    /// The package folder's name (after resolving a `default` symlink).
+    pub model_name: String,
+    /// `ort` or `tract`.
+    pub backend: &'static str,
+    /// Per-request forwarding tasks; shutdown waits for them.
+    pub tasks: TaskTracker,
+}
+
+impl std::fmt::Debug for Service {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Service")
+            .field("model", &self.model_name)
+            .field("backend", &self.backend)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Service {
+    /// A request for `input` with the package's sampling defaults (genai_config.json `search`),
+    /// which the request's own options then override.
+    pub fn request(&self, input: crate::api::Input) -> crate::api::Request {
+        let mut req = crate::api::Request::new(input);
+        req.sampling = self.scheduler.model().default_sampling();
+        req
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("loading the model {path}: {msg}")]
+    Load { path: String, msg: String },
+    #[error("the engine did not answer its start-up heartbeat: {0}")]
+    Heartbeat(String),
+    #[error("D-Bus: {0}")]
+    Dbus(#[from] zbus::Error),
+    #[error("MQTT: {0}")]
+    Mqtt(String),
+}
+
+/// The package folder's own name, after resolving symlinks (`models/default` -> `qwen2.5-0.5b`).
+pub fn model_name(path: &Path) -> String {
+    let real = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    real.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| real.display().to_string())
+}
+
+fn load_engine(config: &Config) -> Result<Engine, RunError> {
+    let path = &config.model.path;
+    let fail = |msg: String| RunError::Load {
+        path: path.display().to_string(),
+        msg,
+    };
+    let model = Model::load(path).map_err(|e| fail(e.to_string()))?;
+    let (choice, opts) = config.backend_options();
+    // The KV capacity: the configured max_length, or the model's context if smaller.
+    let max_length = model.package.kv_layout(opts.max_length).max_length;
+    let backend =
+        crate::backend::load(&model.package, choice, &opts).map_err(|e| fail(e.to_string()))?;
+    Ok(Engine::new(model, backend, max_length))
+}
+
+fn status_line(svc: &Service, s: Status) -> String {
+    format!(
+        "STATUS={} {} ({}), {} queued",
+        s.state.as_str(),
+        svc.model_name,
+        svc.backend,
+        s.queue_length
+    )
+}
+
+/// Runs the daemon until `shutdown` is cancelled, then drains and returns.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunError> {
+    config.validate()?;
+    let notifier = Notifier::from_env();
+    notifier.notify("STATUS=loading the model");
+    tracing::info!("loading {}", config.model.path.display());
+
+    let engine = {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || load_engine(&config))
+            .await
+            .map_err(|e| RunError::Heartbeat(e.to_string()))??
+    };
+    let backend = engine.backend_name();
+    let limits = Limits {
+        queue_depth: config.limits.queue_depth,
+        max_new_tokens: config.limits.max_new_tokens,
+        request_timeout: Duration::from_secs(config.limits.request_timeout_s),
+    };
+    let scheduler = Scheduler::start(engine, limits, CancellationToken::new());
+    scheduler.ping().await.map_err(RunError::Heartbeat)?;
+    let svc = Arc::new(Service {
+        scheduler,
+        model_name: model_name(&config.model.path),
+        backend,
+        tasks: TaskTracker::new(),
+    });
+    tracing::info!(
+        "model {} on {} (max_length {})",
+        svc.model_name,
+        svc.backend,
+        config.model.max_length
+    );
+
+    let dbus = if config.dbus.enabled {
+        let server = DbusServer::start(svc.clone(), &config.dbus).await?;
+        tracing::info!(
+            "D-Bus: {} on the {} bus",
+            crate::transport::dbus::BUS_NAME,
+            {
+                if config.dbus.address.is_empty() {
+                    config.dbus.bus.as_str()
+                } else {
+                    config.dbus.address.as_str()
+                }
+            }
+        );
+        Some(server)
+    } else {
+        None
+    };
+    let mqtt_close = CancellationToken::new();
+    let mqtt = if config.mqtt.enabled {
+        let client = mqtt::MqttTransport::new(svc.clone(), &config.mqtt)
+            .map_err(|e| RunError::Mqtt(e.to_string()))?;
+        Some(tokio::spawn(client.run(mqtt_close.clone())))
+    } else {
+        None
+    };
+
+    let mut status = svc.scheduler.status();
+    notifier.notify(&format!(
+        "READY=1\n{}",
+        status_line(&svc, *status.borrow_and_update())
+    ));
+    tracing::info!("ready");
+
+    // Ping at half the watchdog timeout, and only while the engine thread is healthy: a wedged
+    // backend (no progress within the whole timeout) gets us restarted; a long generation, which
+    // makes progress token by token, does not.
+    let watchdog = notifier.watchdog();
+    let mut tick = tokio::time::interval(watchdog.map_or(Duration::from_secs(3600), |w| {
+        (w / 2).max(Duration::from_millis(50))
+    }));
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            changed = status.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                notifier.notify(&status_line(&svc, *status.borrow_and_update()));
+            }
+            _ = tick.tick(), if watchdog.is_some() => {
+                if let Some(w) = watchdog
+                    && svc.scheduler.health().healthy(w)
+                {
+                    notifier.notify("WATCHDOG=1");
+                }
+            }
+        }
+    }
+
+    notifier.notify("STOPPING=1\nSTATUS=stopping: finishing requests");
+    tracing::info!("stopping");
+    let grace = Duration::from_secs(config.limits.shutdown_grace_s);
+    let deadline = tokio::time::Instant::now() + grace;
+    svc.scheduler.shutdown();
+    let drained = tokio::time::timeout_at(deadline, async {
+        let s = svc.clone();
+        let _ = tokio::task::spawn_blocking(move || s.scheduler.join()).await;
+        svc.tasks.close();
+        svc.tasks.wait().await;
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!("shutdown grace of {grace:?} ran out with requests still running");
+    }
+    mqtt_close.cancel();
+    if let Some(task) = mqtt {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let _ = tokio::time::timeout(left.max(Duration::from_secs(1)), task).await;
+    }
+    if let Some(server) = dbus {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let _ = tokio::time::timeout(left.max(Duration::from_secs(1)), server.stop()).await;
+    }
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,461 @@
+//! D-Bus transport (zbus): `org.edgellm.Inference1` at `/org/edgellm/Inference1`, wire <->
+//! [`crate::api`] and nothing else. The full contract is `docs/dbus-api.md`.
+//!
+//! - `Chat(a(ss) messages, a{sv} options) -> (s text, a{sv} stats)` and
+//!   `Complete(s prompt, a{sv} options) -> (s text, a{sv} stats)` reply when generation ends.
+//! - `StartChat(a(ss), a{sv}) -> (o request)` exports a per-request object
+//!   (`org.edgellm.Inference1.Request`: signals `Delta(s)`, `Finished(s reason, a{sv} stats)`
+//!   unicast to the caller, method `Cancel()`), removed after `Finished`.
+//! - Properties `Model`, `Backend`, `State`, `QueueLength`, `MaxContext`, with
+//!   `PropertiesChanged` for `State` and `QueueLength`.
+//! - Errors `org.edgellm.Inference1.Error.{Busy,InvalidRequest,PromptTooLong,ShuttingDown,Internal}`.
+//!
+//! A caller that leaves the bus (its unique name loses its owner) cancels its requests.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use futures_util::StreamExt;
+use serde_json::{Map, Value};
+use tokio_util::sync::CancellationToken;
+use zbus::message::Header;
+use zbus::names::{BusName, UniqueName};
+use zbus::object_server::SignalEmitter;
+use zbus::{Connection, OwnedObjectPath, OwnedVariant, Variant, interface};
+
+use super::{invalid, parse_options};
+use crate::api::{Completion, Event, Request};
+use crate::chat::Message;
+use crate::config::DbusConfig;
+use crate::scheduler::{ErrorCode, Handle, RequestEvent, ServiceError};
+use crate::service::Service;
+
+pub const BUS_NAME: &str = "org.edgellm.Inference1";
+pub const OBJECT_PATH: &str = "/org/edgellm/Inference1";
+pub const REQUEST_INTERFACE: &str = "org.edgellm.Inference1.Request";
+
+/// The error names of the interface.
+#[derive(Debug, zbus::DBusError)]
+#[zbus(prefix = "org.edgellm.Inference1.Error")]
+pub enum Error {
+    #[zbus(error)]
+    ZBus(zbus::Error),
+    Busy(String),
+    InvalidRequest(String),
+    PromptTooLong(String),
+    ShuttingDown(String),
+    Internal(String),
+}
+
+impl From<ServiceError> for Error {
+    fn from(e: ServiceError) -> Self {
+        match e.code {
+            ErrorCode::Busy => Error::Busy(e.message),
+            ErrorCode::InvalidRequest => Error::InvalidRequest(e.message),
+            ErrorCode::PromptTooLong => Error::PromptTooLong(e.message),
+            ErrorCode::ShuttingDown => Error::ShuttingDown(e.message),
+            ErrorCode::Internal => Error::Internal(e.message),
+        }
+    }
+}
+
+type Options = HashMap<String, OwnedVariant>;
+type Stats = HashMap<String, OwnedVariant>;
+
+/// A D-Bus value as JSON, so options go through the same parser as MQTT payloads. Integers,
+/// doubles, strings, booleans, and arrays of them are options' types; anything else is named.
+pub fn variant_to_json(key: &str, v: &Variant<'_>) -> Result<Value, ServiceError> {
+    Ok(match v {
+        Variant::Bool(b) => Value::Bool(*b),
+        Variant::U8(n) => Value::from(*n),
+        Variant::I16(n) => Value::from(*n),
+        Variant::U16(n) => Value::from(*n),
+        Variant::I32(n) => Value::from(*n),
+        Variant::U32(n) => Value::from(*n),
+        Variant::I64(n) => Value::from(*n),
+        Variant::U64(n) => Value::from(*n),
+        Variant::F64(f) => serde_json::Number::from_f64(*f)
+            .map(Value::Number)
+            .ok_or_else(|| invalid(format!("{key}: {f} is not a finite number")))?,
+        Variant::Str(s) => Value::String(s.as_str().to_string()),
+        Variant::Variant(inner) => variant_to_json(key, inner)?,
+        Variant::Array(a) => Value::Array(
+            a.inner()
+                .iter()
+                .map(|item| variant_to_json(key, item))
+                .collect::<Result<_, _>>()?,
+        ),
+        other => {
+            return Err(invalid(format!(
+                "{key}: unsupported D-Bus type {}",
+                other.value_signature()
+            )));
+        }
+    })
+}
+
+fn request_with(
+    svc: &Service,
+    input: crate::api::Input,
+    options: &Options,
+) -> Result<Request, ServiceError> {
+    let mut req = svc.request(input);
+    let mut map = Map::new();
+    for (k, v) in options {
+        map.insert(k.clone(), variant_to_json(k, v)?);
+    }
+    parse_options(&map, &[], &mut req)?;
+    Ok(req)
+}
+
+fn chat_request(
+    svc: &Service,
+    messages: Vec<(String, String)>,
+    options: &Options,
+) -> Result<Request, Error> {
+    let messages = messages
+        .into_iter()
+        .map(|(role, content)| Message { role, content })
+        .collect();
+    Ok(request_with(svc, super::chat_input(messages)?, options)?)
+}
+
+/// `Finished`'s and the replies' stats dictionary.
+pub fn stats(c: &Completion) -> Stats {
+    let u = &c.usage;
+    let mut s = Stats::new();
+    s.insert(
+        "finish_reason".into(),
+        OwnedVariant::from(zbus::Str::from(c.finish_reason.as_str().to_string())),
+    );
+    s.insert("prompt_tokens".into(), (u.prompt_tokens as u32).into());
+    s.insert(
+        "completion_tokens".into(),
+        (u.completion_tokens as u32).into(),
+    );
+    s.insert("ttft_ms".into(), u.ttft_ms.into());
+    s.insert("prefill_tok_s".into(), u.prefill_tok_s.into());
+    s.insert("decode_tok_s".into(), u.decode_tok_s.into());
+    s
+}
+
+/// The service object.
+pub struct Inference {
+    svc: Arc<Service>,
+    next_id: AtomicU64,
+}
+
+impl Inference {
+    /// Submits, then answers from the event stream when the request ends.
+    async fn run_to_end(
+        &self,
+        conn: &Connection,
+        hdr: &Header<'_>,
+        req: Request,
+    ) -> Result<(String, Stats), Error> {
+        let Handle { mut events, cancel } = self.svc.scheduler.submit(req)?;
+        let _watch = watch_caller(conn, hdr.sender(), cancel);
+        self.svc
+            .tasks
+            .track_future(async move {
+                while let Some(ev) = events.recv().await {
+                    match ev {
+                        RequestEvent::Event(_) => {}
+                        RequestEvent::Done(c) => return Ok((c.text.clone(), stats(&c))),
+                        RequestEvent::Error(e) => return Err(Error::from(e)),
+                    }
+                }
+                Err(Error::Internal(
+                    "the engine dropped the request without an answer".into(),
+                ))
+            })
+            .await
+    }
+}
+
+#[interface(name = "org.edgellm.Inference1")]
+impl Inference {
+    /// Chat completion; replies with the whole answer and its stats.
+    #[zbus(out_args("text", "stats"))]
+    async fn chat(
+        &self,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] hdr: Header<'_>,
+        messages: Vec<(String, String)>,
+        options: Options,
+    ) -> Result<(String, Stats), Error> {
+        let req = chat_request(&self.svc, messages, &options)?;
+        self.run_to_end(conn, &hdr, req).await
+    }
+
+    /// Plain-text completion (no chat template); replies with the whole answer and its stats.
+    #[zbus(out_args("text", "stats"))]
+    async fn complete(
+        &self,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] hdr: Header<'_>,
+        prompt: String,
+        options: Options,
+    ) -> Result<(String, Stats), Error> {
+        let req = request_with(&self.svc, super::complete_input(prompt)?, &options)?;
+        self.run_to_end(conn, &hdr, req).await
+    }
+
+    /// Streaming chat: returns a request object whose `Delta` and `Finished` signals are sent to
+    /// the caller only. Subscribe to them (interface `org.edgellm.Inference1.Request`) before
+    /// calling, as the first `Delta` may follow the reply at once.
+    #[zbus(out_args("request"))]
+    async fn start_chat(
+        &self,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] hdr: Header<'_>,
+        messages: Vec<(String, String)>,
+        options: Options,
+    ) -> Result<OwnedObjectPath, Error> {
+        let req = chat_request(&self.svc, messages, &options)?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let path = OwnedObjectPath::try_from(format!("{OBJECT_PATH}/request/{id}"))
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        let caller = hdr
+            .sender()
+            .map(|s| s.to_owned())
+            .ok_or_else(|| Error::InvalidRequest("the call has no sender".into()))?;
+        let Handle { events, cancel } = self.svc.scheduler.submit(req)?;
+        conn.object_server()
+            .at(
+                &path,
+                RequestObject {
+                    cancel: cancel.clone(),
+                },
+            )
+            .await?;
+        let emitter = SignalEmitter::new(conn, path.clone())?
+            .set_destination(BusName::Unique(caller.clone()))
+            .into_owned();
+        let watch = watch_caller(conn, Some(&caller), cancel);
+        let conn = conn.clone();
+        self.svc
+            .tasks
+            .spawn(stream_request(conn, emitter, path.clone(), events, watch));
+        Ok(path)
+    }
+
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn model(&self) -> String {
+        self.svc.model_name.clone()
+    }
+
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn backend(&self) -> String {
+        self.svc.backend.to_string()
+    }
+
+    /// `loading` | `ready` | `busy` | `stopping`.
+    #[zbus(property)]
+    fn state(&self) -> String {
+        self.svc
+            .scheduler
+            .status()
+            .borrow()
+            .state
+            .as_str()
+            .to_string()
+    }
+
+    /// Requests waiting behind the running one.
+    #[zbus(property)]
+    fn queue_length(&self) -> u32 {
+        self.svc.scheduler.status().borrow().queue_length as u32
+    }
+
+    /// Tokens of context: prompt plus answer (the configured `max_length`).
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn max_context(&self) -> u32 {
+        self.svc.scheduler.max_length() as u32
+    }
+}
+
+/// The per-request object of `StartChat`.
+pub struct RequestObject {
+    cancel: CancellationToken,
+}
+
+#[interface(name = "org.edgellm.Inference1.Request")]
+impl RequestObject {
+    /// Ends the request; `Finished` follows with reason `cancelled`.
+    fn cancel(&self) {
+        self.cancel.cancel();
+    }
+
+    #[zbus(signal)]
+    async fn delta(emitter: &SignalEmitter<'_>, text: &str) -> zbus::Result<()>;
+
+    #[zbus(signal)]
+    async fn finished(emitter: &SignalEmitter<'_>, reason: &str, stats: Stats) -> zbus::Result<()>;
+}
+
+/// Forwards a request's events as signals, then removes its object.
+async fn stream_request(
+    conn: Connection,
+    emitter: SignalEmitter<'static>,
+    path: OwnedObjectPath,
+    mut events: tokio::sync::mpsc::UnboundedReceiver<RequestEvent>,
+    _watch: CallerWatch,
+) {
+    let mut send_failed = false;
+    while let Some(ev) = events.recv().await {
+        let sent = match ev {
+            RequestEvent::Event(Event::Delta(text)) => RequestObject::delta(&emitter, &text).await,
+            RequestEvent::Event(Event::Reasoning(_)) => Ok(()),
+            RequestEvent::Done(c) => {
+                RequestObject::finished(&emitter, c.finish_reason.as_str(), stats(&c)).await
+            }
+            RequestEvent::Error(e) => {
+                let mut s = Stats::new();
+                s.insert(
+                    "error_code".into(),
+                    OwnedVariant::from(zbus::Str::from(error_code(e.code).to_string())),
+                );
+                s.insert(
+                    "error_message".into(),
+                    OwnedVariant::from(zbus::Str::from(e.message.clone())),
+                );
+                RequestObject::finished(&emitter, "error", s).await
+            }
+        };
+        if let Err(e) = sent
+            && !send_failed
+        {
+            send_failed = true;
+            tracing::warn!("D-Bus signal on {}: {e}", path.as_str());
+        }
+    }
+    let _ = conn.object_server().remove::<RequestObject, _>(&path).await;
+}
+
+pub fn error_code(code: ErrorCode) -> &'static str {
+    match code {
+        ErrorCode::Busy => "busy",
+        ErrorCode::InvalidRequest => "invalid_request",
+        ErrorCode::PromptTooLong => "prompt_too_long",
+        ErrorCode::ShuttingDown => "shutting_down",
+        ErrorCode::Internal => "internal",
+    }
+}
+
+/// Cancels a request when its caller leaves the bus; stops watching when dropped.
+pub struct CallerWatch(Option<tokio::task::JoinHandle<()>>);
+
+impl Drop for CallerWatch {
+    fn drop(&mut self) {
+        if let Some(t) = self.0.take() {
+            t.abort();
+        }
+    }
+}
+
+fn watch_caller(
+    conn: &Connection,
+    caller: Option<&UniqueName<'_>>,
+    cancel: CancellationToken,
+) -> CallerWatch {
+    let Some(caller) = caller.map(|c| c.to_string()) else {
+        return CallerWatch(None);
+    };
+    let conn = conn.clone();
+    CallerWatch(Some(tokio::spawn(async move {
+        let gone = async {
+            let proxy = zbus::fdo::DBusProxy::new(&conn).await?;
+            let mut changes = proxy
+                .receive_name_owner_changed_with_args(&[(0, caller.as_str())])
+                .await?;
+            // Subscribed first, then checked: a caller gone in between is not missed.
+            let name = BusName::try_from(caller.as_str())?;
+            if !proxy.name_has_owner(name).await? {
+                return Ok::<_, zbus::Error>(true);
+            }
+            while let Some(change) = changes.next().await {
+                if change.args()?.new_owner().is_none() {
+                    return Ok(true);
+                }
+            }
+            Ok(false)
+        };
+        match gone.await {
+            Ok(true) => {
+                tracing::info!("D-Bus caller {caller} left: cancelling its request");
+                cancel.cancel();
+            }
+            Ok(false) => {}
+            Err(e) => tracing::warn!("watching D-Bus caller {caller}: {e}"),
+        }
+    })))
+}
+
+/// The running D-Bus service: its connection, and the task forwarding status changes as
+/// `PropertiesChanged`.
+pub struct DbusServer {
+    conn: Connection,
+    status_task: tokio::task::JoinHandle<()>,
+}
+
+impl DbusServer {
+    /// Connects to the configured bus, exports the object and takes the bus name.
+    pub async fn start(svc: Arc<Service>, cfg: &DbusConfig) -> Result<Self, zbus::Error> {
+        let builder = if !cfg.address.is_empty() {
+            zbus::connection::Builder::address(cfg.address.as_str())
+        } else if cfg.bus == "session" {
+            zbus::connection::Builder::session()
+        } else {
+            zbus::connection::Builder::system()
+        };
+        let iface = Inference {
+            svc: svc.clone(),
+            next_id: AtomicU64::new(1),
+        };
+        let conn = builder
+            .serve_at(OBJECT_PATH, iface)
+            .name(BUS_NAME)
+            .build()
+            .await?;
+        // PropertiesChanged is emitted by hand, not through the interface's generated
+        // `*_changed` methods: those lock the object server, which `StartChat` also locks to
+        // export its request object, and the two would deadlock.
+        let emitter = SignalEmitter::new(&conn, OBJECT_PATH)?.into_owned();
+        let mut status = svc.scheduler.status();
+        let status_task = tokio::spawn(async move {
+            let mut last = *status.borrow_and_update();
+            while status.changed().await.is_ok() {
+                let now = *status.borrow_and_update();
+                let mut changed = HashMap::new();
+                if now.state != last.state {
+                    changed.insert("State", Variant::from(now.state.as_str()));
+                }
+                if now.queue_length != last.queue_length {
+                    changed.insert("QueueLength", Variant::from(now.queue_length as u32));
+                }
+                last = now;
+                if !changed.is_empty() {
+                    let _ = zbus::fdo::Properties::properties_changed(
+                        &emitter,
+                        zbus::names::InterfaceName::from_static_str_unchecked(BUS_NAME),
+                        changed,
+                        std::borrow::Cow::Borrowed(&[]),
+                    )
+                    .await;
+                }
+            }
+        });
+        Ok(DbusServer { conn, status_task })
+    }
+
+    /// Gives the bus name up (new callers get "no such name" at once), then waits for the
+    /// method calls still running to be answered.
+    pub async fn stop(self) {
+        let _ = self.conn.release_name(BUS_NAME).await;
+        self.status_task.abort();
+        let _ = self.status_task.await;
+        self.conn.graceful_shutdown().await;
+    }
+}

@@ -1,0 +1,291 @@
+//! The transports: wire <-> [`crate::api`], nothing else. Both speak one request vocabulary
+//! (OpenAI chat field names, DESIGN.md "Transports"), parsed here once so D-Bus and MQTT accept
+//! exactly the same options and reject bad ones with the same messages, each naming the field.
+//!
+//! D-Bus options (`a{sv}`) are converted to JSON values first ([`dbus::variant_to_json`]), then
+//! go through [`parse_options`] like an MQTT payload's fields.
+
+pub mod dbus;
+pub mod mqtt;
+
+use serde_json::{Map, Value};
+
+use crate::api::{Input, Request, Usage};
+use crate::chat::Message;
+use crate::chat::harmony::ReasoningEffort;
+use crate::scheduler::{ErrorCode, ServiceError};
+
+/// The option names both transports accept, besides the input itself.
+pub const OPTION_NAMES: &[&str] = &[
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "seed",
+    "stop",
+    "reasoning_effort",
+];
+
+/// Roles a chat message may have (OpenAI's, plus harmony's `developer`).
+pub const ROLES: &[&str] = &["system", "developer", "user", "assistant", "tool"];
+
+/// Most stop strings a request may give (OpenAI allows 4; generous, but bounded).
+const MAX_STOP: usize = 16;
+
+pub(crate) fn invalid(msg: impl Into<String>) -> ServiceError {
+    ServiceError {
+        code: ErrorCode::InvalidRequest,
+        message: msg.into(),
+    }
+}
+
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn number(key: &str, v: &Value) -> Result<f32, ServiceError> {
+    v.as_f64()
+        .map(|f| f as f32)
+        .ok_or_else(|| invalid(format!("{key}: expected a number, got {}", type_name(v))))
+}
+
+fn unsigned(key: &str, v: &Value) -> Result<u64, ServiceError> {
+    v.as_u64().ok_or_else(|| match v.as_f64() {
+        Some(f) if f < 0.0 => invalid(format!("{key}: must not be negative (got {f})")),
+        Some(f) => invalid(format!("{key}: expected an integer (got {f})")),
+        None => invalid(format!(
+            "{key}: expected a non-negative integer, got {}",
+            type_name(v)
+        )),
+    })
+}
+
+/// Applies the options in `fields` to `req`. Keys in `skip` belong to the caller (the input, the
+/// MQTT routing fields); any other key not in [`OPTION_NAMES`] is refused, naming it.
+pub fn parse_options(
+    fields: &Map<String, Value>,
+    skip: &[&str],
+    req: &mut Request,
+) -> Result<(), ServiceError> {
+    for (key, v) in fields {
+        let key = key.as_str();
+        match key {
+            _ if skip.contains(&key) => {}
+            "max_tokens" => {
+                let n = unsigned(key, v)?;
+                if n == 0 {
+                    return Err(invalid("max_tokens: must be positive"));
+                }
+                req.max_tokens = Some(usize::try_from(n).unwrap_or(usize::MAX));
+            }
+            "temperature" => req.sampling.temperature = number(key, v)?,
+            "top_p" => req.sampling.top_p = number(key, v)?,
+            "min_p" => req.sampling.min_p = number(key, v)?,
+            "repetition_penalty" => req.sampling.repetition_penalty = number(key, v)?,
+            "top_k" => {
+                req.sampling.top_k = usize::try_from(unsigned(key, v)?).unwrap_or(usize::MAX)
+            }
+            "seed" => req.sampling.seed = Some(unsigned(key, v)?),
+            "stop" => {
+                req.stop = match v {
+                    Value::String(s) => vec![s.clone()],
+                    Value::Array(items) => items
+                        .iter()
+                        .map(|i| {
+                            i.as_str().map(str::to_string).ok_or_else(|| {
+                                invalid(format!(
+                                    "stop: expected strings, got {} in the list",
+                                    type_name(i)
+                                ))
+                            })
+                        })
+                        .collect::<Result<_, _>>()?,
+                    other => {
+                        return Err(invalid(format!(
+                            "stop: expected a string or a list of strings, got {}",
+                            type_name(other)
+                        )));
+                    }
+                };
+                if req.stop.len() > MAX_STOP {
+                    return Err(invalid(format!("stop: at most {MAX_STOP} strings")));
+                }
+                if req.stop.iter().any(String::is_empty) {
+                    return Err(invalid("stop: strings must not be empty"));
+                }
+            }
+            "reasoning_effort" => {
+                let s = v.as_str().ok_or_else(|| {
+                    invalid(format!(
+                        "reasoning_effort: expected a string, got {}",
+                        type_name(v)
+                    ))
+                })?;
+                req.reasoning_effort = Some(ReasoningEffort::parse(s).ok_or_else(|| {
+                    invalid(format!(
+                        "reasoning_effort: {s:?}: expected low, medium or high"
+                    ))
+                })?);
+            }
+            other => {
+                return Err(invalid(format!(
+                    "unknown field {other:?} (known: {})",
+                    OPTION_NAMES.join(", ")
+                )));
+            }
+        }
+    }
+    req.sampling
+        .validate()
+        .map_err(|e| invalid(e.to_string()))?;
+    Ok(())
+}
+
+/// Checks chat messages: at least one, known roles.
+pub fn check_messages(messages: &[Message]) -> Result<(), ServiceError> {
+    if messages.is_empty() {
+        return Err(invalid("messages: must not be empty"));
+    }
+    for (i, m) in messages.iter().enumerate() {
+        if !ROLES.contains(&m.role.as_str()) {
+            return Err(invalid(format!(
+                "messages[{i}].role: {:?} is not one of {}",
+                m.role,
+                ROLES.join(", ")
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Parses `messages` from a JSON value: `[{"role": "...", "content": "..."}, ...]`.
+pub fn messages_from_json(v: &Value) -> Result<Vec<Message>, ServiceError> {
+    let items = v.as_array().ok_or_else(|| {
+        invalid(format!(
+            "messages: expected a list of {{role, content}} objects, got {}",
+            type_name(v)
+        ))
+    })?;
+    let mut out = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        let obj = item.as_object().ok_or_else(|| {
+            invalid(format!(
+                "messages[{i}]: expected an object, got {}",
+                type_name(item)
+            ))
+        })?;
+        let field = |name: &str| match obj.get(name) {
+            Some(Value::String(s)) => Ok(s.clone()),
+            Some(other) => Err(invalid(format!(
+                "messages[{i}].{name}: expected a string, got {}",
+                type_name(other)
+            ))),
+            None => Err(invalid(format!("messages[{i}]: missing {name:?}"))),
+        };
+        if let Some(k) = obj.keys().find(|k| *k != "role" && *k != "content") {
+            return Err(invalid(format!(
+                "messages[{i}]: unknown field {k:?} (known: role, content)"
+            )));
+        }
+        out.push(Message {
+            role: field("role")?,
+            content: field("content")?,
+        });
+    }
+    check_messages(&out)?;
+    Ok(out)
+}
+
+/// Chat input, checked.
+pub fn chat_input(messages: Vec<Message>) -> Result<Input, ServiceError> {
+    check_messages(&messages)?;
+    Ok(Input::Messages(messages))
+}
+
+/// Plain-text completion input: the prompt is tokenized as is, without a chat template.
+pub fn complete_input(prompt: String) -> Result<Input, ServiceError> {
+    if prompt.is_empty() {
+        return Err(invalid("prompt: must not be empty"));
+    }
+    Ok(Input::Prompt {
+        text: prompt,
+        raw: true,
+    })
+}
+
+/// `usage` as both transports report it.
+pub fn usage_json(u: &Usage) -> Value {
+    serde_json::json!({
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "ttft_ms": u.ttft_ms,
+        "prefill_tok_s": u.prefill_tok_s,
+        "decode_tok_s": u.decode_tok_s,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(json: &str) -> Result<Request, ServiceError> {
+        let map: Map<String, Value> = serde_json::from_str(json).unwrap();
+        let mut r = Request::new(complete_input("x".into()).unwrap());
+        parse_options(&map, &["prompt"], &mut r).map(|()| r)
+    }
+
+    #[test]
+    fn options_are_applied() {
+        let r = opts(r#"{"prompt":"x","max_tokens":5,"temperature":0,"top_p":0.9,"top_k":40,"min_p":0.05,"repetition_penalty":1.1,"seed":7,"stop":["\n","END"],"reasoning_effort":"low"}"#).unwrap();
+        assert_eq!(r.max_tokens, Some(5));
+        assert_eq!(r.sampling.temperature, 0.0);
+        assert_eq!(r.sampling.top_k, 40);
+        assert_eq!(r.sampling.seed, Some(7));
+        assert_eq!(r.stop, ["\n", "END"]);
+        assert_eq!(r.reasoning_effort, Some(ReasoningEffort::Low));
+        assert_eq!(opts(r#"{"stop":"x"}"#).unwrap().stop, ["x"]);
+    }
+
+    #[test]
+    fn bad_options_name_the_field() {
+        let e = |j: &str| opts(j).unwrap_err().message;
+        assert!(e(r#"{"temprature":1}"#).contains("\"temprature\""));
+        assert!(e(r#"{"temperature":"hot"}"#).starts_with("temperature: expected a number"));
+        assert!(e(r#"{"temperature":-1}"#).starts_with("temperature"));
+        assert!(e(r#"{"temperature":1e9}"#).starts_with("temperature"));
+        assert!(e(r#"{"max_tokens":-3}"#).starts_with("max_tokens: must not be negative"));
+        assert!(e(r#"{"max_tokens":0}"#).starts_with("max_tokens"));
+        assert!(e(r#"{"max_tokens":2.5}"#).starts_with("max_tokens: expected an integer"));
+        assert!(e(r#"{"top_p":0}"#).starts_with("top_p"));
+        assert!(e(r#"{"top_k":-1}"#).starts_with("top_k"));
+        assert!(e(r#"{"seed":"x"}"#).starts_with("seed"));
+        assert!(e(r#"{"stop":[1]}"#).starts_with("stop"));
+        assert!(e(r#"{"reasoning_effort":"max"}"#).starts_with("reasoning_effort"));
+    }
+
+    #[test]
+    fn messages_are_checked() {
+        let e = |j: &str| {
+            messages_from_json(&serde_json::from_str(j).unwrap())
+                .unwrap_err()
+                .message
+        };
+        assert_eq!(e("[]"), "messages: must not be empty");
+        assert!(e(r#"[{"role":"wizard","content":"x"}]"#).starts_with("messages[0].role"));
+        assert!(e(r#"[{"role":"user"}]"#).contains("missing \"content\""));
+        assert!(e(r#"[{"role":"user","content":5}]"#).starts_with("messages[0].content"));
+        assert!(e(r#"[{"role":"user","content":"x","name":"a"}]"#).contains("\"name\""));
+        assert!(e(r#"{"role":"user"}"#).starts_with("messages: expected a list"));
+        let ok = messages_from_json(&serde_json::json!([{"role":"user","content":"hi"}])).unwrap();
+        assert_eq!(ok[0].content, "hi");
+    }
+}
