@@ -3,6 +3,7 @@
 //! (panics with the fix) when something the tests need is missing; nothing is skipped.
 
 pub mod harness;
+pub mod service;
 
 use std::path::{Path, PathBuf};
 

@@ -1,0 +1,462 @@
+//! Helpers for the service tests: model packages exported once per test binary, an in-process
+//! daemon ([`edgellm::run`]) with its configuration pointed at a private bus and broker, and
+//! small D-Bus and MQTT clients that speak the wire protocols directly (not through edgellm's
+//! own client code, so a bug there cannot hide one in the daemon).
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use edgellm::config::Config;
+use edgellm_export::{ExportOptions, Precision};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
+use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+use serde_json::Value;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// A tiny model (the qwen2 fixture, fp32): fast, for protocol tests.
+pub fn tiny_package() -> &'static Path {
+    static PKG: OnceLock<tempfile::TempDir> = OnceLock::new();
+    PKG.get_or_init(|| {
+        crate::export_fixture_with(
+            "qwen2",
+            ExportOptions {
+                precision: Precision::Fp32,
+                ..ExportOptions::default()
+            },
+        )
+    })
+    .path()
+    .join("pkg")
+    .leak()
+}
+
+/// A random-init Qwen2.5-0.5B int4 package: real size, ~50 tokens/s on two cores, so a long
+/// request is still running when a test cancels it, restarts the broker or stops the daemon.
+pub fn slow_package() -> &'static Path {
+    static PKG: OnceLock<tempfile::TempDir> = OnceLock::new();
+    PKG.get_or_init(|| {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let ckpt = edgellm_export::random_init::TempCheckpoint::new("qwen2.5-0.5b", tmp.path(), 0)
+            .expect("random-init checkpoint");
+        edgellm_export::export(
+            ckpt.dir(),
+            &tmp.path().join("pkg"),
+            &ExportOptions {
+                embeddings: Precision::Int4,
+                max_length: Some(1024),
+                ..ExportOptions::default()
+            },
+        )
+        .expect("export of the random-init model");
+        tmp
+    })
+    .path()
+    .join("pkg")
+    .leak()
+}
+
+/// A configuration for `package` on `bus` (D-Bus address) and `mqtt` (broker URL); `None`
+/// turns that transport off.
+pub fn config(package: &Path, bus: Option<&str>, mqtt: Option<&str>, node: &str) -> Config {
+    let mut c = Config::default();
+    c.model.path = package.to_path_buf();
+    c.model.max_length = 256;
+    c.model.threads = 1;
+    c.onnxruntime.allow_spinning = false;
+    c.dbus.enabled = bus.is_some();
+    c.dbus.bus = "session".into();
+    c.dbus.address = bus.unwrap_or_default().to_string();
+    c.mqtt.enabled = mqtt.is_some();
+    c.mqtt.url = mqtt.unwrap_or("mqtt://127.0.0.1:1").to_string();
+    c.mqtt.node_id = node.to_string();
+    c
+}
+
+/// An in-process daemon: `edgellm::run` on the test's runtime.
+pub struct Daemon {
+    pub shutdown: CancellationToken,
+    task: Option<tokio::task::JoinHandle<Result<(), edgellm::service::RunError>>>,
+}
+
+impl Daemon {
+    /// Starts the daemon and waits until it answers on D-Bus (when enabled) or until its
+    /// retained MQTT status says `online`.
+    pub async fn start(config: Config) -> Daemon {
+        let shutdown = CancellationToken::new();
+        let dbus = config.dbus.enabled.then(|| config.dbus.address.clone());
+        let mqtt = config
+            .mqtt
+            .enabled
+            .then(|| (config.mqtt.url.clone(), config.mqtt.node_id.clone()));
+        let task = tokio::spawn(edgellm::run(config, shutdown.clone()));
+        let d = Daemon {
+            shutdown,
+            task: Some(task),
+        };
+        let ready = async {
+            if let Some(addr) = dbus {
+                loop {
+                    if let Ok(c) = bus(&addr).await
+                        && get_property(&c, "State").await.is_ok()
+                    {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+            if let Some((url, node)) = mqtt {
+                let mut c = MqttClient::connect(&url).await;
+                c.subscribe(&format!("edgellm/{node}/status")).await;
+                loop {
+                    let m = c.recv(Duration::from_secs(120)).await;
+                    if m.json["state"] == "online" {
+                        break;
+                    }
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(120), ready)
+            .await
+            .expect("the daemon did not come up within 120 s");
+        d
+    }
+
+    /// Cancels the shutdown token and waits for `run` to return.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(t) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(30), t)
+                .await
+                .expect("the daemon did not stop within 30 s")
+                .expect("the daemon task panicked")
+                .expect("the daemon returned an error");
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// D-Bus
+
+pub const BUS_NAME: &str = "org.edgellm.Inference1";
+pub const PATH: &str = "/org/edgellm/Inference1";
+
+pub type Dict = HashMap<String, zbus::OwnedVariant>;
+
+pub async fn bus(address: &str) -> zbus::Result<zbus::Connection> {
+    zbus::connection::Builder::address(address).build().await
+}
+
+pub async fn get_property(c: &zbus::Connection, name: &str) -> zbus::Result<zbus::OwnedVariant> {
+    let reply = c
+        .call_method(
+            Some(BUS_NAME),
+            PATH,
+            Some("org.freedesktop.DBus.Properties"),
+            "Get",
+            &(BUS_NAME, name),
+        )
+        .await?;
+    reply.body().deserialize()
+}
+
+pub fn opts(pairs: &[(&str, zbus::OwnedVariant)]) -> Dict {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.try_clone().expect("clone")))
+        .collect()
+}
+
+pub fn user(text: &str) -> Vec<(String, String)> {
+    vec![("user".to_string(), text.to_string())]
+}
+
+/// `Chat` and its reply, or the D-Bus error name and message.
+pub async fn chat(
+    c: &zbus::Connection,
+    messages: &[(String, String)],
+    options: &Dict,
+) -> Result<(String, Dict), (String, String)> {
+    let reply = c
+        .call_method(Some(BUS_NAME), PATH, Some(BUS_NAME), "Chat", &(messages, options))
+        .await
+        .map_err(split_error)?;
+    Ok(reply.body().deserialize().expect("Chat reply is (s, a{sv})"))
+}
+
+pub fn split_error(e: zbus::Error) -> (String, String) {
+    match e {
+        zbus::Error::MethodError(name, msg, _) => (name.to_string(), msg.unwrap_or_default()),
+        zbus::Error::FDO(e) => {
+            use zbus::DBusError;
+            (
+                e.name().to_string(),
+                e.description().unwrap_or_default().to_string(),
+            )
+        }
+        other => panic!("expected a D-Bus error reply, got {other}"),
+    }
+}
+
+pub fn stat_u32(stats: &Dict, key: &str) -> u32 {
+    match stats.get(key).map(|v| &**v) {
+        Some(zbus::Variant::U32(n)) => *n,
+        other => panic!("stats[{key}] is not a u32: {other:?}"),
+    }
+}
+
+pub fn stat_str(stats: &Dict, key: &str) -> String {
+    match stats.get(key).map(|v| &**v) {
+        Some(zbus::Variant::Str(s)) => s.to_string(),
+        other => panic!("stats[{key}] is not a string: {other:?}"),
+    }
+}
+
+/// A `StartChat` in progress: the request object's signals, in order.
+pub struct Stream {
+    pub path: zbus::OwnedObjectPath,
+    signals: zbus::MessageStream,
+}
+
+pub enum Signal {
+    Delta(String),
+    Finished(String, Dict),
+}
+
+/// Subscribes to the request interface's signals, then calls `StartChat`.
+pub async fn start_chat(
+    c: &zbus::Connection,
+    messages: &[(String, String)],
+    options: &Dict,
+) -> Result<Stream, (String, String)> {
+    let rule = zbus::MatchRule::builder()
+        .msg_type(zbus::message::Type::Signal)
+        .interface("org.edgellm.Inference1.Request")
+        .build()
+        .expect("match rule");
+    let signals = zbus::MessageStream::for_match_rule(rule, c, std::num::NonZeroUsize::new(4096))
+        .await
+        .expect("match rule");
+    let reply = c
+        .call_method(
+            Some(BUS_NAME),
+            PATH,
+            Some(BUS_NAME),
+            "StartChat",
+            &(messages, options),
+        )
+        .await
+        .map_err(split_error)?;
+    let path = reply.body().deserialize().expect("StartChat reply is o");
+    Ok(Stream { path, signals })
+}
+
+impl Stream {
+    pub async fn next(&mut self) -> Signal {
+        use futures_util::StreamExt;
+        loop {
+            let msg = tokio::time::timeout(Duration::from_secs(120), self.signals.next())
+                .await
+                .expect("no signal within 120 s")
+                .expect("the bus connection closed")
+                .expect("a readable message");
+            let h = msg.header();
+            if h.path().map(|p| p.as_str()) != Some(self.path.as_str()) {
+                continue;
+            }
+            return match h.member().map(|m| m.as_str()) {
+                Some("Delta") => Signal::Delta(msg.body().deserialize().expect("Delta(s)")),
+                Some("Finished") => {
+                    let (r, s) = msg.body().deserialize().expect("Finished(s, a{sv})");
+                    Signal::Finished(r, s)
+                }
+                other => panic!("unexpected signal {other:?}"),
+            };
+        }
+    }
+
+    /// Reads to `Finished`: (deltas, reason, stats).
+    pub async fn finish(&mut self) -> (Vec<String>, String, Dict) {
+        let mut deltas = Vec::new();
+        loop {
+            match self.next().await {
+                Signal::Delta(d) => deltas.push(d),
+                Signal::Finished(r, s) => return (deltas, r, s),
+            }
+        }
+    }
+
+    pub async fn cancel(&self, c: &zbus::Connection) {
+        c.call_method(
+            Some(BUS_NAME),
+            self.path.as_str(),
+            Some("org.edgellm.Inference1.Request"),
+            "Cancel",
+            &(),
+        )
+        .await
+        .expect("Cancel");
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// MQTT
+
+/// A received message.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub topic: String,
+    pub json: Value,
+    pub correlation: Option<bytes::Bytes>,
+    pub retain: bool,
+}
+
+/// An MQTT 5 test client: reconnects every 100 ms when the broker goes away and subscribes
+/// again after each connect, so it outlives broker restarts.
+pub struct MqttClient {
+    pub client: AsyncClient,
+    rx: mpsc::UnboundedReceiver<Received>,
+    subs: tokio::sync::watch::Sender<Vec<String>>,
+    acked: tokio::sync::watch::Receiver<usize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+static NEXT_CLIENT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+impl MqttClient {
+    pub async fn connect(url: &str) -> MqttClient {
+        let port: u16 = url
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse().ok())
+            .expect("mqtt://127.0.0.1:PORT");
+        let n = NEXT_CLIENT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut opts = MqttOptions::new(
+            format!("test-{}-{n}", std::process::id()),
+            "127.0.0.1",
+            port,
+        );
+        opts.set_keep_alive(Duration::from_secs(30));
+        opts.set_max_packet_size(Some(1 << 20));
+        let (client, mut eventloop) = AsyncClient::new(opts, 1024);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (subs, subs_rx) = tokio::sync::watch::channel(Vec::<String>::new());
+        let (acked_tx, acked) = tokio::sync::watch::channel(0usize);
+        let sub_client = client.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        for t in subs_rx.borrow().iter() {
+                            let _ = sub_client.try_subscribe(t.clone(), QoS::AtLeastOnce);
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        acked_tx.send_modify(|n| *n += 1);
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        let json = serde_json::from_slice(&p.payload).unwrap_or(Value::Null);
+                        let _ = tx.send(Received {
+                            topic: String::from_utf8_lossy(&p.topic).into_owned(),
+                            json,
+                            correlation: p.properties.and_then(|pr| pr.correlation_data),
+                            retain: p.retain,
+                        });
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        });
+        MqttClient {
+            client,
+            rx,
+            subs,
+            acked,
+            task,
+        }
+    }
+
+    /// Subscribes (QoS 1) and waits for the broker's SubAck.
+    pub async fn subscribe(&mut self, topic: &str) {
+        let before = *self.acked.borrow();
+        self.subs.send_modify(|s| s.push(topic.to_string()));
+        self.client
+            .subscribe(topic, QoS::AtLeastOnce)
+            .await
+            .expect("subscribe");
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            self.acked.wait_for(|n| *n > before),
+        )
+        .await
+        .expect("no SubAck within 10 s")
+        .expect("client task alive");
+    }
+
+    pub async fn publish(&self, topic: &str, payload: impl Into<Vec<u8>>) {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, false, payload.into())
+            .await
+            .expect("publish");
+    }
+
+    /// Publishes with an MQTT 5 Response Topic and Correlation Data.
+    pub async fn request_v5(&self, topic: &str, payload: &Value, reply: &str, correlation: &[u8]) {
+        let props = PublishProperties {
+            response_topic: Some(reply.to_string()),
+            correlation_data: Some(bytes::Bytes::copy_from_slice(correlation)),
+            ..Default::default()
+        };
+        self.client
+            .publish_with_properties(
+                topic,
+                QoS::AtLeastOnce,
+                false,
+                payload.to_string().into_bytes(),
+                props,
+            )
+            .await
+            .expect("publish");
+    }
+
+    pub async fn recv(&mut self, timeout: Duration) -> Received {
+        tokio::time::timeout(timeout, self.rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("no MQTT message within {timeout:?}"))
+            .expect("client task alive")
+    }
+
+    /// Messages until (and including) the terminal one of a request: (chunks, terminal).
+    pub async fn until_done(&mut self) -> (Vec<Received>, Received) {
+        let mut chunks = Vec::new();
+        loop {
+            let m = self.recv(Duration::from_secs(120)).await;
+            if m.json["done"] == true {
+                return (chunks, m);
+            }
+            chunks.push(m);
+        }
+    }
+
+    /// Nothing arrives within `wait`.
+    pub async fn assert_quiet(&mut self, wait: Duration) {
+        if let Ok(Some(m)) = tokio::time::timeout(wait, self.rx.recv()).await {
+            panic!("unexpected message {m:?}");
+        }
+    }
+}
+
+impl Drop for MqttClient {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

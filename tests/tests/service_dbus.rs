@@ -1,0 +1,253 @@
+//! edgellmd over D-Bus, end to end: a private `dbus-daemon`, the daemon running in-process
+//! (`edgellm::run`) on a real exported package through ONNX Runtime, and a raw zbus client.
+
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use edgellm::api::{Input, Request};
+use edgellm::engine::Engine;
+use edgellm::model::Model;
+use edgellm_tests::harness::DbusBus;
+use edgellm_tests::service::*;
+use zbus::OwnedVariant;
+
+/// The same greedy request in-process, for comparison with what the wire returns.
+fn in_process(package: &std::path::Path, prompt: &str, max_tokens: usize) -> String {
+    let model = Model::load(package).unwrap();
+    let backend = edgellm::backend::load(
+        &model.package,
+        edgellm::backend::BackendChoice::Ort,
+        &edgellm::backend::BackendOptions {
+            max_length: 256,
+            threads: 1,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let mut engine = Engine::new(model, backend, 256);
+    let mut req = Request::new(Input::Messages(vec![edgellm::chat::Message {
+        role: "user".into(),
+        content: prompt.into(),
+    }]));
+    req.max_tokens = Some(max_tokens);
+    req.sampling.temperature = 0.0;
+    engine
+        .generate(&req, &mut |_| std::ops::ControlFlow::Continue(()))
+        .unwrap()
+        .text
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_complete_streaming_and_properties() {
+    let bus_daemon = DbusBus::start();
+    let pkg = tiny_package();
+    let d = Daemon::start(config(pkg, Some(bus_daemon.address()), None, "t")).await;
+    let c = bus(bus_daemon.address()).await.unwrap();
+
+    // Properties.
+    let name = pkg.canonicalize().unwrap();
+    let name = name.file_name().unwrap().to_str().unwrap();
+    assert_eq!(
+        String::try_from(get_property(&c, "Model").await.unwrap()).unwrap(),
+        name
+    );
+    assert_eq!(
+        String::try_from(get_property(&c, "Backend").await.unwrap()).unwrap(),
+        "ort"
+    );
+    assert_eq!(
+        String::try_from(get_property(&c, "State").await.unwrap()).unwrap(),
+        "ready"
+    );
+    assert_eq!(
+        u32::try_from(get_property(&c, "QueueLength").await.unwrap()).unwrap(),
+        0
+    );
+    assert_eq!(
+        u32::try_from(get_property(&c, "MaxContext").await.unwrap()).unwrap(),
+        256
+    );
+
+    // Chat: greedy (the package's default) text equals the in-process engine's, with usage.
+    let max = 12u32;
+    let (text, stats) = chat(
+        &c,
+        &user("Tell me about the sea"),
+        &opts(&[("max_tokens", max.into())]),
+    )
+    .await
+    .unwrap();
+    assert_eq!(text, in_process(pkg, "Tell me about the sea", 12));
+    assert!(!text.is_empty());
+    assert_eq!(stat_str(&stats, "finish_reason"), "length");
+    assert_eq!(stat_u32(&stats, "completion_tokens"), max);
+    assert!(stat_u32(&stats, "prompt_tokens") > 5);
+    for k in ["ttft_ms", "prefill_tok_s", "decode_tok_s"] {
+        assert!(
+            matches!(&*stats[k], zbus::Variant::F64(f) if *f > 0.0),
+            "{k}: {:?}",
+            stats[k]
+        );
+    }
+
+    // StartChat: deltas in order make up the same text; Finished carries the same stats.
+    let mut s = start_chat(
+        &c,
+        &user("Tell me about the sea"),
+        &opts(&[("max_tokens", max.into())]),
+    )
+    .await
+    .unwrap();
+    let (deltas, reason, stats) = s.finish().await;
+    assert_eq!(deltas.concat(), text);
+    assert!(deltas.len() > 1, "{deltas:?}");
+    assert_eq!(reason, "length");
+    assert_eq!(stat_u32(&stats, "completion_tokens"), max);
+
+    // Complete: plain text, no chat template; seeded sampling repeats.
+    let complete = |seed: u64| {
+        let c = c.clone();
+        async move {
+            let o = opts(&[
+                ("max_tokens", 8u32.into()),
+                ("temperature", 1.0f64.into()),
+                ("seed", seed.into()),
+            ]);
+            let r = c
+                .call_method(
+                    Some(BUS_NAME),
+                    PATH,
+                    Some(BUS_NAME),
+                    "Complete",
+                    &("Once upon a time", &o),
+                )
+                .await
+                .unwrap();
+            let (t, s): (String, Dict) = r.body().deserialize().unwrap();
+            assert_eq!(stat_u32(&s, "completion_tokens"), 8);
+            t
+        }
+    };
+    assert_eq!(complete(7).await, complete(7).await);
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_answered_and_the_next_request_served() {
+    let bus_daemon = DbusBus::start();
+    let d = Daemon::start(config(
+        tiny_package(),
+        Some(bus_daemon.address()),
+        None,
+        "t",
+    ))
+    .await;
+    let c = bus(bus_daemon.address()).await.unwrap();
+    let invalid = "org.edgellm.Inference1.Error.InvalidRequest";
+    let cases: Vec<(Vec<(String, String)>, Dict, &str, &str)> = vec![
+        (user("hi"), opts(&[("temperature", (-1.0f64).into())]), invalid, "temperature"),
+        (user("hi"), opts(&[("temperature", 1e9f64.into())]), invalid, "temperature"),
+        (user("hi"), opts(&[("top_p", 0.0f64.into())]), invalid, "top_p"),
+        (user("hi"), opts(&[("max_tokens", (-5i32).into())]), invalid, "max_tokens"),
+        (user("hi"), opts(&[("max_tokens", 0u32.into())]), invalid, "max_tokens"),
+        (
+            user("hi"),
+            opts(&[("temperature", OwnedVariant::from(zbus::Str::from("hot")))]),
+            invalid,
+            "temperature",
+        ),
+        (user("hi"), opts(&[("temprature", 1.0f64.into())]), invalid, "temprature"),
+        (vec![], Dict::new(), invalid, "messages"),
+        (
+            vec![("wizard".into(), "hi".into())],
+            Dict::new(),
+            invalid,
+            "wizard",
+        ),
+        (
+            user(&"word ".repeat(400)),
+            Dict::new(),
+            "org.edgellm.Inference1.Error.PromptTooLong",
+            "max_length 256",
+        ),
+    ];
+    for (messages, o, name, needle) in cases {
+        let (n, msg) = chat(&c, &messages, &o).await.unwrap_err();
+        assert_eq!(n, name, "{msg}");
+        assert!(msg.contains(needle), "{msg:?} should name {needle:?}");
+    }
+    // Wrong signature: zbus answers InvalidArgs.
+    let e = c
+        .call_method(Some(BUS_NAME), PATH, Some(BUS_NAME), "Chat", &("just a string",))
+        .await
+        .unwrap_err();
+    assert_eq!(split_error(e).0, "org.freedesktop.DBus.Error.InvalidArgs");
+    // The daemon still serves.
+    let (_, stats) = chat(&c, &user("hi"), &opts(&[("max_tokens", 3u32.into())]))
+        .await
+        .unwrap();
+    assert_eq!(stat_u32(&stats, "completion_tokens"), 3);
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_disconnect_and_busy() {
+    let bus_daemon = DbusBus::start();
+    let mut cfg = config(slow_package(), Some(bus_daemon.address()), None, "t");
+    cfg.model.max_length = 1024;
+    cfg.limits.queue_depth = 1;
+    let d = Daemon::start(cfg).await;
+    let c = bus(bus_daemon.address()).await.unwrap();
+    let long = opts(&[("max_tokens", 600u32.into())]);
+
+    // Cancel() mid-generation.
+    let mut s = start_chat(&c, &user("Write a long story"), &long).await.unwrap();
+    assert!(matches!(s.next().await, Signal::Delta(_)));
+    s.cancel(&c).await;
+    let (_, reason, stats) = s.finish().await;
+    assert_eq!(reason, "cancelled");
+    assert!(stat_u32(&stats, "completion_tokens") < 600);
+
+    // Queue full: one running, one waiting, the third is refused with Busy.
+    let mut running = start_chat(&c, &user("one"), &long).await.unwrap();
+    assert!(matches!(running.next().await, Signal::Delta(_)));
+    let mut waiting = start_chat(&c, &user("two"), &long).await.unwrap();
+    let (name, msg) = chat(&c, &user("three"), &long).await.unwrap_err();
+    assert_eq!(name, "org.edgellm.Inference1.Error.Busy", "{msg}");
+    assert_eq!(
+        u32::try_from(get_property(&c, "QueueLength").await.unwrap()).unwrap(),
+        1
+    );
+    assert_eq!(
+        String::try_from(get_property(&c, "State").await.unwrap()).unwrap(),
+        "busy"
+    );
+    waiting.cancel(&c).await;
+    running.cancel(&c).await;
+    assert_eq!(running.finish().await.1, "cancelled");
+    assert_eq!(waiting.finish().await.1, "cancelled");
+
+    // A caller that leaves the bus mid-stream cancels its request: the engine is free again
+    // long before 600 tokens (12 s and more at this model's speed) could have been generated.
+    let other = bus(bus_daemon.address()).await.unwrap();
+    let mut s = start_chat(&other, &user("Write a long story"), &long)
+        .await
+        .unwrap();
+    assert!(matches!(s.next().await, Signal::Delta(_)));
+    drop(s);
+    other.close().await.unwrap();
+    let t = std::time::Instant::now();
+    loop {
+        let state = String::try_from(get_property(&c, "State").await.unwrap()).unwrap();
+        if state == "ready" {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "the disconnected caller's request is still running"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    d.stop().await;
+}
