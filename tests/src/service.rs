@@ -187,10 +187,19 @@ pub async fn chat(
     options: &Dict,
 ) -> Result<(String, Dict), (String, String)> {
     let reply = c
-        .call_method(Some(BUS_NAME), PATH, Some(BUS_NAME), "Chat", &(messages, options))
+        .call_method(
+            Some(BUS_NAME),
+            PATH,
+            Some(BUS_NAME),
+            "Chat",
+            &(messages, options),
+        )
         .await
         .map_err(split_error)?;
-    Ok(reply.body().deserialize().expect("Chat reply is (s, a{sv})"))
+    Ok(reply
+        .body()
+        .deserialize()
+        .expect("Chat reply is (s, a{sv})"))
 }
 
 pub fn split_error(e: zbus::Error) -> (String, String) {

@@ -146,18 +146,48 @@ async fn bad_input_is_answered_and_the_next_request_served() {
     let c = bus(bus_daemon.address()).await.unwrap();
     let invalid = "org.edgellm.Inference1.Error.InvalidRequest";
     let cases: Vec<(Vec<(String, String)>, Dict, &str, &str)> = vec![
-        (user("hi"), opts(&[("temperature", (-1.0f64).into())]), invalid, "temperature"),
-        (user("hi"), opts(&[("temperature", 1e9f64.into())]), invalid, "temperature"),
-        (user("hi"), opts(&[("top_p", 0.0f64.into())]), invalid, "top_p"),
-        (user("hi"), opts(&[("max_tokens", (-5i32).into())]), invalid, "max_tokens"),
-        (user("hi"), opts(&[("max_tokens", 0u32.into())]), invalid, "max_tokens"),
+        (
+            user("hi"),
+            opts(&[("temperature", (-1.0f64).into())]),
+            invalid,
+            "temperature",
+        ),
+        (
+            user("hi"),
+            opts(&[("temperature", 1e9f64.into())]),
+            invalid,
+            "temperature",
+        ),
+        (
+            user("hi"),
+            opts(&[("top_p", 0.0f64.into())]),
+            invalid,
+            "top_p",
+        ),
+        (
+            user("hi"),
+            opts(&[("max_tokens", (-5i32).into())]),
+            invalid,
+            "max_tokens",
+        ),
+        (
+            user("hi"),
+            opts(&[("max_tokens", 0u32.into())]),
+            invalid,
+            "max_tokens",
+        ),
         (
             user("hi"),
             opts(&[("temperature", OwnedVariant::from(zbus::Str::from("hot")))]),
             invalid,
             "temperature",
         ),
-        (user("hi"), opts(&[("temprature", 1.0f64.into())]), invalid, "temprature"),
+        (
+            user("hi"),
+            opts(&[("temprature", 1.0f64.into())]),
+            invalid,
+            "temprature",
+        ),
         (vec![], Dict::new(), invalid, "messages"),
         (
             vec![("wizard".into(), "hi".into())],
@@ -179,7 +209,13 @@ async fn bad_input_is_answered_and_the_next_request_served() {
     }
     // Wrong signature: zbus answers InvalidArgs.
     let e = c
-        .call_method(Some(BUS_NAME), PATH, Some(BUS_NAME), "Chat", &("just a string",))
+        .call_method(
+            Some(BUS_NAME),
+            PATH,
+            Some(BUS_NAME),
+            "Chat",
+            &("just a string",),
+        )
         .await
         .unwrap_err();
     assert_eq!(split_error(e).0, "org.freedesktop.DBus.Error.InvalidArgs");
@@ -202,7 +238,9 @@ async fn cancel_disconnect_and_busy() {
     let long = opts(&[("max_tokens", 600u32.into())]);
 
     // Cancel() mid-generation.
-    let mut s = start_chat(&c, &user("Write a long story"), &long).await.unwrap();
+    let mut s = start_chat(&c, &user("Write a long story"), &long)
+        .await
+        .unwrap();
     assert!(matches!(s.next().await, Signal::Delta(_)));
     s.cancel(&c).await;
     let (_, reason, stats) = s.finish().await;

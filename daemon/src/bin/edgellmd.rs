@@ -43,7 +43,11 @@ fn init_logging() {
         return;
     }
     registry
-        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+        )
         .init();
 }
 
@@ -80,7 +84,6 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             tracing::error!("{e}");
-            eprintln!("edgellmd: {e}");
             return ExitCode::from(2);
         }
     };
@@ -120,7 +123,6 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");
-            eprintln!("edgellmd: {e}");
             ExitCode::FAILURE
         }
     }

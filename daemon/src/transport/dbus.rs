@@ -301,10 +301,15 @@ async fn stream_request(
     emitter: SignalEmitter<'static>,
     path: OwnedObjectPath,
     mut events: tokio::sync::mpsc::UnboundedReceiver<RequestEvent>,
-    _watch: CallerWatch,
+    watch: CallerWatch,
 ) {
     let mut send_failed = false;
+    let mut watch = Some(watch);
     while let Some(ev) = events.recv().await {
+        if !matches!(ev, RequestEvent::Event(_)) {
+            // Terminal: a caller leaving after this is no cancellation.
+            watch.take();
+        }
         let sent = match ev {
             RequestEvent::Event(Event::Delta(text)) => RequestObject::delta(&emitter, &text).await,
             RequestEvent::Event(Event::Reasoning(_)) => Ok(()),

@@ -9,7 +9,8 @@
 //! Replies go to the request's MQTT 5 Response Topic with its Correlation Data echoed, else to
 //! the payload's `reply_to` (MQTT 3.1.1 clients), else to `response/<id>`: chunks
 //! `{"id","seq","delta"}` at QoS 0, then exactly one terminal message at QoS 1, a final
-//! `{"id","seq","done":true,"text","finish_reason","usage"}` or `{"id","done":true,"error"}`.
+//! `{"id","seq","done":true,"node","text","finish_reason","usage"}` or
+//! `{"id","done":true,"node","error"}` (`node`: which daemon answered, for fleets).
 //!
 //! Delivery across broker outages: every outgoing message goes through one queue owned by the
 //! connection task. A message leaves the queue only once rumqttc has written it (QoS 0) or the
@@ -208,6 +209,8 @@ struct OutMsg {
 #[derive(Debug, Clone)]
 struct Route {
     id: Value,
+    /// This daemon's node id: which device of a share group answered.
+    node: String,
     topic: String,
     correlation: Option<bytes::Bytes>,
 }
@@ -228,6 +231,7 @@ impl Route {
             json!({
                 "id": self.id,
                 "done": true,
+                "node": self.node,
                 "error": {"code": error_code(e.code), "message": e.message},
             }),
             QoS::AtLeastOnce,
@@ -529,6 +533,7 @@ impl MqttTransport {
         };
         let route = Route {
             id,
+            node: self.topics.node.clone(),
             topic,
             correlation: props.correlation_data.clone(),
         };
@@ -544,7 +549,9 @@ impl MqttTransport {
             if let Some(v) = id_field
                 && id_key(v).is_none()
             {
-                return Err(invalid("id: expected a string or an integer"));
+                return Err(invalid(
+                    "id: expected an integer or a string of 1 to 256 characters without + or #",
+                ));
             }
             if let Some(v) = fields.get("reply_to")
                 && !v.as_str().is_some_and(valid_topic)
@@ -606,7 +613,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// An id as a map key: strings as they are, integers in decimal.
 fn id_key(v: &Value) -> Option<String> {
     match v {
-        Value::String(s) if !s.is_empty() && s.len() <= 256 => Some(s.clone()),
+        // The id may become a topic level (response/<id>): no wildcards.
+        Value::String(s) if !s.is_empty() && s.len() <= 256 && !s.contains(['+', '#']) => {
+            Some(s.clone())
+        }
         Value::Number(n) if n.is_u64() || n.is_i64() => Some(n.to_string()),
         _ => None,
     }
@@ -658,6 +668,7 @@ async fn forward(
                         "id": route.id,
                         "seq": seq,
                         "done": true,
+                        "node": route.node,
                         "text": c.text,
                         "finish_reason": c.finish_reason.as_str(),
                         "usage": usage_json(&c.usage),
@@ -694,6 +705,14 @@ impl Connection {
     /// Hands queued messages to rumqttc while its request channel has room.
     fn pump(&mut self, client: &AsyncClient) {
         while let Some(msg) = self.queue.pop_front() {
+            if msg.topic.is_empty() || msg.topic.contains(['+', '#']) {
+                // rumqttc refuses it the same way as a full channel: never retry it.
+                tracing::error!(
+                    "MQTT: dropping a message for the invalid topic {:?}",
+                    msg.topic
+                );
+                continue;
+            }
             let props = PublishProperties {
                 correlation_data: msg.correlation.clone(),
                 ..Default::default()
