@@ -144,8 +144,10 @@ async fn bad_input_is_answered_and_the_next_request_served() {
     ))
     .await;
     let c = bus(bus_daemon.address()).await.unwrap();
-    let invalid = "org.edgellm.Inference1.Error.InvalidRequest";
-    let cases: Vec<(Vec<(String, String)>, Dict, &str, &str)> = vec![
+    const INVALID: &str = "org.edgellm.Inference1.Error.InvalidRequest";
+    let invalid = INVALID;
+    type Case = (Vec<(String, String)>, Dict, &'static str, &'static str);
+    let cases: Vec<Case> = vec![
         (
             user("hi"),
             opts(&[("temperature", (-1.0f64).into())]),

@@ -395,7 +395,7 @@ async fn twenty_clients_times_five_requests_each_get_one_terminal_message() {
             assert!(id.starts_with(&format!("c{k}-")), "{id} went to client {k}");
             assert_eq!(
                 m.correlation.as_deref(),
-                Some(id[1..].as_bytes()),
+                Some(&id.as_bytes()[1..]),
                 "correlation data of {id}"
             );
             if m.json["error"]["code"] == "busy" {
