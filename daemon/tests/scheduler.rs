@@ -21,13 +21,22 @@ fn start(
     queue_depth: usize,
     timeout: Duration,
 ) -> (Scheduler, CancellationToken) {
+    start_with_delay(tmp, queue_depth, timeout, Duration::from_millis(10))
+}
+
+fn start_with_delay(
+    tmp: &std::path::Path,
+    queue_depth: usize,
+    timeout: Duration,
+    delay: Duration,
+) -> (Scheduler, CancellationToken) {
     let pkg = common::export("qwen2", tmp);
     let model = Model::load(&pkg).unwrap();
     let script = model
         .tokenizer
         .encode("Hello world, again and again", false)
         .unwrap();
-    let backend = common::Scripted::new(script, 512, Duration::from_millis(10));
+    let backend = common::Scripted::new(script, 512, delay);
     let root = CancellationToken::new();
     let limits = Limits {
         queue_depth,
@@ -204,4 +213,50 @@ async fn shutdown_ends_running_with_shutdown_and_queued_with_shutting_down() {
         ErrorCode::ShuttingDown
     );
     s.join();
+}
+
+/// The watchdog's input: healthy while idle and while a long generation makes progress token
+/// by token; unhealthy when one step takes longer than the stall limit (a wedged backend).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn engine_health_follows_progress_not_request_length() {
+    let tmp = tempfile::tempdir().unwrap();
+    let stall = Duration::from_millis(300);
+    let (s, _root) = start(tmp.path(), 2, Duration::from_secs(60));
+    assert!(s.health().healthy(stall));
+    let mut h = s.submit(request(80)).unwrap();
+    // ~0.8 s of generation, far longer than the stall limit, healthy throughout.
+    assert!(matches!(
+        h.events.recv().await,
+        Some(RequestEvent::Event(_))
+    ));
+    while let Ok(Some(e)) = tokio::time::timeout(Duration::from_millis(20), h.events.recv()).await {
+        assert!(
+            s.health().healthy(stall),
+            "unhealthy during a progressing generation"
+        );
+        if !matches!(e, RequestEvent::Event(_)) {
+            break;
+        }
+    }
+    assert!(s.health().healthy(stall));
+    s.join();
+
+    let tmp = tempfile::tempdir().unwrap();
+    let (s, _root) = start_with_delay(
+        tmp.path(),
+        2,
+        Duration::from_secs(60),
+        Duration::from_millis(1200),
+    );
+    let _h = s.submit(request(3)).unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(
+        !s.health().healthy(stall),
+        "a stuck step must stop the watchdog"
+    );
+    s.join();
+    assert!(
+        !s.health().healthy(stall),
+        "a stopped engine thread is not alive"
+    );
 }

@@ -88,9 +88,8 @@ impl Daemon {
     pub async fn start(config: Config) -> Daemon {
         let shutdown = CancellationToken::new();
         let dbus = config.dbus.enabled.then(|| config.dbus.address.clone());
-        let mqtt = config
-            .mqtt
-            .enabled
+        // (The test client speaks plain MQTT: a TLS daemon is waited for over D-Bus only.)
+        let mqtt = (config.mqtt.enabled && config.mqtt.url.starts_with("mqtt://"))
             .then(|| (config.mqtt.url.clone(), config.mqtt.node_id.clone()));
         let task = tokio::spawn(edgellm::run(config, shutdown.clone()));
         let d = Daemon {

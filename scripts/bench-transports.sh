@@ -1,0 +1,488 @@
+#!/usr/bin/env bash
+# Benchmark (not a test): what answering through edgellmd costs over answering in-process.
+#
+# In one run, on the same package (random-init Qwen2.5-0.5B int4, the demo's: target/demo/) and
+# the same chat prompt, greedy, BENCH_TOKENS new tokens, BENCH_REPS repetitions per path, the
+# paths alternating (the order rotates every repetition):
+#   in-process  `edgellm run --model PKG --prompt P --max-tokens N --temperature 0 --json`
+#               (a fresh process: it loads the model each time, so its TTFT is a cold first
+#               inference; only its usage figures are used);
+#   D-Bus       `edgellm ask --dbus --address ADDR ...` against a private dbus-daemon;
+#   MQTT        `edgellm ask --mqtt mqtt://127.0.0.1:PORT --node bench ...` against a private
+#               mosquitto;
+# and, as a reference row, `edgellm bench` (in-process, warm: one warm-up run, then medians) with
+# the same number of prompt tokens (synthetic ids) and new tokens.
+# edgellmd runs with threads = 0 and allow_spinning = true, as `edgellm run` does by default; both
+# get the same KV capacity (max_length 1024, the package's context, which is also run's default).
+#
+# How each figure is measured (a stdlib-only Python helper times the subprocesses with
+# time.perf_counter_ns around subprocess.Popen, reading stdout unbuffered with os.read):
+#   TTFT, decode tok/s   the usage the engine reports (daemon/src/engine/mod.rs): TTFT = start of
+#                        the prefill to the first sampled token; decode = (completion_tokens - 1)
+#                        / time from the first sampled token to the last one. Over D-Bus and MQTT
+#                        these are measured inside the daemon (`ask --json`).
+#   in-daemon time       ttft_ms + (completion_tokens - 1) / decode_tok_s * 1000 (ms).
+#   client wall          launch of `edgellm ask --json` to the exit of that process.
+#   process start        median wall time of `edgellm --version` (exec, dynamic loading, argument
+#                        parsing, exit): what any client process costs before it talks to anyone.
+#   overhead             client wall - in-daemon time, per request (median), shown raw and net of
+#                        the process start. What remains is the transport round trip plus what the
+#                        daemon does outside the engine's timer: the client's connection (D-Bus
+#                        auth + Hello; MQTT CONNECT + SUBSCRIBE), request encoding and routing,
+#                        chat template and tokenization, the reply, and the client's teardown.
+#   client TTFT          a separate `edgellm ask --stream` request (stream deltas to stdout):
+#                        launch -> first byte on the client's stdout, minus the process start.
+#                        It includes the connection set-up and the prefill; its difference to the
+#                        in-daemon TTFT is what the client sees of the transport before the first
+#                        token.
+#   The TTFT Δ column: client TTFT (D-Bus, MQTT) or engine TTFT (in-process rows) minus the
+#   in-process (`edgellm run`) TTFT; the decode ratio: decode tok/s over in-process decode tok/s.
+# After the requests: edgellmd's CPU time over BENCH_IDLE_S idle seconds (utime + stime from
+# /proc/PID/stat), and its VmRSS less the weights (model.onnx + model.onnx.data) and the f32 KV
+# cache (layers x 2 x KV heads x head size x max_length x 4 bytes, from genai_config.json).
+#
+# Targets: overhead < 2 ms per request; decode tok/s through the daemon within 2% of in-process;
+# idle CPU ~0.
+#
+# Usage: scripts/bench-transports.sh
+# Environment:
+#   BENCH_TOKENS   new tokens per request (default 64, at least 2)
+#   BENCH_REPS     repetitions per path, medians reported (default 5)
+#   BENCH_IDLE_S   idle seconds for edgellmd's CPU measure (default 30)
+#   BENCH_PROMPT   the prompt (default: a sentence)
+#   BENCH_PROFILE  cargo profile of the binaries: release (default, as scripts/bench-lib.sh) or
+#                  dev (target/debug; a first release build of edgellmd takes long on small
+#                  machines). The script runs `cargo build --locked [--release] -p edgellm
+#                  -p edgellm-export` first (a no-op when up to date) unless BENCH_BUILD=0.
+#   EDGELLM_LOG    edgellmd's log filter (passed through)
+# Needs mosquitto, dbus-daemon and python3 (stdlib only); ONNX Runtime comes from
+# scripts/fetch-onnxruntime.sh unless ORT_DYLIB_PATH is set.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+
+name=bench-transports
+shape=qwen2.5-0.5b
+max_length=1024
+node=bench
+ready_timeout_s=60
+tokens="${BENCH_TOKENS:-64}"
+reps="${BENCH_REPS:-5}"
+idle_s="${BENCH_IDLE_S:-30}"
+prompt="${BENCH_PROMPT:-Explain in one sentence why the sky looks blue on a clear afternoon.}"
+profile="${BENCH_PROFILE:-release}"
+target_dir="${CARGO_TARGET_DIR:-target}"
+package="$target_dir/demo/$shape-random"
+
+die() {
+    echo "$name: $*" >&2
+    exit 1
+}
+step() { printf '\n==> %s\n' "$*"; }
+
+for v in tokens reps idle_s; do
+    if ! [[ ${!v} =~ ^[0-9]+$ ]] || ((${!v} == 0)); then
+        die "$v must be a positive integer (got '${!v}')"
+    fi
+done
+((tokens >= 2)) || die "BENCH_TOKENS must be at least 2 (decode speed needs a second token)"
+[[ -n $prompt ]] || die "BENCH_PROMPT must not be empty"
+case "$profile" in
+    release) bin="$target_dir/release" build_flags=(--release) ;;
+    dev | debug) bin="$target_dir/debug" build_flags=() ;;
+    *) die "BENCH_PROFILE must be release or dev (got '$profile')" ;;
+esac
+
+# Finds a program on $PATH, then in the system folders (mosquitto lives in /usr/sbin).
+find_program() {
+    local dir
+    if command -v "$1" 2>/dev/null; then
+        return 0
+    fi
+    for dir in /usr/sbin /usr/bin /sbin /bin /usr/local/sbin /usr/local/bin; do
+        if [[ -x "$dir/$1" ]]; then
+            echo "$dir/$1"
+            return 0
+        fi
+    done
+    return 1
+}
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+toml_str() {
+    local s="${1//\\/\\\\}"
+    printf '"%s"' "${s//\"/\\\"}"
+}
+
+load() { echo "nproc $(nproc); uptime:$(uptime)"; }
+
+# ---------------------------------------------------------------------------------------------
+# Background processes and the temporary folder, cleaned up on any exit.
+
+tmp=""
+dbus_pid=""
+mosquitto_pid=""
+edgellmd_pid=""
+
+# SIGTERM to background child $1, SIGKILL after $2 seconds; returns the child's exit status.
+stop_child() {
+    local pid="$1" grace="$2" i rc=0
+    kill -TERM "$pid" 2>/dev/null || true
+    for ((i = 0; i < grace * 10; i++)); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    if kill -0 "$pid" 2>/dev/null; then
+        echo "$name: process $pid still runs ${grace} s after SIGTERM: killing it" >&2
+        kill -KILL "$pid" 2>/dev/null || true
+    fi
+    wait "$pid" 2>/dev/null || rc=$?
+    return "$rc"
+}
+
+cleanup() {
+    local rc=$? erc=0
+    trap - EXIT INT TERM
+    if [[ -n "$edgellmd_pid" ]]; then
+        stop_child "$edgellmd_pid" 30 || erc=$?
+        if ((erc != 0)); then
+            echo "$name: edgellmd exited with status $erc; its log:" >&2
+            sed 's/^/    /' "$tmp/edgellmd.log" >&2 || true
+            rc=1
+        fi
+    fi
+    if [[ -n "$mosquitto_pid" ]]; then
+        stop_child "$mosquitto_pid" 5 || true
+    fi
+    if [[ -n "$dbus_pid" ]]; then
+        stop_child "$dbus_pid" 5 || true
+    fi
+    if [[ -n "$tmp" ]]; then
+        rm -rf "$tmp"
+    fi
+    if ((rc != 0)); then
+        echo "$name: FAILED (status $rc)" >&2
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# ---------------------------------------------------------------------------------------------
+step "Load at start"
+load
+
+mosquitto="$(find_program mosquitto)" || die "mosquitto not found (apt-get install mosquitto)"
+dbus_daemon="$(find_program dbus-daemon)" || die "dbus-daemon not found (apt-get install dbus)"
+command -v python3 >/dev/null || die "python3 not found"
+
+if [[ ${BENCH_BUILD:-1} != 0 ]]; then
+    if ! command -v cargo >/dev/null && [[ -x "$HOME/.cargo/bin/cargo" ]]; then
+        PATH="$HOME/.cargo/bin:$PATH"
+    fi
+    command -v cargo >/dev/null || die "cargo not found (or set BENCH_BUILD=0)"
+    step "Building ($profile profile): cargo build --locked ${build_flags[*]} -p edgellm -p edgellm-export"
+    cargo build --locked "${build_flags[@]}" -p edgellm -p edgellm-export
+fi
+for exe in edgellm edgellmd edgellm-export; do
+    [[ -x "$bin/$exe" ]] || die "$bin/$exe is missing (build it, or BENCH_PROFILE=dev)"
+done
+edgellm="$root/$bin/edgellm"
+
+if [[ -z ${ORT_DYLIB_PATH:-} ]]; then
+    ORT_DYLIB_PATH="$(scripts/fetch-onnxruntime.sh)" || die "scripts/fetch-onnxruntime.sh failed"
+fi
+[[ -e $ORT_DYLIB_PATH ]] || die "ORT_DYLIB_PATH=$ORT_DYLIB_PATH does not exist"
+export ORT_DYLIB_PATH
+
+if [[ -f "$package/genai_config.json" && -f "$package/SHA256SUMS" ]]; then
+    echo "package: reusing $package"
+else
+    step "Exporting random-init $shape int4 to $package"
+    mkdir -p "$(dirname "$package")"
+    "$bin/edgellm-export" --random-init "$shape" --embeddings int4 --max-length "$max_length" \
+        --out "$package" --force
+fi
+package="$root/$package"
+
+tmp="$(mktemp -d -t edgellm-bench-transports.XXXXXX)"
+
+# ---------------------------------------------------------------------------------------------
+step "Starting mosquitto, dbus-daemon and edgellmd (private, in $tmp)"
+start_mosquitto() {
+    local attempt i
+    for ((attempt = 0; attempt < 10; attempt++)); do
+        port=$((20000 + RANDOM % 40000))
+        port_open "$port" && continue
+        {
+            echo "listener $port 127.0.0.1"
+            echo "allow_anonymous true"
+            echo "persistence false"
+            echo "log_dest file $tmp/mosquitto.log"
+            if ((EUID == 0)); then echo "user root"; fi
+        } >"$tmp/mosquitto.conf"
+        : >"$tmp/mosquitto.log"
+        "$mosquitto" -c "$tmp/mosquitto.conf" >"$tmp/mosquitto.out" 2>&1 &
+        mosquitto_pid=$!
+        for ((i = 0; i < 100; i++)); do
+            port_open "$port" && return 0
+            kill -0 "$mosquitto_pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        stop_child "$mosquitto_pid" 2 || true
+        mosquitto_pid=""
+        grep -q "Address already in use" "$tmp/mosquitto.log" "$tmp/mosquitto.out" && continue
+        cat "$tmp/mosquitto.log" "$tmp/mosquitto.out" >&2
+        return 1
+    done
+    return 1
+}
+start_mosquitto || die "mosquitto did not start"
+mqtt_url="mqtt://127.0.0.1:$port"
+echo "mosquitto (pid $mosquitto_pid) on $mqtt_url"
+
+cat >"$tmp/bus.conf" <<EOF
+<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>session</type>
+  <listen>unix:path=$tmp/bus</listen>
+  <auth>EXTERNAL</auth>
+  <policy context="default">
+    <allow send_destination="*" eavesdrop="true"/>
+    <allow eavesdrop="true"/>
+    <allow own="*"/>
+  </policy>
+</busconfig>
+EOF
+: >"$tmp/bus.address"
+"$dbus_daemon" --config-file="$tmp/bus.conf" --nofork --nopidfile --print-address=1 \
+    >"$tmp/bus.address" 2>"$tmp/dbus-daemon.log" &
+dbus_pid=$!
+bus_address=""
+for ((i = 0; i < 100; i++)); do
+    if [[ -s "$tmp/bus.address" && -S "$tmp/bus" && "$(tail -c 1 "$tmp/bus.address")" == "" ]]; then
+        bus_address="$(head -n 1 "$tmp/bus.address")"
+        break
+    fi
+    kill -0 "$dbus_pid" 2>/dev/null || break
+    sleep 0.1
+done
+[[ -n "$bus_address" ]] || die "dbus-daemon printed no address: $(cat "$tmp/dbus-daemon.log")"
+echo "dbus-daemon (pid $dbus_pid) at $bus_address"
+
+config="$tmp/edgellm.toml"
+cat >"$config" <<EOF
+[model]
+path = $(toml_str "$package")
+max_length = $max_length
+threads = 0
+
+[onnxruntime]
+library = $(toml_str "$ORT_DYLIB_PATH")
+allow_spinning = true
+
+[dbus]
+bus = "session"
+address = $(toml_str "$bus_address")
+
+[mqtt]
+url = $(toml_str "$mqtt_url")
+node_id = $(toml_str "$node")
+EOF
+"$bin/edgellmd" --check-config "$config" >/dev/null
+
+NO_COLOR=1 env -u NOTIFY_SOCKET "$bin/edgellmd" --config "$config" >"$tmp/edgellmd.log" 2>&1 &
+edgellmd_pid=$!
+echo "edgellmd pid $edgellmd_pid ($bin/edgellmd)"
+
+dbus_ask=("$edgellm" ask --dbus --address "$bus_address")
+mqtt_ask=("$edgellm" ask --mqtt "$mqtt_url" --node "$node")
+start=$SECONDS
+for transport in dbus mqtt; do
+    if [[ $transport == dbus ]]; then probe=("${dbus_ask[@]}"); else probe=("${mqtt_ask[@]}"); fi
+    until "${probe[@]}" --prompt hi --max-tokens 1 --timeout 5 >"$tmp/probe.out" 2>&1; do
+        if ! kill -0 "$edgellmd_pid" 2>/dev/null; then
+            sed 's/^/    /' "$tmp/edgellmd.log" >&2
+            edgellmd_pid=""
+            die "edgellmd exited before it was ready"
+        fi
+        if ((SECONDS - start > ready_timeout_s)); then
+            sed 's/^/    /' "$tmp/probe.out" "$tmp/edgellmd.log" >&2
+            die "edgellmd does not answer over $transport after ${ready_timeout_s} s"
+        fi
+        sleep 0.5
+    done
+done
+echo "edgellmd answers over D-Bus and MQTT after $((SECONDS - start)) s"
+
+# ---------------------------------------------------------------------------------------------
+step "Measuring: $reps repetitions x (run, D-Bus, MQTT) of $tokens tokens, prompt \"$prompt\""
+cat >"$tmp/measure.py" <<'PY'
+import json, os, statistics, subprocess, sys, time
+
+E = os.environ
+edgellm, pkg, prompt = E["B_EDGELLM"], E["B_PKG"], E["B_PROMPT"]
+tokens, reps, max_length = int(E["B_TOKENS"]), int(E["B_REPS"]), E["B_MAXLEN"]
+tmp = E["B_TMP"]
+gen = ["--prompt", prompt, "--max-tokens", str(tokens), "--temperature", "0"]
+engine = ["--threads", "0", "--max-length", max_length]
+paths = {
+    "D-Bus": [edgellm, "ask", "--dbus", "--address", E["B_BUS"]],
+    "MQTT": [edgellm, "ask", "--mqtt", E["B_MQTT"], "--node", E["B_NODE"]],
+}
+
+
+def launch(cmd):
+    """Runs cmd; returns (stdout bytes, ms to its first stdout byte or None, ms to its exit)."""
+    with open(os.path.join(tmp, "last.err"), "wb") as err:
+        t0 = time.perf_counter_ns()
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, bufsize=0)
+        fd, first, chunks = p.stdout.fileno(), None, []
+        while True:
+            b = os.read(fd, 65536)
+            if not b:
+                break
+            if first is None:
+                first = time.perf_counter_ns()
+            chunks.append(b)
+        rc = p.wait()
+        t1 = time.perf_counter_ns()
+    if rc != 0:
+        sys.stderr.write(open(os.path.join(tmp, "last.err")).read())
+        sys.exit(f"bench-transports: {' '.join(cmd[:3])} ... exited {rc}")
+    ms = lambda t: (t - t0) / 1e6
+    return b"".join(chunks), (ms(first) if first else None), ms(t1)
+
+
+def usage(out):
+    return json.loads(out.decode().strip().splitlines()[-1])["usage"]
+
+
+def in_daemon_ms(u):
+    n = u["completion_tokens"]
+    return u["ttft_ms"] + ((n - 1) / u["decode_tok_s"] * 1e3 if n > 1 and u["decode_tok_s"] else 0)
+
+
+def start_cost(k=9):
+    return statistics.median(launch([edgellm, "--version"])[2] for _ in range(k))
+
+
+rows = {k: {"ttft": [], "decode": [], "ctok": [], "wall": [], "inside": [], "cttft": []}
+        for k in ["in-process", "D-Bus", "MQTT"]}
+for name, cmd in paths.items():  # warm-up, not counted
+    launch(cmd + gen + ["--json"])
+starts = [start_cost()]
+order = ["in-process", "D-Bus", "MQTT"]
+for r in range(reps):
+    for name in order[r % 3:] + order[:r % 3]:
+        row = rows[name]
+        if name == "in-process":
+            u = usage(launch([edgellm, "run", "--model", pkg] + engine + gen + ["--json"])[0])
+        else:
+            out, _, wall = launch(paths[name] + gen + ["--json"])
+            u = usage(out)
+            row["wall"].append(wall)
+            row["inside"].append(in_daemon_ms(u))
+            _, first, _ = launch(paths[name] + gen + ["--stream"])
+            row["cttft"].append(first)
+        row["ttft"].append(u["ttft_ms"])
+        row["decode"].append(u["decode_tok_s"])
+        row["ctok"].append(u["completion_tokens"])
+    print(f"  repetition {r + 1}/{reps} done (order: {', '.join(order[r % 3:] + order[:r % 3])})",
+          flush=True)
+starts.append(start_cost())
+start = statistics.median(starts)
+prompt_tokens = usage(launch([edgellm, "run", "--model", pkg] + engine + gen + ["--json"])[0])[
+    "prompt_tokens"]
+b = json.loads(launch([edgellm, "bench", "--model", pkg] + engine + [
+    "--prompt-tokens", str(prompt_tokens), "--gen-tokens", str(tokens), "--runs", str(reps),
+    "--json"])[0])
+med = statistics.median
+base_ttft, base_dec = med(rows["in-process"]["ttft"]), med(rows["in-process"]["decode"])
+
+print(f"\nprompt tokens {prompt_tokens}, new tokens {tokens} (completion_tokens seen: "
+      f"{sorted(set(sum((r['ctok'] for r in rows.values()), [])))}), {reps} repetitions, medians")
+print(f"process start (`edgellm --version`, median): {start:.2f} ms (before/after: "
+      f"{starts[0]:.2f}/{starts[1]:.2f})\n")
+hdr = ("path", "TTFT ms", "client TTFT ms", "decode tok/s", "decode ratio", "TTFT Δ ms",
+       "overhead ms", "overhead-start ms")
+fmt = "{:<26} {:>9} {:>15} {:>13} {:>13} {:>10} {:>12} {:>18}"
+print(fmt.format(*hdr))
+print(fmt.format(*("-" * len(h) for h in hdr)))
+for name in ["in-process", "D-Bus", "MQTT"]:
+    row = rows[name]
+    ttft, dec = med(row["ttft"]), med(row["decode"])
+    if name == "in-process":
+        c = o = on = "-"
+        delta = 0.0
+        label = "in-process (edgellm run)"
+    else:
+        cttft = med(row["cttft"]) - start
+        over = [w - i for w, i in zip(row["wall"], row["inside"])]
+        c, o, on = f"{cttft:.1f}", f"{med(over):.1f}", f"{med(over) - start:.1f}"
+        delta = cttft - base_ttft
+        label = name
+    print(fmt.format(label, f"{ttft:.1f}", c, f"{dec:.2f}", f"{dec / base_dec:.4f}",
+                     f"{delta:+.1f}", o, on))
+print(fmt.format("in-process warm (bench)", f"{b['ttft_ms']:.1f}", "-", f"{b['decode_tok_s']:.2f}",
+                 f"{b['decode_tok_s'] / base_dec:.4f}", f"{b['ttft_ms'] - base_ttft:+.1f}", "-",
+                 "-"))
+print("\nper request (in order of repetition):")
+for name, row in rows.items():
+    print(f"  {name:<11} TTFT ms {[round(x, 1) for x in row['ttft']]}  decode tok/s "
+          f"{[round(x, 2) for x in row['decode']]}")
+    if row["wall"]:
+        print(f"  {'':<11} overhead ms {[round(w - i, 1) for w, i in zip(row['wall'], row['inside'])]}"
+              f"  client TTFT ms {[round(x - start, 1) for x in row['cttft']]}")
+d = {k: med(rows[k]["decode"]) / base_dec - 1 for k in ("D-Bus", "MQTT")}
+o = {k: med([w - i for w, i in zip(rows[k]["wall"], rows[k]["inside"])]) for k in ("D-Bus", "MQTT")}
+print(f"\ntargets: decode within 2% of in-process: "
+      + ", ".join(f"{k} {v * 100:+.1f}% {'ok' if abs(v) <= 0.02 else 'MISSED'}" for k, v in d.items()))
+print(f"         overhead < 2 ms per request (raw wall - in-daemon): "
+      + ", ".join(f"{k} {v:.1f} ms {'ok' if v < 2 else 'MISSED'}" for k, v in o.items())
+      + f"; net of process start: "
+      + ", ".join(f"{k} {v - start:.1f} ms {'ok' if v - start < 2 else 'MISSED'}"
+                  for k, v in o.items()))
+PY
+B_EDGELLM="$edgellm" B_PKG="$package" B_PROMPT="$prompt" B_TOKENS="$tokens" B_REPS="$reps" \
+    B_MAXLEN="$max_length" B_TMP="$tmp" B_BUS="$bus_address" B_MQTT="$mqtt_url" B_NODE="$node" \
+    python3 "$tmp/measure.py"
+
+# ---------------------------------------------------------------------------------------------
+step "edgellmd idle: CPU over ${idle_s} s, memory"
+kill -0 "$edgellmd_pid" 2>/dev/null || die "edgellmd is gone"
+# utime + stime (fields 14 and 15; counted after the ")" closing the command name).
+cpu_ticks() {
+    local stat f
+    stat="$(<"/proc/$edgellmd_pid/stat")"
+    read -r -a f <<<"${stat##*) }"
+    echo $((f[11] + f[12]))
+}
+hz="$(getconf CLK_TCK)"
+t0="$(cpu_ticks)"
+sleep "$idle_s"
+t1="$(cpu_ticks)"
+awk -v d=$((t1 - t0)) -v hz="$hz" -v s="$idle_s" \
+    'BEGIN { printf "edgellmd CPU over %d s idle: %.2f CPU s (%.2f%% of one core; %d ticks at %d Hz)\n", s, d / hz, 100 * d / hz / s, d, hz }'
+
+rss_kib="$(awk '/^VmRSS:/ { print $2 }' "/proc/$edgellmd_pid/status")"
+weights="$(($(stat -c %s "$package/model.onnx") + $(stat -c %s "$package/model.onnx.data")))"
+kv="$(python3 -c '
+import json, sys
+d = json.load(open(sys.argv[1]))["model"]["decoder"]
+print(d["num_hidden_layers"] * 2 * d["num_key_value_heads"] * d["head_size"] * int(sys.argv[2]) * 4)
+' "$package/genai_config.json" "$max_length")"
+awk -v r="$rss_kib" -v w="$weights" -v kv="$kv" -v ml="$max_length" 'BEGIN {
+    m = 1048576
+    printf "edgellmd VmRSS idle after the requests: %.1f MiB\n", r * 1024 / m
+    printf "weights (model.onnx + model.onnx.data): %.1f MiB; f32 KV cache (%d tokens): %.1f MiB\n", w / m, ml, kv / m
+    printf "RSS beyond weights and KV cache: %.1f MiB\n", (r * 1024 - w - kv) / m
+}'
+"$edgellm" inspect "$package" | grep -i "kv cache" | sed 's/^/inspect: /' || true
+
+step "Load at end"
+load
+echo "profile: $profile ($bin)"

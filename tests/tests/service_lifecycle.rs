@@ -1,0 +1,207 @@
+//! edgellmd's lifecycle with both transports up: shutdown in the middle of a generation (the
+//! running request ends `shutdown`, queued ones get `shutting_down`, over D-Bus and MQTT, and
+//! the status goes `offline`), and MQTT over TLS with a username and a password file.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use edgellm_tests::harness::{DbusBus, Mosquitto, require_program};
+use edgellm_tests::service::*;
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_mid_generation_answers_everything() {
+    let bus_daemon = DbusBus::start();
+    let broker = Mosquitto::start();
+    let mut cfg = config(
+        slow_package(),
+        Some(bus_daemon.address()),
+        Some(&broker.url()),
+        "n1",
+    );
+    cfg.model.max_length = 1024;
+    cfg.limits.shutdown_grace_s = 10;
+    let d = Daemon::start(cfg).await;
+    let c = bus(bus_daemon.address()).await.unwrap();
+    let mut m = MqttClient::connect(&broker.url()).await;
+    m.subscribe("replies/#").await;
+    m.subscribe("edgellm/n1/status").await;
+    let long = opts(&[("max_tokens", 600u32.into())]);
+
+    let mut running = start_chat(&c, &user("Write a long story"), &long)
+        .await
+        .unwrap();
+    assert!(matches!(running.next().await, Signal::Delta(_)));
+    let mut queued = start_chat(&c, &user("another"), &long).await.unwrap();
+    m.request_v5(
+        "edgellm/n1/request",
+        &json!({"id": "q", "prompt": "x", "max_tokens": 600}),
+        "replies/q",
+        b"q",
+    )
+    .await;
+    // Let the MQTT request reach the queue.
+    let t = Instant::now();
+    while u32::try_from(get_property(&c, "QueueLength").await.unwrap()).unwrap() < 2 {
+        assert!(t.elapsed() < Duration::from_secs(10), "requests not queued");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let t = Instant::now();
+    d.stop().await;
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    let (_, reason, stats) = running.finish().await;
+    assert_eq!(reason, "shutdown");
+    assert!(stat_u32(&stats, "completion_tokens") < 600);
+    let (_, reason, stats) = queued.finish().await;
+    assert_eq!(reason, "error");
+    assert_eq!(stat_str(&stats, "error_code"), "shutting_down");
+    let mut got_error = false;
+    let mut got_offline = false;
+    while !(got_error && got_offline) {
+        let msg = m.recv(Duration::from_secs(30)).await;
+        if msg.topic == "replies/q" && msg.json["done"] == true {
+            assert!(!got_error, "two terminal messages");
+            assert_eq!(msg.json["error"]["code"], "shutting_down");
+            got_error = true;
+        }
+        if msg.topic == "edgellm/n1/status" && msg.json["state"] == "offline" {
+            got_offline = true;
+        }
+    }
+    // The bus name is gone.
+    assert!(get_property(&c, "State").await.is_err());
+}
+
+/// A CA and a server certificate for localhost/127.0.0.1, made with openssl.
+fn certificates(dir: &Path) {
+    let openssl = require_program("openssl", "openssl");
+    let run = |args: &[&str]| {
+        let out = Command::new(&openssl)
+            .current_dir(dir)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=edgellm-test-ca",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=localhost",
+    ]);
+    std::fs::write(
+        dir.join("san.ext"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.crt",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+    ]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_over_tls_with_a_password_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    certificates(tmp.path());
+    let passwd = Mosquitto::password_file(tmp.path(), "edge", "s3cret");
+    let d = tmp.path().display();
+    let broker = Mosquitto::start_with(&format!(
+        "allow_anonymous false\npassword_file {}\ncafile {d}/ca.crt\ncertfile {d}/server.crt\nkeyfile {d}/server.key\n",
+        passwd.display()
+    ));
+    let url = format!("mqtts://localhost:{}", broker.port());
+    let pw_file = tmp.path().join("pw");
+    std::fs::write(&pw_file, "s3cret\n").unwrap();
+    let bus_daemon = DbusBus::start();
+
+    let mut cfg = config(tiny_package(), Some(bus_daemon.address()), None, "tls");
+    cfg.mqtt.enabled = true;
+    cfg.mqtt.url = url.clone();
+    cfg.mqtt.ca_file = format!("{d}/ca.crt");
+    cfg.mqtt.username = "edge".into();
+    cfg.mqtt.password_file = pw_file.display().to_string();
+    let daemon = Daemon::start(cfg.clone()).await;
+    // The broker accepted the daemon over TLS with the password: its client id is connected as
+    // user `edge`.
+    let t = Instant::now();
+    while !broker
+        .log()
+        .contains("as edgellmd-tls (p5, c1, k15, u'edge')")
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the daemon did not log in over TLS:\n{}",
+            broker.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    daemon.stop().await;
+
+    // A wrong password is refused by the broker (and the daemon keeps serving D-Bus).
+    std::fs::write(&pw_file, "wrong\n").unwrap();
+    let bus2 = DbusBus::start();
+    cfg.dbus.address = bus2.address().to_string();
+    cfg.mqtt.node_id = "tls-wrong".into();
+    let daemon = Daemon::start(cfg).await;
+    let t = Instant::now();
+    while !broker.log().contains("disconnected, not authorised") {
+        assert!(t.elapsed() < Duration::from_secs(20), "{}", broker.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !broker
+            .log()
+            .contains("as edgellmd-tls-wrong (p5, c1, k15, u'edge')"),
+        "a wrong password was accepted"
+    );
+    let c = bus(bus2.address()).await.unwrap();
+    let (_, stats) = chat(&c, &user("hi"), &opts(&[("max_tokens", 2u32.into())]))
+        .await
+        .unwrap();
+    assert_eq!(stat_u32(&stats, "completion_tokens"), 2);
+    daemon.stop().await;
+}
