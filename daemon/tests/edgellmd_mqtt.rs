@@ -1,0 +1,164 @@
+//! The `edgellmd` binary on a real mosquitto: a real SIGTERM in the middle of a generation (the
+//! request ends `shutdown`, the status goes `offline`, exit 0), and a SIGKILL (the broker
+//! publishes the daemon's last will: `offline`). The broker harness is shared with the tests/
+//! crate.
+
+#![allow(clippy::unwrap_used)]
+
+#[path = "../../tests/src/harness.rs"]
+#[allow(dead_code)]
+mod harness;
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use harness::Mosquitto;
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::Packet;
+use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+/// A random-init Qwen2.5-0.5B int4 package: slow enough (~50 tokens/s) to be stopped mid-answer.
+fn slow_package(dir: &std::path::Path) -> std::path::PathBuf {
+    let ckpt = edgellm_export::random_init::TempCheckpoint::new("qwen2.5-0.5b", dir, 0).unwrap();
+    let out = dir.join("pkg");
+    edgellm_export::export(
+        ckpt.dir(),
+        &out,
+        &edgellm_export::ExportOptions {
+            embeddings: edgellm_export::Precision::Int4,
+            max_length: Some(1024),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    out
+}
+
+fn spawn(dir: &std::path::Path, pkg: &std::path::Path, port: u16, node: &str) -> Child {
+    let cfg = dir.join(format!("{node}.toml"));
+    std::fs::write(
+        &cfg,
+        format!(
+            "[model]\npath = {:?}\nmax_length = 1024\n[dbus]\nenabled = false\n[mqtt]\nurl = \"mqtt://127.0.0.1:{port}\"\nnode_id = \"{node}\"\n",
+            pkg.display().to_string()
+        ),
+    )
+    .unwrap();
+    Command::new(env!("CARGO_BIN_EXE_edgellmd"))
+        .arg("--config")
+        .arg(&cfg)
+        .env_remove("NOTIFY_SOCKET")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// A subscriber that forwards (topic, JSON) pairs.
+async fn subscriber(
+    port: u16,
+    topics: &[&str],
+) -> (AsyncClient, mpsc::UnboundedReceiver<(String, Value)>) {
+    let mut opts = MqttOptions::new(format!("t-{}", std::process::id()), "127.0.0.1", port);
+    opts.set_keep_alive(Duration::from_secs(30));
+    let (client, mut eventloop) = AsyncClient::new(opts, 64);
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (acked_tx, mut acked) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok(ev) = eventloop.poll().await {
+            match ev {
+                Event::Incoming(Packet::Publish(p)) => {
+                    let v = serde_json::from_slice(&p.payload).unwrap_or(Value::Null);
+                    let _ = tx.send((String::from_utf8_lossy(&p.topic).into_owned(), v));
+                }
+                Event::Incoming(Packet::SubAck(_)) => {
+                    let _ = acked_tx.send(());
+                }
+                _ => {}
+            }
+        }
+    });
+    for t in topics {
+        client.subscribe(*t, QoS::AtLeastOnce).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(10), acked.recv())
+            .await
+            .unwrap();
+    }
+    (client, rx)
+}
+
+async fn until(
+    rx: &mut mpsc::UnboundedReceiver<(String, Value)>,
+    what: impl Fn(&str, &Value) -> bool,
+) -> (String, Value) {
+    loop {
+        let (t, v) = tokio::time::timeout(Duration::from_secs(120), rx.recv())
+            .await
+            .expect("waited 120 s")
+            .unwrap();
+        if what(&t, &v) {
+            return (t, v);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_mid_generation_and_the_last_will() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pkg = slow_package(tmp.path());
+    let broker = Mosquitto::start();
+    let (client, mut rx) =
+        subscriber(broker.port(), &["edgellm/+/status", "edgellm/+/response/#"]).await;
+
+    // SIGTERM while a long answer streams: it ends `shutdown`, then `offline`, exit 0.
+    let mut d = spawn(tmp.path(), &pkg, broker.port(), "term");
+    until(&mut rx, |t, v| {
+        t == "edgellm/term/status" && v["state"] == "online"
+    })
+    .await;
+    client
+        .publish(
+            "edgellm/term/request",
+            QoS::AtLeastOnce,
+            false,
+            json!({"id": "s", "prompt": "Once upon a time", "max_tokens": 600}).to_string(),
+        )
+        .await
+        .unwrap();
+    until(&mut rx, |t, v| {
+        t == "edgellm/term/response/s" && v["seq"] == 0
+    })
+    .await;
+    let kill = Command::new("kill")
+        .args(["-TERM", &d.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let (_, fin) = until(&mut rx, |_, v| v["done"] == true).await;
+    assert_eq!(fin["finish_reason"], "shutdown");
+    assert!(fin["usage"]["completion_tokens"].as_u64().unwrap() < 600);
+    until(&mut rx, |t, v| {
+        t == "edgellm/term/status" && v["state"] == "offline"
+    })
+    .await;
+    let status = tokio::task::spawn_blocking(move || d.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success(), "{status}");
+
+    // SIGKILL: no goodbye, so the broker publishes the last will.
+    let mut d = spawn(tmp.path(), &pkg, broker.port(), "kill");
+    until(&mut rx, |t, v| {
+        t == "edgellm/kill/status" && v["state"] == "online"
+    })
+    .await;
+    d.kill().unwrap();
+    d.wait().unwrap();
+    let (_, will) = until(&mut rx, |t, v| {
+        t == "edgellm/kill/status" && v["state"] == "offline"
+    })
+    .await;
+    assert_eq!(will["node"], "kill");
+}
