@@ -258,6 +258,11 @@ impl MqttTransport {
         let (tls, host, port) = parse_url(&cfg.url)?;
         let mut options = MqttOptions::new(format!("edgellmd-{}", topics.node), host, port);
         options.set_keep_alive(Duration::from_secs(15));
+        // Small messages (chunks, acks) must not wait for Nagle's algorithm: with it, a reply
+        // waits up to a delayed-ACK timeout (~40 ms) on loopback.
+        let mut net = rumqttc::NetworkOptions::new();
+        net.set_tcp_nodelay(true);
+        options.set_network_options(net);
         options.set_clean_start(true);
         options.set_request_channel_capacity(1024);
         // Payloads up to twice the limit reach us and get an error reply; the broker drops

@@ -276,6 +276,9 @@ async fn mqtt(args: &AskArgs) -> anyhow::Result<()> {
     let reply_topic = format!("{}/client/{me}/reply", args.topic_prefix);
     let mut opts = MqttOptions::new(me.clone(), host, port);
     opts.set_keep_alive(Duration::from_secs(30));
+    let mut net = rumqttc::NetworkOptions::new();
+    net.set_tcp_nodelay(true);
+    opts.set_network_options(net);
     let (client, mut eventloop) = AsyncClient::new(opts, 64);
 
     let mut fields = match input(args)? {
