@@ -79,11 +79,8 @@ profile="${BENCH_PROFILE:-release}"
 target_dir="${CARGO_TARGET_DIR:-target}"
 package="$target_dir/demo/$shape-random"
 
-die() {
-    echo "$name: $*" >&2
-    exit 1
-}
-step() { printf '\n==> %s\n' "$*"; }
+# shellcheck source=scripts/services-lib.sh
+source "$root/scripts/services-lib.sh"
 
 for v in tokens reps idle_s; do
     if ! [[ ${!v} =~ ^[0-9]+$ ]] || ((${!v} == 0)); then
@@ -98,74 +95,12 @@ case "$profile" in
     *) die "BENCH_PROFILE must be release or dev (got '$profile')" ;;
 esac
 
-# Finds a program on $PATH, then in the system folders (mosquitto lives in /usr/sbin).
-find_program() {
-    local dir
-    if command -v "$1" 2>/dev/null; then
-        return 0
-    fi
-    for dir in /usr/sbin /usr/bin /sbin /bin /usr/local/sbin /usr/local/bin; do
-        if [[ -x "$dir/$1" ]]; then
-            echo "$dir/$1"
-            return 0
-        fi
-    done
-    return 1
-}
-
-port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-
-toml_str() {
-    local s="${1//\\/\\\\}"
-    printf '"%s"' "${s//\"/\\\"}"
-}
-
 load() { echo "nproc $(nproc); uptime:$(uptime)"; }
 
-# ---------------------------------------------------------------------------------------------
-# Background processes and the temporary folder, cleaned up on any exit.
-
-tmp=""
-dbus_pid=""
-mosquitto_pid=""
-edgellmd_pid=""
-
-# SIGTERM to background child $1, SIGKILL after $2 seconds; returns the child's exit status.
-stop_child() {
-    local pid="$1" grace="$2" i rc=0
-    kill -TERM "$pid" 2>/dev/null || true
-    for ((i = 0; i < grace * 10; i++)); do
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.1
-    done
-    if kill -0 "$pid" 2>/dev/null; then
-        echo "$name: process $pid still runs ${grace} s after SIGTERM: killing it" >&2
-        kill -KILL "$pid" 2>/dev/null || true
-    fi
-    wait "$pid" 2>/dev/null || rc=$?
-    return "$rc"
-}
-
 cleanup() {
-    local rc=$? erc=0
+    local rc=$?
     trap - EXIT INT TERM
-    if [[ -n "$edgellmd_pid" ]]; then
-        stop_child "$edgellmd_pid" 30 || erc=$?
-        if ((erc != 0)); then
-            echo "$name: edgellmd exited with status $erc; its log:" >&2
-            sed 's/^/    /' "$tmp/edgellmd.log" >&2 || true
-            rc=1
-        fi
-    fi
-    if [[ -n "$mosquitto_pid" ]]; then
-        stop_child "$mosquitto_pid" 5 || true
-    fi
-    if [[ -n "$dbus_pid" ]]; then
-        stop_child "$dbus_pid" 5 || true
-    fi
-    if [[ -n "$tmp" ]]; then
-        rm -rf "$tmp"
-    fi
+    services_cleanup || rc=1
     if ((rc != 0)); then
         echo "$name: FAILED (status $rc)" >&2
     fi
@@ -179,8 +114,6 @@ trap 'exit 143' TERM
 step "Load at start"
 load
 
-mosquitto="$(find_program mosquitto)" || die "mosquitto not found (apt-get install mosquitto)"
-dbus_daemon="$(find_program dbus-daemon)" || die "dbus-daemon not found (apt-get install dbus)"
 command -v python3 >/dev/null || die "python3 not found"
 
 if [[ ${BENCH_BUILD:-1} != 0 ]]; then
@@ -202,82 +135,19 @@ fi
 [[ -e $ORT_DYLIB_PATH ]] || die "ORT_DYLIB_PATH=$ORT_DYLIB_PATH does not exist"
 export ORT_DYLIB_PATH
 
-if [[ -f "$package/genai_config.json" && -f "$package/SHA256SUMS" ]]; then
-    echo "package: reusing $package"
-else
-    step "Exporting random-init $shape int4 to $package"
-    mkdir -p "$(dirname "$package")"
-    "$bin/edgellm-export" --random-init "$shape" --embeddings int4 --max-length "$max_length" \
-        --out "$package" --force
-fi
+step "Package: random-init $shape int4 in $package"
+export_demo_package "$bin" "$package" "$shape" "$max_length"
 package="$root/$package"
 
-tmp="$(mktemp -d -t edgellm-bench-transports.XXXXXX)"
+services_init
 
 # ---------------------------------------------------------------------------------------------
 step "Starting mosquitto, dbus-daemon and edgellmd (private, in $tmp)"
-start_mosquitto() {
-    local attempt i
-    for ((attempt = 0; attempt < 10; attempt++)); do
-        port=$((20000 + RANDOM % 40000))
-        port_open "$port" && continue
-        {
-            echo "listener $port 127.0.0.1"
-            echo "allow_anonymous true"
-            echo "persistence false"
-            echo "log_dest file $tmp/mosquitto.log"
-            if ((EUID == 0)); then echo "user root"; fi
-            if [[ ${BENCH_MQTT_NODELAY:-0} == 1 ]]; then echo "set_tcp_nodelay true"; fi
-        } >"$tmp/mosquitto.conf"
-        : >"$tmp/mosquitto.log"
-        "$mosquitto" -c "$tmp/mosquitto.conf" >"$tmp/mosquitto.out" 2>&1 &
-        mosquitto_pid=$!
-        for ((i = 0; i < 100; i++)); do
-            port_open "$port" && return 0
-            kill -0 "$mosquitto_pid" 2>/dev/null || break
-            sleep 0.1
-        done
-        stop_child "$mosquitto_pid" 2 || true
-        mosquitto_pid=""
-        grep -q "Address already in use" "$tmp/mosquitto.log" "$tmp/mosquitto.out" && continue
-        cat "$tmp/mosquitto.log" "$tmp/mosquitto.out" >&2
-        return 1
-    done
-    return 1
-}
-start_mosquitto || die "mosquitto did not start"
-mqtt_url="mqtt://127.0.0.1:$port"
-echo "mosquitto (pid $mosquitto_pid) on $mqtt_url (set_tcp_nodelay: $([[ ${BENCH_MQTT_NODELAY:-0} == 1 ]] && echo true || echo 'false, its default'))"
-
-cat >"$tmp/bus.conf" <<EOF
-<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <type>session</type>
-  <listen>unix:path=$tmp/bus</listen>
-  <auth>EXTERNAL</auth>
-  <policy context="default">
-    <allow send_destination="*" eavesdrop="true"/>
-    <allow eavesdrop="true"/>
-    <allow own="*"/>
-  </policy>
-</busconfig>
-EOF
-: >"$tmp/bus.address"
-"$dbus_daemon" --config-file="$tmp/bus.conf" --nofork --nopidfile --print-address=1 \
-    >"$tmp/bus.address" 2>"$tmp/dbus-daemon.log" &
-dbus_pid=$!
-bus_address=""
-for ((i = 0; i < 100; i++)); do
-    if [[ -s "$tmp/bus.address" && -S "$tmp/bus" && "$(tail -c 1 "$tmp/bus.address")" == "" ]]; then
-        bus_address="$(head -n 1 "$tmp/bus.address")"
-        break
-    fi
-    kill -0 "$dbus_pid" 2>/dev/null || break
-    sleep 0.1
-done
-[[ -n "$bus_address" ]] || die "dbus-daemon printed no address: $(cat "$tmp/dbus-daemon.log")"
-echo "dbus-daemon (pid $dbus_pid) at $bus_address"
+mosquitto_extra=()
+if [[ ${BENCH_MQTT_NODELAY:-0} == 1 ]]; then mosquitto_extra=("set_tcp_nodelay true"); fi
+start_mosquitto "${mosquitto_extra[@]}"
+echo "mosquitto set_tcp_nodelay: $([[ ${BENCH_MQTT_NODELAY:-0} == 1 ]] && echo true || echo 'false, its default')"
+start_dbus
 
 config="$tmp/edgellm.toml"
 cat >"$config" <<EOF
@@ -298,31 +168,8 @@ address = $(toml_str "$bus_address")
 url = $(toml_str "$mqtt_url")
 node_id = $(toml_str "$node")
 EOF
-"$bin/edgellmd" --check-config "$config" >/dev/null
-
-NO_COLOR=1 env -u NOTIFY_SOCKET "$bin/edgellmd" --config "$config" >"$tmp/edgellmd.log" 2>&1 &
-edgellmd_pid=$!
-echo "edgellmd pid $edgellmd_pid ($bin/edgellmd)"
-
-dbus_ask=("$edgellm" ask --dbus --address "$bus_address")
-mqtt_ask=("$edgellm" ask --mqtt "$mqtt_url" --node "$node")
-start=$SECONDS
-for transport in dbus mqtt; do
-    if [[ $transport == dbus ]]; then probe=("${dbus_ask[@]}"); else probe=("${mqtt_ask[@]}"); fi
-    until "${probe[@]}" --prompt hi --max-tokens 1 --timeout 5 >"$tmp/probe.out" 2>&1; do
-        if ! kill -0 "$edgellmd_pid" 2>/dev/null; then
-            sed 's/^/    /' "$tmp/edgellmd.log" >&2
-            edgellmd_pid=""
-            die "edgellmd exited before it was ready"
-        fi
-        if ((SECONDS - start > ready_timeout_s)); then
-            sed 's/^/    /' "$tmp/probe.out" "$tmp/edgellmd.log" >&2
-            die "edgellmd does not answer over $transport after ${ready_timeout_s} s"
-        fi
-        sleep 0.5
-    done
-done
-echo "edgellmd answers over D-Bus and MQTT after $((SECONDS - start)) s"
+start_edgellmd "$bin" "$config"
+wait_edgellmd_ready "$ready_timeout_s" "$edgellm" ask
 
 # ---------------------------------------------------------------------------------------------
 step "Measuring: $reps repetitions x (run, D-Bus, MQTT) of $tokens tokens, prompt \"$prompt\""

@@ -28,11 +28,9 @@ target_dir="${CARGO_TARGET_DIR:-target}"
 bin="$target_dir/debug"
 package="$target_dir/demo/$shape-random"
 
-step() { printf '\n==> %s\n' "$*"; }
-die() {
-    echo "demo: $*" >&2
-    exit 1
-}
+name=demo
+# shellcheck source=scripts/services-lib.sh
+source "$root/scripts/services-lib.sh"
 
 # Runs a command as root: directly when we are root, else through sudo.
 as_root() {
@@ -45,88 +43,13 @@ as_root() {
     fi
 }
 
-# Finds a program on $PATH, then in the system folders (Debian puts mosquitto in /usr/sbin,
-# which a non-root $PATH often lacks). Prints its path; fails when it is nowhere.
-find_program() {
-    local dir
-    if command -v "$1" 2>/dev/null; then
-        return 0
-    fi
-    for dir in /usr/sbin /usr/bin /sbin /bin /usr/local/sbin /usr/local/bin; do
-        if [[ -x "$dir/$1" ]]; then
-            echo "$dir/$1"
-            return 0
-        fi
-    done
-    return 1
-}
-
-# Whether something accepts TCP connections on 127.0.0.1:PORT.
-port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-
-# A TOML basic string holding $1.
-toml_str() {
-    local s="${1//\\/\\\\}"
-    printf '"%s"' "${s//\"/\\\"}"
-}
-
-# ---------------------------------------------------------------------------------------------
-# Background processes and the temporary folder, cleaned up on any exit.
-
-tmp=""
-dbus_pid=""
-mosquitto_pid=""
-edgellmd_pid=""
-
-# Sends SIGTERM to background child $1, waits up to $2 seconds (then SIGKILL), prints nothing
-# and returns the child's exit status.
-stop_child() {
-    local pid="$1" grace="$2" i rc=0
-    kill -TERM "$pid" 2>/dev/null || true
-    for ((i = 0; i < grace * 10; i++)); do
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.1
-    done
-    if kill -0 "$pid" 2>/dev/null; then
-        echo "demo: process $pid still runs ${grace} s after SIGTERM: killing it" >&2
-        kill -KILL "$pid" 2>/dev/null || true
-    fi
-    wait "$pid" 2>/dev/null || rc=$?
-    return "$rc"
-}
-
-# Stops edgellmd (it finishes or cancels what runs, answers what waits, then exits 0).
-stop_edgellmd() {
-    local rc=0
-    [[ -n "$edgellmd_pid" ]] || return 0
-    stop_child "$edgellmd_pid" 30 || rc=$?
-    edgellmd_pid=""
-    if ((rc != 0)); then
-        echo "demo: edgellmd exited with status $rc; its log:" >&2
-        sed 's/^/    /' "$tmp/edgellmd.log" >&2 || true
-        return 1
-    fi
-    echo "edgellmd exited 0"
-}
-
 cleanup() {
     local rc=$?
     trap - EXIT INT TERM
     if ((rc != 0)); then
         printf '\n==> Cleaning up after a failure\n' >&2
     fi
-    if [[ -n "$edgellmd_pid" ]]; then
-        stop_edgellmd || rc=1
-    fi
-    if [[ -n "$mosquitto_pid" ]]; then
-        stop_child "$mosquitto_pid" 5 || true
-    fi
-    if [[ -n "$dbus_pid" ]]; then
-        stop_child "$dbus_pid" 5 || true
-    fi
-    if [[ -n "$tmp" ]]; then
-        rm -rf "$tmp"
-    fi
+    services_cleanup || rc=1
     if ((rc != 0)); then
         echo "demo: FAILED (status $rc)" >&2
     fi
@@ -182,91 +105,15 @@ step "Model package: random-init $shape, int4 (RANDOM WEIGHTS: the answers below
 echo "The demo's model has the real shape of Qwen2.5-0.5B but deterministic random weights and a"
 echo "small byte-level tokenizer: what it says means nothing. The point is the plumbing (daemon,"
 echo "D-Bus, MQTT, streaming); the speed and memory are real. Use a real package for real answers."
-if [[ -f "$package/genai_config.json" && -f "$package/SHA256SUMS" ]]; then
-    echo "reusing $package"
-else
-    mkdir -p "$(dirname "$package")"
-    "$bin/edgellm-export" --random-init "$shape" --embeddings int4 --max-length "$max_length" \
-        --out "$package" --force
-fi
+export_demo_package "$bin" "$package" "$shape" "$max_length"
 
-# ---------------------------------------------------------------------------------------------
-tmp="$(mktemp -d -t edgellm-demo.XXXXXX)"
-
+services_init
 step "Starting mosquitto on 127.0.0.1 (private configuration, anonymous, no persistence)"
-start_mosquitto() {
-    local attempt i
-    for ((attempt = 0; attempt < 10; attempt++)); do
-        port=$((20000 + RANDOM % 40000))
-        port_open "$port" && continue
-        {
-            echo "listener $port 127.0.0.1"
-            echo "allow_anonymous true"
-            echo "persistence false"
-            echo "log_dest file $tmp/mosquitto.log"
-            # As root, mosquitto 2.x drops to user `mosquitto`, which cannot read our 0700
-            # folder; `user root` keeps it root. Not root: it runs as us anyway.
-            if ((EUID == 0)); then echo "user root"; fi
-        } >"$tmp/mosquitto.conf"
-        : >"$tmp/mosquitto.log"
-        "$mosquitto" -c "$tmp/mosquitto.conf" >"$tmp/mosquitto.out" 2>&1 &
-        mosquitto_pid=$!
-        for ((i = 0; i < 100; i++)); do
-            port_open "$port" && return 0
-            kill -0 "$mosquitto_pid" 2>/dev/null || break
-            sleep 0.1
-        done
-        stop_child "$mosquitto_pid" 2 || true
-        mosquitto_pid=""
-        # Someone took the port between our check and the bind: try another one.
-        grep -q "Address already in use" "$tmp/mosquitto.log" "$tmp/mosquitto.out" && continue
-        echo "demo: mosquitto did not start; its log:" >&2
-        cat "$tmp/mosquitto.log" "$tmp/mosquitto.out" >&2
-        return 1
-    done
-    echo "demo: found no free port for mosquitto" >&2
-    return 1
-}
+# shellcheck disable=SC2119 # no extra mosquitto.conf lines
 start_mosquitto
-mqtt_url="mqtt://127.0.0.1:$port"
-echo "mosquitto (pid $mosquitto_pid) listens on $mqtt_url"
 
-# ---------------------------------------------------------------------------------------------
 step "Starting a private D-Bus session bus"
-cat >"$tmp/bus.conf" <<EOF
-<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <type>session</type>
-  <listen>unix:path=$tmp/bus</listen>
-  <auth>EXTERNAL</auth>
-  <policy context="default">
-    <allow send_destination="*" eavesdrop="true"/>
-    <allow eavesdrop="true"/>
-    <allow own="*"/>
-  </policy>
-</busconfig>
-EOF
-: >"$tmp/bus.address"
-"$dbus_daemon" --config-file="$tmp/bus.conf" --nofork --nopidfile --print-address=1 \
-    >"$tmp/bus.address" 2>"$tmp/dbus-daemon.log" &
-dbus_pid=$!
-bus_address=""
-for ((i = 0; i < 100; i++)); do
-    # The address is complete once its line ends.
-    if [[ -s "$tmp/bus.address" && -S "$tmp/bus" && "$(tail -c 1 "$tmp/bus.address")" == "" ]]; then
-        bus_address="$(head -n 1 "$tmp/bus.address")"
-        break
-    fi
-    kill -0 "$dbus_pid" 2>/dev/null || break
-    sleep 0.1
-done
-if [[ -z "$bus_address" ]]; then
-    echo "demo: dbus-daemon printed no address; its log:" >&2
-    cat "$tmp/dbus-daemon.log" >&2
-    exit 1
-fi
-echo "dbus-daemon (pid $dbus_pid) at $bus_address"
+start_dbus
 
 # ---------------------------------------------------------------------------------------------
 step "Writing and checking the edgellmd configuration"
@@ -289,45 +136,14 @@ url = $(toml_str "$mqtt_url")
 node_id = $(toml_str "$node")
 EOF
 sed 's/^/    /' "$config"
-"$bin/edgellmd" --check-config "$config"
 
 # ---------------------------------------------------------------------------------------------
-step "Starting edgellmd (log: edgellmd.log in the temporary folder, shown on failure)"
-# NO_COLOR: its log goes to a file (edgellmd colours its log even when not on a terminal).
-NO_COLOR=1 env -u NOTIFY_SOCKET "$bin/edgellmd" --config "$config" >"$tmp/edgellmd.log" 2>&1 &
-edgellmd_pid=$!
-echo "edgellmd pid $edgellmd_pid; waiting until it answers over D-Bus and MQTT (at most ${ready_timeout_s} s)"
-
-fail_start() {
-    echo "demo: $1; edgellmd's log:" >&2
-    sed 's/^/    /' "$tmp/edgellmd.log" >&2
-    exit 1
-}
+step "Starting edgellmd, waiting until it answers over D-Bus and MQTT (at most ${ready_timeout_s} s)"
+start_edgellmd "$bin" "$config"
 ask=("$bin/edgellm" ask)
+wait_edgellmd_ready "$ready_timeout_s" "${ask[@]}"
 dbus_ask=("${ask[@]}" --dbus --address "$bus_address")
 mqtt_ask=("${ask[@]}" --mqtt "$mqtt_url" --node "$node")
-start=$SECONDS
-for transport in D-Bus MQTT; do
-    if [[ "$transport" == D-Bus ]]; then
-        probe=("${dbus_ask[@]}")
-    else
-        probe=("${mqtt_ask[@]}")
-    fi
-    until "${probe[@]}" --prompt hi --max-tokens 1 --timeout 5 >"$tmp/probe.out" 2>&1; do
-        if ! kill -0 "$edgellmd_pid" 2>/dev/null; then
-            wait "$edgellmd_pid" || rc=$?
-            edgellmd_pid=""
-            fail_start "edgellmd exited (status ${rc:-0}) before it was ready"
-        fi
-        if ((SECONDS - start > ready_timeout_s)); then
-            echo "demo: last $transport probe said:" >&2
-            sed 's/^/    /' "$tmp/probe.out" >&2
-            fail_start "edgellmd does not answer over $transport after ${ready_timeout_s} s"
-        fi
-        sleep 0.5
-    done
-    echo "$transport: answering after $((SECONDS - start)) s"
-done
 
 # ---------------------------------------------------------------------------------------------
 q1="Why is the sky blue?"

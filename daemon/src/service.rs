@@ -114,9 +114,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
 
     let engine = {
         let config = config.clone();
+        let path = config.model.path.display().to_string();
         tokio::task::spawn_blocking(move || load_engine(&config))
             .await
-            .map_err(|e| RunError::Heartbeat(e.to_string()))??
+            .map_err(|e| RunError::Load {
+                path,
+                msg: format!("the loading thread failed: {e}"),
+            })??
     };
     let backend = engine.backend_name();
     let limits = Limits {

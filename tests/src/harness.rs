@@ -135,13 +135,12 @@ impl DbusBus {
         let exe = require_program("dbus-daemon", "dbus");
         let dir = tempfile::tempdir().expect("temp dir for dbus-daemon");
         let socket = dir.path().join("bus");
-        let conf = dir.path().join("bus.conf");
-        std::fs::write(&conf, dbus_config(&socket)).expect("write dbus-daemon config");
         let stderr_path = dir.path().join("dbus-daemon.stderr");
         let stderr = File::create(&stderr_path).expect("create dbus-daemon stderr file");
 
         let mut child = Command::new(&exe)
-            .arg(format!("--config-file={}", conf.display()))
+            .arg(format!("--config-file={}", PRIVATE_BUS_CONF))
+            .arg(format!("--address=unix:path={}", socket.display()))
             .args(["--nofork", "--nopidfile", "--print-address=1"])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -212,25 +211,9 @@ impl Drop for DbusBus {
     }
 }
 
-/// A session-type bus on `socket` where everyone may own any name and call anything.
-fn dbus_config(socket: &Path) -> String {
-    format!(
-        r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <type>session</type>
-  <listen>unix:path={}</listen>
-  <auth>EXTERNAL</auth>
-  <policy context="default">
-    <allow send_destination="*" eavesdrop="true"/>
-    <allow eavesdrop="true"/>
-    <allow own="*"/>
-  </policy>
-</busconfig>
-"#,
-        socket.display()
-    )
-}
+/// The private bus configuration the demo and the benchmark scripts use too (a session-type
+/// bus where everyone may own any name and call anything; the socket comes from `--address`).
+const PRIVATE_BUS_CONF: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/private-bus.conf");
 
 /// A real `mosquitto` broker on a free 127.0.0.1 port, configured in a temporary folder.
 pub struct Mosquitto {

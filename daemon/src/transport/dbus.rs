@@ -320,7 +320,7 @@ async fn stream_request(
                 let mut s = Stats::new();
                 s.insert(
                     "error_code".into(),
-                    OwnedVariant::from(zbus::Str::from(error_code(e.code).to_string())),
+                    OwnedVariant::from(zbus::Str::from(e.code.as_str().to_string())),
                 );
                 s.insert(
                     "error_message".into(),
@@ -337,16 +337,6 @@ async fn stream_request(
         }
     }
     let _ = conn.object_server().remove::<RequestObject, _>(&path).await;
-}
-
-pub fn error_code(code: ErrorCode) -> &'static str {
-    match code {
-        ErrorCode::Busy => "busy",
-        ErrorCode::InvalidRequest => "invalid_request",
-        ErrorCode::PromptTooLong => "prompt_too_long",
-        ErrorCode::ShuttingDown => "shutting_down",
-        ErrorCode::Internal => "internal",
-    }
 }
 
 /// Cancels a request when its caller leaves the bus; stops watching when dropped.

@@ -41,7 +41,8 @@ pub(crate) fn invalid(msg: impl Into<String>) -> ServiceError {
     }
 }
 
-fn type_name(v: &Value) -> &'static str {
+/// "a string", "an array", ...: for error messages about a JSON value's type.
+pub(crate) fn type_name(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",

@@ -30,12 +30,11 @@ use serde_json::{Map, Value, json};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{invalid, messages_from_json, parse_options, usage_json};
+use super::{invalid, messages_from_json, parse_options, type_name, usage_json};
 use crate::api::{Event as ApiEvent, Request};
 use crate::config::MqttConfig;
 use crate::scheduler::{ErrorCode, Handle, RequestEvent, ServiceError, Status};
 use crate::service::Service;
-use crate::transport::dbus::error_code;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MqttError {
@@ -120,8 +119,8 @@ pub fn host_name() -> String {
     }
 }
 
-/// `(tls, host, port)` of an `mqtt://` or `mqtts://` URL.
-fn parse_url(url: &str) -> Result<(bool, String, u16), MqttError> {
+/// `(tls, host, port)` of an `mqtt://` or `mqtts://` URL (the daemon's and `edgellm ask`'s).
+pub fn parse_url(url: &str) -> Result<(bool, String, u16), MqttError> {
     let bad = || MqttError::Url(url.to_string());
     let (tls, rest) = if let Some(r) = url.strip_prefix("mqtts://") {
         (true, r)
@@ -232,7 +231,7 @@ impl Route {
                 "id": self.id,
                 "done": true,
                 "node": self.node,
-                "error": {"code": error_code(e.code), "message": e.message},
+                "error": {"code": e.code.as_str(), "message": e.message},
             }),
             QoS::AtLeastOnce,
         )
@@ -500,13 +499,7 @@ impl MqttTransport {
                 Value::Object(m) => Ok(m),
                 other => Err(invalid(format!(
                     "payload must be a JSON object, got {}",
-                    match other {
-                        Value::Array(_) => "an array",
-                        Value::String(_) => "a string",
-                        Value::Number(_) => "a number",
-                        Value::Bool(_) => "a boolean",
-                        _ => "null",
-                    }
+                    type_name(&other)
                 ))),
             });
         let empty = Map::new();

@@ -3,7 +3,6 @@
 //! `--json`. A refused request prints the daemon's error code and message and exits 1.
 
 use std::io::Write;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -11,7 +10,8 @@ use clap::Args;
 use futures_util::StreamExt;
 use serde_json::{Map, Value, json};
 
-use crate::{RequestArgs, read_messages};
+use crate::{InputArgs, RequestArgs};
+use edgellm::api::Input;
 
 #[derive(Debug, Args)]
 pub struct AskArgs {
@@ -32,19 +32,8 @@ pub struct AskArgs {
     node: Option<String>,
     #[arg(long, requires = "mqtt", default_value = "edgellm")]
     topic_prefix: String,
-    /// Prompt text, sent as one user message (through the chat template, unless --raw).
-    #[arg(
-        long,
-        conflicts_with = "messages",
-        required_unless_present = "messages"
-    )]
-    prompt: Option<String>,
-    /// Plain-text completion: no chat template (D-Bus `Complete`, MQTT `prompt`).
-    #[arg(long, requires = "prompt")]
-    raw: bool,
-    /// JSON file: [{"role": "...", "content": "..."}]
-    #[arg(long, value_name = "FILE.json")]
-    messages: Option<PathBuf>,
+    #[command(flatten)]
+    input: InputArgs,
     #[command(flatten)]
     request: RequestArgs,
     /// Print the answer as it is generated.
@@ -58,13 +47,14 @@ pub struct AskArgs {
     timeout: u64,
 }
 
-/// The input as transport fields: `messages` or (raw) `prompt`.
+/// The input as transport fields: `messages`, or (raw) `prompt`.
 fn input(args: &AskArgs) -> anyhow::Result<Value> {
-    Ok(match (&args.prompt, &args.messages) {
-        (Some(p), None) if args.raw => json!({ "prompt": p }),
-        (Some(p), None) => json!({ "messages": [{"role": "user", "content": p}] }),
-        (None, Some(path)) => json!({ "messages": read_messages(path)? }),
-        _ => bail!("give --prompt TEXT or --messages FILE.json"),
+    Ok(match args.input.input()? {
+        Input::Prompt { text, raw: true } => json!({ "prompt": text }),
+        Input::Prompt { text, raw: false } => {
+            json!({ "messages": [{"role": "user", "content": text}] })
+        }
+        Input::Messages(m) => json!({ "messages": m }),
     })
 }
 
@@ -170,42 +160,36 @@ async fn dbus(args: &AskArgs) -> anyhow::Result<()> {
     for (k, v) in args.request.to_json() {
         options.insert(k, to_variant(&v)?);
     }
-    let fields = input(args)?;
-    let messages: Vec<(String, String)> = fields
-        .get("messages")
-        .and_then(Value::as_array)
-        .map(|m| {
-            m.iter()
-                .map(|m| {
-                    (
-                        m["role"].as_str().unwrap_or_default().to_string(),
-                        m["content"].as_str().unwrap_or_default().to_string(),
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default();
+    // Complete(s, a{sv}) for a raw prompt, else Chat / StartChat(a(ss), a{sv}).
+    let (prompt, messages): (Option<String>, Vec<(String, String)>) = match args.input.input()? {
+        Input::Prompt { text, raw: true } => (Some(text), Vec::new()),
+        Input::Prompt { text, raw: false } => (None, vec![("user".into(), text)]),
+        Input::Messages(m) => (None, m.into_iter().map(|m| (m.role, m.content)).collect()),
+    };
     let call = |method: &'static str| (BUS, PATH, Some(IFACE), method);
     const BUS: &str = "org.edgellm.Inference1";
     const PATH: &str = "/org/edgellm/Inference1";
     const IFACE: &str = "org.edgellm.Inference1";
 
     if !args.stream {
-        let (dest, path, iface, method) = call(if args.raw { "Complete" } else { "Chat" });
-        let reply = if args.raw {
-            let prompt = fields["prompt"].as_str().unwrap_or_default();
-            conn.call_method(Some(dest), path, iface, method, &(prompt, &options))
-                .await
-        } else {
-            conn.call_method(Some(dest), path, iface, method, &(&messages, &options))
-                .await
+        let reply = match &prompt {
+            Some(p) => {
+                let (dest, path, iface, method) = call("Complete");
+                conn.call_method(Some(dest), path, iface, method, &(p, &options))
+                    .await
+            }
+            None => {
+                let (dest, path, iface, method) = call("Chat");
+                conn.call_method(Some(dest), path, iface, method, &(&messages, &options))
+                    .await
+            }
         }
         .map_err(dbus_error)?;
         let (text, stats): (String, Dict) = reply.body().deserialize()?;
         let (reason, usage) = stats_json(&stats);
         return finish(args, &text, &reason, usage);
     }
-    if args.raw {
+    if prompt.is_some() {
         bail!("--stream over D-Bus needs chat messages (StartChat); drop --raw or --stream");
     }
     // Subscribe before the call: the first Delta may follow the reply at once.
@@ -261,13 +245,10 @@ async fn mqtt(args: &AskArgs) -> anyhow::Result<()> {
     use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 
     let url = args.mqtt.as_deref().unwrap_or_default();
-    let rest = url
-        .strip_prefix("mqtt://")
-        .with_context(|| format!("--mqtt {url:?}: expected mqtt://HOST[:PORT]"))?;
-    let (host, port) = match rest.trim_end_matches('/').rsplit_once(':') {
-        Some((h, p)) => (h.to_string(), p.parse().context("--mqtt: bad port")?),
-        None => (rest.to_string(), 1883),
-    };
+    let (tls, host, port) = edgellm::transport::mqtt::parse_url(url)?;
+    if tls {
+        bail!("--mqtt {url:?}: edgellm ask speaks plain mqtt:// only (no TLS yet)");
+    }
     let node = args
         .node
         .clone()

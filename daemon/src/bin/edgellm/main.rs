@@ -128,6 +128,39 @@ impl EngineArgs {
     }
 }
 
+/// What to complete, for `run` (in-process) and `ask` (over a transport).
+#[derive(Debug, Args)]
+pub struct InputArgs {
+    /// Prompt text, sent as one user message through the chat template (unless --raw).
+    #[arg(
+        long,
+        conflicts_with = "messages",
+        required_unless_present = "messages"
+    )]
+    pub prompt: Option<String>,
+    /// Plain-text completion, no chat template: the prompt is tokenized as transformers'
+    /// tokenizer(prompt) does (over D-Bus: `Complete`; over MQTT: the `prompt` field).
+    #[arg(long, requires = "prompt")]
+    pub raw: bool,
+    /// JSON file: [{"role": "...", "content": "..."}]
+    #[arg(long, value_name = "FILE.json")]
+    pub messages: Option<PathBuf>,
+}
+
+impl InputArgs {
+    pub fn input(&self) -> anyhow::Result<edgellm::api::Input> {
+        use edgellm::api::Input;
+        Ok(match (&self.prompt, &self.messages) {
+            (Some(text), None) => Input::Prompt {
+                text: text.clone(),
+                raw: self.raw,
+            },
+            (None, Some(path)) => Input::Messages(read_messages(path)?),
+            _ => anyhow::bail!("give --prompt TEXT or --messages FILE.json"),
+        })
+    }
+}
+
 /// Request options shared by `run` (in-process) and `ask` (over a transport).
 #[derive(Debug, Args)]
 pub struct RequestArgs {

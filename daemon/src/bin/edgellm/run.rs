@@ -3,30 +3,18 @@
 
 use std::io::Write;
 use std::ops::ControlFlow;
-use std::path::PathBuf;
 
 use clap::Args;
-use edgellm::api::{Event, Input, Request};
+use edgellm::api::{Event, Request};
 
-use crate::{EngineArgs, RequestArgs, read_messages};
+use crate::{EngineArgs, InputArgs, RequestArgs};
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
     #[command(flatten)]
     engine: EngineArgs,
-    /// Prompt text (sent as one user message through the chat template, unless --raw).
-    #[arg(
-        long,
-        conflicts_with = "messages",
-        required_unless_present = "messages"
-    )]
-    prompt: Option<String>,
-    /// Skip the chat template: tokenize the prompt as transformers' tokenizer(prompt) does.
-    #[arg(long, requires = "prompt")]
-    raw: bool,
-    /// JSON file: [{"role": "...", "content": "..."}]
-    #[arg(long, value_name = "FILE.json")]
-    messages: Option<PathBuf>,
+    #[command(flatten)]
+    input: InputArgs,
     #[command(flatten)]
     request: RequestArgs,
     /// gpt-oss: also print the analysis channel (to stderr).
@@ -39,14 +27,7 @@ pub struct RunArgs {
 
 pub fn run(args: &RunArgs) -> anyhow::Result<()> {
     let mut engine = args.engine.engine()?;
-    let input = match (&args.prompt, &args.messages) {
-        (Some(text), None) => Input::Prompt {
-            text: text.clone(),
-            raw: args.raw,
-        },
-        (None, Some(path)) => Input::Messages(read_messages(path)?),
-        _ => anyhow::bail!("give --prompt TEXT or --messages FILE.json"),
-    };
+    let input = args.input.input()?;
     let mut req = Request::new(input);
     args.request
         .apply(&mut req, engine.model().default_sampling());
