@@ -35,6 +35,8 @@ pub struct Service {
     pub model_name: String,
     /// `ort` or `tract`.
     pub backend: &'static str,
+    /// Why that backend ([`crate::backend::Loaded::reason`]).
+    pub backend_reason: String,
     /// Per-request forwarding tasks; shutdown waits for them.
     pub tasks: TaskTracker,
 }
@@ -80,7 +82,7 @@ pub fn model_name(path: &Path) -> String {
         .unwrap_or_else(|| real.display().to_string())
 }
 
-fn load_engine(config: &Config) -> Result<Engine, RunError> {
+fn load_engine(config: &Config) -> Result<(Engine, String), RunError> {
     let path = &config.model.path;
     let fail = |msg: String| RunError::Load {
         path: path.display().to_string(),
@@ -90,9 +92,12 @@ fn load_engine(config: &Config) -> Result<Engine, RunError> {
     let (choice, opts) = config.backend_options();
     // The KV capacity: the configured max_length, or the model's context if smaller.
     let max_length = model.package.kv_layout(opts.max_length).max_length;
-    let backend =
+    let loaded =
         crate::backend::load(&model.package, choice, &opts).map_err(|e| fail(e.to_string()))?;
-    Ok(Engine::new(model, backend, max_length))
+    Ok((
+        Engine::new(model, loaded.backend, max_length),
+        loaded.reason,
+    ))
 }
 
 fn status_line(svc: &Service, s: Status) -> String {
@@ -112,7 +117,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     notifier.notify("STATUS=loading the model");
     tracing::info!("loading {}", config.model.path.display());
 
-    let engine = {
+    let (engine, backend_reason) = {
         let config = config.clone();
         let path = config.model.path.display().to_string();
         tokio::task::spawn_blocking(move || load_engine(&config))
@@ -134,6 +139,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         scheduler,
         model_name: model_name(&config.model.path),
         backend,
+        backend_reason,
         tasks: TaskTracker::new(),
     });
     tracing::info!(
@@ -142,6 +148,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         svc.backend,
         config.model.max_length
     );
+    if svc.backend_reason.starts_with("auto: ONNX Runtime cannot") {
+        tracing::warn!("backend {}: {}", svc.backend, svc.backend_reason);
+    } else {
+        tracing::info!("backend {}: {}", svc.backend, svc.backend_reason);
+    }
 
     let dbus = if config.dbus.enabled {
         let server = DbusServer::start(svc.clone(), &config.dbus).await?;

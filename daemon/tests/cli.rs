@@ -361,7 +361,8 @@ fn genai_builder_package_generates_what_onnxruntime_genai_generates() {
     };
     let backend =
         edgellm::backend::load(&model.package, edgellm::backend::BackendChoice::Ort, &opts)
-            .unwrap();
+            .unwrap()
+            .backend;
     let mut engine = edgellm::engine::Engine::new(model, backend, 64);
     let mut req = edgellm::api::Request::new(edgellm::api::Input::Prompt {
         text: String::new(),

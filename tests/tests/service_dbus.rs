@@ -24,7 +24,8 @@ fn in_process(package: &std::path::Path, prompt: &str, max_tokens: usize) -> Str
             ..Default::default()
         },
     )
-    .unwrap();
+    .unwrap()
+    .backend;
     let mut engine = Engine::new(model, backend, 256);
     let mut req = Request::new(Input::Messages(vec![edgellm::chat::Message {
         role: "user".into(),

@@ -4,6 +4,8 @@
 
 #[cfg(feature = "ort")]
 pub mod ort;
+#[cfg(feature = "tract")]
+pub mod tract;
 
 use std::path::{Path, PathBuf};
 
@@ -97,20 +99,67 @@ pub fn ort_library_candidates(configured: Option<&Path>) -> Vec<PathBuf> {
 /// The ONNX Runtime release `ort` 2.0.0-rc.15 is built against.
 pub const ORT_VERSION: &str = "1.31.1";
 
-/// Builds the backend `choice` asks for. `Auto` tries ONNX Runtime, then tract.
+/// A built backend and why it was chosen.
+pub struct Loaded {
+    pub backend: Box<dyn Backend>,
+    /// One line: "configured" for an explicit choice, or what `auto` found (ONNX Runtime ran,
+    /// or why it could not and tract serves instead).
+    pub reason: String,
+}
+
+impl std::fmt::Debug for Loaded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Loaded")
+            .field("backend", &self.backend.name())
+            .field("reason", &self.reason)
+            .finish()
+    }
+}
+
+/// Builds the backend `choice` asks for. `Auto` uses ONNX Runtime when its library loads and
+/// the session builds, otherwise tract, and says why in [`Loaded::reason`].
 pub fn load(
     pkg: &Package,
     choice: BackendChoice,
     opts: &BackendOptions,
-) -> Result<Box<dyn Backend>, BackendError> {
+) -> Result<Loaded, BackendError> {
+    let configured = |backend| Loaded {
+        backend,
+        reason: "configured".into(),
+    };
     match choice {
-        BackendChoice::Tract => Err(tract_unavailable()),
-        BackendChoice::Ort | BackendChoice::Auto => load_ort(pkg, opts),
+        BackendChoice::Ort => Ok(configured(load_ort(pkg, opts)?)),
+        BackendChoice::Tract => Ok(configured(load_tract(pkg, opts)?)),
+        BackendChoice::Auto => match load_ort(pkg, opts) {
+            Ok(backend) => Ok(Loaded {
+                backend,
+                reason: "auto: ONNX Runtime runs the package".into(),
+            }),
+            // A package that is broken for both is reported as such, not as an ORT problem.
+            Err(e @ BackendError::Package(_)) => Err(e),
+            Err(ort_error) => {
+                let reason = format!("auto: ONNX Runtime cannot serve the package ({ort_error})");
+                match load_tract(pkg, opts) {
+                    Ok(backend) => Ok(Loaded { backend, reason }),
+                    Err(tract_error) => Err(BackendError::Unsupported(format!(
+                        "no backend can serve the package: ONNX Runtime: {ort_error}; tract: {tract_error}"
+                    ))),
+                }
+            }
+        },
     }
 }
 
-fn tract_unavailable() -> BackendError {
-    BackendError::Unsupported("the tract backend is not part of this build yet".into())
+#[cfg(feature = "tract")]
+fn load_tract(pkg: &Package, opts: &BackendOptions) -> Result<Box<dyn Backend>, BackendError> {
+    Ok(Box::new(tract::TractBackend::load(pkg, opts)?))
+}
+
+#[cfg(not(feature = "tract"))]
+fn load_tract(_: &Package, _: &BackendOptions) -> Result<Box<dyn Backend>, BackendError> {
+    Err(BackendError::Unsupported(
+        "this build has no tract backend (feature `tract`)".into(),
+    ))
 }
 
 #[cfg(feature = "ort")]
@@ -148,4 +197,10 @@ pub trait Backend: Send {
     fn reset(&mut self);
     /// Appends `tokens` to the sequence and returns the logits (`[vocab]`) of the last one.
     fn forward(&mut self, tokens: &[u32]) -> Result<&[f32], BackendError>;
+    /// Appends `tokens` in one step (no chunking) and returns the logits of every position the
+    /// graph reports: `[S, vocab]` for packages exported with `--logits all`, `[1, vocab]`
+    /// otherwise. For tests and tools that compare whole sequences.
+    fn forward_all(&mut self, tokens: &[u32]) -> Result<&[f32], BackendError> {
+        self.forward(tokens)
+    }
 }

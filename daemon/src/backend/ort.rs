@@ -245,14 +245,6 @@ impl OrtBackend {
         Ok(())
     }
 
-    /// Runs `tokens` and returns the logits of every position the graph reports: `[S, vocab]`
-    /// for packages exported with `--logits all`, `[1, vocab]` (the last) otherwise. Runs in one
-    /// step (no chunking) so the rows line up with `tokens`.
-    pub fn forward_all(&mut self, tokens: &[u32]) -> Result<&[f32], BackendError> {
-        self.step(tokens)?;
-        self.logit_rows()
-    }
-
     /// All rows of the last step's logits.
     fn logit_rows(&self) -> Result<&[f32], BackendError> {
         let value = self.logits.as_ref().ok_or_else(|| BackendError::Runtime {
@@ -267,6 +259,11 @@ impl OrtBackend {
 }
 
 impl Backend for OrtBackend {
+    fn forward_all(&mut self, tokens: &[u32]) -> Result<&[f32], BackendError> {
+        self.step(tokens)?;
+        self.logit_rows()
+    }
+
     fn name(&self) -> &'static str {
         "ort"
     }

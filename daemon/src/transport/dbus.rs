@@ -251,6 +251,13 @@ impl Inference {
         self.svc.backend.to_string()
     }
 
+    /// Why `Backend` serves: "configured", or what `auto` found (including why ONNX Runtime
+    /// could not, when tract serves instead).
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn backend_reason(&self) -> String {
+        self.svc.backend_reason.clone()
+    }
+
     /// `loading` | `ready` | `busy` | `stopping`.
     #[zbus(property)]
     fn state(&self) -> String {

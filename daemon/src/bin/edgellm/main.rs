@@ -123,8 +123,19 @@ impl EngineArgs {
             ..BackendOptions::default()
         };
         let max_length = model.package.kv_layout(opts.max_length).max_length;
-        let backend = edgellm::backend::load(&model.package, self.backend.into(), &opts)?;
-        Ok(edgellm::engine::Engine::new(model, backend, max_length))
+        let loaded = edgellm::backend::load(&model.package, self.backend.into(), &opts)?;
+        if loaded.reason.starts_with("auto: ONNX Runtime cannot") {
+            eprintln!(
+                "edgellm: running on {}: {}",
+                loaded.backend.name(),
+                loaded.reason
+            );
+        }
+        Ok(edgellm::engine::Engine::new(
+            model,
+            loaded.backend,
+            max_length,
+        ))
     }
 }
 

@@ -1,17 +1,17 @@
-//! edgellm-export packages run through ONNX Runtime (the daemon crate's ORT backend) against
-//! goldens computed by Hugging Face transformers, for every supported architecture.
+//! edgellm-export packages run through both backends (ONNX Runtime and tract, one test body
+//! each) against goldens computed by Hugging Face transformers, for every supported
+//! architecture.
 //!
 //! * fp32 packages: teacher-forced logits within 1e-4 (max abs) of transformers at every
-//!   position — a prefill chunk, then one-token decode steps against the shared KV buffers,
-//!   crossing every sliding window — and the 24-token greedy continuation identical.
+//!   position — a prefill chunk, then one-token decode steps against the KV cache, crossing
+//!   every sliding window — and the 24-token greedy continuation identical.
 //! * int4 packages: top-1 agreement with the fp32 package and mean KL divergence, against the
-//!   thresholds justified in `int4_thresholds`.
+//!   thresholds justified in `int4_agrees_with_references`; on tract also top-1 agreement with
+//!   ONNX Runtime's logits (`int4_tract_agrees_with_ort`).
 
 #![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
 
-use edgellm::backend::Backend;
-use edgellm::backend::BackendOptions;
-use edgellm::backend::ort::OrtBackend;
+use edgellm::backend::{Backend, BackendChoice, BackendOptions};
 use edgellm::package::Package;
 use edgellm_export::Precision;
 use edgellm_tests::*;
@@ -20,7 +20,7 @@ use edgellm_tests::*;
 /// the fixtures' sliding window (16), so both the prefill and the decode path cross it.
 const PREFILL: usize = 20;
 
-fn backend(pkg: &std::path::Path) -> OrtBackend {
+fn backend(pkg: &std::path::Path, choice: BackendChoice) -> Box<dyn Backend> {
     let pkg = Package::open(&pkg.join("pkg")).expect("package opens");
     let opts = BackendOptions {
         threads: 1,
@@ -28,12 +28,15 @@ fn backend(pkg: &std::path::Path) -> OrtBackend {
         prefill_chunk: 256,
         ..BackendOptions::default()
     };
-    OrtBackend::load(&pkg, &opts).expect("ORT session loads")
+    let loaded = edgellm::backend::load(&pkg, choice, &opts)
+        .unwrap_or_else(|e| panic!("{choice:?} backend loads: {e}"));
+    assert_eq!(loaded.reason, "configured");
+    loaded.backend
 }
 
 /// Teacher-forced logits of `ids`: one prefill step over `ids[..PREFILL]`, then one token at a
 /// time. Returns `[len, vocab]` rows.
-fn teacher_forced(be: &mut OrtBackend, ids: &[u32]) -> Vec<f32> {
+fn teacher_forced(be: &mut dyn Backend, ids: &[u32]) -> Vec<f32> {
     be.reset();
     let mut rows = be.forward_all(&ids[..PREFILL]).expect("prefill").to_vec();
     for &t in &ids[PREFILL..] {
@@ -42,7 +45,7 @@ fn teacher_forced(be: &mut OrtBackend, ids: &[u32]) -> Vec<f32> {
     rows
 }
 
-fn greedy(be: &mut OrtBackend, prompt: &[u32], n: usize) -> Vec<u32> {
+fn greedy(be: &mut dyn Backend, prompt: &[u32], n: usize) -> Vec<u32> {
     be.reset();
     let mut next = argmax(be.forward(prompt).expect("prefill"));
     let mut out = vec![next];
@@ -53,11 +56,11 @@ fn greedy(be: &mut OrtBackend, prompt: &[u32], n: usize) -> Vec<u32> {
     out
 }
 
-fn fp32_matches_transformers(name: &str) {
+fn fp32_matches_transformers(name: &str, choice: BackendChoice) {
     let golden = Golden::load(name);
     let pkg = export_fixture(name, Precision::Fp32, true);
-    let mut be = backend(pkg.path());
-    let rows = teacher_forced(&mut be, &golden.teacher_forced_ids);
+    let mut be = backend(pkg.path(), choice);
+    let rows = teacher_forced(be.as_mut(), &golden.teacher_forced_ids);
     let v = golden.vocab();
     let mut worst = (0.0f32, 0);
     for i in 0..golden.teacher_forced_ids.len() {
@@ -67,19 +70,19 @@ fn fp32_matches_transformers(name: &str) {
         }
     }
     eprintln!(
-        "{name}: fp32 max |logit - transformers| = {:.2e} (position {})",
+        "{name} on {choice:?}: fp32 max |logit - transformers| = {:.2e} (position {})",
         worst.0, worst.1
     );
     assert!(
         worst.0 < 1e-4,
-        "{name}: fp32 logits differ from transformers by {} at position {}",
+        "{name} on {choice:?}: fp32 logits differ from transformers by {} at position {}",
         worst.0,
         worst.1
     );
-    let tokens = greedy(&mut be, &golden.prompt_ids, golden.greedy_ids.len());
+    let tokens = greedy(be.as_mut(), &golden.prompt_ids, golden.greedy_ids.len());
     assert_eq!(
         tokens, golden.greedy_ids,
-        "{name}: greedy continuation differs from transformers"
+        "{name} on {choice:?}: greedy continuation differs from transformers"
     );
 }
 
@@ -102,7 +105,7 @@ fn agreement(a: &[f32], b: &[f32], v: usize) -> (f64, f64) {
 ///
 /// 1. The same model with its weights replaced by their round-to-nearest int4 values
 ///    (`make_int4_reference.py`): the package must reproduce it. The only expected difference
-///    is ONNX Runtime's int8 quantization of activations (`accuracy_level=4`, about 0.4% per
+///    is (on ONNX Runtime) the int8 quantization of activations (`accuracy_level=4`, about 0.4% per
 ///    dot product). Measured: mean KL 0.0006-0.0025 nats, top-1 90-100% (the misses are
 ///    near-ties). We require KL <= 0.01 (4x the worst measured, so other CPUs' int8 kernels
 ///    fit) and top-1 >= 85%. A wrong nibble order, scale sign, block or expert layout gives
@@ -112,7 +115,7 @@ fn agreement(a: &[f32], b: &[f32], v: usize) -> (f64, f64) {
 ///    0.12-0.59 nats (per fixture, in golden_int4_rtn.json). The package may not be worse than
 ///    that by more than 10 points of agreement or 25% (+0.01) of KL, the headroom the int8
 ///    activations need.
-fn int4_agrees_with_references(name: &str) {
+fn int4_agrees_with_references(name: &str, choice: BackendChoice) {
     let golden = Golden::load(name);
     let reference = golden
         .int4_rtn
@@ -120,28 +123,36 @@ fn int4_agrees_with_references(name: &str) {
         .expect("golden_int4_rtn.json exists for every fixture");
     let ids = &golden.teacher_forced_ids;
     let int4 = teacher_forced(
-        &mut backend(export_fixture(name, Precision::Int4, true).path()),
+        backend(export_fixture(name, Precision::Int4, true).path(), choice).as_mut(),
         ids,
     );
     let v = golden.vocab();
 
     let (agree_rtn, kl_rtn) = agreement(&golden.int4_rtn_logits, &int4, v);
     eprintln!(
-        "{name}: int4 package vs transformers RTN-int4: top-1 {:.1}%, mean KL {kl_rtn:.4}",
+        "{name} on {choice:?}: int4 package vs transformers RTN-int4: top-1 {:.1}%, mean KL {kl_rtn:.4}",
         agree_rtn * 100.0
     );
     assert!(
-        agree_rtn >= 0.90,
+        agree_rtn >= 0.85,
         "{name}: int4 package disagrees with RTN-int4 transformers: top-1 {agree_rtn}"
     );
     assert!(
-        kl_rtn <= 0.02,
+        kl_rtn <= 0.01,
         "{name}: int4 package vs RTN-int4 transformers: KL {kl_rtn}"
     );
+    if choice == BackendChoice::Tract {
+        // tract multiplies the int4 weights with f32 activations: the RTN model itself, up to
+        // the f16 rounding of block scales (measured: 100% and KL < 1e-4 on every fixture).
+        assert!(
+            agree_rtn >= 0.975 && kl_rtn <= 1e-3,
+            "{name}: tract should reproduce RTN-int4 transformers: top-1 {agree_rtn}, KL {kl_rtn}"
+        );
+    }
 
     let (agree, kl) = agreement(&golden.logits, &int4, v);
     eprintln!(
-        "{name}: int4 package vs fp32 transformers: top-1 {:.1}% (RTN {:.1}%), mean KL {kl:.4} (RTN {:.4})",
+        "{name} on {choice:?}: int4 package vs fp32 transformers: top-1 {:.1}% (RTN {:.1}%), mean KL {kl:.4} (RTN {:.4})",
         agree * 100.0,
         reference.top1_agreement_vs_fp32 * 100.0,
         reference.mean_kl_vs_fp32
@@ -160,7 +171,7 @@ fn int4_agrees_with_references(name: &str) {
 /// int4 bytes through a Reshape, for an untied one it gets its own. The package must reproduce
 /// transformers with the table (and everything else) RTN-int4, with the same bounds as
 /// `int4_agrees_with_references` part 1.
-fn int4_embeddings_stay_close(name: &str) {
+fn int4_embeddings_stay_close(name: &str, choice: BackendChoice) {
     let golden = Golden::load(name);
     let pkg = export_fixture_with(
         name,
@@ -175,10 +186,13 @@ fn int4_embeddings_stay_close(name: &str) {
         graph.windows(20).any(|w| w == b"GatherBlockQuantized"),
         "{name}: the graph should gather from an int4 table"
     );
-    let int4 = teacher_forced(&mut backend(pkg.path()), &golden.teacher_forced_ids);
+    let int4 = teacher_forced(
+        backend(pkg.path(), choice).as_mut(),
+        &golden.teacher_forced_ids,
+    );
     let (agree, kl) = agreement(&golden.int4_rtn_embeddings_logits, &int4, golden.vocab());
     eprintln!(
-        "{name}: int4 embeddings vs RTN-int4 transformers: top-1 {:.1}%, KL {kl:.4}",
+        "{name} on {choice:?}: int4 embeddings vs RTN-int4 transformers: top-1 {:.1}%, KL {kl:.4}",
         agree * 100.0
     );
     assert!(
@@ -187,26 +201,74 @@ fn int4_embeddings_stay_close(name: &str) {
     );
 }
 
-#[test]
-fn int4_embeddings_shared_with_tied_lm_head() {
-    int4_embeddings_stay_close("llama");
+/// On tract the int4 package must agree with ONNX Runtime running the same package. The two
+/// differ by design in the int4 matrix products: ONNX Runtime quantizes activations to int8
+/// (`accuracy_level=4`, ~0.4% per dot product), tract keeps them f32 (only the block scales are
+/// rounded to f16, Q4_0). tract reproduces the RTN-int4 transformers reference exactly (see
+/// `int4_agrees_with_references`: 100% top-1, KL < 1e-4 on every fixture), so its agreement with
+/// ONNX Runtime is ONNX Runtime's own agreement with that reference: measured 90-100% per
+/// architecture, the misses being near-ties that int8 activations flip. We require >= 85%,
+/// the headroom other CPUs' int8 kernels need (a wrong layout or op gives ~1/vocab).
+fn int4_tract_agrees_with_ort(name: &str) {
+    let golden = Golden::load(name);
+    let pkg = export_fixture(name, Precision::Int4, true);
+    let ids = &golden.teacher_forced_ids;
+    let ort = teacher_forced(backend(pkg.path(), BackendChoice::Ort).as_mut(), ids);
+    let tract = teacher_forced(backend(pkg.path(), BackendChoice::Tract).as_mut(), ids);
+    let (agree, kl) = agreement(&ort, &tract, golden.vocab());
+    eprintln!(
+        "{name}: int4 tract vs ONNX Runtime: top-1 {:.1}% over {} positions, mean KL {kl:.4}",
+        agree * 100.0,
+        ids.len()
+    );
+    assert!(
+        agree >= 0.85,
+        "{name}: int4 on tract agrees with ONNX Runtime on only {:.1}% of positions",
+        agree * 100.0
+    );
 }
 
-#[test]
-fn int4_embeddings_untied() {
-    int4_embeddings_stay_close("mistral");
+macro_rules! on_both_backends {
+    ($($test:ident => $body:expr;)*) => {
+        mod ort {
+            use edgellm::backend::BackendChoice::Ort as B;
+            $(#[test] fn $test() { let f: fn(edgellm::backend::BackendChoice) = $body; f(B) })*
+        }
+        mod tract {
+            use edgellm::backend::BackendChoice::Tract as B;
+            $(#[test] fn $test() { let f: fn(edgellm::backend::BackendChoice) = $body; f(B) })*
+        }
+    };
+}
+
+on_both_backends! {
+    int4_embeddings_shared_with_tied_lm_head => |b| super::int4_embeddings_stay_close("llama", b);
+    int4_embeddings_untied => |b| super::int4_embeddings_stay_close("mistral", b);
 }
 
 macro_rules! architecture {
     ($module:ident, $name:literal) => {
         mod $module {
+            use edgellm::backend::BackendChoice;
             #[test]
-            fn fp32_logits_and_greedy_match_transformers() {
-                super::fp32_matches_transformers($name);
+            fn fp32_logits_and_greedy_match_transformers_on_ort() {
+                super::fp32_matches_transformers($name, BackendChoice::Ort);
             }
             #[test]
-            fn int4_matches_rtn_reference_and_fp32_within_rtn_error() {
-                super::int4_agrees_with_references($name);
+            fn fp32_logits_and_greedy_match_transformers_on_tract() {
+                super::fp32_matches_transformers($name, BackendChoice::Tract);
+            }
+            #[test]
+            fn int4_matches_rtn_reference_and_fp32_within_rtn_error_on_ort() {
+                super::int4_agrees_with_references($name, BackendChoice::Ort);
+            }
+            #[test]
+            fn int4_matches_rtn_reference_and_fp32_within_rtn_error_on_tract() {
+                super::int4_agrees_with_references($name, BackendChoice::Tract);
+            }
+            #[test]
+            fn int4_tract_agrees_with_ort() {
+                super::int4_tract_agrees_with_ort($name);
             }
         }
     };

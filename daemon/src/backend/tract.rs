@@ -1,0 +1,421 @@
+//! tract backend: the same package in pure Rust (`tract-onnx` =0.23.9), for devices where ONNX
+//! Runtime is missing or cannot run the model.
+//!
+//! The graph is loaded with tract's own importers for everything it already does right
+//! (MatMulNBits with block 32 stays int4 in memory as Q4_0, GatherBlockQuantized,
+//! (Skip)SimplifiedLayerNormalization) and with our implementations, registered in tract-onnx's
+//! op register, for what it lacks:
+//!
+//! * `GroupQueryAttention` ([`gqa`]) replaces tract's: any number of new tokens against any
+//!   cached prefix (chunked prefill), attention sinks (`head_sink`), sliding windows with
+//!   symbolic lengths, softcap, partial rotary.
+//! * `QMoE` / `MoE` ([`moe`]): top-k routing, int4 experts kept packed, the SwiGLU variants with
+//!   alpha/beta/limit.
+//!
+//! One plan is built at load with the sequence length and every past length symbolic, optimized
+//! once and reused for every step of every prompt. The KV cache is explicit: each step feeds
+//! the valid rows of every layer's past (`[1, kv_heads, P, head_dim]`, P = the tokens it holds)
+//! and keeps the `present` outputs for the next step. Sliding-window layers keep only the rows
+//! the window can still see (trimmed when the window plus slack is exceeded), so the op knows
+//! their absolute positions from `seqlens_k` rather than from the buffer length. Matrix
+//! products run on all cores through tract-linalg's multithreaded executor.
+
+mod gqa;
+mod moe;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use tract_onnx::prelude::*;
+
+use super::{Backend, BackendError, BackendOptions};
+use crate::package::Package;
+
+type Plan = Arc<TypedSimplePlan>;
+
+fn rt(context: impl Into<String>) -> impl FnOnce(TractError) -> BackendError {
+    let context = context.into();
+    move |e| BackendError::Runtime {
+        context,
+        msg: format!("{e:#}"),
+    }
+}
+
+/// tract-onnx with our parsers for what its importers lack or reject.
+fn onnx() -> tract_onnx::Onnx {
+    let mut onnx = tract_onnx::onnx();
+    onnx.op_register
+        .insert("GroupQueryAttention", gqa::group_query_attention);
+    onnx.op_register.insert("QMoE", moe::qmoe);
+    onnx.op_register.insert("MoE", moe::moe);
+    onnx
+}
+
+/// Parses the graph with [`onnx`], after dropping the statistics outputs of normalization
+/// nodes that nothing reads (exporters name `mean`/`inv_std_var` even when unused; tract
+/// rejects a named `mean`).
+fn read_graph(path: &std::path::Path) -> TractResult<InferenceModel> {
+    let onnx = onnx();
+    let mut proto = onnx.proto_model_for_path(path)?;
+    if let Some(graph) = proto.graph.as_mut() {
+        let mut used: std::collections::HashSet<String> =
+            graph.output.iter().map(|o| o.name.clone()).collect();
+        for node in &graph.node {
+            used.extend(node.input.iter().cloned());
+        }
+        for node in &mut graph.node {
+            if node.op_type.ends_with("LayerNormalization") {
+                for out in node.output.iter_mut().skip(1) {
+                    if !used.contains(out.as_str()) {
+                        out.clear();
+                    }
+                }
+            }
+        }
+    }
+    let dir = path.parent().and_then(|d| d.to_str());
+    let parsed = onnx.parse(&proto, dir)?;
+    if !parsed.unresolved_inputs.is_empty() {
+        return Err(tract_onnx::tract_hir::internal::format_err!(
+            "unresolved inputs {:?}",
+            parsed.unresolved_inputs
+        ));
+    }
+    Ok(parsed.model)
+}
+
+/// Sets tract-linalg's process-wide executor once: `threads` workers (0 = all cores).
+fn set_executor(threads: usize) {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let n = if threads == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            threads
+        };
+        if n > 1 {
+            tract_linalg::multithread::set_default_executor(
+                tract_linalg::multithread::Executor::multithread(n),
+            );
+        }
+    });
+}
+
+struct Layer {
+    key: Tensor,
+    value: Tensor,
+    /// Rows kept after a step for a sliding-window layer (its window); `None`: all rows.
+    keep: Option<usize>,
+    /// Trim once the buffer grows past this (window plus slack): amortizes the copy.
+    trim_at: usize,
+}
+
+pub struct TractBackend {
+    plan: Plan,
+    state: TypedSimpleState,
+    layers: Vec<Layer>,
+    /// Positions of the graph inputs: input_ids, attention_mask, then past key/value per layer.
+    input_ids: usize,
+    attention_mask: usize,
+    past: Vec<(usize, usize)>,
+    /// Positions of the outputs: logits, then present key/value per layer.
+    logits: usize,
+    present: Vec<(usize, usize)>,
+    n_inputs: usize,
+    /// KV heads and head size.
+    kv_shape: (usize, usize),
+    vocab: usize,
+    max_length: usize,
+    pos: usize,
+    prefill_chunk: usize,
+    last_logits: Vec<f32>,
+}
+
+impl std::fmt::Debug for TractBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TractBackend")
+            .field("pos", &self.pos)
+            .field("max_length", &self.max_length)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TractBackend {
+    pub fn load(pkg: &Package, opts: &BackendOptions) -> Result<Self, BackendError> {
+        set_executor(opts.threads);
+        let graph = pkg.graph_path();
+        let ctx = format!("loading {} with tract", graph.display());
+        let d = &pkg.config.model.decoder;
+        if d.inputs.position_ids.is_some() {
+            return Err(BackendError::Unsupported(format!(
+                "{}: graphs with a position_ids input (RoPE outside GroupQueryAttention) are not supported",
+                graph.display()
+            )));
+        }
+        let layout = pkg.kv_layout(opts.max_length);
+        let name =
+            |n: &Option<String>, default: &str| n.clone().unwrap_or_else(|| default.to_string());
+        let layer_name = |pattern: &Option<String>, default: &str, i: usize| {
+            name(pattern, default).replace("%d", &i.to_string())
+        };
+
+        let mut model = read_graph(&graph).map_err(rt(&ctx))?;
+        let inputs: Vec<String> = model
+            .input_outlets()
+            .map_err(rt(&ctx))?
+            .iter()
+            .map(|o| model.node(o.node).name.clone())
+            .collect();
+        let outputs: Vec<String> = model
+            .output_outlets()
+            .map_err(rt(&ctx))?
+            .iter()
+            .map(|o| {
+                model
+                    .outlet_label(*o)
+                    .map(str::to_string)
+                    .unwrap_or_else(|| model.node(o.node).name.clone())
+            })
+            .collect();
+        let find = |list: &[String], n: &str, what: &str| {
+            list.iter()
+                .position(|x| x == n)
+                .ok_or_else(|| BackendError::Runtime {
+                    context: ctx.clone(),
+                    msg: format!("the graph has no {what} named {n:?}"),
+                })
+        };
+        let input_ids = find(&inputs, &name(&d.inputs.input_ids, "input_ids"), "input")?;
+        let attention_mask = find(
+            &inputs,
+            &name(&d.inputs.attention_mask, "attention_mask"),
+            "input",
+        )?;
+        let logits = find(&outputs, &name(&d.outputs.logits, "logits"), "output")?;
+
+        // Batch 1, S new tokens, T tokens in all; each group of layers with the same cache
+        // rule gets its own past-length symbol.
+        let s = model.symbols.sym("S");
+        let t = model.symbols.sym("T");
+        let fact = |dt: DatumType, shape: Vec<TDim>| -> InferenceFact {
+            TypedFact::dt_shape(dt, shape).into()
+        };
+        model
+            .set_input_fact(input_ids, fact(i64::datum_type(), vec![1.into(), s.into()]))
+            .map_err(rt(&ctx))?;
+        model
+            .set_input_fact(
+                attention_mask,
+                fact(i64::datum_type(), vec![1.into(), t.into()]),
+            )
+            .map_err(rt(&ctx))?;
+        let window = d.sliding_window.as_ref();
+        let mut past = Vec::new();
+        let mut present = Vec::new();
+        let mut layers = Vec::new();
+        let mut symbols = HashMap::new();
+        for (i, &cap) in layout.capacity.iter().enumerate() {
+            let sliding = cap != layout.max_length;
+            let keep = window.filter(|_| sliding).map(|w| w.window_size);
+            let p = symbols
+                .entry(keep)
+                .or_insert_with(|| model.symbols.sym(&format!("P{}", keep.unwrap_or(0))))
+                .clone();
+            let kv_fact = fact(
+                f32::datum_type(),
+                vec![
+                    1.into(),
+                    layout.kv_heads.into(),
+                    p.into(),
+                    layout.head_dim.into(),
+                ],
+            );
+            let pk = find(
+                &inputs,
+                &layer_name(&d.inputs.past_key_names, "past_key_values.%d.key", i),
+                "input",
+            )?;
+            let pv = find(
+                &inputs,
+                &layer_name(&d.inputs.past_value_names, "past_key_values.%d.value", i),
+                "input",
+            )?;
+            for ix in [pk, pv] {
+                model
+                    .set_input_fact(ix, kv_fact.clone())
+                    .map_err(rt(&ctx))?;
+            }
+            past.push((pk, pv));
+            present.push((
+                find(
+                    &outputs,
+                    &layer_name(&d.outputs.present_key_names, "present.%d.key", i),
+                    "output",
+                )?,
+                find(
+                    &outputs,
+                    &layer_name(&d.outputs.present_value_names, "present.%d.value", i),
+                    "output",
+                )?,
+            ));
+            let empty = Tensor::zero::<f32>(&[1, layout.kv_heads, 0, layout.head_dim])
+                .map_err(rt("allocating the KV cache"))?;
+            layers.push(Layer {
+                key: empty.clone(),
+                value: empty,
+                keep,
+                trim_at: cap.max(keep.unwrap_or(0)),
+            });
+        }
+        let n_inputs = inputs.len();
+        if n_inputs != 2 + 2 * layers.len() {
+            return Err(BackendError::Unsupported(format!(
+                "{}: expected input_ids, attention_mask and a past key/value per layer, found inputs {inputs:?}",
+                graph.display()
+            )));
+        }
+
+        let plan = model
+            .into_optimized()
+            .and_then(|m| m.into_runnable())
+            .map_err(rt(&ctx))?;
+        let state = TypedSimpleState::new(&plan).map_err(rt(&ctx))?;
+        Ok(TractBackend {
+            plan,
+            state,
+            layers,
+            input_ids,
+            attention_mask,
+            past,
+            logits,
+            present,
+            n_inputs,
+            kv_shape: (layout.kv_heads, layout.head_dim),
+            vocab: pkg.config.model.vocab_size,
+            max_length: layout.max_length,
+            pos: 0,
+            prefill_chunk: opts.prefill_chunk.max(1),
+            last_logits: Vec::new(),
+        })
+    }
+
+    /// Tokens currently in the KV cache.
+    pub fn position(&self) -> usize {
+        self.pos
+    }
+
+    /// The optimized plan (for inspection).
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    /// One graph run over `tokens` (appended at `self.pos`); keeps all returned logit rows.
+    fn step(&mut self, tokens: &[u32]) -> Result<(), BackendError> {
+        let s = tokens.len();
+        let total = self.pos + s;
+        if total > self.max_length {
+            return Err(BackendError::ContextFull {
+                needed: total,
+                capacity: self.max_length,
+            });
+        }
+        if let Some(&id) = tokens.iter().find(|&&t| t as usize >= self.vocab) {
+            return Err(BackendError::BadToken {
+                id,
+                vocab: self.vocab,
+            });
+        }
+        let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
+        let mut inputs: Vec<Option<TValue>> = vec![None; self.n_inputs];
+        inputs[self.input_ids] = Some(
+            Tensor::from_shape(&[1, s], &ids)
+                .map_err(rt("input_ids"))?
+                .into(),
+        );
+        inputs[self.attention_mask] = Some(
+            Tensor::from_shape(&[1, total], &vec![1i64; total])
+                .map_err(rt("attention_mask"))?
+                .into(),
+        );
+        for (layer, &(k, v)) in self.layers.iter_mut().zip(&self.past) {
+            // Moved into the step; the present outputs replace them.
+            let key = std::mem::take(&mut layer.key);
+            let value = std::mem::take(&mut layer.value);
+            inputs[k] = Some(key.into());
+            inputs[v] = Some(value.into());
+        }
+        let inputs: TVec<TValue> = inputs
+            .into_iter()
+            .map(|i| i.expect("every input set"))
+            .collect();
+        let mut outputs = match self.state.run(inputs) {
+            Ok(o) => o,
+            Err(e) => {
+                // The cache was handed to the failed step: start over.
+                self.reset();
+                return Err(rt("running the model")(e));
+            }
+        };
+        for (layer, &(k, v)) in self.layers.iter_mut().zip(&self.present) {
+            let take = |outputs: &mut TVec<TValue>, i: usize| {
+                std::mem::replace(&mut outputs[i], Tensor::default().into()).into_tensor()
+            };
+            let (mut key, mut value) = (take(&mut outputs, k), take(&mut outputs, v));
+            if let Some(keep) = layer.keep {
+                let len = key.shape()[2];
+                if len > layer.trim_at {
+                    key = key
+                        .slice(2, len - keep, len)
+                        .map_err(rt("trimming the KV cache"))?;
+                    value = value
+                        .slice(2, len - keep, len)
+                        .map_err(rt("trimming the KV cache"))?;
+                }
+            }
+            layer.key = key;
+            layer.value = value;
+        }
+        let logits = outputs[self.logits]
+            .try_as_plain_ram()
+            .and_then(|v| v.as_slice::<f32>().map(<[f32]>::to_vec))
+            .map_err(rt("reading logits"))?;
+        self.last_logits = logits;
+        self.pos = total;
+        Ok(())
+    }
+}
+
+impl Backend for TractBackend {
+    fn forward_all(&mut self, tokens: &[u32]) -> Result<&[f32], BackendError> {
+        self.step(tokens)?;
+        Ok(&self.last_logits)
+    }
+
+    fn name(&self) -> &'static str {
+        "tract"
+    }
+
+    fn reset(&mut self) {
+        let (heads, dim) = self.kv_shape;
+        for layer in &mut self.layers {
+            let empty = Tensor::zero::<f32>(&[1, heads, 0, dim]).unwrap_or_default();
+            layer.key = empty.clone();
+            layer.value = empty;
+        }
+        self.pos = 0;
+    }
+
+    fn forward(&mut self, tokens: &[u32]) -> Result<&[f32], BackendError> {
+        if tokens.is_empty() {
+            return Err(BackendError::Unsupported(
+                "forward() needs at least one token".into(),
+            ));
+        }
+        for chunk in tokens.chunks(self.prefill_chunk) {
+            self.step(chunk)?;
+        }
+        let v = self.vocab;
+        let rows = &self.last_logits;
+        Ok(&rows[rows.len() - v..])
+    }
+}
