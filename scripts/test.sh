@@ -14,7 +14,14 @@ echo "test.sh: ONNX Runtime library: $ORT_DYLIB_PATH"
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 status=0
+# 1. The default build (both backends): every test, each end-to-end body on ONNX Runtime and
+#    on tract.
 cargo test --workspace --locked "$@" 2>&1 | tee "$log" || status=$?
+# 2. A tract-only build (no `ort` feature) with no ONNX Runtime library anywhere it could look:
+#    the daemon crate and the end-to-end tests must build and pass on tract alone.
+echo "test.sh: tract-only build (--no-default-features --features tract), no ONNX Runtime"
+env -u ORT_DYLIB_PATH cargo test -p edgellm -p edgellm-tests --locked --no-default-features \
+    --features tract "$@" 2>&1 | tee -a "$log" || status=$?
 
 # One closing line over every test binary (cargo prints a result line per binary, the last
 # ones being empty doc-test runs).

@@ -76,8 +76,21 @@ fn run_greedy(pkg: &Path, prompt: &str, extra: &[&str]) -> Output {
     o
 }
 
-fn run_json(pkg: &Path, prompt: &str) -> serde_json::Value {
-    serde_json::from_slice(&run_greedy(pkg, prompt, &["--json"]).stdout).unwrap()
+fn run_json(pkg: &Path, prompt: &str, backend: &str) -> serde_json::Value {
+    serde_json::from_slice(&run_greedy(pkg, prompt, &["--json", "--backend", backend]).stdout)
+        .unwrap()
+}
+
+/// The backends this build has: each end-to-end test body runs on all of them.
+fn backends() -> Vec<&'static str> {
+    let mut v = Vec::new();
+    if cfg!(feature = "ort") {
+        v.push("ort");
+    }
+    if cfg!(feature = "tract") {
+        v.push("tract");
+    }
+    v
 }
 
 #[test]
@@ -86,25 +99,31 @@ fn run_raw_greedy_matches_transformers_and_int4_is_deterministic() {
     for name in FIXTURES {
         let g = golden(name);
         let prompt = g["prompt_text"].as_str().unwrap();
-        let fp32 = run_json(&export(name, Precision::Fp32, tmp.path()), prompt);
-        assert_eq!(
-            fp32["token_ids"], g["greedy_ids"],
-            "{name}: fp32 greedy tokens differ from transformers"
-        );
-        assert_eq!(
-            fp32["usage"]["prompt_tokens"].as_u64().unwrap() as usize,
-            g["prompt_ids"].as_array().unwrap().len(),
-            "{name}: --raw tokenization differs from transformers' tokenizer(prompt)"
-        );
-        assert_eq!(fp32["finish_reason"], "length");
+        let fp32 = export(name, Precision::Fp32, tmp.path());
         let int4 = export(name, Precision::Int4, tmp.path());
-        let (a, b) = (run_json(&int4, prompt), run_json(&int4, prompt));
-        assert_eq!(
-            a["token_ids"], b["token_ids"],
-            "{name}: int4 greedy is not deterministic"
-        );
-        assert_eq!(a["text"], b["text"]);
-        assert_eq!(a["token_ids"].as_array().unwrap().len(), 24);
+        for backend in backends() {
+            let out = run_json(&fp32, prompt, backend);
+            assert_eq!(
+                out["token_ids"], g["greedy_ids"],
+                "{name} on {backend}: fp32 greedy tokens differ from transformers"
+            );
+            assert_eq!(
+                out["usage"]["prompt_tokens"].as_u64().unwrap() as usize,
+                g["prompt_ids"].as_array().unwrap().len(),
+                "{name}: --raw tokenization differs from transformers' tokenizer(prompt)"
+            );
+            assert_eq!(out["finish_reason"], "length");
+            let (a, b) = (
+                run_json(&int4, prompt, backend),
+                run_json(&int4, prompt, backend),
+            );
+            assert_eq!(
+                a["token_ids"], b["token_ids"],
+                "{name} on {backend}: int4 greedy is not deterministic"
+            );
+            assert_eq!(a["text"], b["text"]);
+            assert_eq!(a["token_ids"].as_array().unwrap().len(), 24);
+        }
     }
 }
 
@@ -112,42 +131,49 @@ fn run_raw_greedy_matches_transformers_and_int4_is_deterministic() {
 fn streamed_text_equals_the_json_text() {
     let tmp = tempfile::tempdir().unwrap();
     let pkg = export("qwen2", Precision::Fp32, tmp.path());
-    let json = run_json(&pkg, "The quick brown fox");
-    let o = run_greedy(&pkg, "The quick brown fox", &[]);
-    let streamed = String::from_utf8(o.stdout).unwrap();
-    assert_eq!(
-        streamed.strip_suffix('\n').unwrap(),
-        json["text"].as_str().unwrap()
-    );
+    for backend in backends() {
+        let json = run_json(&pkg, "The quick brown fox", backend);
+        let o = run_greedy(&pkg, "The quick brown fox", &["--backend", backend]);
+        let streamed = String::from_utf8(o.stdout).unwrap();
+        assert_eq!(
+            streamed.strip_suffix('\n').unwrap(),
+            json["text"].as_str().unwrap(),
+            "on {backend}"
+        );
+    }
 }
 
 #[test]
 fn seeded_sampling_repeats_and_seeds_differ() {
     let tmp = tempfile::tempdir().unwrap();
     let pkg = export("mistral", Precision::Int4, tmp.path());
-    let sample = |seed: &str| {
-        let o = edgellm(&[
-            "run",
-            "--model",
-            pkg.to_str().unwrap(),
-            "--prompt",
-            "The quick brown fox",
-            "--raw",
-            "--temperature",
-            "1.0",
-            "--top-p",
-            "0.95",
-            "--seed",
-            seed,
-            "--max-tokens",
-            "16",
-            "--json",
-        ]);
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()["token_ids"].clone()
-    };
-    assert_eq!(sample("7"), sample("7"));
-    assert_ne!(sample("7"), sample("8"));
+    for backend in backends() {
+        let sample = |seed: &str| {
+            let o = edgellm(&[
+                "run",
+                "--backend",
+                backend,
+                "--model",
+                pkg.to_str().unwrap(),
+                "--prompt",
+                "The quick brown fox",
+                "--raw",
+                "--temperature",
+                "1.0",
+                "--top-p",
+                "0.95",
+                "--seed",
+                seed,
+                "--max-tokens",
+                "16",
+                "--json",
+            ]);
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()["token_ids"].clone()
+        };
+        assert_eq!(sample("7"), sample("7"), "on {backend}");
+        assert_ne!(sample("7"), sample("8"), "on {backend}");
+    }
 }
 
 fn args(v: &[String]) -> Vec<&str> {
@@ -198,7 +224,6 @@ fn bad_packages_and_arguments_fail_clearly() {
     );
     fails_with(&args(&run(&["--temperature", "-1"])), &[], &["temperature"]);
     fails_with(&args(&run(&["--top-p", "1.5"])), &[], &["top_p"]);
-    fails_with(&args(&run(&["--backend", "tract"])), &[], &["tract"]);
     fails_with(
         &["run", "--model", p, "--messages", "/nonexistent.json"],
         &[],
@@ -224,17 +249,68 @@ fn bad_packages_and_arguments_fail_clearly() {
         &[],
         &["prompt", "max_length"],
     );
-    // ONNX Runtime library missing or not a library.
-    let missing = [("ORT_DYLIB_PATH", "/nonexistent/libonnxruntime.so")];
+    // Corrupt weights: the checksum names the file.
+    let data = pkg.join("model.onnx.data");
+    let mut bytes = std::fs::read(&data).unwrap();
+    bytes[1000] ^= 0xff;
+    std::fs::write(&data, bytes).unwrap();
     fails_with(
         &args(&run(&[])),
+        &[],
+        &["model.onnx.data", "checksum mismatch"],
+    );
+
+    // Unsupported model.type.
+    let pkg2 = export("mistral", Precision::Int4, tmp.path());
+    let cfg = pkg2.join("genai_config.json");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("\"mistral\"", "\"whisper\"");
+    std::fs::write(&cfg, text).unwrap();
+    std::fs::remove_file(pkg2.join("SHA256SUMS")).unwrap();
+    fails_with(
+        &["run", "--model", pkg2.to_str().unwrap(), "--prompt", "hi"],
+        &[],
+        &["whisper", "supported"],
+    );
+}
+
+/// `run` arguments for a short greedy run of `pkg`.
+fn short_run(pkg: &Path, extra: &[&str]) -> Vec<String> {
+    [
+        "run",
+        "--model",
+        pkg.to_str().unwrap(),
+        "--prompt",
+        "hi",
+        "--raw",
+        "--max-tokens",
+        "2",
+    ]
+    .iter()
+    .chain(extra)
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// `--backend ort` with a library that is missing, not a library, or too old: each named.
+#[cfg(feature = "ort")]
+#[test]
+fn onnx_runtime_library_problems_are_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pkg = export("qwen2", Precision::Int4, tmp.path());
+    let ort = short_run(&pkg, &["--backend", "ort"]);
+    // Missing or not a library.
+    let missing = [("ORT_DYLIB_PATH", "/nonexistent/libonnxruntime.so")];
+    fails_with(
+        &args(&ort),
         &missing,
         &["ONNX Runtime", "fetch-onnxruntime.sh"],
     );
     let fake = tmp.path().join("libonnxruntime.so");
     std::fs::write(&fake, b"not a library").unwrap();
     fails_with(
-        &args(&run(&[])),
+        &args(&ort),
         &[("ORT_DYLIB_PATH", fake.to_str().unwrap())],
         &["ONNX Runtime", "libonnxruntime.so"],
     );
@@ -261,34 +337,60 @@ fn bad_packages_and_arguments_fail_clearly() {
         .unwrap();
     assert!(cc.success(), "cc failed to build the stub library");
     fails_with(
-        &args(&run(&[])),
+        &args(&ort),
         &[("ORT_DYLIB_PATH", old.to_str().unwrap())],
         &["ONNX Runtime", "1.20.0", "1.31"],
     );
+}
 
-    // Corrupt weights: the checksum names the file.
-    let data = pkg.join("model.onnx.data");
-    let mut bytes = std::fs::read(&data).unwrap();
-    bytes[1000] ^= 0xff;
-    std::fs::write(&data, bytes).unwrap();
-    fails_with(
-        &args(&run(&[])),
-        &[],
-        &["model.onnx.data", "checksum mismatch"],
-    );
-
-    // Unsupported model.type.
-    let pkg2 = export("mistral", Precision::Int4, tmp.path());
-    let cfg = pkg2.join("genai_config.json");
-    let text = std::fs::read_to_string(&cfg)
-        .unwrap()
-        .replace("\"mistral\"", "\"whisper\"");
-    std::fs::write(&cfg, text).unwrap();
-    std::fs::remove_file(pkg2.join("SHA256SUMS")).unwrap();
-    fails_with(
-        &["run", "--model", pkg2.to_str().unwrap(), "--prompt", "hi"],
-        &[],
-        &["whisper", "supported"],
+/// `--backend auto` (the default) with an ONNX Runtime library path that does not load: the
+/// answer comes from tract, identical to ONNX Runtime's greedy tokens for the fp32 fixture
+/// (both equal transformers'), and stderr says which backend ran and why.
+#[cfg(all(feature = "ort", feature = "tract"))]
+#[test]
+fn auto_falls_back_to_tract_and_says_why() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pkg = export("qwen2", Precision::Fp32, tmp.path());
+    let g = golden("qwen2");
+    let prompt = g["prompt_text"].as_str().unwrap();
+    let mut args: Vec<&str> = vec!["run", "--model", pkg.to_str().unwrap(), "--prompt", prompt];
+    args.extend([
+        "--raw",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "24",
+        "--json",
+    ]);
+    for library in [
+        "/nonexistent/libonnxruntime.so",
+        pkg.join("model.onnx").to_str().unwrap(),
+    ] {
+        let o = Command::new(env!("CARGO_BIN_EXE_edgellm"))
+            .args(&args)
+            .env("ORT_DYLIB_PATH", library)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "auto with {library}: {stderr}");
+        let out: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(out["token_ids"], g["greedy_ids"], "tract fallback tokens");
+        assert!(
+            stderr.contains("running on tract")
+                && stderr.contains("ONNX Runtime cannot serve the package")
+                && stderr.contains(library),
+            "the fallback should say why: {stderr}"
+        );
+    }
+    // With the library found, auto stays on ONNX Runtime and says nothing.
+    let o = Command::new(env!("CARGO_BIN_EXE_edgellm"))
+        .args(&args)
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    assert!(
+        !String::from_utf8_lossy(&o.stderr).contains("running on tract"),
+        "auto should use ONNX Runtime when it loads"
     );
 }
 
@@ -320,23 +422,27 @@ fn inspect_describes_the_package() {
 fn bench_reports_speeds_and_memory() {
     let tmp = tempfile::tempdir().unwrap();
     let pkg = export("llama", Precision::Int4, tmp.path());
-    let o = edgellm(&[
-        "bench",
-        "--model",
-        pkg.to_str().unwrap(),
-        "--prompt-tokens",
-        "16",
-        "--gen-tokens",
-        "8",
-        "--runs",
-        "2",
-        "--json",
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(v["backend"], "ort");
-    for key in ["prefill_tok_s", "decode_tok_s", "ttft_ms", "peak_rss_mib"] {
-        assert!(v[key].as_f64().unwrap() > 0.0, "{key} = {}", v[key]);
+    for backend in backends() {
+        let o = edgellm(&[
+            "bench",
+            "--backend",
+            backend,
+            "--model",
+            pkg.to_str().unwrap(),
+            "--prompt-tokens",
+            "16",
+            "--gen-tokens",
+            "8",
+            "--runs",
+            "2",
+            "--json",
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(v["backend"], backend);
+        for key in ["prefill_tok_s", "decode_tok_s", "ttft_ms", "peak_rss_mib"] {
+            assert!(v[key].as_f64().unwrap() > 0.0, "{key} = {}", v[key]);
+        }
     }
 }
 
@@ -350,35 +456,39 @@ fn genai_builder_package_generates_what_onnxruntime_genai_generates() {
     let g: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
     let pkg = dir.join("package");
-    let out = run_json(&pkg, g["prompt_text"].as_str().unwrap());
-    assert_eq!(out["token_ids"].as_array().unwrap().len(), 24);
+    let prompt: Vec<u32> = serde_json::from_value(g["prompt_ids"].clone()).unwrap();
+    let expected: Vec<u32> = serde_json::from_value(g["og_int4_greedy_ids"].clone()).unwrap();
+    for backend in backends() {
+        let out = run_json(&pkg, g["prompt_text"].as_str().unwrap(), backend);
+        assert_eq!(out["token_ids"].as_array().unwrap().len(), 24);
 
-    let model = edgellm::model::Model::load(&pkg).unwrap();
-    let opts = edgellm::backend::BackendOptions {
-        threads: 1,
-        max_length: 64,
-        ..Default::default()
-    };
-    let backend =
-        edgellm::backend::load(&model.package, edgellm::backend::BackendChoice::Ort, &opts)
+        let model = edgellm::model::Model::load(&pkg).unwrap();
+        let opts = edgellm::backend::BackendOptions {
+            threads: 1,
+            max_length: 64,
+            ..Default::default()
+        };
+        let choice = edgellm::backend::BackendChoice::parse(backend).unwrap();
+        let backend_impl = edgellm::backend::load(&model.package, choice, &opts)
             .unwrap()
             .backend;
-    let mut engine = edgellm::engine::Engine::new(model, backend, 64);
-    let mut req = edgellm::api::Request::new(edgellm::api::Input::Prompt {
-        text: String::new(),
-        raw: true,
-    });
-    req.max_tokens = Some(24);
-    req.sampling.temperature = 0.0;
-    let prompt: Vec<u32> = serde_json::from_value(g["prompt_ids"].clone()).unwrap();
-    let c = engine
-        .generate_from_ids(&req, prompt, &mut |_| std::ops::ControlFlow::Continue(()))
-        .unwrap();
-    let expected: Vec<u32> = serde_json::from_value(g["og_int4_greedy_ids"].clone()).unwrap();
-    assert_eq!(
-        c.token_ids, expected,
-        "differs from onnxruntime-genai on its own package"
-    );
+        let mut engine = edgellm::engine::Engine::new(model, backend_impl, 64);
+        let mut req = edgellm::api::Request::new(edgellm::api::Input::Prompt {
+            text: String::new(),
+            raw: true,
+        });
+        req.max_tokens = Some(24);
+        req.sampling.temperature = 0.0;
+        let c = engine
+            .generate_from_ids(&req, prompt.clone(), &mut |_| {
+                std::ops::ControlFlow::Continue(())
+            })
+            .unwrap();
+        assert_eq!(
+            c.token_ids, expected,
+            "{backend}: differs from onnxruntime-genai on its own package"
+        );
+    }
 }
 
 /// `edgellm prompt` prints exactly what transformers' apply_chat_template renders

@@ -36,12 +36,20 @@ fn slow_package(dir: &std::path::Path) -> std::path::PathBuf {
     out
 }
 
-fn spawn(dir: &std::path::Path, pkg: &std::path::Path, port: u16, node: &str) -> Child {
+/// `edgellmd` with `backend = "auto"` (the default); `library`: the ONNX Runtime library to
+/// configure.
+fn spawn(
+    dir: &std::path::Path,
+    pkg: &std::path::Path,
+    port: u16,
+    node: &str,
+    library: &str,
+) -> Child {
     let cfg = dir.join(format!("{node}.toml"));
     std::fs::write(
         &cfg,
         format!(
-            "[model]\npath = {:?}\nmax_length = 1024\n[dbus]\nenabled = false\n[mqtt]\nurl = \"mqtt://127.0.0.1:{port}\"\nnode_id = \"{node}\"\n",
+            "[model]\npath = {:?}\nmax_length = 1024\n[onnxruntime]\nlibrary = {library:?}\n[dbus]\nenabled = false\n[mqtt]\nurl = \"mqtt://127.0.0.1:{port}\"\nnode_id = \"{node}\"\n",
             pkg.display().to_string()
         ),
     )
@@ -113,11 +121,18 @@ async fn sigterm_mid_generation_and_the_last_will() {
         subscriber(broker.port(), &["edgellm/+/status", "edgellm/+/response/#"]).await;
 
     // SIGTERM while a long answer streams: it ends `shutdown`, then `offline`, exit 0.
-    let mut d = spawn(tmp.path(), &pkg, broker.port(), "term");
-    until(&mut rx, |t, v| {
+    let mut d = spawn(tmp.path(), &pkg, broker.port(), "term", "");
+    let (_, online) = until(&mut rx, |t, v| {
         t == "edgellm/term/status" && v["state"] == "online"
     })
     .await;
+    if cfg!(feature = "ort") {
+        assert_eq!(online["backend"], "ort");
+        assert_eq!(
+            online["backend_reason"],
+            "auto: ONNX Runtime runs the package"
+        );
+    }
     client
         .publish(
             "edgellm/term/request",
@@ -148,12 +163,22 @@ async fn sigterm_mid_generation_and_the_last_will() {
         .unwrap();
     assert!(status.success(), "{status}");
 
-    // SIGKILL: no goodbye, so the broker publishes the last will.
-    let mut d = spawn(tmp.path(), &pkg, broker.port(), "kill");
-    until(&mut rx, |t, v| {
+    // SIGKILL: no goodbye, so the broker publishes the last will. This daemon is configured
+    // with an ONNX Runtime library that does not exist: auto falls back to tract and its
+    // status says so, and why.
+    let missing = "/nonexistent/libonnxruntime.so";
+    let mut d = spawn(tmp.path(), &pkg, broker.port(), "kill", missing);
+    let (_, online) = until(&mut rx, |t, v| {
         t == "edgellm/kill/status" && v["state"] == "online"
     })
     .await;
+    assert_eq!(online["backend"], "tract");
+    let reason = online["backend_reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with("auto: ONNX Runtime cannot serve the package")
+            && (reason.contains(missing) || !cfg!(feature = "ort")),
+        "{reason}"
+    );
     d.kill().unwrap();
     d.wait().unwrap();
     let (_, will) = until(&mut rx, |t, v| {

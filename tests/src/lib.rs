@@ -5,6 +5,44 @@
 pub mod harness;
 pub mod service;
 
+/// The backends this build has; tests that run one body on every backend loop over these.
+pub fn backends() -> Vec<edgellm::backend::BackendChoice> {
+    let mut v = Vec::new();
+    if cfg!(feature = "ort") {
+        v.push(edgellm::backend::BackendChoice::Ort);
+    }
+    if cfg!(feature = "tract") {
+        v.push(edgellm::backend::BackendChoice::Tract);
+    }
+    v
+}
+
+/// Runs each listed `async fn name(backend: &'static str)` as a test on every backend this
+/// build has: `ort::name` and `tract::name`. One test body, two backends.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($test:ident),* $(,)?) => {
+        #[cfg(feature = "ort")]
+        mod ort {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test("ort").await
+                }
+            )*
+        }
+        #[cfg(feature = "tract")]
+        mod tract {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test("tract").await
+                }
+            )*
+        }
+    };
+}
+
 use std::path::{Path, PathBuf};
 
 use edgellm_export::{ExportOptions, Precision};

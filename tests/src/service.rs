@@ -59,10 +59,17 @@ pub fn slow_package() -> &'static Path {
     .leak()
 }
 
-/// A configuration for `package` on `bus` (D-Bus address) and `mqtt` (broker URL); `None`
-/// turns that transport off.
-pub fn config(package: &Path, bus: Option<&str>, mqtt: Option<&str>, node: &str) -> Config {
+/// A configuration for `package` served by `backend` (`ort` | `tract`) on `bus` (D-Bus
+/// address) and `mqtt` (broker URL); `None` turns that transport off.
+pub fn config(
+    backend: &str,
+    package: &Path,
+    bus: Option<&str>,
+    mqtt: Option<&str>,
+    node: &str,
+) -> Config {
     let mut c = Config::default();
+    c.model.backend = backend.to_string();
     c.model.path = package.to_path_buf();
     c.model.max_length = 256;
     c.model.threads = 1;

@@ -3,8 +3,8 @@
 //! architecture.
 //!
 //! * fp32 packages: teacher-forced logits within 1e-4 (max abs) of transformers at every
-//!   position — a prefill chunk, then one-token decode steps against the KV cache, crossing
-//!   every sliding window — and the 24-token greedy continuation identical.
+//!   position — a prefill step, a multi-token step against that cache, then one-token decode
+//!   steps, crossing every sliding window — and the 24-token greedy continuation identical.
 //! * int4 packages: top-1 agreement with the fp32 package and mean KL divergence, against the
 //!   thresholds justified in `int4_agrees_with_references`; on tract also top-1 agreement with
 //!   ONNX Runtime's logits (`int4_tract_agrees_with_ort`).
@@ -34,12 +34,20 @@ fn backend(pkg: &std::path::Path, choice: BackendChoice) -> Box<dyn Backend> {
     loaded.backend
 }
 
-/// Teacher-forced logits of `ids`: one prefill step over `ids[..PREFILL]`, then one token at a
-/// time. Returns `[len, vocab]` rows.
+/// Tokens of the one multi-token step against a non-empty cache (chunked prefill) that follows
+/// the prefill, before the one-token steps: positions 20..26, across the sliding window too.
+const CHUNK: usize = 6;
+
+/// Teacher-forced logits of `ids`: one prefill step over `ids[..PREFILL]`, one step of `CHUNK`
+/// tokens against that cache, then one token at a time. Returns `[len, vocab]` rows.
 fn teacher_forced(be: &mut dyn Backend, ids: &[u32]) -> Vec<f32> {
     be.reset();
     let mut rows = be.forward_all(&ids[..PREFILL]).expect("prefill").to_vec();
-    for &t in &ids[PREFILL..] {
+    rows.extend_from_slice(
+        be.forward_all(&ids[PREFILL..PREFILL + CHUNK])
+            .expect("chunk against the cache"),
+    );
+    for &t in &ids[PREFILL + CHUNK..] {
         rows.extend_from_slice(be.forward_all(&[t]).expect("decode step"));
     }
     rows
@@ -105,7 +113,7 @@ fn agreement(a: &[f32], b: &[f32], v: usize) -> (f64, f64) {
 ///
 /// 1. The same model with its weights replaced by their round-to-nearest int4 values
 ///    (`make_int4_reference.py`): the package must reproduce it. The only expected difference
-///    is (on ONNX Runtime) the int8 quantization of activations (`accuracy_level=4`, about 0.4% per
+///    is the int8 quantization of activations (both backends) (`accuracy_level=4`, about 0.4% per
 ///    dot product). Measured: mean KL 0.0006-0.0025 nats, top-1 90-100% (the misses are
 ///    near-ties). We require KL <= 0.01 (4x the worst measured, so other CPUs' int8 kernels
 ///    fit) and top-1 >= 85%. A wrong nibble order, scale sign, block or expert layout gives
@@ -141,14 +149,6 @@ fn int4_agrees_with_references(name: &str, choice: BackendChoice) {
         kl_rtn <= 0.01,
         "{name}: int4 package vs RTN-int4 transformers: KL {kl_rtn}"
     );
-    if choice == BackendChoice::Tract {
-        // tract multiplies the int4 weights with f32 activations: the RTN model itself, up to
-        // the f16 rounding of block scales (measured: 100% and KL < 1e-4 on every fixture).
-        assert!(
-            agree_rtn >= 0.975 && kl_rtn <= 1e-3,
-            "{name}: tract should reproduce RTN-int4 transformers: top-1 {agree_rtn}, KL {kl_rtn}"
-        );
-    }
 
     let (agree, kl) = agreement(&golden.logits, &int4, v);
     eprintln!(
@@ -201,14 +201,14 @@ fn int4_embeddings_stay_close(name: &str, choice: BackendChoice) {
     );
 }
 
-/// On tract the int4 package must agree with ONNX Runtime running the same package. The two
-/// differ by design in the int4 matrix products: ONNX Runtime quantizes activations to int8
-/// (`accuracy_level=4`, ~0.4% per dot product), tract keeps them f32 (only the block scales are
-/// rounded to f16, Q4_0). tract reproduces the RTN-int4 transformers reference exactly (see
-/// `int4_agrees_with_references`: 100% top-1, KL < 1e-4 on every fixture), so its agreement with
-/// ONNX Runtime is ONNX Runtime's own agreement with that reference: measured 90-100% per
-/// architecture, the misses being near-ties that int8 activations flip. We require >= 85%,
-/// the headroom other CPUs' int8 kernels need (a wrong layout or op gives ~1/vocab).
+/// On tract the int4 package must agree with ONNX Runtime running the same package. Both
+/// quantize activations to int8 in blocks for the int4 products (what the packages'
+/// `accuracy_level = 4` allows; tract: our `MatMulNBits`, blocks of 32, round to nearest) and
+/// accumulate in integers, so they differ only in rounding details and summation order.
+/// Measured: 97.5-100% top-1 agreement and mean KL <= 0.0013 per architecture. We require at
+/// least 90% and KL <= 0.01 (the bound part 1 of `int4_agrees_with_references` puts on each
+/// against the reference); a wrong nibble order, scale or layout gives ~1/vocab.
+#[cfg(all(feature = "ort", feature = "tract"))]
 fn int4_tract_agrees_with_ort(name: &str) {
     let golden = Golden::load(name);
     let pkg = export_fixture(name, Precision::Int4, true);
@@ -222,18 +222,20 @@ fn int4_tract_agrees_with_ort(name: &str) {
         ids.len()
     );
     assert!(
-        agree >= 0.85,
-        "{name}: int4 on tract agrees with ONNX Runtime on only {:.1}% of positions",
+        agree >= 0.90 && kl <= 0.01,
+        "{name}: int4 on tract vs ONNX Runtime: top-1 {:.1}%, KL {kl}",
         agree * 100.0
     );
 }
 
 macro_rules! on_both_backends {
     ($($test:ident => $body:expr;)*) => {
+        #[cfg(feature = "ort")]
         mod ort {
             use edgellm::backend::BackendChoice::Ort as B;
             $(#[test] fn $test() { let f: fn(edgellm::backend::BackendChoice) = $body; f(B) })*
         }
+        #[cfg(feature = "tract")]
         mod tract {
             use edgellm::backend::BackendChoice::Tract as B;
             $(#[test] fn $test() { let f: fn(edgellm::backend::BackendChoice) = $body; f(B) })*
@@ -250,22 +252,27 @@ macro_rules! architecture {
     ($module:ident, $name:literal) => {
         mod $module {
             use edgellm::backend::BackendChoice;
+            #[cfg(feature = "ort")]
             #[test]
             fn fp32_logits_and_greedy_match_transformers_on_ort() {
                 super::fp32_matches_transformers($name, BackendChoice::Ort);
             }
+            #[cfg(feature = "tract")]
             #[test]
             fn fp32_logits_and_greedy_match_transformers_on_tract() {
                 super::fp32_matches_transformers($name, BackendChoice::Tract);
             }
+            #[cfg(feature = "ort")]
             #[test]
             fn int4_matches_rtn_reference_and_fp32_within_rtn_error_on_ort() {
                 super::int4_agrees_with_references($name, BackendChoice::Ort);
             }
+            #[cfg(feature = "tract")]
             #[test]
             fn int4_matches_rtn_reference_and_fp32_within_rtn_error_on_tract() {
                 super::int4_agrees_with_references($name, BackendChoice::Tract);
             }
+            #[cfg(all(feature = "ort", feature = "tract"))]
             #[test]
             fn int4_tract_agrees_with_ort() {
                 super::int4_tract_agrees_with_ort($name);

@@ -1,18 +1,16 @@
 //! Real model shapes without downloads: a random-init Qwen2.5-0.5B checkpoint (HF layout,
-//! bf16, 494M parameters) exports to an int4 package that ONNX Runtime loads and runs through
-//! prefill and decode. Checks the shape bookkeeping (14 heads x 64, 2 KV heads, 896 hidden,
+//! bf16, 494M parameters) exports to an int4 package that each backend (ONNX Runtime, tract)
+//! loads and runs through prefill and decode. Checks the shape bookkeeping (14 heads x 64, 2 KV heads, 896 hidden,
 //! tied 151936-token vocabulary) that the tiny fixtures cannot.
 
 #![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
 
-use edgellm::backend::Backend;
 use edgellm::backend::BackendOptions;
-use edgellm::backend::ort::OrtBackend;
 use edgellm::package::Package;
 use edgellm_export::{ExportOptions, random_init};
 
 #[test]
-fn random_init_qwen2_5_0_5b_exports_and_runs_on_ort() {
+fn random_init_qwen2_5_0_5b_exports_and_runs_on_every_backend() {
     let tmp = tempfile::tempdir().unwrap();
     let hf = tmp.path().join("hf");
     random_init::write_checkpoint("qwen2.5-0.5b", &hf, 0, false).unwrap();
@@ -27,25 +25,32 @@ fn random_init_qwen2_5_0_5b_exports_and_runs_on_ort() {
     let pkg = Package::open(&out).unwrap();
     assert_eq!(pkg.config.model.vocab_size, 151936);
     assert_eq!(pkg.config.model.decoder.num_hidden_layers, 24);
-    let mut be = OrtBackend::load(
-        &pkg,
-        &BackendOptions {
-            threads: 2,
-            max_length: 512,
-            prefill_chunk: 256,
-            ..BackendOptions::default()
-        },
-    )
-    .unwrap();
-    let prompt: Vec<u32> = (0..32).map(|i| 300 + i * 7).collect();
-    let first = be.forward(&prompt).unwrap().to_vec();
-    assert_eq!(first.len(), 151936);
-    assert!(first.iter().all(|x| x.is_finite()));
-    let next = edgellm_tests::argmax(&first);
-    let second = be.forward(&[next]).unwrap().to_vec();
-    assert!(second.iter().all(|x| x.is_finite()));
-    assert_ne!(first, second, "decode step must see the new token");
-    // Same prompt again after reset: identical logits (the KV cache is fully reused).
-    be.reset();
-    assert_eq!(be.forward(&prompt).unwrap(), &first[..]);
+    for choice in edgellm_tests::backends() {
+        let mut be = edgellm::backend::load(
+            &pkg,
+            choice,
+            &BackendOptions {
+                threads: 2,
+                max_length: 512,
+                prefill_chunk: 256,
+                ..BackendOptions::default()
+            },
+        )
+        .unwrap()
+        .backend;
+        let prompt: Vec<u32> = (0..32).map(|i| 300 + i * 7).collect();
+        let first = be.forward(&prompt).unwrap().to_vec();
+        assert_eq!(first.len(), 151936);
+        assert!(first.iter().all(|x| x.is_finite()), "{choice:?}");
+        let next = edgellm_tests::argmax(&first);
+        let second = be.forward(&[next]).unwrap().to_vec();
+        assert!(second.iter().all(|x| x.is_finite()), "{choice:?}");
+        assert_ne!(
+            first, second,
+            "{choice:?}: decode step must see the new token"
+        );
+        // Same prompt again after reset: identical logits (the KV cache is fully reused).
+        be.reset();
+        assert_eq!(be.forward(&prompt).unwrap(), &first[..], "{choice:?}");
+    }
 }

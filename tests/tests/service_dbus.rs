@@ -13,11 +13,11 @@ use edgellm_tests::service::*;
 use zbus::OwnedVariant;
 
 /// The same greedy request in-process, for comparison with what the wire returns.
-fn in_process(package: &std::path::Path, prompt: &str, max_tokens: usize) -> String {
+fn in_process(backend: &str, package: &std::path::Path, prompt: &str, max_tokens: usize) -> String {
     let model = Model::load(package).unwrap();
     let backend = edgellm::backend::load(
         &model.package,
-        edgellm::backend::BackendChoice::Ort,
+        edgellm::backend::BackendChoice::parse(backend).unwrap(),
         &edgellm::backend::BackendOptions {
             max_length: 256,
             threads: 1,
@@ -39,11 +39,10 @@ fn in_process(package: &std::path::Path, prompt: &str, max_tokens: usize) -> Str
         .text
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn chat_complete_streaming_and_properties() {
+async fn chat_complete_streaming_and_properties(backend: &'static str) {
     let bus_daemon = DbusBus::start();
     let pkg = tiny_package();
-    let d = Daemon::start(config(pkg, Some(bus_daemon.address()), None, "t")).await;
+    let d = Daemon::start(config(backend, pkg, Some(bus_daemon.address()), None, "t")).await;
     let c = bus(bus_daemon.address()).await.unwrap();
 
     // Properties.
@@ -55,7 +54,11 @@ async fn chat_complete_streaming_and_properties() {
     );
     assert_eq!(
         String::try_from(get_property(&c, "Backend").await.unwrap()).unwrap(),
-        "ort"
+        backend
+    );
+    assert_eq!(
+        String::try_from(get_property(&c, "BackendReason").await.unwrap()).unwrap(),
+        "configured"
     );
     assert_eq!(
         String::try_from(get_property(&c, "State").await.unwrap()).unwrap(),
@@ -79,7 +82,7 @@ async fn chat_complete_streaming_and_properties() {
     )
     .await
     .unwrap();
-    assert_eq!(text, in_process(pkg, "Tell me about the sea", 12));
+    assert_eq!(text, in_process(backend, pkg, "Tell me about the sea", 12));
     assert!(!text.is_empty());
     assert_eq!(stat_str(&stats, "finish_reason"), "length");
     assert_eq!(stat_u32(&stats, "completion_tokens"), max);
@@ -134,10 +137,10 @@ async fn chat_complete_streaming_and_properties() {
     d.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bad_input_is_answered_and_the_next_request_served() {
+async fn bad_input_is_answered_and_the_next_request_served(backend: &'static str) {
     let bus_daemon = DbusBus::start();
     let d = Daemon::start(config(
+        backend,
         tiny_package(),
         Some(bus_daemon.address()),
         None,
@@ -230,10 +233,15 @@ async fn bad_input_is_answered_and_the_next_request_served() {
     d.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cancel_disconnect_and_busy() {
+async fn cancel_disconnect_and_busy(backend: &'static str) {
     let bus_daemon = DbusBus::start();
-    let mut cfg = config(slow_package(), Some(bus_daemon.address()), None, "t");
+    let mut cfg = config(
+        backend,
+        slow_package(),
+        Some(bus_daemon.address()),
+        None,
+        "t",
+    );
     cfg.model.max_length = 1024;
     cfg.limits.queue_depth = 1;
     let d = Daemon::start(cfg).await;
@@ -292,3 +300,9 @@ async fn cancel_disconnect_and_busy() {
     }
     d.stop().await;
 }
+
+edgellm_tests::on_both_backends!(
+    chat_complete_streaming_and_properties,
+    bad_input_is_answered_and_the_next_request_served,
+    cancel_disconnect_and_busy,
+);

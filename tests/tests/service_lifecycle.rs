@@ -12,11 +12,11 @@ use edgellm_tests::harness::{DbusBus, Mosquitto, require_program};
 use edgellm_tests::service::*;
 use serde_json::json;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn shutdown_mid_generation_answers_everything() {
+async fn shutdown_mid_generation_answers_everything(backend: &'static str) {
     let bus_daemon = DbusBus::start();
     let broker = Mosquitto::start();
     let mut cfg = config(
+        backend,
         slow_package(),
         Some(bus_daemon.address()),
         Some(&broker.url()),
@@ -142,8 +142,7 @@ fn certificates(dir: &Path) {
     ]);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mqtt_over_tls_with_a_password_file() {
+async fn mqtt_over_tls_with_a_password_file(backend: &'static str) {
     let tmp = tempfile::tempdir().unwrap();
     certificates(tmp.path());
     let passwd = Mosquitto::password_file(tmp.path(), "edge", "s3cret");
@@ -157,7 +156,13 @@ async fn mqtt_over_tls_with_a_password_file() {
     std::fs::write(&pw_file, "s3cret\n").unwrap();
     let bus_daemon = DbusBus::start();
 
-    let mut cfg = config(tiny_package(), Some(bus_daemon.address()), None, "tls");
+    let mut cfg = config(
+        backend,
+        tiny_package(),
+        Some(bus_daemon.address()),
+        None,
+        "tls",
+    );
     cfg.mqtt.enabled = true;
     cfg.mqtt.url = url.clone();
     cfg.mqtt.ca_file = format!("{d}/ca.crt");
@@ -205,3 +210,8 @@ async fn mqtt_over_tls_with_a_password_file() {
     assert_eq!(stat_u32(&stats, "completion_tokens"), 2);
     daemon.stop().await;
 }
+
+edgellm_tests::on_both_backends!(
+    shutdown_mid_generation_answers_everything,
+    mqtt_over_tls_with_a_password_file,
+);

@@ -17,10 +17,16 @@ fn chat_payload(id: &str, text: &str, max_tokens: u32) -> Value {
     json!({"id": id, "messages": [{"role": "user", "content": text}], "max_tokens": max_tokens})
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn request_response_streaming_and_fallbacks() {
+async fn request_response_streaming_and_fallbacks(backend: &'static str) {
     let broker = Mosquitto::start();
-    let d = Daemon::start(config(tiny_package(), None, Some(&broker.url()), "n1")).await;
+    let d = Daemon::start(config(
+        backend,
+        tiny_package(),
+        None,
+        Some(&broker.url()),
+        "n1",
+    ))
+    .await;
     let mut c = MqttClient::connect(&broker.url()).await;
     c.subscribe("replies/#").await;
     c.subscribe("edgellm/n1/response/#").await;
@@ -99,10 +105,9 @@ async fn request_response_streaming_and_fallbacks() {
     d.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bad_input_gets_an_error_naming_the_problem() {
+async fn bad_input_gets_an_error_naming_the_problem(backend: &'static str) {
     let broker = Mosquitto::start();
-    let mut cfg = config(tiny_package(), None, Some(&broker.url()), "n1");
+    let mut cfg = config(backend, tiny_package(), None, Some(&broker.url()), "n1");
     cfg.mqtt.max_payload_bytes = 1024;
     let d = Daemon::start(cfg).await;
     let mut c = MqttClient::connect(&broker.url()).await;
@@ -235,17 +240,24 @@ async fn bad_input_gets_an_error_naming_the_problem() {
     d.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn status_is_retained_and_goes_offline_on_stop() {
+async fn status_is_retained_and_goes_offline_on_stop(backend: &'static str) {
     let broker = Mosquitto::start();
-    let d = Daemon::start(config(tiny_package(), None, Some(&broker.url()), "n1")).await;
+    let d = Daemon::start(config(
+        backend,
+        tiny_package(),
+        None,
+        Some(&broker.url()),
+        "n1",
+    ))
+    .await;
     // A client arriving later gets the retained status.
     let mut c = MqttClient::connect(&broker.url()).await;
     c.subscribe("edgellm/n1/status").await;
     let m = c.recv(WAIT).await;
     assert!(m.retain);
     assert_eq!(m.json["state"], "online");
-    assert_eq!(m.json["backend"], "ort");
+    assert_eq!(m.json["backend"], backend);
+    assert_eq!(m.json["backend_reason"], "configured");
     assert_eq!(m.json["max_context"], 256);
     assert_eq!(m.json["activity"], "ready");
     d.stop().await;
@@ -263,10 +275,9 @@ async fn status_is_retained_and_goes_offline_on_stop() {
     assert_eq!(m.json["state"], "offline");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cancel_topic_and_broker_restart_mid_stream() {
+async fn cancel_topic_and_broker_restart_mid_stream(backend: &'static str) {
     let mut broker = Mosquitto::start();
-    let mut cfg = config(slow_package(), None, Some(&broker.url()), "n1");
+    let mut cfg = config(backend, slow_package(), None, Some(&broker.url()), "n1");
     cfg.model.max_length = 1024;
     let d = Daemon::start(cfg).await;
     let mut c = MqttClient::connect(&broker.url()).await;
@@ -321,12 +332,11 @@ async fn cancel_topic_and_broker_restart_mid_stream() {
     d.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_share_group_splits_requests_between_two_daemons() {
+async fn a_share_group_splits_requests_between_two_daemons(backend: &'static str) {
     let broker = Mosquitto::start();
     let mut daemons = Vec::new();
     for node in ["dev-a", "dev-b"] {
-        let mut cfg = config(tiny_package(), None, Some(&broker.url()), node);
+        let mut cfg = config(backend, tiny_package(), None, Some(&broker.url()), node);
         cfg.mqtt.share_group = "fleet".into();
         daemons.push(Daemon::start(cfg).await);
     }
@@ -360,10 +370,9 @@ async fn a_share_group_splits_requests_between_two_daemons() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn twenty_clients_times_five_requests_each_get_one_terminal_message() {
+async fn twenty_clients_times_five_requests_each_get_one_terminal_message(backend: &'static str) {
     let broker = Mosquitto::start();
-    let mut cfg = config(tiny_package(), None, Some(&broker.url()), "n1");
+    let mut cfg = config(backend, tiny_package(), None, Some(&broker.url()), "n1");
     cfg.limits.queue_depth = 64;
     let d = Daemon::start(cfg).await;
     let mut clients = Vec::new();
@@ -414,3 +423,12 @@ async fn twenty_clients_times_five_requests_each_get_one_terminal_message() {
     assert!(finished >= 64, "{finished} finished, {busy} busy");
     d.stop().await;
 }
+
+edgellm_tests::on_both_backends!(
+    request_response_streaming_and_fallbacks,
+    bad_input_gets_an_error_naming_the_problem,
+    status_is_retained_and_goes_offline_on_stop,
+    cancel_topic_and_broker_restart_mid_stream,
+    a_share_group_splits_requests_between_two_daemons,
+    twenty_clients_times_five_requests_each_get_one_terminal_message,
+);

@@ -21,6 +21,7 @@
 //! products run on all cores through tract-linalg's multithreaded executor.
 
 mod gqa;
+mod matmul;
 mod moe;
 
 use std::collections::HashMap;
@@ -41,9 +42,17 @@ fn rt(context: impl Into<String>) -> impl FnOnce(TractError) -> BackendError {
     }
 }
 
-/// tract-onnx with our parsers for what its importers lack or reject.
+/// tract-onnx with our parsers for what its importers lack or reject. The graph's `value_info`
+/// hints are ignored: exporters write them loosely (onnxruntime-genai's builder declares a
+/// `[1]` constant as a scalar), and the backend sets the input facts itself.
 fn onnx() -> tract_onnx::Onnx {
     let mut onnx = tract_onnx::onnx();
+    onnx.ignore_value_info = true;
+    if let Some(&builtin) = onnx.op_register.0.get("MatMulNBits") {
+        let _ = matmul::BUILTIN.set(builtin);
+    }
+    onnx.op_register
+        .insert("MatMulNBits", matmul::mat_mul_nbits);
     onnx.op_register
         .insert("GroupQueryAttention", gqa::group_query_attention);
     onnx.op_register.insert("QMoE", moe::qmoe);
@@ -84,7 +93,20 @@ fn read_graph(path: &std::path::Path) -> TractResult<InferenceModel> {
     Ok(parsed.model)
 }
 
-/// Sets tract-linalg's process-wide executor once: `threads` workers (0 = all cores).
+/// Resident memory of this process (VmRSS), for load diagnostics.
+fn rss_mib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb / 1024)
+}
+
+/// Builds the process's thread pool once: `threads` workers (0 = all cores), shared by tract's
+/// matrix products (its executor) and our int4 products.
 fn set_executor(threads: usize) {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
@@ -93,9 +115,16 @@ fn set_executor(threads: usize) {
         } else {
             threads
         };
-        if n > 1 {
+        if n > 1
+            && let Ok(pool) = rayon::ThreadPoolBuilder::new()
+                .num_threads(n)
+                .thread_name(|i| format!("edgellm-tract-{i}"))
+                .build()
+        {
+            let pool = Arc::new(pool);
+            let _ = matmul::POOL.set(pool.clone());
             tract_linalg::multithread::set_default_executor(
-                tract_linalg::multithread::Executor::multithread(n),
+                tract_linalg::multithread::Executor::MultiThread(pool),
             );
         }
     });
@@ -129,6 +158,36 @@ pub struct TractBackend {
     pos: usize,
     prefill_chunk: usize,
     last_logits: Vec<f32>,
+    /// `EDGELLM_TRACT_PROFILE=1`: time per operator kind, printed to stderr on drop.
+    profile: Option<Profile>,
+}
+
+#[derive(Default)]
+struct Profile {
+    steps: usize,
+    times: HashMap<String, std::time::Duration>,
+}
+
+impl Drop for TractBackend {
+    fn drop(&mut self) {
+        if let Some(p) = &self.profile {
+            let mut rows: Vec<_> = p.times.iter().collect();
+            rows.sort_by(|a, b| b.1.cmp(a.1));
+            let total: std::time::Duration = rows.iter().map(|r| *r.1).sum();
+            eprintln!(
+                "tract profile: {} steps, {:.1} ms in operators",
+                p.steps,
+                total.as_secs_f64() * 1e3
+            );
+            for (op, t) in rows {
+                eprintln!(
+                    "  {:>10.1} ms  {:>5.1}%  {op}",
+                    t.as_secs_f64() * 1e3,
+                    100.0 * t.as_secs_f64() / total.as_secs_f64()
+                );
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for TractBackend {
@@ -275,10 +334,14 @@ impl TractBackend {
             )));
         }
 
-        let plan = model
+        tracing::debug!("tract: graph parsed, RSS {} MiB", rss_mib());
+        let typed = model.into_typed().map_err(rt(&ctx))?;
+        tracing::debug!("tract: typed, RSS {} MiB", rss_mib());
+        let plan = typed
             .into_optimized()
             .and_then(|m| m.into_runnable())
             .map_err(rt(&ctx))?;
+        tracing::debug!("tract: plan optimized, RSS {} MiB", rss_mib());
         let state = TypedSimpleState::new(&plan).map_err(rt(&ctx))?;
         Ok(TractBackend {
             plan,
@@ -296,6 +359,7 @@ impl TractBackend {
             pos: 0,
             prefill_chunk: opts.prefill_chunk.max(1),
             last_logits: Vec::new(),
+            profile: std::env::var_os("EDGELLM_TRACT_PROFILE").map(|_| Profile::default()),
         })
     }
 
@@ -348,7 +412,22 @@ impl TractBackend {
             .into_iter()
             .map(|i| i.expect("every input set"))
             .collect();
-        let mut outputs = match self.state.run(inputs) {
+        let result = match &mut self.profile {
+            None => self.state.run(inputs),
+            Some(profile) => {
+                profile.steps += 1;
+                let times = &mut profile.times;
+                self.state
+                    .run_plan_with_eval(inputs, |ctx, state, node, input| {
+                        let start = std::time::Instant::now();
+                        let out = tract_onnx::tract_core::plan::eval(ctx, state, node, input);
+                        let op = node.op().name().to_string();
+                        *times.entry(op).or_default() += start.elapsed();
+                        out
+                    })
+            }
+        };
+        let mut outputs = match result {
             Ok(o) => o,
             Err(e) => {
                 // The cache was handed to the failed step: start over.

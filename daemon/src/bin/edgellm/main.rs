@@ -266,6 +266,14 @@ pub fn read_messages(path: &std::path::Path) -> anyhow::Result<Vec<edgellm::chat
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Library diagnostics (backend loading and the like) on stderr when EDGELLM_LOG asks.
+    if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_env("EDGELLM_LOG") {
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init();
+    }
     let result = match cli.command {
         Command::Run(args) => run::run(&args),
         Command::Ask(args) => ask::ask(&args),
