@@ -276,6 +276,7 @@ fn bad_packages_and_arguments_fail_clearly() {
 }
 
 /// `run` arguments for a short greedy run of `pkg`.
+#[cfg(feature = "ort")]
 fn short_run(pkg: &Path, extra: &[&str]) -> Vec<String> {
     [
         "run",
