@@ -64,7 +64,11 @@ fn ready_status_watchdog_and_stopping_on_sigterm() {
     );
     assert!(ready.contains("STATUS=ready"), "{ready}");
     // backend = "auto": ONNX Runtime when this build has it (the library is found), else tract.
-    let expected = if cfg!(feature = "ort") { "(ort)" } else { "(tract)" };
+    let expected = if cfg!(feature = "ort") {
+        "(ort)"
+    } else {
+        "(tract)"
+    };
     assert!(ready.contains(expected), "{ready}");
 
     // WATCHDOG=1 every half period (200 ms) while idle.
