@@ -13,65 +13,39 @@
 # Runtime's, tract peak RSS <= 1.2x.
 #
 # Environment: BENCH_PROMPT (128), BENCH_GEN (64), BENCH_RUNS (3), BENCH_ROUNDS (2),
-# BENCH_THREADS (0 = all cores), BENCH_PROFILE (release | dev; release builds take minutes the
-# first time), EDGELLM_MAX_LENGTH (1024), ORT_DYLIB_PATH (else scripts/fetch-onnxruntime.sh).
+# BENCH_THREADS (2), EDGELLM_MAX_LENGTH (1024), EDGELLM / EDGELLM_EXPORT (binaries; else release
+# builds), ORT_DYLIB_PATH (else scripts/fetch-onnxruntime.sh). Settings, validation, build and
+# the ONNX Runtime library come from scripts/bench-lib.sh.
 set -euo pipefail
 name=bench-backends
-root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-shape="${1:-qwen2.5-0.5b}"
-prompt="${BENCH_PROMPT:-128}"
-gen="${BENCH_GEN:-64}"
-runs="${BENCH_RUNS:-3}"
+bench_python=0
+: "${BENCH_GEN:=64}" "${BENCH_RUNS:=3}" "${EDGELLM_MAX_LENGTH:=1024}"
+# shellcheck source=scripts/bench-lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/bench-lib.sh"
 rounds="${BENCH_ROUNDS:-2}"
-threads="${BENCH_THREADS:-0}"
-profile="${BENCH_PROFILE:-release}"
-max_length="${EDGELLM_MAX_LENGTH:-1024}"
-
-die() { echo "$name: $*" >&2; exit 1; }
-say() { echo "$name: $*" >&2; }
-for v in prompt gen runs rounds max_length; do
-    [[ ${!v} =~ ^[0-9]+$ ]] && ((${!v} > 0)) || die "$v must be a positive integer (got '${!v}')"
-done
-[[ $threads =~ ^[0-9]+$ ]] || die "BENCH_THREADS must be a number (got '$threads')"
-case "$profile" in
-release) bin="$root/target/release"; cargo_profile=(--release) ;;
-dev) bin="$root/target/debug"; cargo_profile=() ;;
-*) die "BENCH_PROFILE must be release or dev (got '$profile')" ;;
-esac
-
-say "building: cargo build ${cargo_profile[*]} -p edgellm -p edgellm-export"
-(cd "$root" && cargo build "${cargo_profile[@]}" -p edgellm -p edgellm-export) >&2 \
-    || die "cargo build failed"
-if [[ -z ${ORT_DYLIB_PATH:-} ]]; then
-    ORT_DYLIB_PATH="$("$root/scripts/fetch-onnxruntime.sh")" || die "fetch-onnxruntime.sh failed"
-fi
-export ORT_DYLIB_PATH
+[[ $rounds =~ ^[0-9]+$ ]] && ((rounds > 0)) || die "BENCH_ROUNDS must be a positive integer (got '$rounds')"
 
 package="$root/target/demo/$shape-random"
 if [[ -f "$package/genai_config.json" && -f "$package/SHA256SUMS" ]]; then
     say "reusing $package"
 else
     mkdir -p "$(dirname "$package")"
-    "$bin/edgellm-export" --random-init "$shape" --embeddings int4 --max-length "$max_length" \
+    "$exporter" --random-init "$shape" --embeddings int4 --max-length "$max_length" \
         --out "$package" --force >&2 || die "export failed"
 fi
 
-out="$(mktemp -d)"
-trap 'rm -rf "$out"' EXIT
+bench="$(mktemp -d)"
+trap 'rm -rf "$bench"' EXIT
 for ((r = 0; r < rounds; r++)); do
     order=(ort tract)
     ((r % 2)) && order=(tract ort)
     for backend in "${order[@]}"; do
-        cmd=("$bin/edgellm" bench --backend "$backend" --model "$package" --threads "$threads"
-            --prompt-tokens "$prompt" --gen-tokens "$gen" --runs "$runs"
-            --max-length "$max_length" --json)
-        say "round $((r + 1))/$rounds: ${cmd[*]}"
-        "${cmd[@]}" >"$out/$backend.$r.json" 2>"$out/$backend.$r.err" \
-            || { cat "$out/$backend.$r.err" >&2; die "edgellm bench --backend $backend failed"; }
+        say "round $((r + 1))/$rounds"
+        out="$backend.$r" run_edgellm_bench "$package" --backend "$backend"
     done
 done
 
-python3 - "$out" "$rounds" <<'EOF'
+python3 - "$bench" "$rounds" <<'EOF'
 import json, statistics, sys
 out, rounds = sys.argv[1], int(sys.argv[2])
 keys = ["prefill_tok_s", "decode_tok_s", "ttft_ms", "peak_rss_mib"]

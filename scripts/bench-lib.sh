@@ -1,7 +1,8 @@
-# Shared by scripts/bench-vs-*.sh (sourced, not run): the common settings, their validation,
+# Shared by scripts/bench-vs-*.sh and bench-backends.sh (sourced, not run): the common settings, their validation,
 # and the edgellm binaries and ONNX Runtime library both benchmarks need.
 #
-# Before sourcing, set `name` (for messages). Sets: root shape py edgellm exporter threads prompt
+# Before sourcing, set `name` (for messages), and `bench_python=0` when the script needs no Python
+# environment. Sets: root shape py edgellm exporter threads prompt
 # gen runs max_length, functions die, say and run_edgellm_bench (needs $bench); exports ORT_DYLIB_PATH. See either script's header
 # for the environment variables.
 
@@ -24,7 +25,9 @@ for v in threads prompt gen runs max_length; do
 done
 ((gen >= 2)) || die "BENCH_GEN must be at least 2 (decode speed needs a second token)"
 
-[[ -x $py ]] || die "no Python at $py; run scripts/setup-bench-venv.sh (or set BENCH_PYTHON=/path/to/python)"
+if [[ ${bench_python:-1} != 0 ]]; then
+    [[ -x $py ]] || die "no Python at $py; run scripts/setup-bench-venv.sh (or set BENCH_PYTHON=/path/to/python)"
+fi
 if [[ ! -x $edgellm || ! -x $exporter ]]; then
     [[ -z ${EDGELLM:-} && -z ${EDGELLM_EXPORT:-} ]] \
         || die "EDGELLM=$edgellm or EDGELLM_EXPORT=$exporter is not an executable"
@@ -38,14 +41,16 @@ fi
 [[ -e $ORT_DYLIB_PATH ]] || die "ORT_DYLIB_PATH=$ORT_DYLIB_PATH does not exist"
 export ORT_DYLIB_PATH
 
-# Runs `edgellm bench` on package $1 with the shared settings; JSON to $bench/edgellm.json.
-# Sets edgellm_cmd (the command, for reports).
+# Runs `edgellm bench` on package $1 with the shared settings and any further arguments; JSON
+# to $bench/${out:-edgellm}.json. Sets edgellm_cmd (the command, for reports).
 run_edgellm_bench() {
-    edgellm_cmd=("$edgellm" bench --model "$1" --threads "$threads" --prompt-tokens "$prompt"
-        --gen-tokens "$gen" --runs "$runs" --max-length "$max_length" --json)
+    local pkg="$1" file="$bench/${out:-edgellm}"
+    shift
+    edgellm_cmd=("$edgellm" bench --model "$pkg" --threads "$threads" --prompt-tokens "$prompt"
+        --gen-tokens "$gen" --runs "$runs" --max-length "$max_length" --json "$@")
     say "running: ${edgellm_cmd[*]}"
-    if ! "${edgellm_cmd[@]}" >"$bench/edgellm.json" 2>"$bench/edgellm.err"; then
-        cat "$bench/edgellm.err" >&2
+    if ! "${edgellm_cmd[@]}" >"$file.json" 2>"$file.err"; then
+        cat "$file.err" >&2
         die "edgellm bench failed (ORT_DYLIB_PATH=$ORT_DYLIB_PATH)"
     fi
 }

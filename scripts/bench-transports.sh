@@ -150,24 +150,7 @@ echo "mosquitto set_tcp_nodelay: $([[ ${BENCH_MQTT_NODELAY:-0} == 1 ]] && echo t
 start_dbus
 
 config="$tmp/edgellm.toml"
-cat >"$config" <<EOF
-[model]
-path = $(toml_str "$package")
-max_length = $max_length
-threads = 0
-
-[onnxruntime]
-library = $(toml_str "$ORT_DYLIB_PATH")
-allow_spinning = true
-
-[dbus]
-bus = "session"
-address = $(toml_str "$bus_address")
-
-[mqtt]
-url = $(toml_str "$mqtt_url")
-node_id = $(toml_str "$node")
-EOF
+write_edgellmd_config "$config" "$package" "$max_length" "$ORT_DYLIB_PATH"
 start_edgellmd "$bin" "$config"
 wait_edgellmd_ready "$ready_timeout_s" "$edgellm" ask
 

@@ -118,23 +118,7 @@ start_dbus
 # ---------------------------------------------------------------------------------------------
 step "Writing and checking the edgellmd configuration"
 config="$tmp/edgellm.toml"
-cat >"$config" <<EOF
-# edgellmd configuration written by scripts/demo.sh (all keys: edgellmd --print-default-config)
-[model]
-path = $(toml_str "$root/$package")
-max_length = $max_length
-
-[onnxruntime]
-library = $(toml_str "$ort_lib")
-
-[dbus]
-bus = "session"
-address = $(toml_str "$bus_address")
-
-[mqtt]
-url = $(toml_str "$mqtt_url")
-node_id = $(toml_str "$node")
-EOF
+write_edgellmd_config "$config" "$root/$package" "$max_length" "$ort_lib"
 sed 's/^/    /' "$config"
 
 # ---------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@
 #   start_mosquitto [LINE...]  -> $mosquitto_pid, $mqtt_url (LINEs: extra mosquitto.conf lines)
 #   start_dbus                 -> $dbus_pid, $bus_address
 #   export_demo_package BIN PACKAGE SHAPE MAX_LENGTH
+#   write_edgellmd_config FILE PACKAGE MAX_LENGTH LIBRARY   (the private bus and broker above)
 #   start_edgellmd BIN CONFIG  -> $edgellmd_pid (log: $tmp/edgellmd.log)
 #   wait_edgellmd_ready TIMEOUT_S ASK_CMD...   (probes D-Bus, then MQTT, until both answer)
 #   stop_edgellmd              SIGTERM, expects exit status 0
@@ -173,6 +174,30 @@ export_demo_package() {
         "$bin/edgellm-export" --random-init "$shape" --embeddings int4 \
             --max-length "$max_length" --out "$package" --force
     fi
+}
+
+# Writes an edgellmd configuration for PACKAGE on the private bus ($bus_address) and broker
+# ($mqtt_url) as node $node; every other key keeps its default (threads = all cores, ONNX
+# Runtime thread spinning on).
+write_edgellmd_config() {
+    local file="$1" package="$2" max_length="$3" library="$4"
+    cat >"$file" <<EOF
+# edgellmd configuration written by scripts/$name.sh (all keys: edgellmd --print-default-config)
+[model]
+path = $(toml_str "$package")
+max_length = $max_length
+
+[onnxruntime]
+library = $(toml_str "$library")
+
+[dbus]
+bus = "session"
+address = $(toml_str "$bus_address")
+
+[mqtt]
+url = $(toml_str "$mqtt_url")
+node_id = $(toml_str "$node")
+EOF
 }
 
 start_edgellmd() {

@@ -35,8 +35,8 @@ pub struct Service {
     pub model_name: String,
     /// `ort` or `tract`.
     pub backend: &'static str,
-    /// Why that backend ([`crate::backend::Loaded::reason`]).
-    pub backend_reason: String,
+    /// Why that backend serves.
+    pub backend_reason: crate::backend::Reason,
     /// Per-request forwarding tasks; shutdown waits for them.
     pub tasks: TaskTracker,
 }
@@ -82,7 +82,7 @@ pub fn model_name(path: &Path) -> String {
         .unwrap_or_else(|| real.display().to_string())
 }
 
-fn load_engine(config: &Config) -> Result<(Engine, String), RunError> {
+fn load_engine(config: &Config) -> Result<(Engine, crate::backend::Reason), RunError> {
     let path = &config.model.path;
     let fail = |msg: String| RunError::Load {
         path: path.display().to_string(),
@@ -148,7 +148,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         svc.backend,
         config.model.max_length
     );
-    if svc.backend_reason.starts_with("auto: ONNX Runtime cannot") {
+    if matches!(svc.backend_reason, crate::backend::Reason::Fallback(_)) {
         tracing::warn!("backend {}: {}", svc.backend, svc.backend_reason);
     } else {
         tracing::info!("backend {}: {}", svc.backend, svc.backend_reason);

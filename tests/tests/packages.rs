@@ -30,7 +30,7 @@ fn backend(pkg: &std::path::Path, choice: BackendChoice) -> Box<dyn Backend> {
     };
     let loaded = edgellm::backend::load(&pkg, choice, &opts)
         .unwrap_or_else(|e| panic!("{choice:?} backend loads: {e}"));
-    assert_eq!(loaded.reason, "configured");
+    assert_eq!(loaded.reason, edgellm::backend::Reason::Configured);
     loaded.backend
 }
 

@@ -102,9 +102,29 @@ pub const ORT_VERSION: &str = "1.31.1";
 /// A built backend and why it was chosen.
 pub struct Loaded {
     pub backend: Box<dyn Backend>,
-    /// One line: "configured" for an explicit choice, or what `auto` found (ONNX Runtime ran,
-    /// or why it could not and tract serves instead).
-    pub reason: String,
+    pub reason: Reason,
+}
+
+/// Why a backend serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reason {
+    /// `ort` or `tract` was asked for.
+    Configured,
+    /// `auto`, and ONNX Runtime loaded and built the session.
+    AutoOrt,
+    /// `auto`, and ONNX Runtime could not serve (the error): tract serves instead.
+    Fallback(String),
+}
+
+impl std::fmt::Display for Reason {
+    /// The one-line form the D-Bus `BackendReason` property and the MQTT status carry.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Reason::Configured => f.write_str("configured"),
+            Reason::AutoOrt => f.write_str("auto: ONNX Runtime runs the package"),
+            Reason::Fallback(e) => write!(f, "auto: ONNX Runtime cannot serve the package ({e})"),
+        }
+    }
 }
 
 impl std::fmt::Debug for Loaded {
@@ -125,7 +145,7 @@ pub fn load(
 ) -> Result<Loaded, BackendError> {
     let configured = |backend| Loaded {
         backend,
-        reason: "configured".into(),
+        reason: Reason::Configured,
     };
     match choice {
         BackendChoice::Ort => Ok(configured(load_ort(pkg, opts)?)),
@@ -133,12 +153,12 @@ pub fn load(
         BackendChoice::Auto => match load_ort(pkg, opts) {
             Ok(backend) => Ok(Loaded {
                 backend,
-                reason: "auto: ONNX Runtime runs the package".into(),
+                reason: Reason::AutoOrt,
             }),
             // A package that is broken for both is reported as such, not as an ORT problem.
             Err(e @ BackendError::Package(_)) => Err(e),
             Err(ort_error) => {
-                let reason = format!("auto: ONNX Runtime cannot serve the package ({ort_error})");
+                let reason = Reason::Fallback(ort_error.to_string());
                 match load_tract(pkg, opts) {
                     Ok(backend) => Ok(Loaded { backend, reason }),
                     Err(tract_error) => Err(BackendError::Unsupported(format!(
@@ -188,6 +208,46 @@ pub enum BackendError {
     BadToken { id: u32, vocab: usize },
     #[error("{0}")]
     Unsupported(String),
+}
+
+/// Checks a step of `tokens` appended at `pos` against the KV capacity and the vocabulary;
+/// returns the sequence length after it. Shared by the backends.
+pub(crate) fn check_step(
+    pos: usize,
+    tokens: &[u32],
+    max_length: usize,
+    vocab: usize,
+) -> Result<usize, BackendError> {
+    let total = pos + tokens.len();
+    if total > max_length {
+        return Err(BackendError::ContextFull {
+            needed: total,
+            capacity: max_length,
+        });
+    }
+    if let Some(&id) = tokens.iter().find(|&&t| t as usize >= vocab) {
+        return Err(BackendError::BadToken { id, vocab });
+    }
+    Ok(total)
+}
+
+/// [`Backend::forward`] for backends that run prompts in chunks of `chunk` tokens through
+/// `forward_all`: the last row of the last chunk's logits.
+pub(crate) fn forward_in_chunks<'a, B: Backend + ?Sized>(
+    backend: &'a mut B,
+    tokens: &[u32],
+    chunk: usize,
+    vocab: usize,
+) -> Result<&'a [f32], BackendError> {
+    let mut chunks = tokens.chunks(chunk.max(1));
+    let last = chunks
+        .next_back()
+        .ok_or_else(|| BackendError::Unsupported("forward() needs at least one token".into()))?;
+    for c in chunks {
+        backend.forward_all(c)?;
+    }
+    let rows = backend.forward_all(last)?;
+    Ok(&rows[rows.len() - vocab..])
 }
 
 pub trait Backend: Send {

@@ -202,19 +202,7 @@ impl OrtBackend {
     /// One graph run over `tokens` (appended at `self.pos`); keeps all returned logit rows.
     fn step(&mut self, tokens: &[u32]) -> Result<(), BackendError> {
         let s = tokens.len();
-        let total = self.pos + s;
-        if total > self.layout.max_length {
-            return Err(BackendError::ContextFull {
-                needed: total,
-                capacity: self.layout.max_length,
-            });
-        }
-        if let Some(&id) = tokens.iter().find(|&&t| t as usize >= self.vocab) {
-            return Err(BackendError::BadToken {
-                id,
-                vocab: self.vocab,
-            });
-        }
+        let total = super::check_step(self.pos, tokens, self.layout.max_length, self.vocab)?;
         let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
         let ids = Tensor::from_array(([1usize, s], ids)).map_err(rt("input_ids"))?;
         let mask = Tensor::from_array(([1usize, total], vec![1i64; total]))
@@ -274,16 +262,7 @@ impl Backend for OrtBackend {
     }
 
     fn forward(&mut self, tokens: &[u32]) -> Result<&[f32], BackendError> {
-        if tokens.is_empty() {
-            return Err(BackendError::Unsupported(
-                "forward() needs at least one token".into(),
-            ));
-        }
-        for chunk in tokens.chunks(self.prefill_chunk) {
-            self.step(chunk)?;
-        }
-        let v = self.vocab;
-        let rows = self.logit_rows()?;
-        Ok(&rows[rows.len() - v..])
+        let (chunk, vocab) = (self.prefill_chunk, self.vocab);
+        super::forward_in_chunks(self, tokens, chunk, vocab)
     }
 }

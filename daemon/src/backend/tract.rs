@@ -2,24 +2,28 @@
 //! Runtime is missing or cannot run the model.
 //!
 //! The graph is loaded with tract's own importers for everything it already does right
-//! (MatMulNBits with block 32 stays int4 in memory as Q4_0, GatherBlockQuantized,
-//! (Skip)SimplifiedLayerNormalization) and with our implementations, registered in tract-onnx's
-//! op register, for what it lacks:
+//! (GatherBlockQuantized with block 32 stays int4 as Q4_0, (Skip)SimplifiedLayerNormalization,
+//! the standard ops) and with our implementations, registered in tract-onnx's op register, for
+//! what it lacks or does slowly:
 //!
-//! * `GroupQueryAttention` ([`gqa`]) replaces tract's: any number of new tokens against any
-//!   cached prefix (chunked prefill), attention sinks (`head_sink`), sliding windows with
-//!   symbolic lengths, softcap, partial rotary.
+//! * `GroupQueryAttention` ([`gqa`]) replaces tract's: packed QKV, any number of new tokens
+//!   against any cached prefix (chunked prefill), attention sinks (`head_sink`), sliding windows
+//!   with symbolic lengths, softcap, partial rotary.
 //! * `QMoE` / `MoE` ([`moe`]): top-k routing, int4 experts kept packed, the SwiGLU variants with
 //!   alpha/beta/limit.
+//! * `MatMulNBits` ([`matmul`]) replaces tract's: the package's int4 bytes used in place, int8
+//!   activations, AVX2 where the CPU has it.
 //!
 //! One plan is built at load with the sequence length and every past length symbolic, optimized
 //! once and reused for every step of every prompt. The KV cache is explicit: each step feeds
 //! the valid rows of every layer's past (`[1, kv_heads, P, head_dim]`, P = the tokens it holds)
 //! and keeps the `present` outputs for the next step. Sliding-window layers keep only the rows
 //! the window can still see (trimmed when the window plus slack is exceeded), so the op knows
-//! their absolute positions from `seqlens_k` rather than from the buffer length. Matrix
-//! products run on all cores through tract-linalg's multithreaded executor.
+//! their absolute positions from `seqlens_k` rather than from the buffer length. One thread pool
+//! ([`common::POOL`], all cores by default) runs tract's matrix products (its executor) and
+//! ours.
 
+mod common;
 mod gqa;
 mod matmul;
 mod moe;
@@ -31,8 +35,6 @@ use tract_onnx::prelude::*;
 
 use super::{Backend, BackendError, BackendOptions};
 use crate::package::Package;
-
-type Plan = Arc<TypedSimplePlan>;
 
 fn rt(context: impl Into<String>) -> impl FnOnce(TractError) -> BackendError {
     let context = context.into();
@@ -93,18 +95,6 @@ fn read_graph(path: &std::path::Path) -> TractResult<InferenceModel> {
     Ok(parsed.model)
 }
 
-/// Resident memory of this process (VmRSS), for load diagnostics.
-fn rss_mib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb / 1024)
-}
-
 /// Builds the process's thread pool once: `threads` workers (0 = all cores), shared by tract's
 /// matrix products (its executor) and our int4 products.
 fn set_executor(threads: usize) {
@@ -122,7 +112,7 @@ fn set_executor(threads: usize) {
                 .build()
         {
             let pool = Arc::new(pool);
-            let _ = matmul::POOL.set(pool.clone());
+            let _ = common::POOL.set(pool.clone());
             tract_linalg::multithread::set_default_executor(
                 tract_linalg::multithread::Executor::MultiThread(pool),
             );
@@ -140,7 +130,7 @@ struct Layer {
 }
 
 pub struct TractBackend {
-    plan: Plan,
+    /// The optimized plan's running state (it holds the plan).
     state: TypedSimpleState,
     layers: Vec<Layer>,
     /// Positions of the graph inputs: input_ids, attention_mask, then past key/value per layer.
@@ -150,14 +140,14 @@ pub struct TractBackend {
     /// Positions of the outputs: logits, then present key/value per layer.
     logits: usize,
     present: Vec<(usize, usize)>,
-    n_inputs: usize,
     /// KV heads and head size.
     kv_shape: (usize, usize),
     vocab: usize,
     max_length: usize,
     pos: usize,
     prefill_chunk: usize,
-    last_logits: Vec<f32>,
+    /// The logits output of the last step, kept to hand out slices of it without copying.
+    last_logits: Option<TValue>,
     /// `EDGELLM_TRACT_PROFILE=1`: time per operator kind, printed to stderr on drop.
     profile: Option<Profile>,
 }
@@ -326,25 +316,19 @@ impl TractBackend {
                 trim_at: cap.max(keep.unwrap_or(0)),
             });
         }
-        let n_inputs = inputs.len();
-        if n_inputs != 2 + 2 * layers.len() {
+        if inputs.len() != 2 + 2 * layers.len() {
             return Err(BackendError::Unsupported(format!(
                 "{}: expected input_ids, attention_mask and a past key/value per layer, found inputs {inputs:?}",
                 graph.display()
             )));
         }
 
-        tracing::debug!("tract: graph parsed, RSS {} MiB", rss_mib());
-        let typed = model.into_typed().map_err(rt(&ctx))?;
-        tracing::debug!("tract: typed, RSS {} MiB", rss_mib());
-        let plan = typed
+        let plan = model
             .into_optimized()
             .and_then(|m| m.into_runnable())
             .map_err(rt(&ctx))?;
-        tracing::debug!("tract: plan optimized, RSS {} MiB", rss_mib());
         let state = TypedSimpleState::new(&plan).map_err(rt(&ctx))?;
         Ok(TractBackend {
-            plan,
             state,
             layers,
             input_ids,
@@ -352,45 +336,22 @@ impl TractBackend {
             past,
             logits,
             present,
-            n_inputs,
             kv_shape: (layout.kv_heads, layout.head_dim),
             vocab: pkg.config.model.vocab_size,
             max_length: layout.max_length,
             pos: 0,
             prefill_chunk: opts.prefill_chunk.max(1),
-            last_logits: Vec::new(),
+            last_logits: None,
             profile: std::env::var_os("EDGELLM_TRACT_PROFILE").map(|_| Profile::default()),
         })
-    }
-
-    /// Tokens currently in the KV cache.
-    pub fn position(&self) -> usize {
-        self.pos
-    }
-
-    /// The optimized plan (for inspection).
-    pub fn plan(&self) -> &Plan {
-        &self.plan
     }
 
     /// One graph run over `tokens` (appended at `self.pos`); keeps all returned logit rows.
     fn step(&mut self, tokens: &[u32]) -> Result<(), BackendError> {
         let s = tokens.len();
-        let total = self.pos + s;
-        if total > self.max_length {
-            return Err(BackendError::ContextFull {
-                needed: total,
-                capacity: self.max_length,
-            });
-        }
-        if let Some(&id) = tokens.iter().find(|&&t| t as usize >= self.vocab) {
-            return Err(BackendError::BadToken {
-                id,
-                vocab: self.vocab,
-            });
-        }
+        let total = super::check_step(self.pos, tokens, self.max_length, self.vocab)?;
         let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
-        let mut inputs: Vec<Option<TValue>> = vec![None; self.n_inputs];
+        let mut inputs: Vec<Option<TValue>> = vec![None; 2 + 2 * self.layers.len()];
         inputs[self.input_ids] = Some(
             Tensor::from_shape(&[1, s], &ids)
                 .map_err(rt("input_ids"))?
@@ -454,11 +415,7 @@ impl TractBackend {
             layer.key = key;
             layer.value = value;
         }
-        let logits = outputs[self.logits]
-            .try_as_plain_ram()
-            .and_then(|v| v.as_slice::<f32>().map(<[f32]>::to_vec))
-            .map_err(rt("reading logits"))?;
-        self.last_logits = logits;
+        self.last_logits = Some(outputs.swap_remove(self.logits));
         self.pos = total;
         Ok(())
     }
@@ -467,7 +424,11 @@ impl TractBackend {
 impl Backend for TractBackend {
     fn forward_all(&mut self, tokens: &[u32]) -> Result<&[f32], BackendError> {
         self.step(tokens)?;
-        Ok(&self.last_logits)
+        let logits = self.last_logits.as_ref().expect("set by the step");
+        logits
+            .try_as_plain_ram()
+            .and_then(|v| v.as_slice::<f32>())
+            .map_err(rt("reading logits"))
     }
 
     fn name(&self) -> &'static str {
@@ -485,16 +446,7 @@ impl Backend for TractBackend {
     }
 
     fn forward(&mut self, tokens: &[u32]) -> Result<&[f32], BackendError> {
-        if tokens.is_empty() {
-            return Err(BackendError::Unsupported(
-                "forward() needs at least one token".into(),
-            ));
-        }
-        for chunk in tokens.chunks(self.prefill_chunk) {
-            self.step(chunk)?;
-        }
-        let v = self.vocab;
-        let rows = &self.last_logits;
-        Ok(&rows[rows.len() - v..])
+        let (chunk, vocab) = (self.prefill_chunk, self.vocab);
+        super::forward_in_chunks(self, tokens, chunk, vocab)
     }
 }

@@ -255,7 +255,7 @@ impl Inference {
     /// could not, when tract serves instead).
     #[zbus(property(emits_changed_signal = "const"))]
     fn backend_reason(&self) -> String {
-        self.svc.backend_reason.clone()
+        self.svc.backend_reason.to_string()
     }
 
     /// `loading` | `ready` | `busy` | `stopping`.

@@ -313,7 +313,7 @@ impl MqttTransport {
                 "activity": s.state.as_str(),
                 "model": self.svc.model_name,
                 "backend": self.svc.backend,
-                "backend_reason": self.svc.backend_reason,
+                "backend_reason": self.svc.backend_reason.to_string(),
                 "max_context": self.svc.scheduler.max_length(),
                 "queue_length": s.queue_length,
             })

@@ -20,6 +20,8 @@ use tract_onnx::model::{ParsingContext, optional_inputs};
 use tract_onnx::pb::NodeProto;
 use tract_onnx::tract_hir::internal::*;
 
+use super::common::{axpy, dot, konst_f32_vec, output};
+
 pub fn group_query_attention(
     _ctx: &ParsingContext,
     node: &NodeProto,
@@ -148,16 +150,6 @@ struct Gqa {
     head_sink: Option<usize>,
 }
 
-fn const_f32(model: &TypedModel, outlet: OutletId, what: &str) -> TractResult<Arc<Vec<f32>>> {
-    let k = model
-        .outlet_fact(outlet)?
-        .konst
-        .clone()
-        .with_context(|| format!("GroupQueryAttention: {what} must be a constant"))?;
-    let f = k.cast_to::<f32>()?;
-    Ok(Arc::new(f.try_as_plain_ram()?.as_slice::<f32>()?.to_vec()))
-}
-
 impl Expansion for Gqa {
     fn name(&self) -> StaticName {
         "GroupQueryAttention".into()
@@ -188,35 +180,24 @@ impl Expansion for Gqa {
             s.equals(&outputs[0].shape[1], qs[1].clone())?;
             s.equals(&outputs[0].shape[2], d * h)
         })?;
+        // present_key / present_value: [B, Hkv, P + S, D], P = 0 without a past.
+        let present = move |s: &mut Solver<'r>, qs: TVec<TDim>, past: TDim| {
+            for o in &outputs[1..] {
+                let shape = tvec![
+                    qs[0].clone(),
+                    kvh.to_dim(),
+                    past.clone() + qs[1].clone(),
+                    qs[2].clone() / heads
+                ];
+                s.equals(&o.shape, shape)?;
+            }
+            Ok(())
+        };
         match self.past {
             Some((pk, _)) => s.given_2(&inputs[0].shape, &inputs[pk].shape, move |s, qs, ps| {
-                for o in &outputs[1..] {
-                    s.equals(
-                        &o.shape,
-                        tvec![
-                            qs[0].clone(),
-                            kvh.to_dim(),
-                            ps[2].clone() + qs[1].clone(),
-                            qs[2].clone() / heads
-                        ],
-                    )?;
-                }
-                Ok(())
+                present(s, qs, ps[2].clone())
             })?,
-            None => s.given(&inputs[0].shape, move |s, qs| {
-                for o in &outputs[1..] {
-                    s.equals(
-                        &o.shape,
-                        tvec![
-                            qs[0].clone(),
-                            kvh.to_dim(),
-                            qs[1].clone(),
-                            qs[2].clone() / heads
-                        ],
-                    )?;
-                }
-                Ok(())
-            })?,
+            None => s.given(&inputs[0].shape, move |s, qs| present(s, qs, 0.to_dim()))?,
         }
         Ok(())
     }
@@ -251,15 +232,27 @@ impl Expansion for Gqa {
                 );
                 Some(Rotary {
                     half,
-                    cos: const_f32(model, inputs[c], "cos_cache")?,
-                    sin: const_f32(model, inputs[s], "sin_cache")?,
+                    cos: Arc::new(konst_f32_vec(
+                        model,
+                        inputs[c],
+                        "GroupQueryAttention: cos_cache",
+                    )?),
+                    sin: Arc::new(konst_f32_vec(
+                        model,
+                        inputs[s],
+                        "GroupQueryAttention: sin_cache",
+                    )?),
                 })
             }
             None => None,
         };
         let sinks = match self.head_sink {
             Some(i) => {
-                let v = const_f32(model, inputs[i], "head_sink")?;
+                let v = Arc::new(konst_f32_vec(
+                    model,
+                    inputs[i],
+                    "GroupQueryAttention: head_sink",
+                )?);
                 ensure!(
                     v.len() == self.params.num_heads,
                     "GroupQueryAttention {prefix}: head_sink has {} values for {} heads",
@@ -558,15 +551,10 @@ impl EvalOp for GqaOp {
                 }
             }
         }
-        let t = |shape: &[usize], data: Vec<f32>| -> TractResult<TValue> {
-            Ok(tract_ndarray::ArrayD::from_shape_vec(shape, data)?
-                .into_tensor()
-                .into())
-        };
         Ok(tvec![
-            t(&[b, s, h * d], out)?,
-            t(&[b, hkv, tl, d], present_k)?,
-            t(&[b, hkv, tl, d], present_v)?,
+            output(&[b, s, h * d], out)?,
+            output(&[b, hkv, tl, d], present_k)?,
+            output(&[b, hkv, tl, d], present_v)?,
         ])
     }
 }
@@ -593,29 +581,5 @@ impl Rotary {
             x[b] = x2 * cos[i] + x1 * sin[i];
         }
         Ok(())
-    }
-}
-
-/// Dot product with eight independent accumulators (vectorizes without fast-math).
-pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    let mut sum: f32 = acc.iter().sum();
-    for (x, y) in ra.iter().zip(rb) {
-        sum += x * y;
-    }
-    sum
-}
-
-/// `y += a * x`.
-pub(super) fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
-    for (y, x) in y.iter_mut().zip(x) {
-        *y += a * x;
     }
 }

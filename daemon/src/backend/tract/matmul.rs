@@ -20,13 +20,12 @@ use tract_onnx::model::{ParsingContext, optional_inputs};
 use tract_onnx::pb::NodeProto;
 use tract_onnx::tract_hir::internal::*;
 
+use super::common::{POOL, konst, konst_f32_vec, output};
+
 type Builder = fn(&ParsingContext, &NodeProto) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)>;
 
 /// tract-onnx's own MatMulNBits parser, for what this kernel does not cover.
 pub(super) static BUILTIN: OnceLock<Builder> = OnceLock::new();
-
-/// The thread pool the products run on (also tract's executor).
-pub(super) static POOL: OnceLock<Arc<rayon::ThreadPool>> = OnceLock::new();
 
 pub fn mat_mul_nbits(
     ctx: &ParsingContext,
@@ -76,19 +75,6 @@ struct MatMulNBits {
     bias: Option<usize>,
 }
 
-fn konst(model: &TypedModel, outlet: OutletId, what: &str) -> TractResult<Arc<Tensor>> {
-    model
-        .outlet_fact(outlet)?
-        .konst
-        .clone()
-        .with_context(|| format!("MatMulNBits: {what} must be a constant"))
-}
-
-fn f32_vec(t: &Tensor) -> TractResult<Vec<f32>> {
-    let t = t.cast_to::<f32>()?;
-    Ok(t.try_as_plain_ram()?.as_slice::<f32>()?.to_vec())
-}
-
 impl Expansion for MatMulNBits {
     fn name(&self) -> StaticName {
         "MatMulNBits".into()
@@ -128,7 +114,7 @@ impl Expansion for MatMulNBits {
             "MatMulNBits {prefix}: the tract backend runs f32 activations, got {:?}",
             a.datum_type
         );
-        let weights = konst(model, inputs[1], "B")?;
+        let weights = konst(model, inputs[1], "MatMulNBits: B")?;
         ensure!(
             weights.datum_type() == u8::datum_type() && weights.len() == n * blocks * block / 2,
             "MatMulNBits {prefix}: B is {:?} {:?}, expected uint8 [{n}, {blocks}, {}]",
@@ -136,7 +122,7 @@ impl Expansion for MatMulNBits {
             weights.shape(),
             block / 2
         );
-        let scales = f32_vec(&*konst(model, inputs[2], "scales")?)?;
+        let scales = konst_f32_vec(model, inputs[2], "MatMulNBits: scales")?;
         ensure!(
             scales.len() == n * blocks,
             "MatMulNBits {prefix}: {} scales for {n} x {blocks} blocks",
@@ -145,7 +131,7 @@ impl Expansion for MatMulNBits {
         // Zero points, one byte per block (unpacked from two per byte); default 8.
         let zero_points = match self.zp {
             Some(i) => {
-                let zp = konst(model, inputs[i], "zero_points")?;
+                let zp = konst(model, inputs[i], "MatMulNBits: zero_points")?;
                 ensure!(
                     zp.datum_type() == u8::datum_type(),
                     "MatMulNBits {prefix}: only packed uint8 zero points are supported by the tract backend"
@@ -170,7 +156,7 @@ impl Expansion for MatMulNBits {
         };
         let bias = match self.bias {
             Some(i) => {
-                let b = f32_vec(&*konst(model, inputs[i], "bias")?)?;
+                let b = konst_f32_vec(model, inputs[i], "MatMulNBits: bias")?;
                 ensure!(
                     b.len() == n,
                     "MatMulNBits {prefix}: bias has {} values",
@@ -235,12 +221,14 @@ impl TypedOp for Int4MatMul {
 /// `[even positions | odd positions]` to meet the low and high nibbles of the weight bytes.
 struct QuantRow {
     q: Vec<i8>,
-    /// Per sub-block: the scale, and scale x the sum of the int8 values.
+    /// Per sub-block: the scale.
     scale: Vec<f32>,
-    scaled_sum: Vec<f32>,
+    /// Per weight block (`block_subs` sub-blocks): sum of scale x int8 values, what the zero
+    /// points multiply.
+    block_sums: Vec<f32>,
 }
 
-fn quantize(x: &[f32]) -> QuantRow {
+fn quantize(x: &[f32], block_subs: usize) -> QuantRow {
     let subs = x.len() / 32;
     let mut q = vec![0i8; x.len()];
     let mut scale = Vec::with_capacity(subs);
@@ -266,7 +254,10 @@ fn quantize(x: &[f32]) -> QuantRow {
     QuantRow {
         q,
         scale,
-        scaled_sum,
+        block_sums: scaled_sum
+            .chunks(block_subs)
+            .map(|c| c.iter().sum())
+            .collect(),
     }
 }
 
@@ -341,23 +332,13 @@ impl Int4MatMul {
             .expect("constant weights are plain memory");
         let weights = weights.as_slice::<u8>().expect("uint8 weights");
         let use_avx2 = avx2();
-        // Per activation row and weight block: x's scale x sum of its int8 values.
-        let block_sums: Vec<Vec<f32>> = rows
-            .iter()
-            .map(|x| {
-                x.scaled_sum
-                    .chunks(per_block)
-                    .map(|c| c.iter().sum())
-                    .collect()
-            })
-            .collect();
         for r in 0..width {
             let n = n0 + r;
             let w = &weights[n * k / 2..(n + 1) * k / 2];
             let ws = &self.scales[n * blocks..(n + 1) * blocks];
             for (m, x) in rows.iter().enumerate() {
                 // The zero points: sum over blocks of scale x zp x sum(x).
-                let sums = &block_sums[m];
+                let sums = &x.block_sums;
                 let correction: f32 = match &self.zero_points {
                     None => 8.0 * ws.iter().zip(sums).map(|(s, x)| s * x).sum::<f32>(),
                     Some(z) => {
@@ -400,7 +381,10 @@ impl EvalOp for Int4MatMul {
             "MatMulNBits: input {shape:?} does not end in K = {k}"
         );
         let m = a.len() / k;
-        let rows: Vec<QuantRow> = a.chunks_exact(k).map(quantize).collect();
+        let rows: Vec<QuantRow> = a
+            .chunks_exact(k)
+            .map(|x| quantize(x, self.block / 32))
+            .collect();
         // Tiles of output rows: enough for every thread, each at least 64 rows.
         let threads = POOL.get().map_or(1, |p| p.current_num_threads());
         let tile = n.div_ceil(threads * 4).max(64).min(n);
@@ -427,10 +411,6 @@ impl EvalOp for Int4MatMul {
             }
         }
         *shape.last_mut().expect("rank >= 1") = n;
-        Ok(tvec![
-            tract_ndarray::ArrayD::from_shape_vec(shape, out)?
-                .into_tensor()
-                .into()
-        ])
+        Ok(tvec![output(&shape, out)?])
     }
 }

@@ -17,7 +17,7 @@ use tract_onnx::model::{ParsingContext, optional_inputs};
 use tract_onnx::pb::NodeProto;
 use tract_onnx::tract_hir::internal::*;
 
-use super::gqa::{axpy, dot};
+use super::common::{axpy, dot, konst, konst_f32, output};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Activation {
@@ -201,23 +201,6 @@ pub fn moe(
     ))
 }
 
-fn konst(model: &TypedModel, outlet: OutletId, what: &str) -> TractResult<Arc<Tensor>> {
-    model
-        .outlet_fact(outlet)?
-        .konst
-        .clone()
-        .with_context(|| format!("MoE: {what} must be a constant"))
-}
-
-fn konst_f32(model: &TypedModel, outlet: OutletId, what: &str) -> TractResult<Arc<Tensor>> {
-    let t = konst(model, outlet, what)?;
-    Ok(if t.datum_type() == f32::datum_type() {
-        t
-    } else {
-        Arc::new(t.cast_to::<f32>()?.into_owned())
-    })
-}
-
 impl MoeNode {
     fn projection(
         &self,
@@ -226,7 +209,8 @@ impl MoeNode {
         p: ProjInputs,
         what: &str,
     ) -> TractResult<Projection> {
-        let w = konst(model, inputs[p.weights], what)?;
+        let name = format!("{} {what}", if self.quantized { "QMoE" } else { "MoE" });
+        let w = konst(model, inputs[p.weights], &name)?;
         ensure!(
             w.rank() == 3,
             "MoE: {what} weights must be [experts, N, K], got {:?}",
@@ -239,7 +223,7 @@ impl MoeNode {
                 "QMoE: {what} weights must be uint8"
             );
             let k = w.shape()[2] * 2;
-            let scales = konst_f32(model, inputs[p.scales.context("QMoE: scales")?], what)?;
+            let scales = konst_f32(model, inputs[p.scales.context("QMoE: scales")?], &name)?;
             let block = if self.block == 0 { k } else { self.block };
             ensure!(
                 k.is_multiple_of(block) && scales.len() == e * n * (k / block),
@@ -252,7 +236,7 @@ impl MoeNode {
                 block,
             }
         } else {
-            Weights::F32(konst_f32(model, inputs[p.weights], what)?)
+            Weights::F32(konst_f32(model, inputs[p.weights], &name)?)
         };
         let k = match &weights {
             Weights::Int4 { packed, .. } => packed.shape()[2] * 2,
@@ -260,7 +244,7 @@ impl MoeNode {
         };
         let bias = match p.bias {
             Some(b) => {
-                let t = konst_f32(model, inputs[b], what)?;
+                let t = konst_f32(model, inputs[b], &name)?;
                 ensure!(
                     t.len() == e * n,
                     "MoE: {what} bias has {} values for {e} experts x {n} rows",
@@ -582,10 +566,6 @@ impl EvalOp for MoeOp {
                 axpy(&mut out[t * hidden..(t + 1) * hidden], w, &h2);
             }
         }
-        Ok(tvec![
-            tract_ndarray::ArrayD::from_shape_vec(shape, out)?
-                .into_tensor()
-                .into()
-        ])
+        Ok(tvec![output(&shape, out)?])
     }
 }

@@ -124,7 +124,7 @@ impl EngineArgs {
         };
         let max_length = model.package.kv_layout(opts.max_length).max_length;
         let loaded = edgellm::backend::load(&model.package, self.backend.into(), &opts)?;
-        if loaded.reason.starts_with("auto: ONNX Runtime cannot") {
+        if matches!(loaded.reason, edgellm::backend::Reason::Fallback(_)) {
             eprintln!(
                 "edgellm: running on {}: {}",
                 loaded.backend.name(),
