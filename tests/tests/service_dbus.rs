@@ -301,6 +301,39 @@ async fn cancel_disconnect_and_busy(backend: &'static str) {
     d.stop().await;
 }
 
+/// `backend = "auto"` with an ONNX Runtime library that does not exist: the daemon serves on
+/// tract, and the bus says so and why (the reason names the library path).
+#[cfg(all(feature = "ort", feature = "tract"))]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_fallback_is_visible_on_the_bus() {
+    let bus_daemon = DbusBus::start();
+    let pkg = tiny_package();
+    let mut cfg = config("auto", pkg, Some(bus_daemon.address()), None, "t");
+    let missing = "/nonexistent/libonnxruntime.so";
+    cfg.onnxruntime.library = missing.into();
+    let d = Daemon::start(cfg).await;
+    let c = bus(bus_daemon.address()).await.unwrap();
+    assert_eq!(
+        String::try_from(get_property(&c, "Backend").await.unwrap()).unwrap(),
+        "tract"
+    );
+    let reason = String::try_from(get_property(&c, "BackendReason").await.unwrap()).unwrap();
+    assert!(
+        reason.starts_with("auto: ONNX Runtime cannot serve the package")
+            && reason.contains(missing),
+        "{reason}"
+    );
+    let (text, _) = chat(
+        &c,
+        &user("Tell me about the sea"),
+        &opts(&[("max_tokens", 12u32.into())]),
+    )
+    .await
+    .unwrap();
+    assert_eq!(text, in_process("tract", pkg, "Tell me about the sea", 12));
+    d.stop().await;
+}
+
 edgellm_tests::on_both_backends!(
     chat_complete_streaming_and_properties,
     bad_input_is_answered_and_the_next_request_served,

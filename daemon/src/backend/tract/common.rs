@@ -3,10 +3,26 @@
 
 use std::sync::{Arc, OnceLock};
 
+use rayon::prelude::*;
 use tract_onnx::tract_hir::internal::*;
 
 /// The thread pool the backend's own operators run on (also tract's executor).
 pub static POOL: OnceLock<Arc<rayon::ThreadPool>> = OnceLock::new();
+
+/// Fills `y` through `f(first index, chunk)`, chunks of at least `min_chunk` values spread over
+/// [`POOL`] (serially without one, or when `y` is short).
+pub fn par_rows(y: &mut [f32], min_chunk: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    let threads = POOL.get().map_or(1, |p| p.current_num_threads());
+    let chunk = y.len().div_ceil(threads * 4).max(min_chunk).max(1);
+    match POOL.get() {
+        Some(pool) if y.len() > chunk => pool.install(|| {
+            y.par_chunks_mut(chunk)
+                .enumerate()
+                .for_each(|(i, c)| f(i * chunk, c))
+        }),
+        _ => f(0, y),
+    }
+}
 
 /// A graph constant an operator bakes in when the graph is typed (weights, caches, sinks);
 /// `what` names it in the error ("GroupQueryAttention: cos_cache").

@@ -6,7 +6,8 @@
 //! expert computes `fc2(act(fc1(x) + b1)) + b2` and the results are mixed by those weights.
 //! Expert matrices are `[E, N, K]` row-major per expert (`[E, N, K/2]` packed int4, low nibble
 //! first, with scales `[E, N, K/block]`, or `[E, N]` without a block size, zero point 8). The
-//! int4 experts stay packed in memory and are dequantized on the fly, block by block.
+//! int4 experts stay packed in memory and are dequantized on the fly, block by block; each
+//! expert projection's rows are split over the backend's thread pool.
 //! Activations: `swiglu` (`swiglu_fusion` 0: separate fc3, 1: gate/linear interleaved in fc1,
 //! 2: concatenated; `G = min(g, limit)`, `L = clamp(l, -limit, limit)`,
 //! `G * sigmoid(alpha * G) * (L + beta)`), `silu`, `relu`, `identity`.
@@ -17,7 +18,7 @@ use tract_onnx::model::{ParsingContext, optional_inputs};
 use tract_onnx::pb::NodeProto;
 use tract_onnx::tract_hir::internal::*;
 
-use super::common::{axpy, dot, konst, konst_f32, output};
+use super::common::{axpy, dot, konst, konst_f32, output, par_rows};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Activation {
@@ -377,41 +378,47 @@ impl Projection {
     /// `y = W[e] x + b[e]`.
     fn apply(&self, e: usize, x: &[f32], y: &mut [f32]) -> TractResult<()> {
         let (n, k) = (self.n, self.k);
+        // Rows are split over the pool in chunks of at least 64.
         match &self.weights {
             Weights::F32(w) => {
                 let w = w.try_as_plain_ram()?;
                 let w = &w.as_slice::<f32>()?[e * n * k..(e + 1) * n * k];
-                for (r, y) in y.iter_mut().enumerate() {
-                    *y = dot(&w[r * k..(r + 1) * k], x);
-                }
+                par_rows(y, 64, |r0, ys| {
+                    for (r, y) in (r0..).zip(ys) {
+                        *y = dot(&w[r * k..(r + 1) * k], x);
+                    }
+                });
             }
             Weights::Int4 {
                 packed,
                 scales,
                 block,
             } => {
+                let block = *block;
                 let packed = packed.try_as_plain_ram()?;
                 let packed = &packed.as_slice::<u8>()?[e * n * k / 2..(e + 1) * n * k / 2];
                 let scales = scales.try_as_plain_ram()?;
                 let blocks = k / block;
                 let scales = &scales.as_slice::<f32>()?[e * n * blocks..(e + 1) * n * blocks];
                 // (q - 8) * s . x = s * (q . x - 8 * sum(x)) per block.
-                let xsum: Vec<f32> = x.chunks(*block).map(|c| c.iter().sum()).collect();
-                let mut codes = vec![0f32; *block];
-                for (r, y) in y.iter_mut().enumerate() {
-                    let row = &packed[r * k / 2..(r + 1) * k / 2];
-                    let mut acc = 0f32;
-                    for bi in 0..blocks {
-                        let bytes = &row[bi * block / 2..(bi + 1) * block / 2];
-                        for (i, &byte) in bytes.iter().enumerate() {
-                            codes[2 * i] = (byte & 0x0f) as f32;
-                            codes[2 * i + 1] = (byte >> 4) as f32;
+                let xsum: Vec<f32> = x.chunks(block).map(|c| c.iter().sum()).collect();
+                par_rows(y, 64, |r0, ys| {
+                    let mut codes = vec![0f32; block];
+                    for (r, y) in (r0..).zip(ys) {
+                        let row = &packed[r * k / 2..(r + 1) * k / 2];
+                        let mut acc = 0f32;
+                        for bi in 0..blocks {
+                            let bytes = &row[bi * block / 2..(bi + 1) * block / 2];
+                            for (i, &byte) in bytes.iter().enumerate() {
+                                codes[2 * i] = (byte & 0x0f) as f32;
+                                codes[2 * i + 1] = (byte >> 4) as f32;
+                            }
+                            let xs = &x[bi * block..(bi + 1) * block];
+                            acc += scales[r * blocks + bi] * (dot(&codes, xs) - 8.0 * xsum[bi]);
                         }
-                        let xs = &x[bi * block..(bi + 1) * block];
-                        acc += scales[r * blocks + bi] * (dot(&codes, xs) - 8.0 * xsum[bi]);
+                        *y = acc;
                     }
-                    *y = acc;
-                }
+                });
             }
         }
         if let Some(b) = &self.bias {
