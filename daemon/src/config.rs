@@ -252,6 +252,7 @@ impl Config {
                 threads: self.model.threads,
                 max_length: self.model.max_length,
                 allow_spinning: self.onnxruntime.allow_spinning,
+                execution_providers: self.onnxruntime.execution_providers.clone(),
                 ..BackendOptions::default()
             },
         )
@@ -363,6 +364,19 @@ mod tests {
             Config::parse(&Config::default_file()).unwrap(),
             Config::default()
         );
+    }
+
+    #[test]
+    fn the_installed_config_is_the_default_file() {
+        // systemd/edgellm.toml is what the Debian package and the Yocto recipe install as
+        // /etc/edgellm/edgellm.toml: every key, commented, at the code's default. Regenerate it
+        // with `edgellmd --print-default-config > systemd/edgellm.toml`.
+        let installed = include_str!("../../systemd/edgellm.toml");
+        assert!(
+            installed == Config::default_file(),
+            "systemd/edgellm.toml differs from `edgellmd --print-default-config`"
+        );
+        assert_eq!(Config::parse(installed).unwrap(), Config::default());
     }
 
     #[test]

@@ -344,6 +344,36 @@ fn onnx_runtime_library_problems_are_named() {
     );
 }
 
+/// Asking for the CUDA execution provider from an ONNX Runtime without it (the CPU wheel CI
+/// fetches) is an error naming the provider, never a quiet run on the CPU; with `auto` the
+/// answer comes from tract and stderr carries the same reason.
+#[cfg(feature = "ort")]
+#[test]
+fn a_missing_cuda_provider_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pkg = export("qwen2", Precision::Int4, tmp.path());
+    let ort = short_run(&pkg, &["--backend", "ort", "--ep", "cuda"]);
+    fails_with(
+        &args(&ort),
+        &[],
+        &["CUDA execution provider", "CUDA-enabled ONNX Runtime"],
+    );
+    #[cfg(feature = "tract")]
+    {
+        let auto = short_run(&pkg, &["--backend", "auto", "--ep", "cuda"]);
+        let o = Command::new(env!("CARGO_BIN_EXE_edgellm"))
+            .args(args(&auto))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "auto should fall back: {err}");
+        assert!(
+            err.contains("running on tract") && err.contains("CUDA execution provider"),
+            "{err}"
+        );
+    }
+}
+
 /// `--backend auto` (the default) with an ONNX Runtime library path that does not load: the
 /// answer comes from tract, identical to ONNX Runtime's greedy tokens for the fp32 fixture
 /// (both equal transformers'), and stderr says which backend ran and why.

@@ -49,6 +49,10 @@ pub struct BackendOptions {
     /// idle (measured: 0.03 s of CPU in the 10 s after a run, then nothing). `false` for devices
     /// where even that tail matters.
     pub allow_spinning: bool,
+    /// ONNX Runtime execution providers (`[onnxruntime] execution_providers`): `cuda` is
+    /// registered and must succeed (an ONNX Runtime without it is an error naming it); `cpu`
+    /// is always there. tract runs on the CPU whatever this says.
+    pub execution_providers: Vec<String>,
 }
 
 impl Default for BackendOptions {
@@ -59,14 +63,15 @@ impl Default for BackendOptions {
             max_length: 4096,
             prefill_chunk: 256,
             allow_spinning: true,
+            execution_providers: vec!["cpu".into()],
         }
     }
 }
 
 /// Where to look for ONNX Runtime, in order: the configured path; `ORT_DYLIB_PATH`; the folder
 /// `scripts/fetch-onnxruntime.sh` fills (`.onnxruntime/<version>/`), searched upwards from the
-/// executable and from the working directory; the system library (`libonnxruntime.so` on the
-/// loader's search path).
+/// executable and from the working directory; the system library (`libonnxruntime.so`, then
+/// `libonnxruntime.so.1`, on the loader's search path).
 pub fn ort_library_candidates(configured: Option<&Path>) -> Vec<PathBuf> {
     if let Some(p) = configured.filter(|p| !p.as_os_str().is_empty()) {
         return vec![p.to_path_buf()];
@@ -92,7 +97,10 @@ pub fn ort_library_candidates(configured: Option<&Path>) -> Vec<PathBuf> {
             }
         }
     }
+    // The development symlink, then the runtime soname (what distribution and Yocto packages
+    // install without their -dev package).
     out.push(PathBuf::from("libonnxruntime.so"));
+    out.push(PathBuf::from("libonnxruntime.so.1"));
     out
 }
 

@@ -129,6 +129,21 @@ impl OrtBackend {
         } else {
             builder
         };
+        if opts.execution_providers.iter().any(|ep| ep == "cuda") {
+            // Registration must succeed: a CPU-only library would otherwise quietly run the
+            // package on the CPU while the configuration says GPU.
+            builder = builder
+                .with_execution_providers([ort::ep::CUDA::default().build().error_on_failure()])
+                .map_err(|e| BackendError::Runtime {
+                    context: format!(
+                        "registering ONNX Runtime's CUDA execution provider (execution providers {:?})",
+                        opts.execution_providers
+                    ),
+                    msg: format!(
+                        "{e} (the library needs to be a CUDA-enabled ONNX Runtime build, with CUDA and cuDNN installed: see docs/deploy-jetson.md)"
+                    ),
+                })?;
+        }
         let session = builder.commit_from_file(&graph).map_err(rt(&ctx))?;
 
         let d = &pkg.config.model.decoder;

@@ -110,6 +110,10 @@ pub struct EngineArgs {
     /// Keep ONNX Runtime's threads from spinning between operators (slower, for the last bit of idle CPU).
     #[arg(long)]
     pub no_spin: bool,
+    /// ONNX Runtime execution provider, repeatable: `cuda` (Jetson, with a CUDA-enabled ONNX
+    /// Runtime; failing to register it is an error) or `cpu` (the default).
+    #[arg(long = "ep", value_name = "EP", value_parser = ["cpu", "cuda"])]
+    pub execution_providers: Vec<String>,
 }
 
 impl EngineArgs {
@@ -120,6 +124,11 @@ impl EngineArgs {
             threads: self.threads,
             max_length: self.max_length.unwrap_or(4096),
             allow_spinning: !self.no_spin,
+            execution_providers: if self.execution_providers.is_empty() {
+                BackendOptions::default().execution_providers
+            } else {
+                self.execution_providers.clone()
+            },
             ..BackendOptions::default()
         };
         let max_length = model.package.kv_layout(opts.max_length).max_length;
