@@ -10,7 +10,6 @@
 
 #![allow(clippy::unwrap_used)]
 
-#[allow(dead_code)]
 mod common;
 #[path = "../../tests/src/harness.rs"]
 #[allow(dead_code)]
@@ -208,7 +207,7 @@ fn accounts(tmp: &Path, extra: &str) -> PathBuf {
     std::fs::write(&extra_file, extra).unwrap();
     let o = Command::new(sysusers)
         .arg(format!("--root={}", root.display()))
-        .arg(systemd_dir().join("edgellm.sysusers.conf"))
+        .arg(systemd_dir().join("edgellm.sysusers"))
         .arg(&extra_file)
         .output()
         .unwrap();

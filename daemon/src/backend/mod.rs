@@ -104,8 +104,11 @@ pub fn ort_library_candidates(configured: Option<&Path>) -> Vec<PathBuf> {
     out
 }
 
-/// The ONNX Runtime release `ort` 2.0.0-rc.15 is built against.
+/// The ONNX Runtime release `scripts/fetch-onnxruntime.sh` fetches and CI tests.
 pub const ORT_VERSION: &str = "1.31.1";
+/// The oldest ONNX Runtime the backend can use (`ort`'s `api-22` feature): older libraries are
+/// refused with their version named.
+pub const ORT_MIN_VERSION: &str = "1.22";
 
 /// A built backend and why it was chosen.
 pub struct Loaded {

@@ -34,8 +34,8 @@ fn environment(candidates: &[PathBuf]) -> Result<ort::environment::Environment, 
     Err(BackendError::Library {
         path: candidates.first().cloned().unwrap_or_default(),
         msg: format!(
-            "could not load ONNX Runtime {}: {} (set [onnxruntime] library or ORT_DYLIB_PATH, or run scripts/fetch-onnxruntime.sh)",
-            super::ORT_VERSION,
+            "could not load ONNX Runtime (>= {}): {} (set [onnxruntime] library or ORT_DYLIB_PATH, or run scripts/fetch-onnxruntime.sh)",
+            super::ORT_MIN_VERSION,
             tried.join("; ")
         ),
     })

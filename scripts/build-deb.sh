@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Build the Debian package (cargo-deb) for this machine's architecture, or for
+# `--target TRIPLE` (e.g. aarch64-unknown-linux-gnu, with a cross toolchain set up as
+# cargo-deb's README describes), and print its path.
+#
+#   scripts/build-deb.sh [--target TRIPLE]
+#
+# Installs cargo-deb (pinned, from crates.io) when it is missing. The package holds edgellmd,
+# edgellm and edgellm-export (release, stripped) and systemd/ verbatim; its metadata is
+# [package.metadata.deb] in daemon/Cargo.toml.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+cargo_deb_version=3.8.0
+target_args=()
+if [[ "${1:-}" == "--target" ]]; then
+    target_args=(--target "${2:?--target needs a triple}")
+elif [[ $# -gt 0 ]]; then
+    echo "usage: scripts/build-deb.sh [--target TRIPLE]" >&2
+    exit 2
+fi
+
+if ! cargo deb --version 2>/dev/null | grep -q "$cargo_deb_version"; then
+    cargo install cargo-deb --locked --version "$cargo_deb_version" >&2
+fi
+
+# The package's three binaries come from two crates: build both, then package without a rebuild.
+cargo build --release --locked "${target_args[@]}" -p edgellm -p edgellm-export >&2
+cargo deb -p edgellm --no-build --strip --no-separate-debug-symbols "${target_args[@]}" \
+    | tail -n 1
