@@ -478,9 +478,26 @@ fn the_dbus_policy_admits_only_edgellm_and_its_clients() {
     };
     served("root", &["--json"]);
     served("edgellm-test-client", &["--json"]);
-    let o = ask(&etc, "edgellm-test-client", &address, &["--stream"]);
+    // Streaming, twice on one connection (`--repeat`): each answer came as Delta signals.
+    let o = ask(
+        &etc,
+        "edgellm-test-client",
+        &address,
+        &["--stream", "--json", "--repeat", "2"],
+    );
     assert!(o.status.success(), "streaming: {}", text(&o));
-    assert!(!o.stdout.is_empty(), "streaming printed nothing");
+    let answers: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(answers.len(), 2, "{}", text(&o));
+    for a in &answers {
+        assert_eq!(a["usage"]["completion_tokens"], 4, "{a}");
+        assert!(
+            a["client"]["first_token_ms"].as_f64().is_some(),
+            "no Delta: {a}"
+        );
+    }
 
     // Anyone else is refused by the bus before edgellmd sees the call: methods and properties.
     let o = ask(&etc, "edgellm-test-other", &address, &["--json"]);

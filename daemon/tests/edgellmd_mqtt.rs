@@ -9,6 +9,7 @@
 #[allow(dead_code)]
 mod harness;
 
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -186,4 +187,74 @@ async fn sigterm_mid_generation_and_the_last_will() {
     })
     .await;
     assert_eq!(will["node"], "kill");
+}
+
+/// `edgellm ask --repeat 3 --json` (the client bench-transports uses for long-lived
+/// connections): three answers, each a JSON line with the client's own timing, sent one after
+/// the other over a single broker connection (the broker's log shows one CONNECT from it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ask_repeat_uses_one_connection_and_times_each_request() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pkg = tmp.path().join("pkg");
+    edgellm_export::export(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/qwen2/checkpoint"),
+        &pkg,
+        &edgellm_export::ExportOptions::default(),
+    )
+    .unwrap();
+    let broker = Mosquitto::start();
+    let (_client, mut rx) = subscriber(broker.port(), &["edgellm/+/status"]).await;
+    let library = std::env::var("ORT_DYLIB_PATH").unwrap_or_default();
+    let mut d = spawn(tmp.path(), &pkg, broker.port(), "rep", &library);
+    until(&mut rx, |t, v| {
+        t == "edgellm/rep/status" && v["state"] == "online"
+    })
+    .await;
+    for stream in [false, true] {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_edgellm"));
+        cmd.args([
+            "ask",
+            "--mqtt",
+            &broker.url(),
+            "--node",
+            "rep",
+            "--prompt",
+            "hi",
+        ])
+        .args(["--max-tokens", "3", "--json", "--repeat", "3"]);
+        if stream {
+            cmd.arg("--stream");
+        }
+        let o = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+            .await
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let lines: Vec<Value> = String::from_utf8(o.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 3, "{lines:?}");
+        for l in &lines {
+            assert_eq!(l["usage"]["completion_tokens"], 3, "{l}");
+            let total = l["client"]["total_ms"].as_f64().unwrap();
+            assert!(total > 0.0, "{l}");
+            let first = l["client"]["first_token_ms"].as_f64();
+            assert_eq!(first.is_some(), stream, "{l}");
+            assert!(first.is_none_or(|f| f > 0.0 && f <= total), "{l}");
+        }
+    }
+    let connects = broker
+        .log()
+        .lines()
+        .filter(|l| l.contains("New client connected") && l.contains("edgellm-ask-"))
+        .count();
+    assert_eq!(
+        connects,
+        2,
+        "one connection per ask process:\n{}",
+        broker.log()
+    );
+    d.kill().unwrap();
+    d.wait().unwrap();
 }

@@ -1,9 +1,11 @@
 //! `edgellm ask`: one request to a running `edgellmd`, over D-Bus or MQTT. Prints the answer
-//! (streamed with `--stream`), or one JSON object `{"text","finish_reason","usage"}` with
-//! `--json`. A refused request prints the daemon's error code and message and exits 1.
+//! (streamed with `--stream`), or one JSON object `{"text","finish_reason","usage","client"}`
+//! with `--json`. A refused request prints the daemon's error code and message and exits 1.
+//! `--repeat N` sends the request N times, one after the other, over one connection (what a
+//! long-lived client pays per request, without the connection set-up).
 
 use std::io::Write;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Args;
@@ -39,9 +41,15 @@ pub struct AskArgs {
     /// Print the answer as it is generated.
     #[arg(long)]
     stream: bool,
-    /// Print one JSON object at the end: {"text", "finish_reason", "usage"}.
+    /// Print one JSON object at the end: {"text", "finish_reason", "usage", "client"}; `client`
+    /// holds what this client measured: `total_ms` (request sent to final reply received) and,
+    /// with --stream, `first_token_ms` (request sent to first piece received).
     #[arg(long)]
     json: bool,
+    /// Send the request N times, one after the other, over one connection (one answer, or JSON
+    /// line, each).
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    repeat: u32,
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 600)]
     timeout: u64,
@@ -76,11 +84,47 @@ pub fn ask(args: &AskArgs) -> anyhow::Result<()> {
     })
 }
 
+/// When one request was sent, and when its first piece of text arrived.
+struct Timing {
+    sent: Instant,
+    first: Option<Instant>,
+}
+
+impl Timing {
+    fn start() -> Self {
+        Timing {
+            sent: Instant::now(),
+            first: None,
+        }
+    }
+
+    fn piece(&mut self) {
+        self.first.get_or_insert_with(Instant::now);
+    }
+
+    fn json(&self) -> Value {
+        let ms = |t: Instant| (t - self.sent).as_secs_f64() * 1e3;
+        let mut v = json!({ "total_ms": ms(Instant::now()) });
+        if let Some(first) = self.first {
+            v["first_token_ms"] = json!(ms(first));
+        }
+        v
+    }
+}
+
 /// Prints the end of an answer: a newline after streamed text, or the text, or the JSON.
-fn finish(args: &AskArgs, text: &str, finish_reason: &str, usage: Value) -> anyhow::Result<()> {
+fn finish(
+    args: &AskArgs,
+    timing: &Timing,
+    text: &str,
+    finish_reason: &str,
+    usage: Value,
+) -> anyhow::Result<()> {
+    let client = timing.json();
     let mut out = std::io::stdout().lock();
     if args.json {
-        let v = json!({"text": text, "finish_reason": finish_reason, "usage": usage});
+        let v =
+            json!({"text": text, "finish_reason": finish_reason, "usage": usage, "client": client});
         writeln!(out, "{v}")?;
     } else if args.stream {
         writeln!(out)?;
@@ -171,40 +215,61 @@ async fn dbus(args: &AskArgs) -> anyhow::Result<()> {
     const PATH: &str = "/org/edgellm/Inference1";
     const IFACE: &str = "org.edgellm.Inference1";
 
-    if !args.stream {
-        let reply = match &prompt {
-            Some(p) => {
-                let (dest, path, iface, method) = call("Complete");
-                conn.call_method(Some(dest), path, iface, method, &(p, &options))
-                    .await
-            }
-            None => {
-                let (dest, path, iface, method) = call("Chat");
-                conn.call_method(Some(dest), path, iface, method, &(&messages, &options))
-                    .await
-            }
-        }
-        .map_err(dbus_error)?;
-        let (text, stats): (String, Dict) = reply.body().deserialize()?;
-        let (reason, usage) = stats_json(&stats);
-        return finish(args, &text, &reason, usage);
-    }
-    if prompt.is_some() {
+    if args.stream && prompt.is_some() {
         bail!("--stream over D-Bus needs chat messages (StartChat); drop --raw or --stream");
     }
-    // Subscribe before the call: the first Delta may follow the reply at once.
-    let rule = zbus::MatchRule::builder()
-        .msg_type(zbus::message::Type::Signal)
-        .interface("org.edgellm.Inference1.Request")
-        .build()?;
-    let mut signals =
-        zbus::MessageStream::for_match_rule(rule, &conn, std::num::NonZeroUsize::new(1024)).await?;
-    let (dest, path, iface, method) = call("StartChat");
-    let reply = conn
-        .call_method(Some(dest), path, iface, method, &(&messages, &options))
-        .await
-        .map_err(dbus_error)?;
-    let request: zbus::OwnedObjectPath = reply.body().deserialize()?;
+    // Subscribe before the first call: a Delta may follow StartChat's reply at once.
+    let mut signals = if args.stream {
+        let rule = zbus::MatchRule::builder()
+            .msg_type(zbus::message::Type::Signal)
+            .interface("org.edgellm.Inference1.Request")
+            .build()?;
+        Some(
+            zbus::MessageStream::for_match_rule(rule, &conn, std::num::NonZeroUsize::new(1024))
+                .await?,
+        )
+    } else {
+        None
+    };
+    for _ in 0..args.repeat {
+        let mut timing = Timing::start();
+        let Some(signals) = signals.as_mut() else {
+            let reply = match &prompt {
+                Some(p) => {
+                    let (dest, path, iface, method) = call("Complete");
+                    conn.call_method(Some(dest), path, iface, method, &(p, &options))
+                        .await
+                }
+                None => {
+                    let (dest, path, iface, method) = call("Chat");
+                    conn.call_method(Some(dest), path, iface, method, &(&messages, &options))
+                        .await
+                }
+            }
+            .map_err(dbus_error)?;
+            let (text, stats): (String, Dict) = reply.body().deserialize()?;
+            let (reason, usage) = stats_json(&stats);
+            finish(args, &timing, &text, &reason, usage)?;
+            continue;
+        };
+        let (dest, path, iface, method) = call("StartChat");
+        let reply = conn
+            .call_method(Some(dest), path, iface, method, &(&messages, &options))
+            .await
+            .map_err(dbus_error)?;
+        let request: zbus::OwnedObjectPath = reply.body().deserialize()?;
+        stream_answer(args, signals, &request, &mut timing).await?;
+    }
+    Ok(())
+}
+
+/// Prints the `Delta` signals of `request` until its `Finished`.
+async fn stream_answer(
+    args: &AskArgs,
+    signals: &mut zbus::MessageStream,
+    request: &zbus::OwnedObjectPath,
+    timing: &mut Timing,
+) -> anyhow::Result<()> {
     let mut text = String::new();
     while let Some(msg) = signals.next().await {
         let msg = msg?;
@@ -214,6 +279,7 @@ async fn dbus(args: &AskArgs) -> anyhow::Result<()> {
         }
         match header.member().map(|m| m.as_str()) {
             Some("Delta") => {
+                timing.piece();
                 let delta: String = msg.body().deserialize()?;
                 print_delta(args, &delta)?;
                 text.push_str(&delta);
@@ -228,7 +294,7 @@ async fn dbus(args: &AskArgs) -> anyhow::Result<()> {
                     bail!("{}: {}", get("error_code"), get("error_message"));
                 }
                 let (_, usage) = stats_json(&stats);
-                return finish(args, &text, &reason, usage);
+                return finish(args, timing, &text, &reason, usage);
             }
             _ => {}
         }
@@ -267,10 +333,28 @@ async fn mqtt(args: &AskArgs) -> anyhow::Result<()> {
         _ => Map::new(),
     };
     fields.extend(args.request.to_json());
-    fields.insert("id".into(), json!(me));
     fields.insert("stream".into(), json!(args.stream));
-    let payload = Value::Object(fields).to_string();
-    let mut sent = false;
+    let request_topic = format!("{}/{node}/request", args.topic_prefix);
+    // Request `n` (1-based) carries id and correlation data `<me>-<n>`.
+    let send = |n: u32| {
+        let id = format!("{me}-{n}");
+        let mut fields = fields.clone();
+        fields.insert("id".into(), json!(id));
+        let props = PublishProperties {
+            response_topic: Some(reply_topic.clone()),
+            correlation_data: Some(id.into_bytes().into()),
+            ..Default::default()
+        };
+        client.publish_with_properties(
+            request_topic.clone(),
+            QoS::AtLeastOnce,
+            false,
+            Value::Object(fields).to_string(),
+            props,
+        )
+    };
+    let mut sent = 0;
+    let mut timing = Timing::start();
     let mut text = String::new();
     loop {
         let ev = eventloop
@@ -281,22 +365,10 @@ async fn mqtt(args: &AskArgs) -> anyhow::Result<()> {
             Event::Incoming(Packet::ConnAck(_)) => {
                 client.subscribe(&reply_topic, QoS::AtLeastOnce).await?;
             }
-            Event::Incoming(Packet::SubAck(_)) if !sent => {
-                sent = true;
-                let props = PublishProperties {
-                    response_topic: Some(reply_topic.clone()),
-                    correlation_data: Some(me.clone().into_bytes().into()),
-                    ..Default::default()
-                };
-                client
-                    .publish_with_properties(
-                        format!("{}/{node}/request", args.topic_prefix),
-                        QoS::AtLeastOnce,
-                        false,
-                        payload.clone(),
-                        props,
-                    )
-                    .await?;
+            Event::Incoming(Packet::SubAck(_)) if sent == 0 => {
+                sent = 1;
+                timing = Timing::start();
+                send(sent).await?;
             }
             Event::Incoming(Packet::Publish(p)) => {
                 let msg: Value =
@@ -309,16 +381,26 @@ async fn mqtt(args: &AskArgs) -> anyhow::Result<()> {
                     );
                 }
                 if msg.get("done").and_then(Value::as_bool) == Some(true) {
-                    let _ = client.disconnect().await;
                     let full = msg["text"].as_str().unwrap_or_default();
-                    return finish(
+                    finish(
                         args,
+                        &timing,
                         full,
                         msg["finish_reason"].as_str().unwrap_or_default(),
                         msg["usage"].clone(),
-                    );
+                    )?;
+                    if sent == args.repeat {
+                        let _ = client.disconnect().await;
+                        return Ok(());
+                    }
+                    sent += 1;
+                    text.clear();
+                    timing = Timing::start();
+                    send(sent).await?;
+                    continue;
                 }
                 if let Some(delta) = msg["delta"].as_str() {
+                    timing.piece();
                     print_delta(args, delta)?;
                     text.push_str(delta);
                 }
