@@ -326,6 +326,28 @@ fn dbus_send(etc: &Path, user: &str, address: &str, args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// Whether the bus refused the call (the client got `AccessDenied`).
+fn access_denied(o: &Output) -> bool {
+    !o.status.success()
+        && String::from_utf8_lossy(&o.stderr).contains("org.freedesktop.DBus.Error.AccessDenied")
+}
+
+/// `Properties.Get` of one of our properties, as `user`.
+fn get_property(etc: &Path, user: &str, address: &str, property: &str) -> Output {
+    dbus_send(
+        etc,
+        user,
+        address,
+        &[
+            &format!("--dest={NAME}"),
+            "/org/edgellm/Inference1",
+            "org.freedesktop.DBus.Properties.Get",
+            &format!("string:{NAME}"),
+            &format!("string:{property}"),
+        ],
+    )
+}
+
 /// `edgellm ask --dbus` as `user`.
 fn ask(etc: &Path, user: &str, address: &str, extra: &[&str]) -> Output {
     as_user(etc, user, Path::new(env!("CARGO_BIN_EXE_edgellm")))
@@ -408,9 +430,7 @@ fn the_dbus_policy_admits_only_edgellm_and_its_clients() {
             ],
         );
         assert!(
-            !o.status.success()
-                && String::from_utf8_lossy(&o.stderr)
-                    .contains("org.freedesktop.DBus.Error.AccessDenied"),
+            access_denied(&o),
             "{user} must not own {NAME}: {}",
             text(&o)
         );
@@ -502,41 +522,13 @@ fn the_dbus_policy_admits_only_edgellm_and_its_clients() {
     // Anyone else is refused by the bus before edgellmd sees the call: methods and properties.
     let o = ask(&etc, "edgellm-test-other", &address, &["--json"]);
     assert!(
-        !o.status.success() && String::from_utf8_lossy(&o.stderr).contains("AccessDenied"),
+        access_denied(&o),
         "edgellm-test-other must be refused: {}",
         text(&o)
     );
-    let o = dbus_send(
-        &etc,
-        "edgellm-test-other",
-        &address,
-        &[
-            &format!("--dest={NAME}"),
-            "/org/edgellm/Inference1",
-            "org.freedesktop.DBus.Properties.Get",
-            &format!("string:{NAME}"),
-            "string:Model",
-        ],
-    );
-    assert!(
-        !o.status.success()
-            && String::from_utf8_lossy(&o.stderr)
-                .contains("org.freedesktop.DBus.Error.AccessDenied"),
-        "{}",
-        text(&o)
-    );
-    let o = dbus_send(
-        &etc,
-        "edgellm-test-client",
-        &address,
-        &[
-            &format!("--dest={NAME}"),
-            "/org/edgellm/Inference1",
-            "org.freedesktop.DBus.Properties.Get",
-            &format!("string:{NAME}"),
-            "string:State",
-        ],
-    );
+    let o = get_property(&etc, "edgellm-test-other", &address, "Model");
+    assert!(access_denied(&o), "{}", text(&o));
+    let o = get_property(&etc, "edgellm-test-client", &address, "State");
     assert!(
         o.status.success() && String::from_utf8_lossy(&o.stdout).contains("ready"),
         "{}",
