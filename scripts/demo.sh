@@ -144,7 +144,7 @@ echo "--- answer (random weights: noise) ---"
 "${mqtt_ask[@]}" --prompt "$q2" --max-tokens 48 --stream
 echo "--- end ---"
 
-step "Asking over D-Bus with --json (one object at the end: text, finish_reason, usage)"
+step "Asking over D-Bus with --json (one object at the end: text, finish_reason, usage, client timing)"
 "${dbus_ask[@]}" --prompt "$q3" --max-tokens 16 --json
 
 # ---------------------------------------------------------------------------------------------
