@@ -199,22 +199,7 @@ fn bad_packages_and_arguments_fail_clearly() {
     let tmp = tempfile::tempdir().unwrap();
     let pkg = export("qwen2", Precision::Int4, tmp.path());
     let p = pkg.to_str().unwrap();
-    let run = |extra: &[&str]| -> Vec<String> {
-        [
-            "run",
-            "--model",
-            p,
-            "--prompt",
-            "hi",
-            "--raw",
-            "--max-tokens",
-            "2",
-        ]
-        .iter()
-        .chain(extra)
-        .map(|s| s.to_string())
-        .collect()
-    };
+    let run = |extra: &[&str]| short_run(&pkg, extra);
 
     // Missing package, unreadable messages, conflicting and invalid arguments.
     fails_with(
@@ -276,7 +261,6 @@ fn bad_packages_and_arguments_fail_clearly() {
 }
 
 /// `run` arguments for a short greedy run of `pkg`.
-#[cfg(feature = "ort")]
 fn short_run(pkg: &Path, extra: &[&str]) -> Vec<String> {
     [
         "run",

@@ -81,6 +81,16 @@ fn unit_root(tmp: &Path, dropins: &[&Path]) -> PathBuf {
     root
 }
 
+/// `systemd-analyze verify` of edgellmd.service as installed under `root`.
+fn verify(analyze: &Path, root: &Path) -> Output {
+    Command::new(analyze)
+        .args(["verify", "--man=no"])
+        .arg(format!("--root={}", root.display()))
+        .arg("edgellmd.service")
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn the_unit_passes_systemd_analyze_verify() {
     let analyze = require_program("systemd-analyze", "systemd");
@@ -88,12 +98,7 @@ fn the_unit_passes_systemd_analyze_verify() {
     let jetson = systemd_dir().join("jetson-cuda.conf");
     for dropins in [vec![], vec![jetson.as_path()]] {
         let root = unit_root(&tmp.path().join(dropins.len().to_string()), &dropins);
-        let o = Command::new(&analyze)
-            .args(["verify", "--man=no"])
-            .arg(format!("--root={}", root.display()))
-            .arg("edgellmd.service")
-            .output()
-            .unwrap();
+        let o = verify(&analyze, &root);
         // verify exits 0 on unknown keys and only warns: any output is a finding.
         assert!(
             o.status.success() && o.stderr.is_empty() && o.stdout.is_empty(),
@@ -111,12 +116,7 @@ fn the_unit_passes_systemd_analyze_verify() {
         body.replace("Restart=on-failure", "Restrat=on-failure"),
     )
     .unwrap();
-    let o = Command::new(&analyze)
-        .args(["verify", "--man=no"])
-        .arg(format!("--root={}", root.display()))
-        .arg("edgellmd.service")
-        .output()
-        .unwrap();
+    let o = verify(&analyze, &root);
     assert!(
         String::from_utf8_lossy(&o.stderr).contains("Restrat"),
         "{}",

@@ -355,7 +355,6 @@ async fn mqtt(args: &AskArgs) -> anyhow::Result<()> {
     };
     let mut sent = 0;
     let mut timing = Timing::start();
-    let mut text = String::new();
     loop {
         let ev = eventloop
             .poll()
@@ -394,7 +393,6 @@ async fn mqtt(args: &AskArgs) -> anyhow::Result<()> {
                         return Ok(());
                     }
                     sent += 1;
-                    text.clear();
                     timing = Timing::start();
                     send(sent).await?;
                     continue;
@@ -402,7 +400,6 @@ async fn mqtt(args: &AskArgs) -> anyhow::Result<()> {
                 if let Some(delta) = msg["delta"].as_str() {
                     timing.piece();
                     print_delta(args, delta)?;
-                    text.push_str(delta);
                 }
             }
             _ => {}
