@@ -14,14 +14,18 @@ use half::f16;
 use memmap2::{Advice, Mmap, UncheckedAdvice};
 
 use crate::error::{ExportError, Result};
+use crate::gguf::blocks::{self, GgmlType};
+use crate::gguf::model::GgufModel;
+use crate::gguf::Gguf;
 
-/// Element types found in HF checkpoints that we can read.
+/// Element types found in HF checkpoints that we can read, and GGUF's block types.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Dtype {
     F32,
     F16,
     BF16,
     U8,
+    Ggml(GgmlType),
 }
 
 impl Dtype {
@@ -35,11 +39,13 @@ impl Dtype {
         })
     }
 
+    /// Bytes per element of a safetensors dtype (GGUF types are sized per row).
     pub fn size(self) -> usize {
         match self {
             Dtype::F32 => 4,
             Dtype::F16 | Dtype::BF16 => 2,
             Dtype::U8 => 1,
+            Dtype::Ggml(t) => t.block().1,
         }
     }
 }
@@ -51,6 +57,8 @@ pub struct TensorInfo {
     file: usize,
     /// Byte range inside the mapped file (header already skipped).
     bytes: Range<usize>,
+    /// GGUF only: rows stored in llama.cpp's RoPE order (see [`crate::gguf::model::Source`]).
+    permuted: Option<crate::gguf::model::Source>,
 }
 
 #[derive(Debug)]
@@ -100,6 +108,77 @@ impl Checkpoint {
             ck.add_file(&path)?;
         }
         Ok(ck)
+    }
+
+    /// A GGUF file seen through Hugging Face tensor names (`model`'s mapping).
+    pub fn from_gguf(g: Gguf, model: &GgufModel) -> Self {
+        let mut tensors = HashMap::new();
+        for (name, src) in &model.tensors {
+            tensors.insert(
+                name.clone(),
+                TensorInfo {
+                    dtype: match src.info.ty {
+                        GgmlType::F32 => Dtype::F32,
+                        GgmlType::F16 => Dtype::F16,
+                        GgmlType::BF16 => Dtype::BF16,
+                        t => Dtype::Ggml(t),
+                    },
+                    shape: src.info.shape(),
+                    file: 0,
+                    bytes: src.info.bytes.clone(),
+                    permuted: src.permuted.map(|_| src.clone()),
+                },
+            );
+        }
+        Checkpoint {
+            dir: g.path.clone(),
+            maps: vec![g.map],
+            tensors,
+        }
+    }
+
+    /// The GGUF block type of a tensor (`None` for float tensors and safetensors).
+    pub fn ggml_type(&self, name: &str) -> Option<GgmlType> {
+        match self.tensors.get(name)?.dtype {
+            Dtype::Ggml(t) => Some(t),
+            _ => None,
+        }
+    }
+
+    /// Rows `rows` of a GGUF block tensor, raw, in Hugging Face row order.
+    pub fn raw_rows(&self, name: &str, rows: Range<usize>) -> Result<(GgmlType, Vec<u8>)> {
+        let info = self.info(name)?;
+        let Dtype::Ggml(ty) = info.dtype else {
+            return Err(ExportError::UnsupportedDtype {
+                name: name.to_string(),
+                dtype: format!("{:?}", info.dtype),
+                expected: "a GGUF block type",
+            });
+        };
+        let [nrows, k] = info.shape[..] else {
+            return Err(ExportError::BadTensor {
+                name: name.to_string(),
+                msg: format!("shape {:?} is not a matrix", info.shape),
+            });
+        };
+        if rows.end > nrows {
+            return Err(ExportError::BadTensor {
+                name: name.to_string(),
+                msg: format!("row range {rows:?} outside {nrows} rows"),
+            });
+        }
+        let row_bytes = ty.row_bytes(k);
+        let mut out = Vec::with_capacity(rows.len() * row_bytes);
+        for r in rows.clone() {
+            let src = info.permuted.as_ref().map_or(r, |p| p.row(r));
+            let start = info.bytes.start + src * row_bytes;
+            out.extend_from_slice(&self.maps[info.file][start..start + row_bytes]);
+        }
+        if info.permuted.is_none() {
+            let start = info.bytes.start + rows.start * row_bytes;
+            self.release(info.file, start..start + rows.len() * row_bytes);
+        }
+        Ok((ty, out))
     }
 
     fn add_file(&mut self, path: &Path) -> Result<()> {
@@ -157,6 +236,7 @@ impl Checkpoint {
                     shape: entry.shape,
                     file: file_idx,
                     bytes: data_start + start..data_start + end,
+                    permuted: None,
                 },
             );
         }
@@ -252,6 +332,9 @@ impl Checkpoint {
                 msg: format!("row range {rows:?} outside {nrows} rows"),
             });
         }
+        if info.permuted.is_some() || matches!(info.dtype, Dtype::Ggml(_)) {
+            return self.gguf_f32_rows(name, info, rows, row_len);
+        }
         let sz = info.dtype.size();
         let start = info.bytes.start + rows.start * row_len * sz;
         let end = info.bytes.start + rows.end * row_len * sz;
@@ -263,7 +346,7 @@ impl Checkpoint {
             Dtype::BF16 => convert(raw, 2, |b| {
                 f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16)
             }),
-            Dtype::U8 => {
+            Dtype::U8 | Dtype::Ggml(_) => {
                 return Err(ExportError::UnsupportedDtype {
                     name: name.to_string(),
                     dtype: "U8".into(),
@@ -272,6 +355,48 @@ impl Checkpoint {
             }
         };
         self.release(info.file, start..end);
+        Ok(out)
+    }
+}
+
+impl Checkpoint {
+    /// GGUF rows (block types, or float rows stored permuted), dequantized exactly as llama.cpp
+    /// does, in Hugging Face row order.
+    fn gguf_f32_rows(
+        &self,
+        name: &str,
+        info: &TensorInfo,
+        rows: Range<usize>,
+        row_len: usize,
+    ) -> Result<Vec<f32>> {
+        let ty = match info.dtype {
+            Dtype::Ggml(t) => t,
+            Dtype::F32 => GgmlType::F32,
+            Dtype::F16 => GgmlType::F16,
+            Dtype::BF16 => GgmlType::BF16,
+            Dtype::U8 => unreachable!("safetensors U8 tensors are never GGUF"),
+        };
+        if !ty.can_dequantize() {
+            return Err(ExportError::UnsupportedDtype {
+                name: name.to_string(),
+                dtype: format!("GGUF {ty:?}"),
+                expected: GgmlType::EXACT,
+            });
+        }
+        let map = &self.maps[info.file];
+        if info.shape.len() == 1 {
+            let mut out = Vec::new();
+            blocks::dequantize_row(ty, &map[info.bytes.clone()], &mut out);
+            return Ok(out[rows].to_vec());
+        }
+        let k = row_len;
+        let row_bytes = ty.row_bytes(k);
+        let mut out = Vec::with_capacity(rows.len() * k);
+        for r in rows {
+            let src = info.permuted.as_ref().map_or(r, |p| p.row(r));
+            let start = info.bytes.start + src * row_bytes;
+            blocks::dequantize_row(ty, &map[start..start + row_bytes], &mut out);
+        }
         Ok(out)
     }
 }

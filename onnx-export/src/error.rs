@@ -42,6 +42,8 @@ pub enum ExportError {
     },
     #[error("tensor {name:?}: {msg}")]
     BadTensor { name: String, msg: String },
+    #[error("{path}: {msg}")]
+    BadGguf { path: PathBuf, msg: String },
     #[error("invalid option: {0}")]
     InvalidOption(String),
 }

@@ -13,6 +13,7 @@
 pub mod checkpoint;
 pub mod decoder;
 pub mod error;
+pub mod gguf;
 pub mod onnx;
 pub mod package;
 pub mod quant;
@@ -35,6 +36,10 @@ pub struct ExportOptions {
     pub max_length: Option<usize>,
     /// Replace a non-empty output folder.
     pub force: bool,
+    /// `MatMulNBits` accuracy level (4: int8 activations; 0: f32 activations).
+    pub accuracy_level: i64,
+    /// GGUF: dequantize and re-quantize tensors whose type has no exact form.
+    pub allow_requantize: bool,
 }
 
 impl Default for ExportOptions {
@@ -46,6 +51,8 @@ impl Default for ExportOptions {
             logits_all: false,
             max_length: None,
             force: false,
+            accuracy_level: 4,
+            allow_requantize: false,
         }
     }
 }
@@ -58,28 +65,46 @@ pub struct ExportSummary {
     pub data_bytes: u64,
 }
 
-/// Exports the checkpoint in `hf` to a package folder `out`.
-pub fn export(hf: &Path, out: &Path, opts: &ExportOptions) -> Result<ExportSummary> {
+fn check_options(opts: &ExportOptions) -> Result<()> {
     let bs = opts.block_size;
     if !bs.is_power_of_two() || !(16..=256).contains(&bs) {
         return Err(ExportError::InvalidOption(format!(
             "--block-size {bs}: must be a power of two between 16 and 256"
         )));
     }
-    let mut spec = spec::ModelSpec::from_dir(hf)?;
+    if ![0, 1, 2, 3, 4].contains(&opts.accuracy_level) {
+        return Err(ExportError::InvalidOption(format!(
+            "--accuracy-level {}: must be 0 to 4",
+            opts.accuracy_level
+        )));
+    }
+    Ok(())
+}
+
+fn build_options(spec: &spec::ModelSpec, opts: &ExportOptions, native: bool) -> Result<BuildOptions> {
     let max_length = opts.max_length.unwrap_or(spec.max_position);
     if max_length == 0 {
         return Err(ExportError::InvalidOption(
             "--max-length must be positive".into(),
         ));
     }
-    let build = BuildOptions {
+    Ok(BuildOptions {
         precision: opts.precision,
         embeddings: opts.embeddings,
-        block: bs,
+        block: opts.block_size,
         logits_all: opts.logits_all,
         max_length,
-    };
+        accuracy_level: opts.accuracy_level,
+        native,
+        allow_requantize: opts.allow_requantize,
+    })
+}
+
+/// Exports the checkpoint in `hf` to a package folder `out`.
+pub fn export(hf: &Path, out: &Path, opts: &ExportOptions) -> Result<ExportSummary> {
+    check_options(opts)?;
+    let mut spec = spec::ModelSpec::from_dir(hf)?;
+    let build = build_options(&spec, opts, false)?;
     if !hf.join("tokenizer.json").exists() {
         return Err(ExportError::MissingFile {
             path: hf.join("tokenizer.json"),
@@ -87,11 +112,57 @@ pub fn export(hf: &Path, out: &Path, opts: &ExportOptions) -> Result<ExportSumma
         });
     }
     let ck = checkpoint::Checkpoint::open(hf)?;
-    spec.resolve(ck.contains("lm_head.weight"), max_length);
+    spec.resolve(ck.contains("lm_head.weight"), build.max_length);
     let staging = package::Staging::new(out, opts.force)?;
+    package::copy_support_files(hf, &staging.dir)?;
+    write_package(staging, &spec, &ck, &build, &hf.display().to_string())
+}
+
+/// Exports a GGUF file (llama.cpp's format) to a package folder `out`: the metadata becomes
+/// config.json and the tokenizer files, the tensors keep their quantized blocks where an exact
+/// form exists (see [`gguf::blocks`]).
+pub fn export_gguf(file: &Path, out: &Path, opts: &ExportOptions) -> Result<ExportSummary> {
+    check_options(opts)?;
+    let bad = |msg: String| ExportError::BadGguf {
+        path: file.to_path_buf(),
+        msg,
+    };
+    let g = gguf::Gguf::open(file).map_err(|e| bad(format!("not a usable GGUF file: {}", e.msg)))?;
+    let model = gguf::model::GgufModel::from_gguf(&g).map_err(bad)?;
+    let tok = gguf::vocab::tokenizer_files(&g).map_err(bad)?;
+    let mut spec = spec::ModelSpec::from_json(&model.config, Some(&model.generation), file)?;
+    if let Some(f) = &model.rope_freqs {
+        spec.rope.scaling = spec::RopeScaling::Factors(f.clone());
+    }
+    spec.generation = Some(model.generation.clone());
+    let build = build_options(&spec, opts, true)?;
+    spec.resolve(model.tensors.contains_key("lm_head.weight"), build.max_length);
+    let ck = checkpoint::Checkpoint::from_gguf(g, &model);
+    let staging = package::Staging::new(out, opts.force)?;
+    let dir = &staging.dir;
+    package::write_json(&dir.join("config.json"), &model.config)?;
+    package::write_json(&dir.join("generation_config.json"), &model.generation)?;
+    package::write_json(&dir.join("tokenizer.json"), &tok.tokenizer_json)?;
+    package::write_json(&dir.join("tokenizer_config.json"), &tok.tokenizer_config)?;
+    if let Some(t) = &tok.chat_template {
+        let path = dir.join("chat_template.jinja");
+        std::fs::write(&path, t).map_err(ExportError::io(&path))?;
+    }
+    write_package(staging, &spec, &ck, &build, &file.display().to_string())
+}
+
+/// The graph, genai_config.json, edgellm.json and SHA256SUMS into `staging` (which already
+/// holds the tokenizer and config files), then the rename into place.
+fn write_package(
+    staging: package::Staging,
+    spec: &spec::ModelSpec,
+    ck: &checkpoint::Checkpoint,
+    build: &BuildOptions,
+    source: &str,
+) -> Result<ExportSummary> {
     let data = onnx::DataFile::create(&staging.dir.join(onnx::DATA_FILE))?;
     let graph =
-        decoder::DecoderBuilder::new(&spec, &ck, &build, onnx::GraphBuilder::new(data)).build()?;
+        decoder::DecoderBuilder::new(spec, ck, build, onnx::GraphBuilder::new(data)).build()?;
     graph.finish(
         "main_graph",
         &staging.dir.join("model.onnx"),
@@ -99,13 +170,12 @@ pub fn export(hf: &Path, out: &Path, opts: &ExportOptions) -> Result<ExportSumma
     )?;
     package::write_json(
         &staging.dir.join("genai_config.json"),
-        &package::genai_config(&spec, &build, spec.generation.as_ref()),
+        &package::genai_config(spec, build, spec.generation.as_ref()),
     )?;
     package::write_json(
         &staging.dir.join("edgellm.json"),
-        &package::export_info(&spec, &build, &hf.display().to_string()),
+        &package::export_info(spec, build, source),
     )?;
-    package::copy_support_files(hf, &staging.dir)?;
     package::write_checksums(&staging.dir)?;
     let data_bytes = std::fs::metadata(staging.dir.join(onnx::DATA_FILE))
         .map(|m| m.len())

@@ -33,8 +33,19 @@ enum Logits {
 #[command(version, after_help = random_init::SHAPES_HELP)]
 struct Cli {
     /// Local Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer.json).
-    #[arg(long, value_name = "DIR", conflicts_with_all = ["random_init", "random_init_hf"])]
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["random_init", "random_init_hf", "gguf"])]
     hf: Option<PathBuf>,
+    /// A GGUF file (llama.cpp's format): quantized blocks are kept exactly where ONNX Runtime
+    /// has a matching form (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K), float tensors are
+    /// quantized like --hf.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["random_init", "random_init_hf"])]
+    gguf: Option<PathBuf>,
+    /// GGUF: dequantize and re-quantize tensors whose type has no exact form instead of failing.
+    #[arg(long)]
+    allow_requantize: bool,
+    /// MatMulNBits accuracy_level: 4 quantizes activations to int8 (fast), 0 keeps them f32.
+    #[arg(long, default_value_t = 4)]
+    accuracy_level: i64,
     /// Output package folder (or, with --random-init-hf, the checkpoint folder).
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
@@ -83,7 +94,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         logits_all: matches!(cli.logits, Logits::All),
         max_length: cli.max_length,
         force: cli.force,
+        accuracy_level: cli.accuracy_level,
+        allow_requantize: cli.allow_requantize,
     };
+    if let Some(file) = &cli.gguf {
+        let s = edgellm_export::export_gguf(file, &cli.out, &opts)?;
+        return Ok(summary(&s));
+    }
     if let Some(shape) = &cli.random_init_hf {
         random_init::write_checkpoint(shape, &cli.out, cli.seed, cli.force)?;
         eprintln!(
@@ -99,9 +116,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             tmp = random_init::TempCheckpoint::new(shape, &cli.out, cli.seed)?;
             tmp.dir().to_path_buf()
         }
-        _ => anyhow::bail!("give --hf DIR, --random-init SHAPE or --random-init-hf SHAPE"),
+        _ => anyhow::bail!(
+            "give --hf DIR, --gguf FILE, --random-init SHAPE or --random-init-hf SHAPE"
+        ),
     };
     let s = edgellm_export::export(&hf, &cli.out, &opts)?;
+    summary(&s);
+    Ok(())
+}
+
+fn summary(s: &edgellm_export::ExportSummary) {
     eprintln!(
         "exported {} ({} layers, {:.1} MiB of weights) to {}",
         s.architecture,
@@ -109,5 +133,4 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         s.data_bytes as f64 / (1 << 20) as f64,
         s.out.display()
     );
-    Ok(())
 }

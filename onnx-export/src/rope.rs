@@ -25,6 +25,7 @@ fn scaled_inv_freq(rope: &Rope) -> (Vec<f64>, f64) {
     match &rope.scaling {
         RopeScaling::None => (plain, 1.0),
         RopeScaling::Linear { factor } => (plain.iter().map(|f| f / factor).collect(), 1.0),
+        RopeScaling::Factors(f) => (inv_freq(rope, Some(f)), 1.0),
         RopeScaling::Llama3 {
             factor,
             low_freq_factor,

@@ -76,6 +76,9 @@ pub enum RopeScaling {
         truncate: bool,
         attention_factor: f64,
     },
+    /// Per-dimension divisors of the inverse frequencies, as llama.cpp stores Llama 3's
+    /// scaling in GGUF files (`rope_freqs.weight`): `inv_freq[i] = theta^(-2i/d) / factors[i]`.
+    Factors(Vec<f64>),
     LongRope {
         short_factor: Vec<f64>,
         long_factor: Vec<f64>,

@@ -5,7 +5,9 @@ use std::ops::Range;
 
 use super::{DecoderBuilder, Precision};
 use crate::checkpoint::Checkpoint;
-use crate::error::Result;
+use crate::error::{ExportError, Result};
+use crate::gguf::GgmlType;
+use crate::gguf::blocks::{self, Decoded, NBitsLayout};
 use crate::onnx::Attr;
 use crate::quant;
 
@@ -61,15 +63,30 @@ pub(super) fn transpose(rows: &[f32], n: usize, k: usize) -> Vec<f32> {
 }
 
 pub(super) enum LinearWeights {
-    Int4 {
+    /// `MatMulNBits` blocks: `q [n, k/block, block*bits/8]`, `scales [n, k/block]`, and for
+    /// GGUF types with per-32 constants `offsets [k/32, n]` (see `gguf::blocks`).
+    NBits {
         q: String,
         scales: String,
         n: usize,
         k: usize,
+        bits: u8,
+        block: usize,
+        offsets: Option<String>,
     },
     Fp32 {
         w: String,
     },
+}
+
+/// How the checkpoint stores a linear layer's parts.
+enum Stored {
+    /// Float tensors (safetensors, or GGUF F32/F16/BF16).
+    Float,
+    /// GGUF blocks with an exact `MatMulNBits` form.
+    Exact(NBitsLayout),
+    /// GGUF blocks without one (or float and block tensors mixed): only re-quantization works.
+    Inexact(Vec<String>),
 }
 
 impl DecoderBuilder<'_> {
@@ -93,11 +110,21 @@ impl DecoderBuilder<'_> {
         self.g.tensor_from(onnx, dims, &w)
     }
 
-    /// Writes a linear layer's weights (int4 blocks + scales, or a transposed f32 matrix).
+    /// Writes a linear layer's weights: GGUF blocks in their exact `MatMulNBits` form, float
+    /// weights as int4 blocks or a transposed f32 matrix.
     pub(super) fn linear_weights(&mut self, prefix: &str, lin: &Linear) -> Result<LinearWeights> {
         let (n, k, bs) = (lin.n(), lin.k, self.opts.block);
-        match self.opts.precision {
-            Precision::Int4 => {
+        match (self.opts.precision, self.stored(lin)) {
+            (Precision::Int4, Stored::Exact(layout)) => self.exact_weights(prefix, lin, layout),
+            (Precision::Int4, Stored::Inexact(why)) if !self.opts.allow_requantize => {
+                Err(ExportError::InvalidOption(format!(
+                    "{prefix}: {} cannot be kept exactly (types kept exactly: {}); pass \
+                     --allow-requantize to dequantize and re-quantize it, or --precision fp32",
+                    why.join(", "),
+                    GgmlType::EXACT
+                )))
+            }
+            (Precision::Int4, _) => {
                 let k_blocks = k.div_ceil(bs);
                 let mut scales = Vec::with_capacity(n * k_blocks);
                 let q = self.g.tensor::<u8>(
@@ -116,9 +143,17 @@ impl DecoderBuilder<'_> {
                     &[n, k_blocks],
                     &scales,
                 )?;
-                Ok(LinearWeights::Int4 { q, scales, n, k })
+                Ok(LinearWeights::NBits {
+                    q,
+                    scales,
+                    n,
+                    k,
+                    bits: 4,
+                    block: bs,
+                    offsets: None,
+                })
             }
-            Precision::Fp32 => {
+            (Precision::Fp32, _) => {
                 let mut rows = Vec::with_capacity(n * k);
                 for_each_chunk(self.ck, lin, |r| {
                     rows.extend_from_slice(r);
@@ -134,6 +169,139 @@ impl DecoderBuilder<'_> {
         }
     }
 
+    fn stored(&self, lin: &Linear) -> Stored {
+        let types: Vec<Option<GgmlType>> = lin
+            .parts
+            .iter()
+            .map(|(name, _)| self.ck.ggml_type(name))
+            .collect();
+        if types.iter().all(Option::is_none) {
+            return Stored::Float;
+        }
+        let why: Vec<String> = lin
+            .parts
+            .iter()
+            .zip(&types)
+            .map(|((name, _), t)| match t {
+                Some(t) => format!("{name} ({t:?})"),
+                None => format!("{name} (float)"),
+            })
+            .collect();
+        if types.iter().any(Option::is_none) || !self.opts.native {
+            return Stored::Inexact(why);
+        }
+        let types: Vec<GgmlType> = types.into_iter().flatten().collect();
+        match NBitsLayout::for_types(&types) {
+            Some(layout) => Stored::Exact(layout),
+            None => Stored::Inexact(why),
+        }
+    }
+
+    /// GGUF blocks repacked into `layout` without changing a value (see `gguf::blocks`).
+    fn exact_weights(
+        &mut self,
+        prefix: &str,
+        lin: &Linear,
+        layout: NBitsLayout,
+    ) -> Result<LinearWeights> {
+        let (n, k) = (lin.n(), lin.k);
+        let (bits, block) = (layout.bits, layout.block);
+        if !k.is_multiple_of(32) || !k.is_multiple_of(block) {
+            return Err(ExportError::InvalidOption(format!(
+                "{prefix}: K = {k} is not a multiple of the block size {block}"
+            )));
+        }
+        let mut scales = Vec::with_capacity(n * k / block);
+        let mut offsets = Vec::with_capacity(if layout.offset { n * k / 32 } else { 0 });
+        let step = ((16 << 20) / k).max(1);
+        let q = self.g.tensor::<u8>(
+            &format!("{prefix}.MatMul.weight_Q{bits}"),
+            &[n, k / block, block * bits as usize / 8],
+            |sink| {
+                let mut decoded = Decoded::default();
+                let mut codes = Vec::new();
+                for (name, rows) in &lin.parts {
+                    let mut r = rows.start;
+                    while r < rows.end {
+                        let end = (r + step).min(rows.end);
+                        let (ty, raw) = self.ck.raw_rows(name, r..end)?;
+                        codes.clear();
+                        for row in raw.chunks_exact(ty.row_bytes(k)) {
+                            blocks::decode_row(ty, row, &mut decoded);
+                            blocks::pack_row(
+                                &decoded,
+                                layout,
+                                &mut codes,
+                                &mut scales,
+                                &mut offsets,
+                            );
+                        }
+                        sink.put(&codes)?;
+                        r = end;
+                    }
+                }
+                Ok(())
+            },
+        )?;
+        let scales = self.g.tensor_from(
+            &format!("{prefix}.MatMul.weight_scales"),
+            &[n, k / block],
+            &scales,
+        )?;
+        let offsets = if layout.offset {
+            Some(self.g.tensor_from(
+                &format!("{prefix}.MatMul.weight_offsets"),
+                &[k / 32, n],
+                &transpose(&offsets, n, k / 32),
+            )?)
+        } else {
+            None
+        };
+        Ok(LinearWeights::NBits {
+            q,
+            scales,
+            n,
+            k,
+            bits,
+            block,
+            offsets,
+        })
+    }
+
+    /// `Σ_{i∈b} x[i]` for each block b of 32 features: `[.., k] -> [.., k/32]`, computed once
+    /// per activation tensor (q/k/v and gate/up share theirs).
+    fn block_sums(&mut self, x: &str, k: usize) -> String {
+        if let Some(s) = self.block_sums.get(x) {
+            return s.clone();
+        }
+        let name = format!("{}/BlockSum", x.trim_end_matches("/output_0"));
+        let shape = self.g.constant_i64(
+            &format!("{name}/shape"),
+            &[4],
+            &[0, 0, (k / 32) as i64, 32],
+        );
+        let r = self.g.node(
+            &format!("{name}/Reshape"),
+            "Reshape",
+            "",
+            &[x, &shape],
+            1,
+            &[],
+        );
+        let axes = self.g.constant_i64(&format!("{name}/axes"), &[1], &[-1]);
+        let sum = self.g.node(
+            &format!("{name}/ReduceSum"),
+            "ReduceSum",
+            "",
+            &[&r[0], &axes],
+            1,
+            &[("keepdims", Attr::I(0))],
+        )[0]
+        .clone();
+        self.block_sums.insert(x.to_string(), sum.clone());
+        sum
+    }
+
     pub(super) fn apply_linear(
         &mut self,
         name: &str,
@@ -141,36 +309,74 @@ impl DecoderBuilder<'_> {
         w: &LinearWeights,
         output: Option<String>,
     ) -> String {
-        let bs = self.opts.block as i64;
         let (op, domain, inputs, attrs): (&str, &str, Vec<&str>, Vec<(&str, Attr)>) = match w {
-            LinearWeights::Int4 { q, scales, n, k } => (
+            LinearWeights::NBits {
+                q,
+                scales,
+                n,
+                k,
+                bits,
+                block,
+                ..
+            } => (
                 "MatMulNBits",
                 MS,
                 vec![x, q, scales],
                 vec![
                     ("K", Attr::I(*k as i64)),
                     ("N", Attr::I(*n as i64)),
-                    ("bits", Attr::I(4)),
-                    ("block_size", Attr::I(bs)),
-                    ("accuracy_level", Attr::I(4)),
+                    ("bits", Attr::I(*bits as i64)),
+                    ("block_size", Attr::I(*block as i64)),
+                    ("accuracy_level", Attr::I(self.opts.accuracy_level)),
                 ],
             ),
             LinearWeights::Fp32 { w } => ("MatMul", "", vec![x, w], vec![]),
         };
         let node = format!("{name}/{op}");
-        match output {
-            Some(out) => {
+        let offset = match w {
+            LinearWeights::NBits {
+                offsets: Some(o),
+                k,
+                ..
+            } => Some((o.clone(), *k)),
+            _ => None,
+        };
+        let y = match (&output, &offset) {
+            (Some(out), None) => {
                 self.g.node_named(
                     &node,
                     op,
                     domain,
                     &inputs,
-                    std::slice::from_ref(&out),
+                    std::slice::from_ref(out),
                     &attrs,
                 );
+                return out.clone();
+            }
+            _ => self.g.node(&node, op, domain, &inputs, 1, &attrs)[0].clone(),
+        };
+        let Some((offsets, k)) = offset else {
+            return y;
+        };
+        // The per-32 constants of Q4_1/Q4_K/Q5_K: y += blocksums(x) @ offsets.
+        let sums = self.block_sums(x, k);
+        let o = self.g.node(
+            &format!("{name}/Offset/MatMul"),
+            "MatMul",
+            "",
+            &[&sums, &offsets],
+            1,
+            &[],
+        )[0]
+        .clone();
+        let add = format!("{name}/Offset/Add");
+        match output {
+            Some(out) => {
+                self.g
+                    .node_named(&add, "Add", "", &[&y, &o], std::slice::from_ref(&out), &[]);
                 out
             }
-            None => self.g.node(&node, op, domain, &inputs, 1, &attrs)[0].clone(),
+            None => self.g.node(&add, "Add", "", &[&y, &o], 1, &[])[0].clone(),
         }
     }
 

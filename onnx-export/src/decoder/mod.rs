@@ -48,6 +48,13 @@ pub struct BuildOptions {
     pub logits_all: bool,
     /// Rows of the RoPE caches: the longest sequence the package can run.
     pub max_length: usize,
+    /// `MatMulNBits` `accuracy_level`: 4 quantizes activations to int8 (fast, the default), 0
+    /// keeps them f32 (reference comparisons).
+    pub accuracy_level: i64,
+    /// Keep GGUF blocks in their exact `MatMulNBits` / `GatherBlockQuantized` form.
+    pub native: bool,
+    /// Dequantize and re-quantize GGUF tensors that have no exact form (else an error).
+    pub allow_requantize: bool,
 }
 
 /// HF tensor names of one decoder layer.
@@ -71,6 +78,8 @@ pub struct DecoderBuilder<'a> {
     ck: &'a Checkpoint,
     opts: &'a BuildOptions,
     g: GraphBuilder,
+    /// Activation tensor -> its per-32 block sums (offset terms of GGUF types, `linear`).
+    block_sums: std::collections::HashMap<String, String>,
 }
 
 impl<'a> DecoderBuilder<'a> {
@@ -80,7 +89,13 @@ impl<'a> DecoderBuilder<'a> {
         opts: &'a BuildOptions,
         g: GraphBuilder,
     ) -> Self {
-        DecoderBuilder { spec, ck, opts, g }
+        DecoderBuilder {
+            spec,
+            ck,
+            opts,
+            g,
+            block_sums: Default::default(),
+        }
     }
 
     pub fn build(mut self) -> Result<GraphBuilder> {
@@ -88,9 +103,10 @@ impl<'a> DecoderBuilder<'a> {
         self.declare_io();
         // lm_head first when it doubles as the int4 embedding table (tied weights).
         let lm_head = self.lm_head_source()?;
+        let native_table = self.native_embedding();
         let share_embedding = s.tied()
             && self.opts.precision == Precision::Int4
-            && self.opts.embeddings == Precision::Int4;
+            && (self.opts.embeddings == Precision::Int4 || native_table);
         let lm_head_weights = if share_embedding {
             Some(self.linear_weights("lm_head", &lm_head)?)
         } else {
@@ -257,11 +273,32 @@ impl<'a> DecoderBuilder<'a> {
         Linear::whole(self.ck, name, s.vocab, s.hidden)
     }
 
+    /// Whether the embedding table is GGUF blocks kept in their exact form.
+    fn native_embedding(&self) -> bool {
+        self.opts.native
+            && self.opts.precision == Precision::Int4
+            && self
+                .ck
+                .ggml_type("model.embed_tokens.weight")
+                .is_some_and(|t| t.nbits().is_some())
+    }
+
     fn embedding(&mut self, shared_lm_head: Option<&LinearWeights>) -> Result<String> {
         let s = self.spec;
         let (v, h, bs) = (s.vocab, s.hidden, self.opts.block);
         let table = Linear::whole(self.ck, "model.embed_tokens.weight", v, h)?;
         let name = "/model/embed_tokens";
+        if self.native_embedding() {
+            let own;
+            let w = match shared_lm_head {
+                Some(w) => w,
+                None => {
+                    own = self.linear_weights("model.embed_tokens", &table)?;
+                    &own
+                }
+            };
+            return Ok(self.gather_nbits(name, w, v, h));
+        }
         if self.opts.embeddings == Precision::Fp32 {
             let w = self
                 .g
@@ -283,25 +320,9 @@ impl<'a> DecoderBuilder<'a> {
                 "--embeddings int4 needs hidden_size ({h}) to be a multiple of the block size ({bs})"
             )));
         }
-        let (data, scales) = match shared_lm_head {
-            Some(LinearWeights::Int4 { q, scales, .. }) => {
-                let shape = self.g.constant_i64(
-                    &format!("{name}/Reshape/shape"),
-                    &[2],
-                    &[v as i64, (h / 2) as i64],
-                );
-                let data = self.g.node(
-                    &format!("{name}/Reshape"),
-                    "Reshape",
-                    "",
-                    &[q, &shape],
-                    1,
-                    &[],
-                )[0]
-                .clone();
-                (data, scales.clone())
-            }
-            _ => {
+        let w = match shared_lm_head {
+            Some(w) => self.gather_nbits(name, w, v, h),
+            None => {
                 let mut all_scales = Vec::with_capacity(v * h / bs);
                 let data =
                     self.g
@@ -315,23 +336,128 @@ impl<'a> DecoderBuilder<'a> {
                 let scales =
                     self.g
                         .tensor_from("model.embed_tokens.scales", &[v, h / bs], &all_scales)?;
-                (data, scales)
+                self.g.node(
+                    &format!("{name}/GatherBlockQuantized"),
+                    "GatherBlockQuantized",
+                    MS,
+                    &[&data, "input_ids", &scales],
+                    1,
+                    &[
+                        ("bits", Attr::I(4)),
+                        ("block_size", Attr::I(bs as i64)),
+                        ("gather_axis", Attr::I(0)),
+                        ("quantize_axis", Attr::I(1)),
+                    ],
+                )[0]
+                .clone()
             }
         };
-        Ok(self.g.node(
+        Ok(w)
+    }
+
+    /// Embedding rows gathered from `MatMulNBits` weights `[v, h/block, blob]` (shared with a
+    /// tied lm_head): `GatherBlockQuantized` over the same bytes seen as `[v, h*bits/8]` (its
+    /// default zero points, 8 for 4 bits and 128 for 8 bits, are `MatMulNBits`' too), plus the
+    /// per-32 offsets of GGUF types that have them, gathered from the `[h/32, v]` table.
+    fn gather_nbits(&mut self, name: &str, w: &LinearWeights, v: usize, h: usize) -> String {
+        let LinearWeights::NBits {
+            q,
+            scales,
+            bits,
+            block,
+            offsets,
+            ..
+        } = w
+        else {
+            unreachable!("gather_nbits is only called with block weights")
+        };
+        let shape = self.g.constant_i64(
+            &format!("{name}/Reshape/shape"),
+            &[2],
+            &[v as i64, (h * *bits as usize / 8) as i64],
+        );
+        let data = self.g.node(
+            &format!("{name}/Reshape"),
+            "Reshape",
+            "",
+            &[q, &shape],
+            1,
+            &[],
+        )[0]
+        .clone();
+        let x = self.g.node(
             &format!("{name}/GatherBlockQuantized"),
             "GatherBlockQuantized",
             MS,
-            &[&data, "input_ids", &scales],
+            &[&data, "input_ids", scales],
             1,
             &[
-                ("bits", Attr::I(4)),
-                ("block_size", Attr::I(bs as i64)),
+                ("bits", Attr::I(*bits as i64)),
+                ("block_size", Attr::I(*block as i64)),
                 ("gather_axis", Attr::I(0)),
                 ("quantize_axis", Attr::I(1)),
             ],
         )[0]
-        .clone())
+        .clone();
+        let Some(offsets) = offsets else {
+            return x;
+        };
+        // [h/32, v] gathered on axis 1 -> [h/32, B, S] -> [B, S, h/32, 1], added to x seen
+        // as [B, S, h/32, 32].
+        let p = format!("{name}/Offset");
+        let g = self.g.node(
+            &format!("{p}/Gather"),
+            "Gather",
+            "",
+            &[offsets, "input_ids"],
+            1,
+            &[("axis", Attr::I(1))],
+        );
+        let t = self.g.node(
+            &format!("{p}/Transpose"),
+            "Transpose",
+            "",
+            &[&g[0]],
+            1,
+            &[("perm", Attr::Ints(vec![1, 2, 0]))],
+        );
+        let axes = self.g.constant_i64(&format!("{p}/Unsqueeze/axes"), &[1], &[-1]);
+        let u = self.g.node(
+            &format!("{p}/Unsqueeze"),
+            "Unsqueeze",
+            "",
+            &[&t[0], &axes],
+            1,
+            &[],
+        );
+        let split = self.g.constant_i64(
+            &format!("{p}/blocks"),
+            &[4],
+            &[0, 0, (h / 32) as i64, 32],
+        );
+        let xb = self.g.node(
+            &format!("{p}/Reshape"),
+            "Reshape",
+            "",
+            &[&x, &split],
+            1,
+            &[],
+        );
+        let sum = self
+            .g
+            .node(&format!("{p}/Add"), "Add", "", &[&xb[0], &u[0]], 1, &[]);
+        let back = self
+            .g
+            .constant_i64(&format!("{p}/shape"), &[3], &[0, 0, h as i64]);
+        self.g.node(
+            &format!("{p}/Reshape_1"),
+            "Reshape",
+            "",
+            &[&sum[0], &back],
+            1,
+            &[],
+        )[0]
+        .clone()
     }
 
     /// `seqlens_k = ReduceSum(mask) - 1` (int32 [B]) and `total_sequence_length` (int32 scalar),
