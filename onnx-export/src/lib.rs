@@ -36,10 +36,14 @@ pub struct ExportOptions {
     pub max_length: Option<usize>,
     /// Replace a non-empty output folder.
     pub force: bool,
+    /// How float weights are quantized (`--quant`).
+    pub quant: quant::Scheme,
     /// `MatMulNBits` accuracy level (4: int8 activations; 0: f32 activations).
     pub accuracy_level: i64,
     /// GGUF: dequantize and re-quantize tensors whose type has no exact form.
     pub allow_requantize: bool,
+    /// GGUF: dequantize and re-quantize every tensor with `quant` (as if the file held floats).
+    pub requantize: bool,
 }
 
 impl Default for ExportOptions {
@@ -51,8 +55,10 @@ impl Default for ExportOptions {
             logits_all: false,
             max_length: None,
             force: false,
+            quant: quant::Scheme::default(),
             accuracy_level: 4,
             allow_requantize: false,
+            requantize: false,
         }
     }
 }
@@ -72,6 +78,13 @@ fn check_options(opts: &ExportOptions) -> Result<()> {
             "--block-size {bs}: must be a power of two between 16 and 256"
         )));
     }
+    if opts.precision == Precision::Int8 {
+        return Err(ExportError::InvalidOption(
+            "--precision int8 is not supported (--embeddings int8 makes the embedding table and \
+             the lm_head 8-bit)"
+                .into(),
+        ));
+    }
     if ![0, 1, 2, 3, 4].contains(&opts.accuracy_level) {
         return Err(ExportError::InvalidOption(format!(
             "--accuracy-level {}: must be 0 to 4",
@@ -81,7 +94,11 @@ fn check_options(opts: &ExportOptions) -> Result<()> {
     Ok(())
 }
 
-fn build_options(spec: &spec::ModelSpec, opts: &ExportOptions, native: bool) -> Result<BuildOptions> {
+fn build_options(
+    spec: &spec::ModelSpec,
+    opts: &ExportOptions,
+    native: bool,
+) -> Result<BuildOptions> {
     let max_length = opts.max_length.unwrap_or(spec.max_position);
     if max_length == 0 {
         return Err(ExportError::InvalidOption(
@@ -94,9 +111,10 @@ fn build_options(spec: &spec::ModelSpec, opts: &ExportOptions, native: bool) -> 
         block: opts.block_size,
         logits_all: opts.logits_all,
         max_length,
+        quant: opts.quant,
         accuracy_level: opts.accuracy_level,
-        native,
-        allow_requantize: opts.allow_requantize,
+        native: native && !opts.requantize,
+        allow_requantize: opts.allow_requantize || opts.requantize,
     })
 }
 
@@ -127,7 +145,8 @@ pub fn export_gguf(file: &Path, out: &Path, opts: &ExportOptions) -> Result<Expo
         path: file.to_path_buf(),
         msg,
     };
-    let g = gguf::Gguf::open(file).map_err(|e| bad(format!("not a usable GGUF file: {}", e.msg)))?;
+    let g =
+        gguf::Gguf::open(file).map_err(|e| bad(format!("not a usable GGUF file: {}", e.msg)))?;
     let model = gguf::model::GgufModel::from_gguf(&g).map_err(bad)?;
     let tok = gguf::vocab::tokenizer_files(&g).map_err(bad)?;
     let mut spec = spec::ModelSpec::from_json(&model.config, Some(&model.generation), file)?;
@@ -136,7 +155,10 @@ pub fn export_gguf(file: &Path, out: &Path, opts: &ExportOptions) -> Result<Expo
     }
     spec.generation = Some(model.generation.clone());
     let build = build_options(&spec, opts, true)?;
-    spec.resolve(model.tensors.contains_key("lm_head.weight"), build.max_length);
+    spec.resolve(
+        model.tensors.contains_key("lm_head.weight"),
+        build.max_length,
+    );
     let ck = checkpoint::Checkpoint::from_gguf(g, &model);
     let staging = package::Staging::new(out, opts.force)?;
     let dir = &staging.dir;

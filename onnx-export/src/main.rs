@@ -10,6 +10,7 @@ use edgellm_export::{ExportOptions, Precision, random_init};
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum Prec {
     Int4,
+    Int8,
     Fp32,
 }
 
@@ -17,6 +18,7 @@ impl From<Prec> for Precision {
     fn from(p: Prec) -> Self {
         match p {
             Prec::Int4 => Precision::Int4,
+            Prec::Int8 => Precision::Int8,
             Prec::Fp32 => Precision::Fp32,
         }
     }
@@ -43,16 +45,28 @@ struct Cli {
     /// GGUF: dequantize and re-quantize tensors whose type has no exact form instead of failing.
     #[arg(long)]
     allow_requantize: bool,
+    /// GGUF: dequantize every tensor and quantize it again with --quant (compare schemes on
+    /// the same weights).
+    #[arg(long)]
+    requantize: bool,
     /// MatMulNBits accuracy_level: 4 quantizes activations to int8 (fast), 0 keeps them f32.
     #[arg(long, default_value_t = 4)]
     accuracy_level: i64,
     /// Output package folder (or, with --random-init-hf, the checkpoint folder).
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
+    /// int4 or fp32 (int8 is for --embeddings only).
     #[arg(long, value_enum, default_value = "int4")]
     precision: Prec,
     #[arg(long, default_value_t = 32)]
     block_size: usize,
+    /// How float weights are quantized: `offset` (float minimum and scale per block, searched
+    /// for the least squared error; Q4_1's grid), `asym` (uint8 zero point), `mse` (symmetric,
+    /// scale searched), `rtn` (round to nearest, byte-compatible with onnxruntime-genai's
+    /// builder). See docs/export-models.md.
+    #[arg(long, value_parser = ["offset", "asym", "mse", "rtn"], default_value = "offset")]
+    quant: String,
+    /// The embedding table: fp32, int4, or int8 (int8 also makes the lm_head 8-bit).
     #[arg(long, value_enum, default_value = "fp32")]
     embeddings: Prec,
     /// `last`: lm_head on the last position only (logits [B,1,V]); `all`: every position.
@@ -94,12 +108,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         logits_all: matches!(cli.logits, Logits::All),
         max_length: cli.max_length,
         force: cli.force,
+        quant: edgellm_export::quant::Scheme::parse(&cli.quant).expect("clap checked the name"),
         accuracy_level: cli.accuracy_level,
         allow_requantize: cli.allow_requantize,
+        requantize: cli.requantize,
     };
     if let Some(file) = &cli.gguf {
         let s = edgellm_export::export_gguf(file, &cli.out, &opts)?;
-        return Ok(summary(&s));
+        summary(&s);
+        return Ok(());
     }
     if let Some(shape) = &cli.random_init_hf {
         random_init::write_checkpoint(shape, &cli.out, cli.seed, cli.force)?;

@@ -165,10 +165,7 @@ pub fn genai_config(spec: &ModelSpec, opts: &BuildOptions, gen_cfg: Option<&Valu
 
 /// `edgellm.json`: provenance of the package (not read by onnxruntime-genai).
 pub fn export_info(spec: &ModelSpec, opts: &BuildOptions, source: &str) -> Value {
-    let p = |p: Precision| match p {
-        Precision::Int4 => "int4",
-        Precision::Fp32 => "fp32",
-    };
+    let p = |p: Precision| p.name();
     json!({
         "exporter": format!("edgellm-export {}", env!("CARGO_PKG_VERSION")),
         "source": source,
@@ -176,6 +173,8 @@ pub fn export_info(spec: &ModelSpec, opts: &BuildOptions, source: &str) -> Value
         "precision": p(opts.precision),
         "embeddings": p(opts.embeddings),
         "block_size": opts.block,
+        "quant": opts.quant.name(),
+        "accuracy_level": opts.accuracy_level,
         "logits": if opts.logits_all { "all" } else { "last" },
         "max_length": opts.max_length,
         "tied_embeddings": spec.tied(),

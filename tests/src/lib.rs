@@ -140,6 +140,8 @@ pub fn export_fixture(name: &str, precision: Precision, logits_all: bool) -> tem
         ExportOptions {
             precision,
             logits_all,
+            // The int4 goldens are transformers with round-to-nearest weights.
+            quant: edgellm_export::quant::Scheme::Rtn,
             ..ExportOptions::default()
         },
     )

@@ -178,6 +178,7 @@ fn int4_embeddings_stay_close(name: &str, choice: BackendChoice) {
         edgellm_export::ExportOptions {
             embeddings: Precision::Int4,
             logits_all: true,
+            quant: edgellm_export::quant::Scheme::Rtn,
             ..Default::default()
         },
     );

@@ -208,7 +208,8 @@ impl DecoderBuilder<'_> {
         let (e, bs) = (experts.count, self.opts.block);
         let ck = self.ck;
         match self.opts.precision {
-            Precision::Int4 => {
+            // --precision int8 is refused before the export starts.
+            Precision::Int4 | Precision::Int8 => {
                 if !k.is_multiple_of(bs) {
                     return Err(ExportError::InvalidOption(format!(
                         "QMoE needs the expert input size ({k}) to be a multiple of the block size ({bs})"

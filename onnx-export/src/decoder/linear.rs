@@ -72,7 +72,12 @@ pub(super) enum LinearWeights {
         k: usize,
         bits: u8,
         block: usize,
+        /// `asym` blocks: uint8 `[n, ceil(k/block/2)]`, packed like the codes.
+        zero_points: Option<String>,
+        /// Per-block constants `[k/offset_block, n]` (GGUF's Q4_1/Q4_K/Q5_K: per 32 values;
+        /// `--quant offset`: per block).
         offsets: Option<String>,
+        offset_block: usize,
     },
     Fp32 {
         w: String,
@@ -110,13 +115,27 @@ impl DecoderBuilder<'_> {
         self.g.tensor_from(onnx, dims, &w)
     }
 
-    /// Writes a linear layer's weights: GGUF blocks in their exact `MatMulNBits` form, float
-    /// weights as int4 blocks or a transposed f32 matrix.
+    /// Writes a linear layer's weights at the package's precision and `--quant` scheme.
     pub(super) fn linear_weights(&mut self, prefix: &str, lin: &Linear) -> Result<LinearWeights> {
+        let bits = self.opts.precision.bits().unwrap_or(4);
+        self.linear_weights_as(prefix, lin, bits, self.opts.quant)
+    }
+
+    /// Writes a linear layer's weights: GGUF blocks in their exact `MatMulNBits` form, float
+    /// weights as `bits`-bit blocks quantized with `scheme`, or (fp32 packages) a transposed
+    /// f32 matrix.
+    pub(super) fn linear_weights_as(
+        &mut self,
+        prefix: &str,
+        lin: &Linear,
+        bits: u8,
+        scheme: quant::Scheme,
+    ) -> Result<LinearWeights> {
         let (n, k, bs) = (lin.n(), lin.k, self.opts.block);
-        match (self.opts.precision, self.stored(lin)) {
-            (Precision::Int4, Stored::Exact(layout)) => self.exact_weights(prefix, lin, layout),
-            (Precision::Int4, Stored::Inexact(why)) if !self.opts.allow_requantize => {
+        let blocks = self.opts.precision != Precision::Fp32;
+        match (blocks, self.stored(lin)) {
+            (true, Stored::Exact(layout)) => self.exact_weights(prefix, lin, layout),
+            (true, Stored::Inexact(why)) if !self.opts.allow_requantize => {
                 Err(ExportError::InvalidOption(format!(
                     "{prefix}: {} cannot be kept exactly (types kept exactly: {}); pass \
                      --allow-requantize to dequantize and re-quantize it, or --precision fp32",
@@ -124,36 +143,62 @@ impl DecoderBuilder<'_> {
                     GgmlType::EXACT
                 )))
             }
-            (Precision::Int4, _) => {
+            (true, _) => {
+                if scheme != quant::Scheme::Rtn && !k.is_multiple_of(bs) {
+                    return Err(ExportError::InvalidOption(format!(
+                        "{prefix}: K = {k} is not a multiple of the block size {bs} (only \
+                         --quant rtn pads a partial last block)"
+                    )));
+                }
                 let k_blocks = k.div_ceil(bs);
-                let mut scales = Vec::with_capacity(n * k_blocks);
+                let mut out = quant::Blocks::default();
                 let q = self.g.tensor::<u8>(
-                    &format!("{prefix}.MatMul.weight_Q4"),
-                    &[n, k_blocks, bs / 2],
+                    &format!("{prefix}.MatMul.weight_Q{bits}"),
+                    &[n, k_blocks, bs * bits as usize / 8],
                     |sink| {
                         for_each_chunk(self.ck, lin, |rows| {
-                            let mut packed = Vec::with_capacity(rows.len() / 2 + bs);
-                            quant::quantize_rows(rows, k, bs, &mut packed, &mut scales);
-                            sink.put(&packed)
+                            out.codes.clear();
+                            quant::quantize(rows, k, bs, bits, scheme, &mut out);
+                            sink.put(&out.codes)
                         })
                     },
                 )?;
                 let scales = self.g.tensor_from(
                     &format!("{prefix}.MatMul.weight_scales"),
                     &[n, k_blocks],
-                    &scales,
+                    &out.scales,
                 )?;
+                let zero_points = if out.zero_points.is_empty() {
+                    None
+                } else {
+                    Some(self.g.tensor_from(
+                        &format!("{prefix}.MatMul.weight_zp"),
+                        &[n, k_blocks.div_ceil(2)],
+                        &out.zero_points,
+                    )?)
+                };
+                let offsets = if out.offsets.is_empty() {
+                    None
+                } else {
+                    Some(self.g.tensor_from(
+                        &format!("{prefix}.MatMul.weight_offsets"),
+                        &[k_blocks, n],
+                        &transpose(&out.offsets, n, k_blocks),
+                    )?)
+                };
                 Ok(LinearWeights::NBits {
                     q,
                     scales,
                     n,
                     k,
-                    bits: 4,
+                    bits,
                     block: bs,
-                    offsets: None,
+                    zero_points,
+                    offsets,
+                    offset_block: bs,
                 })
             }
-            (Precision::Fp32, _) => {
+            (false, _) => {
                 let mut rows = Vec::with_capacity(n * k);
                 for_each_chunk(self.ck, lin, |r| {
                     rows.extend_from_slice(r);
@@ -264,21 +309,24 @@ impl DecoderBuilder<'_> {
             k,
             bits,
             block,
+            zero_points: None,
             offsets,
+            offset_block: 32,
         })
     }
 
-    /// `Σ_{i∈b} x[i]` for each block b of 32 features: `[.., k] -> [.., k/32]`, computed once
-    /// per activation tensor (q/k/v and gate/up share theirs).
-    fn block_sums(&mut self, x: &str, k: usize) -> String {
-        if let Some(s) = self.block_sums.get(x) {
+    /// `Σ_{i∈b} x[i]` for each block b of `block` features: `[.., k] -> [.., k/block]`,
+    /// computed once per activation tensor (q/k/v and gate/up share theirs).
+    fn block_sums(&mut self, x: &str, k: usize, block: usize) -> String {
+        let key = format!("{x}#{block}");
+        if let Some(s) = self.block_sums.get(&key) {
             return s.clone();
         }
-        let name = format!("{}/BlockSum", x.trim_end_matches("/output_0"));
+        let name = format!("{}/BlockSum{block}", x.trim_end_matches("/output_0"));
         let shape = self.g.constant_i64(
             &format!("{name}/shape"),
             &[4],
-            &[0, 0, (k / 32) as i64, 32],
+            &[0, 0, (k / block) as i64, block as i64],
         );
         let r = self.g.node(
             &format!("{name}/Reshape"),
@@ -298,7 +346,7 @@ impl DecoderBuilder<'_> {
             &[("keepdims", Attr::I(0))],
         )[0]
         .clone();
-        self.block_sums.insert(x.to_string(), sum.clone());
+        self.block_sums.insert(key, sum.clone());
         sum
     }
 
@@ -317,11 +365,15 @@ impl DecoderBuilder<'_> {
                 k,
                 bits,
                 block,
+                zero_points,
                 ..
             } => (
                 "MatMulNBits",
                 MS,
-                vec![x, q, scales],
+                match zero_points {
+                    Some(z) => vec![x, q, scales, z],
+                    None => vec![x, q, scales],
+                },
                 vec![
                     ("K", Attr::I(*k as i64)),
                     ("N", Attr::I(*n as i64)),
@@ -337,8 +389,9 @@ impl DecoderBuilder<'_> {
             LinearWeights::NBits {
                 offsets: Some(o),
                 k,
+                offset_block,
                 ..
-            } => Some((o.clone(), *k)),
+            } => Some((o.clone(), *k, *offset_block)),
             _ => None,
         };
         let y = match (&output, &offset) {
@@ -355,11 +408,11 @@ impl DecoderBuilder<'_> {
             }
             _ => self.g.node(&node, op, domain, &inputs, 1, &attrs)[0].clone(),
         };
-        let Some((offsets, k)) = offset else {
+        let Some((offsets, k, ob)) = offset else {
             return y;
         };
-        // The per-32 constants of Q4_1/Q4_K/Q5_K: y += blocksums(x) @ offsets.
-        let sums = self.block_sums(x, k);
+        // Per-block constants (GGUF Q4_1/Q4_K/Q5_K, --quant offset): y += blocksums(x) @ offsets.
+        let sums = self.block_sums(x, k, ob);
         let o = self.g.node(
             &format!("{name}/Offset/MatMul"),
             "MatMul",

@@ -36,7 +36,28 @@ use linear::{Linear, LinearWeights, for_each_chunk};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Precision {
     Int4,
+    /// 8-bit blocks (`--embeddings int8`: the embedding table and the lm_head).
+    Int8,
     Fp32,
+}
+
+impl Precision {
+    /// Bits of a block precision (`None` for fp32).
+    pub fn bits(self) -> Option<u8> {
+        match self {
+            Precision::Int4 => Some(4),
+            Precision::Int8 => Some(8),
+            Precision::Fp32 => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::Int4 => "int4",
+            Precision::Int8 => "int8",
+            Precision::Fp32 => "fp32",
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -48,6 +69,8 @@ pub struct BuildOptions {
     pub logits_all: bool,
     /// Rows of the RoPE caches: the longest sequence the package can run.
     pub max_length: usize,
+    /// How float weights are quantized (`--quant`).
+    pub quant: crate::quant::Scheme,
     /// `MatMulNBits` `accuracy_level`: 4 quantizes activations to int8 (fast, the default), 0
     /// keeps them f32 (reference comparisons).
     pub accuracy_level: i64,
@@ -105,10 +128,10 @@ impl<'a> DecoderBuilder<'a> {
         let lm_head = self.lm_head_source()?;
         let native_table = self.native_embedding();
         let share_embedding = s.tied()
-            && self.opts.precision == Precision::Int4
-            && (self.opts.embeddings == Precision::Int4 || native_table);
+            && self.opts.precision != Precision::Fp32
+            && (self.opts.embeddings != Precision::Fp32 || native_table);
         let lm_head_weights = if share_embedding {
-            Some(self.linear_weights("lm_head", &lm_head)?)
+            Some(self.lm_head_weights(&lm_head, true)?)
         } else {
             None
         };
@@ -199,7 +222,7 @@ impl<'a> DecoderBuilder<'a> {
         }
         let weights = match lm_head_weights {
             Some(w) => w,
-            None => self.linear_weights("lm_head", &lm_head)?,
+            None => self.lm_head_weights(&lm_head, false)?,
         };
         self.apply_linear("/model/lm_head", &h, &weights, Some("logits".to_string()));
         Ok(self.g)
@@ -273,10 +296,28 @@ impl<'a> DecoderBuilder<'a> {
         Linear::whole(self.ck, name, s.vocab, s.hidden)
     }
 
+    /// The lm_head: 8 bits with `--embeddings int8`; symmetric when it doubles as the embedding
+    /// table (`GatherBlockQuantized` is given no zero points).
+    fn lm_head_weights(&mut self, lin: &Linear, shared: bool) -> Result<LinearWeights> {
+        let o = self.opts;
+        let bits = match (o.embeddings, o.precision) {
+            (_, Precision::Fp32) => return self.linear_weights("lm_head", lin),
+            (Precision::Int8, _) => 8,
+            (Precision::Int4, _) if shared => 4,
+            (_, p) => p.bits().unwrap_or(4),
+        };
+        // GatherBlockQuantized is given no zero points: a shared table is never `asym`.
+        let scheme = match o.quant {
+            crate::quant::Scheme::Asym if shared => crate::quant::Scheme::Mse,
+            q => q,
+        };
+        self.linear_weights_as("lm_head", lin, bits, scheme)
+    }
+
     /// Whether the embedding table is GGUF blocks kept in their exact form.
     fn native_embedding(&self) -> bool {
         self.opts.native
-            && self.opts.precision == Precision::Int4
+            && self.opts.precision != Precision::Fp32
             && self
                 .ck
                 .ggml_type("model.embed_tokens.weight")
@@ -317,48 +358,29 @@ impl<'a> DecoderBuilder<'a> {
         }
         if !h.is_multiple_of(bs) {
             return Err(ExportError::InvalidOption(format!(
-                "--embeddings int4 needs hidden_size ({h}) to be a multiple of the block size ({bs})"
+                "--embeddings {} needs hidden_size ({h}) to be a multiple of the block size ({bs})",
+                self.opts.embeddings.name()
             )));
         }
         let w = match shared_lm_head {
-            Some(w) => self.gather_nbits(name, w, v, h),
+            Some(w) => w,
             None => {
-                let mut all_scales = Vec::with_capacity(v * h / bs);
-                let data =
-                    self.g
-                        .tensor::<u8>("model.embed_tokens.qweight", &[v, h / 2], |sink| {
-                            for_each_chunk(self.ck, &table, |rows| {
-                                let mut packed = Vec::with_capacity(rows.len() / 2);
-                                quant::quantize_rows(rows, h, bs, &mut packed, &mut all_scales);
-                                sink.put(&packed)
-                            })
-                        })?;
-                let scales =
-                    self.g
-                        .tensor_from("model.embed_tokens.scales", &[v, h / bs], &all_scales)?;
-                self.g.node(
-                    &format!("{name}/GatherBlockQuantized"),
-                    "GatherBlockQuantized",
-                    MS,
-                    &[&data, "input_ids", &scales],
-                    1,
-                    &[
-                        ("bits", Attr::I(4)),
-                        ("block_size", Attr::I(bs as i64)),
-                        ("gather_axis", Attr::I(0)),
-                        ("quantize_axis", Attr::I(1)),
-                    ],
-                )[0]
-                .clone()
+                let bits = self.opts.embeddings.bits().unwrap_or(4);
+                let scheme = match self.opts.quant {
+                    quant::Scheme::Asym => quant::Scheme::Mse,
+                    q => q,
+                };
+                &self.linear_weights_as("model.embed_tokens", &table, bits, scheme)?
             }
         };
-        Ok(w)
+        Ok(self.gather_nbits(name, w, v, h))
     }
 
     /// Embedding rows gathered from `MatMulNBits` weights `[v, h/block, blob]` (shared with a
     /// tied lm_head): `GatherBlockQuantized` over the same bytes seen as `[v, h*bits/8]` (its
     /// default zero points, 8 for 4 bits and 128 for 8 bits, are `MatMulNBits`' too), plus the
-    /// per-32 offsets of GGUF types that have them, gathered from the `[h/32, v]` table.
+    /// per-block offsets (GGUF types that have them, `--quant offset`), gathered from the
+    /// `[h/offset_block, v]` table.
     fn gather_nbits(&mut self, name: &str, w: &LinearWeights, v: usize, h: usize) -> String {
         let LinearWeights::NBits {
             q,
@@ -366,10 +388,12 @@ impl<'a> DecoderBuilder<'a> {
             bits,
             block,
             offsets,
+            offset_block: ob,
+            zero_points: None,
             ..
         } = w
         else {
-            unreachable!("gather_nbits is only called with block weights")
+            unreachable!("gather_nbits is only called with symmetric block weights")
         };
         let shape = self.g.constant_i64(
             &format!("{name}/Reshape/shape"),
@@ -402,8 +426,8 @@ impl<'a> DecoderBuilder<'a> {
         let Some(offsets) = offsets else {
             return x;
         };
-        // [h/32, v] gathered on axis 1 -> [h/32, B, S] -> [B, S, h/32, 1], added to x seen
-        // as [B, S, h/32, 32].
+        // [h/ob, v] gathered on axis 1 -> [h/ob, B, S] -> [B, S, h/ob, 1], added to x seen
+        // as [B, S, h/ob, ob].
         let p = format!("{name}/Offset");
         let g = self.g.node(
             &format!("{p}/Gather"),
@@ -421,7 +445,9 @@ impl<'a> DecoderBuilder<'a> {
             1,
             &[("perm", Attr::Ints(vec![1, 2, 0]))],
         );
-        let axes = self.g.constant_i64(&format!("{p}/Unsqueeze/axes"), &[1], &[-1]);
+        let axes = self
+            .g
+            .constant_i64(&format!("{p}/Unsqueeze/axes"), &[1], &[-1]);
         let u = self.g.node(
             &format!("{p}/Unsqueeze"),
             "Unsqueeze",
@@ -433,7 +459,7 @@ impl<'a> DecoderBuilder<'a> {
         let split = self.g.constant_i64(
             &format!("{p}/blocks"),
             &[4],
-            &[0, 0, (h / 32) as i64, 32],
+            &[0, 0, (h / ob) as i64, *ob as i64],
         );
         let xb = self.g.node(
             &format!("{p}/Reshape"),

@@ -173,7 +173,8 @@ impl GgmlType {
     }
 
     /// Types listed when a tensor cannot be mapped.
-    pub const EXACT: &'static str = "F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K";
+    pub const EXACT: &'static str =
+        "F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K";
 }
 
 /// One row in the common form: `value[i] = scale[i / 16] * s[i] + offset[i / 32]`.
@@ -291,9 +292,8 @@ fn decode_block(ty: GgmlType, b: &[u8], out: &mut Decoded) {
                     s[l + 96] = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i16 - 32;
                 }
                 out.s.extend_from_slice(&s);
-                for i in 0..8 {
-                    out.scale.push(d * sc[i] as i8 as f32);
-                }
+                out.scale
+                    .extend(sc[..8].iter().map(|&c| d * c as i8 as f32));
                 out.offset.extend([0.0; 4]);
             }
         }
@@ -384,11 +384,7 @@ pub fn pack_row(
     scales.extend(d.scale.iter().step_by(per));
     if layout.offset {
         for (b, &c) in d.offset.iter().enumerate() {
-            offsets.push(if shift4 {
-                c + 8.0 * d.scale[2 * b]
-            } else {
-                c
-            });
+            offsets.push(if shift4 { c + 8.0 * d.scale[2 * b] } else { c });
         }
     }
     debug_assert_eq!(d.scale.len() * 16, k);

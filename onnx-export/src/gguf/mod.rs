@@ -155,7 +155,10 @@ impl<'a> Reader<'a> {
     }
 
     fn array<const N: usize>(&mut self, what: &str) -> Res<[u8; N]> {
-        Ok(self.take(N, what)?.try_into().expect("take returns N bytes"))
+        Ok(self
+            .take(N, what)?
+            .try_into()
+            .expect("take returns N bytes"))
     }
 
     fn u32(&mut self, what: &str) -> Res<u32> {
@@ -258,9 +261,7 @@ impl Gguf {
     }
 
     #[allow(clippy::type_complexity)]
-    fn parse(
-        buf: &[u8],
-    ) -> Res<(u32, BTreeMap<String, Value>, BTreeMap<String, TensorInfo>)> {
+    fn parse(buf: &[u8]) -> Res<(u32, BTreeMap<String, Value>, BTreeMap<String, TensorInfo>)> {
         let mut r = Reader { buf, pos: 0 };
         let magic = r.array::<4>("magic")?;
         if &magic != b"GGUF" {

@@ -142,7 +142,10 @@ impl GgufModel {
             ));
         }
         let tied = !g.tensors.contains_key("output.weight");
-        let id = |k: &str| g.get(&format!("tokenizer.ggml.{k}")).and_then(Value::as_u64);
+        let id = |k: &str| {
+            g.get(&format!("tokenizer.ggml.{k}"))
+                .and_then(Value::as_u64)
+        };
         let mut eos: Vec<u64> = Vec::new();
         for k in ["eos_token_id", "eot_token_id", "eom_token_id"] {
             if let Some(i) = id(k)
@@ -267,7 +270,9 @@ impl GgufModel {
                 Ok(f32s(g, t))
             };
             if arch != GgufArch::Phi3 {
-                return Err(format!("rope factor tensors are not supported for {arch_name}"));
+                return Err(format!(
+                    "rope factor tensors are not supported for {arch_name}"
+                ));
             }
             config["rope_scaling"] = json!({
                 "type": "longrope",

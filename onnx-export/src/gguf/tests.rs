@@ -51,7 +51,11 @@ fn nbits_dequant(
                 _ => codes[i] as f32 - 128.0,
             };
             let v = scales[i / layout.block] * q;
-            if layout.offset { v + offsets[i / 32] } else { v }
+            if layout.offset {
+                v + offsets[i / 32]
+            } else {
+                v
+            }
         })
         .collect()
 }
@@ -76,7 +80,11 @@ fn every_exact_type_packs_without_changing_a_value() {
             for (i, (a, b)) in reference.iter().zip(&back).enumerate() {
                 // The 4-bit form of offset types moves 8 * scale into the offset: one f32
                 // rounding of the offset, nothing else.
-                let tol = if layout.offset { 1e-6 * (1.0 + a.abs()) } else { 0.0 };
+                let tol = if layout.offset {
+                    1e-6 * (1.0 + a.abs())
+                } else {
+                    0.0
+                };
                 assert!((a - b).abs() <= tol, "{ty:?} {name} [{i}]: {a} vs {b}");
             }
         }

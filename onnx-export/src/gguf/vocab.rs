@@ -116,7 +116,9 @@ pub fn tokenizer_files(g: &Gguf) -> Res<TokenizerFiles> {
     let mut added = Vec::new();
     for (id, (&tok, &ty)) in tokens.iter().zip(&types).enumerate() {
         if vocab.insert(tok.to_string(), json!(id)).is_some() {
-            return Err(format!("tokenizer.ggml.tokens: token {tok:?} appears twice"));
+            return Err(format!(
+                "tokenizer.ggml.tokens: token {tok:?} appears twice"
+            ));
         }
         if ty == 3 || ty == 4 {
             added.push(json!({
@@ -142,7 +144,10 @@ pub fn tokenizer_files(g: &Gguf) -> Res<TokenizerFiles> {
         })
         .collect::<Res<Vec<_>>>()?;
     let token = |key: &str| -> Res<Option<(u64, &str)>> {
-        match g.get(&format!("tokenizer.ggml.{key}")).and_then(Value::as_u64) {
+        match g
+            .get(&format!("tokenizer.ggml.{key}"))
+            .and_then(Value::as_u64)
+        {
             None => Ok(None),
             Some(id) => tokens
                 .get(id as usize)
@@ -174,7 +179,9 @@ pub fn tokenizer_files(g: &Gguf) -> Res<TokenizerFiles> {
             "special_tokens": {t: {"id": t, "ids": [id], "tokens": [t]}},
         }),
         (true, None) => return Err("add_bos_token is true but bos_token_id is missing".into()),
-        (false, _) => json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true}),
+        (false, _) => {
+            json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true})
+        }
     };
     let tokenizer_json = json!({
         "version": "1.0",
