@@ -276,3 +276,150 @@ fn a_window_longer_than_max_length_becomes_full_attention() {
             .is_none()
     );
 }
+
+/// `edgellm-export --gguf FILE`: (success, stderr).
+fn export_gguf(file: &Path, out: &Path, extra: &[&str]) -> (bool, String) {
+    let o = Command::new(env!("CARGO_BIN_EXE_edgellm-export"))
+        .arg("--gguf")
+        .arg(file)
+        .arg("--out")
+        .arg(out)
+        .args(["--max-length", "64"])
+        .args(extra)
+        .output()
+        .unwrap();
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+fn gguf_fixture(name: &str) -> Vec<u8> {
+    std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/gguf")
+            .join(name)
+            .join("model.gguf"),
+    )
+    .unwrap()
+}
+
+#[test]
+fn a_gguf_file_imports_into_a_complete_package() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("m.gguf");
+    std::fs::write(&file, gguf_fixture("q4_1")).unwrap();
+    let out = tmp.path().join("pkg");
+    let (ok, err) = export_gguf(&file, &out, &[]);
+    assert!(ok, "{err}");
+    for f in [
+        "model.onnx",
+        "model.onnx.data",
+        "genai_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "config.json",
+        "SHA256SUMS",
+    ] {
+        assert!(out.join(f).exists(), "{f} missing");
+    }
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["architectures"][0], "LlamaForCausalLM");
+    assert_eq!(cfg["hidden_size"], 64);
+}
+
+/// Corrupt, truncated and hostile GGUF files: each refused with its reason, nothing written.
+#[test]
+fn hostile_gguf_files_are_refused_with_the_reason() {
+    let good = gguf_fixture("q4_0");
+    let tmp = tempfile::tempdir().unwrap();
+    let cases: Vec<(&str, Vec<u8>, &[&str])> = vec![
+        (
+            "empty",
+            Vec::new(),
+            &["not a usable GGUF file", "needs 4 bytes"],
+        ),
+        (
+            "bad magic",
+            [b"GGML".as_slice(), &good[4..]].concat(),
+            &["bad magic"],
+        ),
+        (
+            "version 7",
+            [&good[..4], &7u32.to_le_bytes(), &good[8..]].concat(),
+            &["GGUF version 7 is not supported"],
+        ),
+        (
+            "truncated data",
+            good[..good.len() - 1000].to_vec(),
+            &["runs past the end of the file", "truncated"],
+        ),
+        (
+            "truncated header",
+            good[..200].to_vec(),
+            &["tensor count 20", "hold at most"],
+        ),
+        (
+            "tensor count 2^40",
+            [&good[..8], &(1u64 << 40).to_le_bytes(), &good[16..]].concat(),
+            &["tensor count 1099511627776"],
+        ),
+        (
+            "metadata count 2^60",
+            [&good[..16], &(1u64 << 60).to_le_bytes(), &good[24..]].concat(),
+            &["metadata count"],
+        ),
+        (
+            "first key 2^62 bytes long",
+            [&good[..24], &(1u64 << 62).to_le_bytes(), &good[32..]].concat(),
+            &["metadata key length"],
+        ),
+    ];
+    for (what, bytes, expected) in cases {
+        let file = tmp.path().join("bad.gguf");
+        std::fs::write(&file, &bytes).unwrap();
+        let out = tmp.path().join("pkg");
+        let (ok, err) = export_gguf(&file, &out, &[]);
+        assert!(!ok, "{what}: accepted");
+        assert!(!err.contains("panicked"), "{what}: panicked: {err}");
+        for e in expected {
+            assert!(
+                err.contains(e),
+                "{what}: stderr {err:?} should mention {e:?}"
+            );
+        }
+        assert!(!out.exists(), "{what}: left a package behind");
+        assert!(
+            std::fs::read_dir(tmp.path()).unwrap().all(|e| !e
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .contains("partial")),
+            "{what}: left a partial folder"
+        );
+    }
+}
+
+#[test]
+fn unsupported_gguf_architectures_and_types_are_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    // "llama" -> "gemma": same length, so the file stays valid.
+    let mut bytes = gguf_fixture("q4_0");
+    let at = bytes
+        .windows(5)
+        .position(|w| w == b"llama")
+        .expect("the architecture string");
+    bytes[at..at + 5].copy_from_slice(b"gemma");
+    let file = tmp.path().join("gemma.gguf");
+    std::fs::write(&file, &bytes).unwrap();
+    let (ok, err) = export_gguf(&file, &tmp.path().join("pkg"), &[]);
+    assert!(!ok);
+    assert!(
+        err.contains(
+            "architecture \"gemma\" is not supported; supported: llama, qwen2, qwen3, phi3"
+        ),
+        "{err}"
+    );
+}

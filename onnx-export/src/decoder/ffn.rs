@@ -35,20 +35,34 @@ impl DecoderBuilder<'_> {
             )
         };
         let prefix = format!("model.layers.{i}.mlp");
-        let g = self.linear(
-            &format!("{base}/mlp/gate_proj"),
-            &format!("{prefix}.gate_proj"),
+        // gate and up read the same input: one product over both (stacked along N), then a
+        // Split, saves a kernel launch (and, for offset blocks, a second offset product) per
+        // layer.
+        let gate_up = Linear {
+            parts: gate.parts.into_iter().chain(up.parts).collect(),
+            k: h,
+        };
+        let gu = self.linear(
+            &format!("{base}/mlp/gate_up_proj"),
+            &format!("{prefix}.gate_up_proj"),
             x,
-            &gate,
+            &gate_up,
             None,
         )?;
-        let u = self.linear(
-            &format!("{base}/mlp/up_proj"),
-            &format!("{prefix}.up_proj"),
-            x,
-            &up,
-            None,
-        )?;
+        let split = self.g.constant_i64(
+            &format!("{base}/mlp/gate_up/split"),
+            &[2],
+            &[inter as i64, inter as i64],
+        );
+        let parts = self.g.node(
+            &format!("{base}/mlp/gate_up/Split"),
+            "Split",
+            "",
+            &[&gu, &split],
+            2,
+            &[("axis", Attr::I(-1))],
+        );
+        let (g, u) = (parts[0].clone(), parts[1].clone());
         let sig = self.g.node(
             &format!("{base}/mlp/act_fn/Sigmoid"),
             "Sigmoid",
