@@ -114,6 +114,21 @@ impl Tokenizer {
         Ok(ids)
     }
 
+    /// The id [`Tokenizer::encode`]`(text, true)` puts before the text's own tokens (the BOS of
+    /// `add_bos_token` or of tokenizer.json's post-processor), if it adds one: llama.cpp's
+    /// `add_bos`, which `edgellm perplexity` uses to start every window with it.
+    pub fn added_bos(&self) -> Result<Option<u32>, TokenizerError> {
+        // Any text shows it: the rule does not depend on the text (beyond a text that itself
+        // starts with the BOS string, which a one-letter probe does not).
+        let probe = "a";
+        let with = self.encode(probe, true)?;
+        let plain = self.encode(probe, false)?;
+        Ok(match with.split_first() {
+            Some((&first, rest)) if rest == plain.as_slice() => Some(first),
+            _ => None,
+        })
+    }
+
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String, TokenizerError> {
         self.inner
             .decode(ids, skip_special_tokens)
@@ -242,5 +257,29 @@ mod tests {
             tok.encode("The quick brown fox", false).unwrap(),
             vec![293, 328, 426, 329]
         );
+        assert_eq!(tok.added_bos().unwrap(), Some(1));
+    }
+
+    /// Without the post-processor's BOS, `add_bos_token` alone decides.
+    #[test]
+    fn added_bos_follows_the_post_processor_and_add_bos_token() {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/qwen2/checkpoint");
+        let mut json: Value =
+            serde_json::from_str(&std::fs::read_to_string(src.join("tokenizer.json")).unwrap())
+                .unwrap();
+        json["post_processor"] = Value::Null;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("tokenizer.json"), json.to_string()).unwrap();
+        let config = |add_bos: Option<bool>| {
+            let mut c = serde_json::json!({"bos_token": "<s>"});
+            if let Some(b) = add_bos {
+                c["add_bos_token"] = b.into();
+            }
+            std::fs::write(dir.path().join("tokenizer_config.json"), c.to_string()).unwrap();
+            Tokenizer::load(dir.path()).unwrap().added_bos().unwrap()
+        };
+        assert_eq!(config(None), None);
+        assert_eq!(config(Some(false)), None);
+        assert_eq!(config(Some(true)), Some(1));
     }
 }

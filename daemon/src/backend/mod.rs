@@ -61,12 +61,16 @@ impl Default for BackendOptions {
             library: None,
             threads: 0,
             max_length: 4096,
-            prefill_chunk: 256,
+            prefill_chunk: PREFILL_CHUNK,
             allow_spinning: true,
             execution_providers: vec!["cpu".into()],
         }
     }
 }
+
+/// Prompt tokens per prefill step unless configured ([`BackendOptions::prefill_chunk`]); also
+/// the step size of the engine's teacher-forced runs, which bounds one step's attention scratch.
+pub const PREFILL_CHUNK: usize = 256;
 
 /// Where to look for ONNX Runtime, in order: the configured path; `ORT_DYLIB_PATH`; the folder
 /// `scripts/fetch-onnxruntime.sh` fills (`.onnxruntime/<version>/`), searched upwards from the

@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use crate::api::{Completion, Event, FinishReason, Request, Usage};
-use crate::backend::{Backend, BackendError};
+use crate::backend::{Backend, BackendError, PREFILL_CHUNK};
 use crate::chat::harmony::{self, Channel};
 use crate::model::{Model, ModelError};
 use crate::sampler::{Sampler, SamplingError, StopMatcher};
@@ -104,6 +104,65 @@ impl Engine {
         let result = self.backend.forward(&[token]).map(|_| ());
         self.backend.reset();
         Ok(result?)
+    }
+
+    /// Teacher forcing, for evaluations (`edgellm perplexity`): runs `tokens` from an empty KV
+    /// cache and calls `on_logits(p, row)` with the logits at every position `p` in
+    /// `from..tokens.len() - 1` (`row`: `[vocab]`, the prediction of `tokens[p + 1]`), in order.
+    /// The last token predicts nothing and is not run. Returns the number of tokens run.
+    ///
+    /// Packages whose graph reports the last position's logits only get positions `0..=from`
+    /// as a prefill (steps of [`PREFILL_CHUNK`]) and then one token per step; packages exported
+    /// with `--logits all` run in steps of [`PREFILL_CHUNK`] and every row is read. The first
+    /// step's row count tells which is which.
+    pub fn teacher_forced(
+        &mut self,
+        tokens: &[u32],
+        from: usize,
+        on_logits: &mut dyn FnMut(usize, &[f32]),
+    ) -> Result<usize, EngineError> {
+        let vocab = self.model.package.config.model.vocab_size;
+        let end = tokens.len().saturating_sub(1);
+        if from >= end {
+            return Ok(0);
+        }
+        self.backend.reset();
+        // Some(true): every step reports a row per token; None: not known yet.
+        let mut all_rows: Option<bool> = None;
+        let mut pos = 0;
+        while pos < end {
+            let len = match all_rows {
+                Some(true) => (end - pos).min(PREFILL_CHUNK),
+                _ if pos > from => 1,
+                _ => (from + 1 - pos).min(PREFILL_CHUNK),
+            };
+            let rows = self.backend.forward_all(&tokens[pos..pos + len])?;
+            let n = rows.len() / vocab;
+            if all_rows.is_none() && len > 1 {
+                all_rows = Some(n == len);
+            }
+            // The position of the first row: every position of the step, or its last one.
+            let first_row = match n {
+                _ if !rows.len().is_multiple_of(vocab) => None,
+                _ if n == len => Some(pos),
+                1 if all_rows != Some(true) => Some(pos + len - 1),
+                _ => None,
+            }
+            .ok_or_else(|| BackendError::Runtime {
+                context: "teacher forcing".into(),
+                msg: format!(
+                    "a step of {len} tokens returned {} logits, not {len} or 1 rows of {vocab}",
+                    rows.len()
+                ),
+            })?;
+            for (i, row) in rows.chunks_exact(vocab).enumerate() {
+                if first_row + i >= from {
+                    on_logits(first_row + i, row);
+                }
+            }
+            pos += len;
+        }
+        Ok(end)
     }
 
     /// Prompt ids for a request (render + tokenize), checked against the context length.

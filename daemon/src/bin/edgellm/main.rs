@@ -6,10 +6,12 @@
 //! - `prompt`: print the exact prompt text the model would see.
 //! - `inspect`: describe a package.
 //! - `bench`: prefill/decode speed, time to first token, peak RSS.
+//! - `perplexity`: llama.cpp's perplexity of the package on a text file.
 
 mod ask;
 mod bench;
 mod inspect;
+mod perplexity;
 mod run;
 
 use std::path::PathBuf;
@@ -46,6 +48,8 @@ enum Command {
     },
     /// Measure prefill and decode speed, time to first token and peak memory.
     Bench(bench::BenchArgs),
+    /// Perplexity of the model on a text file, as llama.cpp's llama-perplexity measures it.
+    Perplexity(perplexity::PerplexityArgs),
 }
 
 #[derive(Debug, Args)]
@@ -120,9 +124,19 @@ impl EngineArgs {
     /// Loads the model and builds its backend and engine.
     pub fn engine(&self) -> anyhow::Result<edgellm::engine::Engine> {
         let model = edgellm::model::Model::load(&self.model)?;
+        self.engine_for(model, self.max_length.unwrap_or(4096))
+    }
+
+    /// Builds the backend and engine of a loaded `model`, with a KV capacity of `max_length`
+    /// tokens (clamped to the package's context length).
+    pub fn engine_for(
+        &self,
+        model: edgellm::model::Model,
+        max_length: usize,
+    ) -> anyhow::Result<edgellm::engine::Engine> {
         let opts = BackendOptions {
             threads: self.threads,
-            max_length: self.max_length.unwrap_or(4096),
+            max_length,
             allow_spinning: !self.no_spin,
             execution_providers: if self.execution_providers.is_empty() {
                 BackendOptions::default().execution_providers
@@ -289,6 +303,7 @@ fn main() -> ExitCode {
         Command::Prompt(args) => prompt(&args),
         Command::Inspect { dir } => inspect::inspect(&dir),
         Command::Bench(args) => bench::bench(&args),
+        Command::Perplexity(args) => perplexity::perplexity(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
