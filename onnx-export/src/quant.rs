@@ -227,8 +227,13 @@ pub fn quantize(rows: &[f32], k: usize, block: usize, bits: u8, scheme: Scheme, 
 fn quantize_row(row: &[f32], block: usize, bits: u8, scheme: Scheme, out: &mut Blocks) {
     let nmax = 1i32 << (bits - 1);
     let mut q = vec![0i32; block];
-    let mut zps = Vec::with_capacity(row.len() / block);
-    for vals in row.chunks_exact(block) {
+    let mut zps = Vec::with_capacity(row.len().div_ceil(block));
+    // A partial last block is zero-padded (MatMulNBits reads only K values of it).
+    let mut last = vec![0f32; block];
+    let full = row.len() / block * block;
+    last[..row.len() - full].copy_from_slice(&row[full..]);
+    let tail = (full < row.len()).then_some(last.as_slice());
+    for vals in row[..full].chunks_exact(block).chain(tail) {
         let (scale, zp) = match scheme {
             Scheme::Asym if bits == 4 => asym_block(vals, &mut q),
             Scheme::Offset => {

@@ -2,17 +2,21 @@
 //! Runtime is missing or cannot run the model.
 //!
 //! The graph is loaded with tract's own importers for everything it already does right
-//! (GatherBlockQuantized with block 32 stays int4 as Q4_0, (Skip)SimplifiedLayerNormalization,
-//! the standard ops) and with our implementations, registered in tract-onnx's op register, for
-//! what it lacks or does slowly:
+//! (4-bit GatherBlockQuantized without zero points: Q4_0 for block 32, a graph over the packed
+//! bytes otherwise; (Skip)SimplifiedLayerNormalization, the standard ops) and with our
+//! implementations, registered in tract-onnx's op register, for what it lacks or does slowly:
 //!
 //! * `GroupQueryAttention` ([`gqa`]) replaces tract's: packed QKV, any number of new tokens
 //!   against any cached prefix (chunked prefill), attention sinks (`head_sink`), sliding windows
 //!   with symbolic lengths, softcap, partial rotary.
 //! * `QMoE` / `MoE` ([`moe`]): top-k routing, int4 experts kept packed, the SwiGLU variants with
 //!   alpha/beta/limit.
-//! * `MatMulNBits` ([`matmul`]) replaces tract's: the package's int4 bytes used in place, int8
-//!   activations, AVX2 where the CPU has it.
+//! * `MatMulNBits` ([`matmul`]) replaces tract's: 4- and 8-bit weights in blocks of 16 to 256,
+//!   with or without zero points, the package's bytes used in place, int8 activations, AVX2
+//!   where the CPU has it.
+//! * `GatherBlockQuantized` ([`gather`]) for the tables tract's importer lacks: 8-bit, and
+//!   4-bit with zero points; only the gathered rows are dequantized, and a table the graph
+//!   reshapes from the lm_head's bytes is read in place (one copy).
 //!
 //! One plan is built at load with the sequence length and every past length symbolic, optimized
 //! once and reused for every step of every prompt. The KV cache is explicit: each step feeds
@@ -24,9 +28,12 @@
 //! ours.
 
 mod common;
+mod gather;
 mod gqa;
 mod matmul;
 mod moe;
+#[cfg(test)]
+mod test_graph;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -55,6 +62,11 @@ fn onnx() -> tract_onnx::Onnx {
     }
     onnx.op_register
         .insert("MatMulNBits", matmul::mat_mul_nbits);
+    if let Some(&builtin) = onnx.op_register.0.get("GatherBlockQuantized") {
+        let _ = gather::BUILTIN.set(builtin);
+    }
+    onnx.op_register
+        .insert("GatherBlockQuantized", gather::gather_block_quantized);
     onnx.op_register
         .insert("GroupQueryAttention", gqa::group_query_attention);
     onnx.op_register.insert("QMoE", moe::qmoe);
@@ -64,11 +76,13 @@ fn onnx() -> tract_onnx::Onnx {
 
 /// Parses the graph with [`onnx`], after dropping the statistics outputs of normalization
 /// nodes that nothing reads (exporters name `mean`/`inv_std_var` even when unused; tract
-/// rejects a named `mean`).
+/// rejects a named `mean`) and pointing quantized embedding tables at their initializers
+/// ([`gather::read_tables_in_place`]).
 fn read_graph(path: &std::path::Path) -> TractResult<InferenceModel> {
     let onnx = onnx();
     let mut proto = onnx.proto_model_for_path(path)?;
     if let Some(graph) = proto.graph.as_mut() {
+        gather::read_tables_in_place(graph);
         let mut used: std::collections::HashSet<String> =
             graph.output.iter().map(|o| o.name.clone()).collect();
         for node in &graph.node {
@@ -96,7 +110,7 @@ fn read_graph(path: &std::path::Path) -> TractResult<InferenceModel> {
 }
 
 /// Builds the process's thread pool once: `threads` workers (0 = all cores), shared by tract's
-/// matrix products (its executor) and our int4 products.
+/// matrix products (its executor) and our quantized products.
 fn set_executor(threads: usize) {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {

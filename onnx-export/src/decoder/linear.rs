@@ -144,10 +144,11 @@ impl DecoderBuilder<'_> {
                 )))
             }
             (true, _) => {
-                if scheme != quant::Scheme::Rtn && !k.is_multiple_of(bs) {
+                if scheme == quant::Scheme::Offset && !k.is_multiple_of(bs) {
                     return Err(ExportError::InvalidOption(format!(
-                        "{prefix}: K = {k} is not a multiple of the block size {bs} (only \
-                         --quant rtn pads a partial last block)"
+                        "{prefix}: K = {k} is not a multiple of the block size {bs}, which \
+                         --quant offset needs (its block sums); choose a smaller --block-size \
+                         or another --quant"
                     )));
                 }
                 let k_blocks = k.div_ceil(bs);

@@ -1,17 +1,42 @@
-//! com.microsoft `MatMulNBits` (4 bits) for tract: `Y = A @ dequant(B)^T (+ bias)`.
+//! com.microsoft `MatMulNBits` (4 and 8 bits) for tract: `Y = A @ dequant(B)^T (+ bias)`.
 //!
-//! Replaces tract-onnx's importer, which repacks every weight into Q4_0 (a second copy of all
-//! weights while the model loads) and multiplies with f32 activations through a generic packer.
-//! Here the weights stay exactly as the package stores them (`[N, blocks, block/2]` bytes, two
-//! weights per byte, low nibble first; f32/f16 scales; optional packed zero points, default 8)
-//! and are shared with the graph's constant, not copied. The product quantizes each activation
-//! row to int8 in blocks of 32 (one f32 scale per block, round to nearest), which the packages'
-//! `accuracy_level = 4` allows and ONNX Runtime does as well, and accumulates int8 x int4 dot
-//! products in i32: AVX2 on x86-64 when the CPU has it, portable code (auto-vectorized, NEON on
-//! aarch64) otherwise. Output rows are split across the backend's thread pool.
+//! Replaces tract-onnx's importer, which repacks 4-bit block-32 weights into Q4_0 (a second copy
+//! of all weights while the model loads) and inflates every other layout to f32. Here the weights
+//! stay exactly as the package stores them and are shared with the graph's constant, not copied:
 //!
-//! Configurations the kernel does not cover (2-bit weights, `g_idx`, K or the block size not a
-//! multiple of 32) go to tract's own importer.
+//! * `B`: uint8 `[N, ceil(K/block), block*bits/8]`. 4 bits: two codes per byte, low nibble first
+//!   (`k = 2i` low, `2i + 1` high); 8 bits: one code per byte. A last block past K is padding.
+//! * `scales`: f32 (or f16, widened at load) `[N, ceil(K/block)]`.
+//! * `zero_points` (optional): uint8 `[N, ceil(blocks*bits/8)]`, packed like `B` (4 bits: two
+//!   per byte, low nibble first; 8 bits: one per byte). Absent, ONNX Runtime's default
+//!   `2^(bits-1)`: 8 or 128. Value = `scale * (code - zero_point)`.
+//! * `block_size`: any power of two from 16 (16..256 in practice); K need not be a multiple.
+//!
+//! The product quantizes each activation row to int8 in sub-blocks of 32 (one f32 scale per
+//! sub-block, round to nearest), which the packages' `accuracy_level = 4` allows and ONNX Runtime
+//! does as well (it uses one scale per weight block), and accumulates int8 x code dot products
+//! in i32: AVX2 on x86-64 when the CPU has it, portable code (auto-vectorized, NEON on aarch64)
+//! otherwise. A node with `accuracy_level` 0 or absent (ONNX Runtime's default: f32
+//! activations) is computed like ONNX Runtime does it then: each weight row dequantized to f32
+//! and multiplied with the f32 activations (slower; reference comparisons use it). Output rows
+//! are split across the backend's thread pool.
+//!
+//! How the codes meet the activations:
+//! * 4 bits: the raw nibbles (0..15, unsigned) meet activations reordered per sub-block to
+//!   `[even positions | odd positions]` (the low and high nibbles of 16 bytes). The zero points
+//!   come out of the dot product through the activations' block sums:
+//!   `sum_i a_i (q_i - z) = sum_i a_i q_i - z sum_i a_i`, per weight block.
+//! * 8 bits: codes are recentred to signed `q - 128` (a sign flip of the top bit), so the i8 x i8
+//!   product runs on `maddubs(|c|, sign(a, c))` without i16 overflow (|a| <= 127); the default
+//!   zero point 128 then costs nothing, and an explicit one adds `(z - 128) sum_i a_i`.
+//! * Block 16: a 32-value activation sub-block spans two weight blocks; its i32 partial sums are
+//!   kept per 16 positions (lanes of the AVX2 accumulator) and scaled by their own weight scale.
+//!   When the padded K ends half-way through a sub-block, that last half is done in scalar code.
+//!
+//! Float zero points (`[N, blocks]`, A's type; `scale * (code - zero_point)` as in ONNX
+//! Runtime's 4-bit path, which tract's importer rejects) take the same correction term.
+//! Configurations the kernel does not cover (2-bit weights, `g_idx`, a block size that is not a
+//! power of two from 16) go to tract's own importer.
 
 use std::sync::{Arc, OnceLock};
 
@@ -35,17 +60,17 @@ pub fn mat_mul_nbits(
     let n: usize = node.get_attr("N")?;
     let bits: usize = node.get_attr_opt("bits")?.unwrap_or(4);
     let block: usize = node.get_attr("block_size")?;
+    let accuracy_level: i64 = node.get_attr_opt("accuracy_level")?.unwrap_or(0);
     let mut opt = optional_inputs(node).skip(3);
     let (zp, g_idx, bias) = (
         opt.next().flatten(),
         opt.next().flatten(),
         opt.next().flatten(),
     );
-    let ours = bits == 4
+    let ours = matches!(bits, 4 | 8)
         && g_idx.is_none()
-        && block >= 32
-        && block.is_multiple_of(32)
-        && k.is_multiple_of(block)
+        && block >= 16
+        && block.is_power_of_two()
         && k > 0
         && n > 0;
     if !ours {
@@ -58,9 +83,11 @@ pub fn mat_mul_nbits(
         expand(MatMulNBits {
             k,
             n,
+            bits,
             block,
             zp,
             bias,
+            f32_activations: accuracy_level == 0,
         }),
         vec![],
     ))
@@ -70,9 +97,12 @@ pub fn mat_mul_nbits(
 struct MatMulNBits {
     k: usize,
     n: usize,
+    bits: usize,
     block: usize,
     zp: Option<usize>,
     bias: Option<usize>,
+    /// `accuracy_level` 0: f32 activations.
+    f32_activations: bool,
 }
 
 impl Expansion for MatMulNBits {
@@ -106,8 +136,9 @@ impl Expansion for MatMulNBits {
         model: &mut TypedModel,
         inputs: &[OutletId],
     ) -> TractResult<TVec<OutletId>> {
-        let (k, n, block) = (self.k, self.n, self.block);
+        let (k, n, bits, block) = (self.k, self.n, self.bits, self.block);
         let blocks = k.div_ceil(block);
+        let blob = block * bits / 8;
         let a = model.outlet_fact(inputs[0])?.clone();
         ensure!(
             a.datum_type == f32::datum_type(),
@@ -116,11 +147,10 @@ impl Expansion for MatMulNBits {
         );
         let weights = konst(model, inputs[1], "MatMulNBits: B")?;
         ensure!(
-            weights.datum_type() == u8::datum_type() && weights.len() == n * blocks * block / 2,
-            "MatMulNBits {prefix}: B is {:?} {:?}, expected uint8 [{n}, {blocks}, {}]",
+            weights.datum_type() == u8::datum_type() && weights.len() == n * blocks * blob,
+            "MatMulNBits {prefix}: B is {:?} {:?}, expected uint8 [{n}, {blocks}, {blob}]",
             weights.datum_type(),
             weights.shape(),
-            block / 2
         );
         let scales = konst_f32_vec(model, inputs[2], "MatMulNBits: scales")?;
         ensure!(
@@ -128,29 +158,38 @@ impl Expansion for MatMulNBits {
             "MatMulNBits {prefix}: {} scales for {n} x {blocks} blocks",
             scales.len()
         );
-        // Zero points, one byte per block (unpacked from two per byte); default 8.
+        // Zero points, one per block: uint8 ones unpacked (4 bits: two per byte), float ones
+        // (`[N, blocks]`, the type of A) as f32.
         let zero_points = match self.zp {
             Some(i) => {
                 let zp = konst(model, inputs[i], "MatMulNBits: zero_points")?;
-                ensure!(
-                    zp.datum_type() == u8::datum_type(),
-                    "MatMulNBits {prefix}: only packed uint8 zero points are supported by the tract backend"
-                );
-                let zp = zp.try_as_plain_ram()?;
-                let zp = zp.as_slice::<u8>()?;
-                let per_row = blocks.div_ceil(2);
-                ensure!(
-                    zp.len() == n * per_row,
-                    "MatMulNBits {prefix}: {} zero-point bytes for {n} x {blocks} blocks",
-                    zp.len()
-                );
-                let mut out = Vec::with_capacity(n * blocks);
-                for row in zp.chunks(per_row) {
-                    for b in 0..blocks {
-                        out.push((row[b / 2] >> (4 * (b % 2))) & 0x0f);
+                if zp.datum_type() == u8::datum_type() {
+                    let zp = zp.try_as_plain_ram()?;
+                    let zp = zp.as_slice::<u8>()?;
+                    let per_row = (blocks * bits).div_ceil(8);
+                    ensure!(
+                        zp.len() == n * per_row,
+                        "MatMulNBits {prefix}: {} zero-point bytes for {n} x {blocks} blocks of {bits} bits",
+                        zp.len()
+                    );
+                    let mut out = Vec::with_capacity(n * blocks);
+                    for row in zp.chunks(per_row) {
+                        if bits == 8 {
+                            out.extend_from_slice(row);
+                        } else {
+                            out.extend((0..blocks).map(|b| (row[b / 2] >> (4 * (b % 2))) & 0x0f));
+                        }
                     }
+                    Some(ZeroPoints::Codes(out))
+                } else {
+                    let zp = konst_f32_vec(model, inputs[i], "MatMulNBits: zero_points")?;
+                    ensure!(
+                        zp.len() == n * blocks,
+                        "MatMulNBits {prefix}: {} float zero points for {n} x {blocks} blocks",
+                        zp.len()
+                    );
+                    Some(ZeroPoints::Float(zp))
                 }
-                Some(out)
             }
             None => None,
         };
@@ -166,48 +205,64 @@ impl Expansion for MatMulNBits {
             }
             None => None,
         };
-        let op = Int4MatMul {
+        let op = NBitsMatMul {
             k,
             n,
+            bits,
             block,
             weights,
             scales: Arc::new(scales),
             zero_points: zero_points.map(Arc::new),
             bias: bias.map(Arc::new),
+            f32_activations: self.f32_activations,
         };
         model.wire_node(prefix, op, &[inputs[0]])
     }
 }
 
 #[derive(Debug, Clone)]
-pub struct Int4MatMul {
+pub struct NBitsMatMul {
     k: usize,
     n: usize,
+    /// 4 or 8.
+    bits: usize,
+    /// A power of two, at least 16.
     block: usize,
-    /// `[N, K/block, block/2]`, the package's bytes.
+    /// `[N, ceil(K/block), block*bits/8]`, the package's bytes.
     weights: Arc<Tensor>,
-    /// `[N * K/block]`.
+    /// `[N * ceil(K/block)]`.
     scales: Arc<Vec<f32>>,
-    /// `[N * K/block]`, one per block.
-    zero_points: Option<Arc<Vec<u8>>>,
+    /// `[N * ceil(K/block)]`, one per block; `None`: `2^(bits-1)`.
+    zero_points: Option<Arc<ZeroPoints>>,
     bias: Option<Arc<Vec<f32>>>,
+    /// `accuracy_level` 0: f32 activations against dequantized weight rows.
+    f32_activations: bool,
 }
 
-impl PartialEq for Int4MatMul {
+/// Per-block zero points, `[N * ceil(K/block)]`.
+#[derive(Debug)]
+enum ZeroPoints {
+    /// uint8 ones, unpacked.
+    Codes(Vec<u8>),
+    /// Float ones (the graph's A type, widened).
+    Float(Vec<f32>),
+}
+
+impl PartialEq for NBitsMatMul {
     fn eq(&self, other: &Self) -> bool {
         Arc::ptr_eq(&self.weights, &other.weights) && Arc::ptr_eq(&self.scales, &other.scales)
     }
 }
-impl Eq for Int4MatMul {}
+impl Eq for NBitsMatMul {}
 
-impl Op for Int4MatMul {
+impl Op for NBitsMatMul {
     fn name(&self) -> StaticName {
         "EdgellmMatMulNBits".into()
     }
     op_as_typed_op!();
 }
 
-impl TypedOp for Int4MatMul {
+impl TypedOp for NBitsMatMul {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
         let mut shape = inputs[0].shape.to_tvec();
         let last = shape.len() - 1;
@@ -217,90 +272,206 @@ impl TypedOp for Int4MatMul {
     as_op!();
 }
 
-/// One activation row quantized to int8, in sub-blocks of 32 whose values are reordered to
-/// `[even positions | odd positions]` to meet the low and high nibbles of the weight bytes.
+/// One activation row quantized to int8 in sub-blocks of 32, zero-padded to the weights' padded
+/// K (rounded up to 32). For 4-bit weights each sub-block is reordered to
+/// `[even positions | odd positions]` to meet the low and high nibbles of 16 weight bytes; for
+/// 8-bit weights it keeps its order.
 struct QuantRow {
     q: Vec<i8>,
     /// Per sub-block: the scale.
     scale: Vec<f32>,
-    /// Per weight block (`block_subs` sub-blocks): sum of scale x int8 values, what the zero
-    /// points multiply.
+    /// Per weight block: sum of scale x int8 values, what the zero points multiply.
     block_sums: Vec<f32>,
 }
 
-fn quantize(x: &[f32], block_subs: usize) -> QuantRow {
-    let subs = x.len() / 32;
-    let mut q = vec![0i8; x.len()];
+/// Quantizes `x` (K values) for weights of `bits` in blocks of `block`, padded to `padded`
+/// values (`ceil(K/block) * block`).
+fn quantize(x: &[f32], bits: usize, block: usize, padded: usize) -> QuantRow {
+    let subs = padded.div_ceil(32);
+    let mut q = vec![0i8; subs * 32];
     let mut scale = Vec::with_capacity(subs);
-    let mut scaled_sum = Vec::with_capacity(subs);
-    for (b, xs) in x.chunks_exact(32).enumerate() {
+    // Scaled sums per 16 values for block 16, else per sub-block.
+    let mut sums = Vec::with_capacity(if block == 16 { 2 * subs } else { subs });
+    let mut padded_tail = [0f32; 32];
+    for j in 0..subs {
+        let xs = &x[(32 * j).min(x.len())..(32 * j + 32).min(x.len())];
+        let xs: &[f32] = if xs.len() == 32 {
+            xs
+        } else {
+            padded_tail.fill(0.0);
+            padded_tail[..xs.len()].copy_from_slice(xs);
+            &padded_tail
+        };
         let max = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
         let s = max / 127.0;
         let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
-        let out = &mut q[b * 32..(b + 1) * 32];
-        let mut sum = 0i32;
-        for i in 0..16 {
-            let (e, o) = (
-                (xs[2 * i] * inv).round() as i8,
-                (xs[2 * i + 1] * inv).round() as i8,
-            );
-            out[i] = e;
-            out[16 + i] = o;
-            sum += e as i32 + o as i32;
+        let out = &mut q[j * 32..(j + 1) * 32];
+        // Sums of the first and the last 16 positions.
+        let (mut s0, mut s1) = (0i32, 0i32);
+        if bits == 4 {
+            for i in 0..16 {
+                let (e, o) = (
+                    (xs[2 * i] * inv).round() as i8,
+                    (xs[2 * i + 1] * inv).round() as i8,
+                );
+                out[i] = e;
+                out[16 + i] = o;
+                if i < 8 {
+                    s0 += e as i32 + o as i32;
+                } else {
+                    s1 += e as i32 + o as i32;
+                }
+            }
+        } else {
+            for i in 0..32 {
+                let v = (xs[i] * inv).round() as i8;
+                out[i] = v;
+                if i < 16 {
+                    s0 += v as i32;
+                } else {
+                    s1 += v as i32;
+                }
+            }
         }
         scale.push(s);
-        scaled_sum.push(s * sum as f32);
+        if block == 16 {
+            sums.push(s * s0 as f32);
+            sums.push(s * s1 as f32);
+        } else {
+            sums.push(s * (s0 + s1) as f32);
+        }
     }
+    let per_block = if block == 16 { 1 } else { block / 32 };
+    let blocks = padded / block;
     QuantRow {
         q,
         scale,
-        block_sums: scaled_sum
-            .chunks(block_subs)
+        block_sums: sums
+            .chunks(per_block)
+            .take(blocks)
             .map(|c| c.iter().sum())
             .collect(),
     }
 }
 
-/// One row's `sum over 32-value sub-blocks j of ws[j / per_block] * xs[j] * dot(nibbles, q_x)`
-/// on the raw nibbles (the zero point is applied by the caller). `w`: the row's K/2 bytes;
-/// `ws`: its block scales; `xs`: x's sub-block scales.
+/// One 4-bit sub-block's dot product over bytes `range` (of 16): raw nibbles x reordered int8.
+#[inline(always)]
+fn dot4(wb: &[u8], xb: &[i8], range: std::ops::Range<usize>) -> i32 {
+    let mut d = 0i32;
+    for i in range {
+        d += (wb[i] & 0x0f) as i32 * xb[i] as i32 + (wb[i] >> 4) as i32 * xb[16 + i] as i32;
+    }
+    d
+}
+
+/// One 8-bit sub-block's dot product over positions `range` (of 32): `(code - 128)` x int8.
+#[inline(always)]
+fn dot8(wb: &[u8], xb: &[i8], range: std::ops::Range<usize>) -> i32 {
+    let mut d = 0i32;
+    for i in range {
+        d += (wb[i] as i32 - 128) * xb[i] as i32;
+    }
+    d
+}
+
+/// One row's `sum over the first subs 32-value sub-blocks j` of weight scale x `xs[j]` x the
+/// int dot product, on the codes as [`dot4`]/[`dot8`] see them (the zero points are applied by
+/// the caller). `w`: the row's bytes; `ws`: its block scales; `xs`: x's sub-block scales;
+/// `shift`: log2 of the sub-blocks per weight block (block >= 32). `B16`: block 16, two weight
+/// blocks per sub-block.
 #[inline]
-fn row_dot_portable(w: &[u8], q: &[i8], ws: &[f32], xs: &[f32], per_block: usize) -> f32 {
+fn row_dot_portable<const BITS: usize, const B16: bool>(
+    w: &[u8],
+    q: &[i8],
+    ws: &[f32],
+    xs: &[f32],
+    shift: u32,
+    subs: usize,
+) -> f32 {
+    let bytes = 4 * BITS;
     let mut acc = 0f32;
-    for (j, (wb, xb)) in w.chunks_exact(16).zip(q.chunks_exact(32)).enumerate() {
-        let mut d = 0i32;
-        for i in 0..16 {
-            d += (wb[i] & 0x0f) as i32 * xb[i] as i32 + (wb[i] >> 4) as i32 * xb[16 + i] as i32;
+    for (j, (wb, xb)) in w
+        .chunks_exact(bytes)
+        .zip(q.chunks_exact(32))
+        .take(subs)
+        .enumerate()
+    {
+        if B16 {
+            let (d0, d1) = if BITS == 4 {
+                (dot4(wb, xb, 0..8), dot4(wb, xb, 8..16))
+            } else {
+                (dot8(wb, xb, 0..16), dot8(wb, xb, 16..32))
+            };
+            acc += xs[j] * (ws[2 * j] * d0 as f32 + ws[2 * j + 1] * d1 as f32);
+        } else {
+            let d = if BITS == 4 {
+                dot4(wb, xb, 0..16)
+            } else {
+                dot8(wb, xb, 0..32)
+            };
+            acc += ws[j >> shift] * xs[j] * d as f32;
         }
-        acc += ws[j / per_block] * xs[j] * d as f32;
     }
     acc
 }
 
+/// [`row_dot_portable`] with AVX2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn row_dot_avx2(w: &[u8], q: &[i8], ws: &[f32], xs: &[f32], per_block: usize) -> f32 {
+unsafe fn row_dot_avx2<const BITS: usize, const B16: bool>(
+    w: &[u8],
+    q: &[i8],
+    ws: &[f32],
+    xs: &[f32],
+    shift: u32,
+    subs: usize,
+) -> f32 {
     use std::arch::x86_64::*;
-    let subs = w.len() / 16;
-    assert!(q.len() >= subs * 32 && xs.len() >= subs && ws.len() * per_block >= subs);
+    let bytes = 4 * BITS;
+    assert!(w.len() >= subs * bytes && q.len() >= subs * 32 && xs.len() >= subs);
+    if B16 {
+        assert!(ws.len() >= 2 * subs);
+    } else {
+        assert!(ws.len() << shift >= subs);
+    }
     let low = _mm_set1_epi8(0x0f);
+    let flip = _mm256_set1_epi8(-128);
     let ones = _mm256_set1_epi16(1);
     let mut acc = _mm256_setzero_ps();
     for j in 0..subs {
-        // SAFETY: j < subs, so the 16 bytes at w[j * 16] and the 32 values at q[j * 32] are in
-        // bounds (asserted above).
-        let (v, x) = unsafe {
-            (
-                _mm_loadu_si128(w.as_ptr().add(j * 16) as *const __m128i),
-                _mm256_loadu_si256(q.as_ptr().add(j * 32) as *const __m256i),
-            )
+        // SAFETY: j < subs, so the 32 values at q[j * 32] are in bounds (asserted above).
+        let x = unsafe { _mm256_loadu_si256(q.as_ptr().add(j * 32) as *const __m256i) };
+        // i32 lanes: 4 bits, lanes 0-1 and 4-5 hold positions 0..16 (low and high nibbles of
+        // bytes 0..8), lanes 2-3 and 6-7 positions 16..32; 8 bits, lanes 0-3 positions 0..16.
+        let p = if BITS == 4 {
+            // SAFETY: the 16 bytes at w[j * 16] are in bounds (asserted above).
+            let v = unsafe { _mm_loadu_si128(w.as_ptr().add(j * 16) as *const __m128i) };
+            let lo = _mm_and_si128(v, low);
+            let hi = _mm_and_si128(_mm_srli_epi16(v, 4), low);
+            let wv = _mm256_set_m128i(hi, lo);
+            // u8 (0..15) x i8 pairs summed to i16 (|sum| <= 2 * 15 * 128), then to i32.
+            _mm256_madd_epi16(_mm256_maddubs_epi16(wv, x), ones)
+        } else {
+            // SAFETY: the 32 bytes at w[j * 32] are in bounds (asserted above).
+            let v = unsafe { _mm256_loadu_si256(w.as_ptr().add(j * 32) as *const __m256i) };
+            // code - 128 as i8; |c| (u8, <= 128) x sign-adjusted x (|x| <= 127) pairs fit i16.
+            let c = _mm256_xor_si256(v, flip);
+            let p = _mm256_maddubs_epi16(_mm256_sign_epi8(c, c), _mm256_sign_epi8(x, c));
+            _mm256_madd_epi16(p, ones)
         };
-        let lo = _mm_and_si128(v, low);
-        let hi = _mm_and_si128(_mm_srli_epi16(v, 4), low);
-        let wv = _mm256_set_m128i(hi, lo);
-        // u8 (0..15) x i8 pairs summed to i16 (|sum| <= 2 * 15 * 128), then to i32.
-        let p = _mm256_madd_epi16(_mm256_maddubs_epi16(wv, x), ones);
-        let scale = _mm256_set1_ps(ws[j / per_block] * xs[j]);
+        let scale = if B16 {
+            // SAFETY: 2 * j + 1 < ws.len() (asserted above); an unaligned 8-byte load.
+            let pair = unsafe { _mm_castpd_ps(_mm_load_sd(ws.as_ptr().add(2 * j) as *const f64)) };
+            let s = _mm_mul_ps(pair, _mm_set1_ps(xs[j]));
+            if BITS == 4 {
+                let s = _mm_unpacklo_ps(s, s);
+                _mm256_set_m128(s, s)
+            } else {
+                _mm256_set_m128(_mm_shuffle_ps(s, s, 0x55), _mm_shuffle_ps(s, s, 0))
+            }
+        } else {
+            _mm256_set1_ps(ws[j >> shift] * xs[j])
+        };
         acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scale, acc);
     }
     let s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
@@ -319,48 +490,154 @@ fn avx2() -> bool {
     false
 }
 
-impl Int4MatMul {
-    /// Output rows `[n0, n0 + out.len() / m)` for every activation row, into `out` laid out
-    /// `[m, rows]`.
+/// One row's dot product over `subs` full sub-blocks: AVX2 when `use_avx2` (the CPU has it,
+/// [`avx2`]), else portable.
+#[inline(always)]
+fn row_dot<const BITS: usize, const B16: bool>(
+    use_avx2: bool,
+    w: &[u8],
+    x: &QuantRow,
+    ws: &[f32],
+    shift: u32,
+    subs: usize,
+) -> f32 {
+    if use_avx2 {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU has AVX2 and FMA (checked at run time by the caller).
+        unsafe {
+            row_dot_avx2::<BITS, B16>(w, &x.q, ws, &x.scale, shift, subs)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!()
+    } else {
+        row_dot_portable::<BITS, B16>(w, &x.q, ws, &x.scale, shift, subs)
+    }
+}
+
+impl NBitsMatMul {
+    fn blocks(&self) -> usize {
+        self.k.div_ceil(self.block)
+    }
+
+    /// The weight bytes (tests check which constant they are).
+    #[cfg(test)]
+    pub(super) fn weights(&self) -> &Arc<Tensor> {
+        &self.weights
+    }
+
+    /// Output rows `[n0, n0 + width)` for every activation row, into `out` laid out
+    /// `[m, width]`.
     fn tile(&self, rows: &[QuantRow], n0: usize, width: usize, out: &mut [f32]) {
-        let (k, block) = (self.k, self.block);
-        let blocks = k / block;
-        let per_block = block / 32;
+        match (self.bits, self.block == 16) {
+            (4, false) => self.tile_with::<4, false>(rows, n0, width, out),
+            (4, true) => self.tile_with::<4, true>(rows, n0, width, out),
+            (_, false) => self.tile_with::<8, false>(rows, n0, width, out),
+            (_, true) => self.tile_with::<8, true>(rows, n0, width, out),
+        }
+    }
+
+    /// Weight row `n` dequantized to f32 (`scale * (code - zero_point)`), K values.
+    fn dequantized_row(&self, n: usize, out: &mut Vec<f32>) {
+        let blocks = self.blocks();
+        let row_bytes = blocks * self.block * self.bits / 8;
+        let weights = self
+            .weights
+            .try_as_plain_ram()
+            .expect("constant weights are plain memory");
+        let w = &weights.as_slice::<u8>().expect("uint8 weights")[n * row_bytes..][..row_bytes];
+        let default_zp = (1u32 << (self.bits - 1)) as f32;
+        out.clear();
+        out.extend((0..self.k).map(|i| {
+            let code = if self.bits == 4 {
+                (w[i / 2] >> (4 * (i % 2))) & 0x0f
+            } else {
+                w[i]
+            } as f32;
+            let b = n * blocks + i / self.block;
+            let zp = match self.zero_points.as_deref() {
+                None => default_zp,
+                Some(ZeroPoints::Codes(z)) => z[b] as f32,
+                Some(ZeroPoints::Float(z)) => z[b],
+            };
+            self.scales[b] * (code - zp)
+        }));
+    }
+
+    /// [`NBitsMatMul::tile`] with f32 activations (`accuracy_level` 0).
+    fn tile_f32(&self, a: &[f32], n0: usize, width: usize, out: &mut [f32]) {
+        let k = self.k;
+        let mut w = Vec::with_capacity(k);
+        for r in 0..width {
+            let n = n0 + r;
+            self.dequantized_row(n, &mut w);
+            let bias = self.bias.as_ref().map_or(0.0, |b| b[n]);
+            for (m, x) in a.chunks_exact(k).enumerate() {
+                let dot: f32 = x.iter().zip(&w).map(|(x, w)| x * w).sum();
+                out[m * width + r] = dot + bias;
+            }
+        }
+    }
+
+    /// [`NBitsMatMul::tile`] for `BITS` (= `self.bits`) and block 16 or not (`B16`).
+    fn tile_with<const BITS: usize, const B16: bool>(
+        &self,
+        rows: &[QuantRow],
+        n0: usize,
+        width: usize,
+        out: &mut [f32],
+    ) {
+        let blocks = self.blocks();
+        let padded = blocks * self.block;
+        let row_bytes = padded * BITS / 8;
+        let shift = (self.block / 32).max(1).trailing_zeros();
+        // Full 32-value sub-blocks, and whether a 16-value half follows (block 16 only).
+        let (subs, half) = (padded / 32, !padded.is_multiple_of(32));
+        // What the dot product's codes are measured from: raw nibbles (4 bits) or code - 128.
+        let center = if BITS == 4 { 0.0 } else { 128.0 };
+        let default_zp = (1u32 << (BITS - 1)) as f32 - center;
+        let use_avx2 = avx2();
         let weights = self
             .weights
             .try_as_plain_ram()
             .expect("constant weights are plain memory");
         let weights = weights.as_slice::<u8>().expect("uint8 weights");
-        let use_avx2 = avx2();
         for r in 0..width {
             let n = n0 + r;
-            let w = &weights[n * k / 2..(n + 1) * k / 2];
+            let w = &weights[n * row_bytes..(n + 1) * row_bytes];
             let ws = &self.scales[n * blocks..(n + 1) * blocks];
             for (m, x) in rows.iter().enumerate() {
-                // The zero points: sum over blocks of scale x zp x sum(x).
+                // The zero points: sum over blocks of scale x (zp - center) x sum(x).
                 let sums = &x.block_sums;
                 let correction: f32 = match &self.zero_points {
-                    None => 8.0 * ws.iter().zip(sums).map(|(s, x)| s * x).sum::<f32>(),
+                    None if default_zp == 0.0 => 0.0,
+                    None => default_zp * ws.iter().zip(sums).map(|(s, x)| s * x).sum::<f32>(),
                     Some(z) => {
-                        let z = &z[n * blocks..(n + 1) * blocks];
-                        ws.iter()
-                            .zip(sums)
-                            .zip(z)
-                            .map(|((s, x), &z)| s * x * z as f32)
-                            .sum()
+                        let range = n * blocks..(n + 1) * blocks;
+                        let scaled = ws.iter().zip(sums);
+                        match &**z {
+                            ZeroPoints::Codes(z) => scaled
+                                .zip(&z[range])
+                                .map(|((s, x), &z)| s * x * (z as f32 - center))
+                                .sum(),
+                            ZeroPoints::Float(z) => scaled
+                                .zip(&z[range])
+                                .map(|((s, x), &z)| s * x * (z - center))
+                                .sum(),
+                        }
                     }
                 };
-                let dot = if use_avx2 {
-                    #[cfg(target_arch = "x86_64")]
-                    // SAFETY: the CPU has AVX2 and FMA (checked at run time).
-                    unsafe {
-                        row_dot_avx2(w, &x.q, ws, &x.scale, per_block)
-                    }
-                    #[cfg(not(target_arch = "x86_64"))]
-                    unreachable!()
-                } else {
-                    row_dot_portable(w, &x.q, ws, &x.scale, per_block)
-                };
+                let mut dot = row_dot::<BITS, B16>(use_avx2, w, x, ws, shift, subs);
+                if half {
+                    // The last weight block fills only the first half of the last sub-block.
+                    let xb = &x.q[subs * 32..subs * 32 + 32];
+                    let wb = &w[subs * BITS * 4..];
+                    let d = if BITS == 4 {
+                        dot4(wb, xb, 0..8)
+                    } else {
+                        dot8(wb, xb, 0..16)
+                    };
+                    dot += ws[blocks - 1] * x.scale[subs] * d as f32;
+                }
                 let bias = self.bias.as_ref().map_or(0.0, |b| b[n]);
                 out[m * width + r] = dot - correction + bias;
             }
@@ -368,7 +645,7 @@ impl Int4MatMul {
     }
 }
 
-impl EvalOp for Int4MatMul {
+impl EvalOp for NBitsMatMul {
     op_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
@@ -381,10 +658,14 @@ impl EvalOp for Int4MatMul {
             "MatMulNBits: input {shape:?} does not end in K = {k}"
         );
         let m = a.len() / k;
-        let rows: Vec<QuantRow> = a
-            .chunks_exact(k)
-            .map(|x| quantize(x, self.block / 32))
-            .collect();
+        let padded = self.blocks() * self.block;
+        let rows: Vec<QuantRow> = if self.f32_activations {
+            Vec::new()
+        } else {
+            a.chunks_exact(k)
+                .map(|x| quantize(x, self.bits, self.block, padded))
+                .collect()
+        };
         // Tiles of output rows: enough for every thread, each at least 64 rows.
         let threads = POOL.get().map_or(1, |p| p.current_num_threads());
         let tile = n.div_ceil(threads * 4).max(64).min(n);
@@ -395,7 +676,11 @@ impl EvalOp for Int4MatMul {
         let mut out = vec![0f32; m * n];
         let compute = |&(n0, width): &(usize, usize)| {
             let mut buf = vec![0f32; m * width];
-            self.tile(&rows, n0, width, &mut buf);
+            if self.f32_activations {
+                self.tile_f32(a, n0, width, &mut buf);
+            } else {
+                self.tile(&rows, n0, width, &mut buf);
+            }
             (n0, width, buf)
         };
         let parts: Vec<(usize, usize, Vec<f32>)> = match POOL.get() {
@@ -414,3 +699,6 @@ impl EvalOp for Int4MatMul {
         Ok(tvec![output(&shape, out)?])
     }
 }
+
+#[cfg(test)]
+mod tests;
