@@ -66,8 +66,9 @@ struct Cli {
     /// builder). See docs/export-models.md.
     #[arg(long, value_parser = ["offset", "asym", "mse", "rtn"], default_value = "offset")]
     quant: String,
-    /// The embedding table: fp32, int4, or int8 (int8 also makes the lm_head 8-bit).
-    #[arg(long, value_enum, default_value = "fp32")]
+    /// The embedding table: int4 (shared with a tied lm_head), int8 (the lm_head 8-bit too),
+    /// or fp32.
+    #[arg(long, value_enum, default_value = "int4")]
     embeddings: Prec,
     /// `last`: lm_head on the last position only (logits [B,1,V]); `all`: every position.
     #[arg(long, value_enum, default_value = "last")]

@@ -140,8 +140,9 @@ pub fn export_fixture(name: &str, precision: Precision, logits_all: bool) -> tem
         ExportOptions {
             precision,
             logits_all,
-            // The int4 goldens are transformers with round-to-nearest weights.
+            // The int4 goldens are transformers with round-to-nearest weights (fp32 table).
             quant: edgellm_export::quant::Scheme::Rtn,
+            embeddings: Precision::Fp32,
             ..ExportOptions::default()
         },
     )
