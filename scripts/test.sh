@@ -22,15 +22,28 @@ trap 'rm -f "$log"' EXIT
 status=0
 # 1. The default build (both backends): every test, each end-to-end body on ONNX Runtime and
 #    on tract.
-cargo test --workspace --locked "$@" 2>&1 | tee "$log" || status=$?
+cargo test --workspace --locked --no-fail-fast "$@" 2>&1 | tee "$log" || status=$?
 # 2. A tract-only build (no `ort` feature) with no ONNX Runtime library anywhere it could look:
 #    the daemon crate and the end-to-end tests must build and pass on tract alone.
 echo "test.sh: tract-only build (--no-default-features --features tract), no ONNX Runtime"
-env -u ORT_DYLIB_PATH cargo test -p edgellm -p edgellm-tests --locked --no-default-features \
-    --features tract "$@" 2>&1 | tee -a "$log" || status=$?
+env -u ORT_DYLIB_PATH cargo test -p edgellm -p edgellm-tests --locked --no-fail-fast \
+    --no-default-features --features tract "$@" 2>&1 | tee -a "$log" || status=$?
 
 # One closing line over every test binary (cargo prints a result line per binary, the last
-# ones being empty doc-test runs).
+# ones being empty doc-test runs). A binary that did not compile, or died without its result
+# line (a signal: a crash in ONNX Runtime, out of memory), prints none: count those from cargo's
+# own messages, and let the line say the run failed whenever the exit status does.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
-     END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+     /^error: could not compile/ { c++ }
+     /^error: test failed, to rerun pass/ { t++ }
+     /^error: [0-9]+ targets? failed/ { t += $2 }
+     /process didn.t exit successfully/ && /signal/ { k++ }
+     END { printf "tests: %d passed, %d failed", p, f
+           if (c) printf ", %d crate(s) did not compile", c
+           if (k) printf ", %d test binary(ies) killed by a signal", k
+           if (t) printf ", %d test binary(ies) failed", t
+           printf "\n" }' "$log"
+if ((status != 0)); then
+    echo "tests: FAILED (exit status $status)"
+fi
 exit "$status"

@@ -108,7 +108,11 @@ fn build_options(
     }
     Ok(BuildOptions {
         precision: opts.precision,
-        embeddings: opts.embeddings,
+        // An fp32 package is float throughout (parity checks against the reference).
+        embeddings: match opts.precision {
+            Precision::Fp32 => Precision::Fp32,
+            _ => opts.embeddings,
+        },
         block: opts.block_size,
         logits_all: opts.logits_all,
         max_length,

@@ -55,7 +55,8 @@ struct Cli {
     /// Output package folder (or, with --random-init-hf, the checkpoint folder).
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
-    /// int4 or fp32 (int8 is for --embeddings only).
+    /// int4 or fp32 (fp32: every weight float, --embeddings ignored; int8 is for --embeddings
+    /// only).
     #[arg(long, value_enum, default_value = "int4")]
     precision: Prec,
     #[arg(long, default_value_t = 32)]

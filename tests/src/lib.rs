@@ -171,12 +171,34 @@ pub fn argmax(row: &[f32]) -> u32 {
     best as u32
 }
 
+/// The largest |a - b|; infinite when either side holds a NaN or an infinity, so a non-finite
+/// logit fails every tolerance (`f32::max` alone skips NaN).
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
+    a.iter().zip(b).fold(0.0, |m, (x, y)| {
+        let d = (x - y).abs();
+        if d.is_finite() {
+            m.max(d)
+        } else {
+            f32::INFINITY
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn non_finite_logits_fail_any_tolerance() {
+        let d = super::max_abs_diff(&[0.0, 1.0], &[0.0, 1.00001]);
+        assert!(d > 0.0 && d < 2e-5, "{d}");
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            assert_eq!(
+                super::max_abs_diff(&[0.0, bad, 2.0], &[0.0, 1.0, 2.0]),
+                f32::INFINITY
+            );
+            assert_eq!(super::max_abs_diff(&[1.0, 2.0], &[bad, 2.0]), f32::INFINITY);
+        }
+    }
 }
 
 /// KL(p || q) of the softmax distributions of two logit rows, in nats.

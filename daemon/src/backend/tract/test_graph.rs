@@ -192,14 +192,14 @@ pub fn run_state(state: &mut TypedSimpleState, input: &Input) -> TractResult<Vec
     Ok(out[0].try_as_plain_ram()?.as_slice::<f32>()?.to_vec())
 }
 
-/// The process's ONNX Runtime environment for tests (ONNX Runtime allows one per process), from
-/// the places the backend looks; `None` when no library loads.
-#[cfg(feature = "ort")]
 /// What a test says when ONNX Runtime cannot be loaded: a failure, never a skip.
 #[cfg(feature = "ort")]
 pub const NO_ORT: &str =
     "no usable ONNX Runtime library (scripts/test.sh fetches one and sets ORT_DYLIB_PATH)";
 
+/// The process's ONNX Runtime environment for tests (ONNX Runtime allows one per process), from
+/// the places the backend looks; `None` when no library loads.
+#[cfg(feature = "ort")]
 fn ort_env() -> Option<&'static ::ort::environment::Environment> {
     static ENV: std::sync::OnceLock<Option<::ort::environment::Environment>> =
         std::sync::OnceLock::new();
