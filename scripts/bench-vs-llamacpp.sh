@@ -7,7 +7,8 @@
 #      exports it to an edgellm int4 package (`edgellm-export --hf CKPT`),
 #   2. builds llama.cpp's llama-quantize and llama-bench (Release, cmake) from the llama.cpp that
 #      the `llama-cpp-python` source distribution on PyPI vendors (vendor/llama.cpp); the sdist and
-#      the build are cached under BENCH_DIR, so reruns skip this step,
+#      the build are cached under BENCH_DIR, so reruns skip this step (scripts/llamacpp-lib.sh,
+#      shared with scripts/bench-quality.sh),
 #   3. converts the checkpoint with llama.cpp's convert_hf_to_gguf.py (--outtype bf16, lossless
 #      for a bf16 checkpoint) and quantizes it with `llama-quantize ... Q4_0`,
 #   4. runs `edgellm bench --threads T` on the package and
@@ -61,123 +62,27 @@
 # Exit status: 0 when both benchmarks ran (whether or not the targets are met), 1 otherwise.
 set -euo pipefail
 
-name=bench-vs-llamacpp
+name="bench-vs-llamacpp"
 # shellcheck source=scripts/bench-lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/bench-lib.sh"
 bench_root="${BENCH_DIR:-/tmp/edgellm-bench}"
 bench="$bench_root/vs-llamacpp"
 llroot="$bench_root/llama.cpp"
-native="${LLAMA_NATIVE:-1}"
 depth_run="${LLAMA_DEPTH_RUN:-1}"
 "$py" -c 'import torch, transformers, numpy, yaml, tqdm' 2>/dev/null \
     || die "$py lacks torch/transformers/numpy/pyyaml/tqdm (convert_hf_to_gguf.py needs them); run scripts/setup-bench-venv.sh"
-"$py" -m pip --version >/dev/null 2>&1 || die "$py has no pip (needed for 'pip download llama-cpp-python')"
-command -v c++ >/dev/null || die "no C++ compiler (c++) on PATH (Debian: apt-get install -y build-essential)"
-if ! command -v cmake >/dev/null; then
-    if command -v apt-get >/dev/null && [[ $(id -u) == 0 ]]; then
-        say "cmake is missing: apt-get install -y cmake"
-        { apt-get install -y cmake || { apt-get update && apt-get install -y cmake; }; } >&2 \
-            || die "apt-get install cmake failed"
-    else
-        die "cmake is missing (Debian: apt-get install -y cmake)"
-    fi
-fi
+# shellcheck source=scripts/llamacpp-lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/llamacpp-lib.sh"
+ll_py="$py"
+ll_logs="$bench"
+llamacpp_tools_check
 
 mkdir -p "$bench" "$llroot"
 
-# --- 2. llama.cpp source and build (cached) -------------------------------------------------------
-# The sdist folder: the requested version, else a cached one, else the newest on PyPI.
-src=""
-if [[ -n ${LLAMA_CPP_PYTHON_VERSION:-} ]]; then
-    src="$llroot/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION"
-    spec="llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION"
-else
-    src="$(ls -d "$llroot"/llama_cpp_python-*/ 2>/dev/null | sort -V | tail -n 1 || true)"
-    src="${src%/}"
-    spec="llama-cpp-python"
-fi
-if [[ -z $src || ! -f $src/vendor/llama.cpp/CMakeLists.txt ]]; then
-    say "downloading the $spec source distribution from PyPI"
-    rm -rf "$llroot/dl" && mkdir -p "$llroot/dl"
-    # --no-binary only for llama-cpp-python: with :all:, pip would build the build backend's own
-    # dependencies (cmake, ninja) from source just to read the sdist's metadata.
-    "$py" -m pip download --disable-pip-version-check --no-deps --no-binary llama-cpp-python \
-        --dest "$llroot/dl" "$spec" >&2 || die "pip download $spec failed"
-    sdist="$(ls "$llroot"/dl/llama_cpp_python-*.tar.gz 2>/dev/null | head -n 1)"
-    [[ -n $sdist ]] || die "pip download produced no llama_cpp_python-*.tar.gz (got: $(ls "$llroot/dl"))"
-    tar -xzf "$sdist" -C "$llroot" || die "cannot unpack $sdist"
-    src="$llroot/$(basename "$sdist" .tar.gz)"
-    rm -rf "$llroot/dl"
-fi
-llama="$src/vendor/llama.cpp"
-[[ -f $llama/convert_hf_to_gguf.py && -f $llama/CMakeLists.txt ]] \
-    || die "$llama has no convert_hf_to_gguf.py / CMakeLists.txt (the sdist layout changed?)"
-llversion="${src##*/llama_cpp_python-}"
-
-# Explicit instruction-set flags for -DGGML_NATIVE=OFF, from /proc/cpuinfo.
-explicit_flags() {
-    local flags f
-    flags=" $(grep -m1 '^flags' /proc/cpuinfo | cut -d: -f2) "
-    local out=(-DGGML_NATIVE=OFF)
-    for f in "avx:GGML_AVX" "avx2:GGML_AVX2" "fma:GGML_FMA" "f16c:GGML_F16C" "bmi2:GGML_BMI2" \
-        "avx_vnni:GGML_AVX_VNNI" "avx512f:GGML_AVX512" "avx512vbmi:GGML_AVX512_VBMI" \
-        "avx512_vnni:GGML_AVX512_VNNI" "avx512_bf16:GGML_AVX512_BF16"; do
-        if [[ $flags == *" ${f%%:*} "* ]]; then out+=("-D${f#*:}=ON"); else out+=("-D${f#*:}=OFF"); fi
-    done
-    echo "${out[@]}"
-}
-
-# build MODE (native|explicit): configures and builds llama-quantize and llama-bench into
-# $llama/build-MODE unless both are already there. Sets build_dir, build_flags, build_s.
-build_s="cached"
-build() {
-    local mode="$1" isa
-    build_dir="$llama/build-$mode"
-    if [[ $mode == native ]]; then isa="-DGGML_NATIVE=ON"; else isa="$(explicit_flags)"; fi
-    # shellcheck disable=SC2206  # isa is a list of -D flags
-    build_flags=(-DCMAKE_BUILD_TYPE=Release $isa -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_TESTS=OFF
-        -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF
-        -DLLAMA_OPENSSL=OFF -DGGML_BACKEND_DL=OFF)
-    if [[ -x $build_dir/bin/llama-quantize && -x $build_dir/bin/llama-bench ]] \
-        && [[ "$(cat "$build_dir/.edgellm-bench-flags" 2>/dev/null)" == "${build_flags[*]}" ]]; then
-        say "using the cached llama.cpp build $build_dir"
-        return 0
-    fi
-    say "building llama.cpp ($llversion, $mode): cmake ${build_flags[*]}"
-    local t0=$SECONDS
-    rm -rf "$build_dir"
-    if ! cmake -S "$llama" -B "$build_dir" "${build_flags[@]}" >"$bench/cmake-$mode.log" 2>&1; then
-        tail -n 30 "$bench/cmake-$mode.log" >&2
-        die "cmake configure failed (log: $bench/cmake-$mode.log)"
-    fi
-    if ! cmake --build "$build_dir" --config Release -j "$(nproc)" --target llama-quantize llama-bench \
-        >>"$bench/cmake-$mode.log" 2>&1; then
-        tail -n 30 "$bench/cmake-$mode.log" >&2
-        die "llama.cpp build failed (log: $bench/cmake-$mode.log)"
-    fi
-    build_s=$((SECONDS - t0))
-    echo "${build_flags[*]}" >"$build_dir/.edgellm-bench-flags"
-    say "built llama-quantize and llama-bench in ${build_s} s"
-}
-mode=native
-[[ $native == 1 ]] || mode=explicit
-build "$mode"
-
-# Runs a llama.cpp binary; on SIGILL (exit 132) with a native build, rebuilds with explicit flags
-# and runs it again. "$@": tool name then arguments.
-run_ll() {
-    local tool="$1"; shift
-    local rc=0
-    "$build_dir/bin/$tool" "$@" || rc=$?
-    if [[ $rc == 132 && $mode == native ]]; then
-        say "$tool died with an illegal instruction (native build); rebuilding with explicit flags"
-        mode=explicit
-        build explicit
-        rc=0
-        "$build_dir/bin/$tool" "$@" || rc=$?
-    fi
-    return $rc
-}
+# --- 2. llama.cpp source and build (cached; scripts/llamacpp-lib.sh) -----------------------------
+llamacpp_fetch
+[[ -f $llama/convert_hf_to_gguf.py ]] || die "$llama has no convert_hf_to_gguf.py (the sdist layout changed?)"
+llamacpp_build_default llama-quantize llama-bench
 
 # --- 1. checkpoint and edgellm package ------------------------------------------------------------
 ckpt="$bench/checkpoint-$shape"

@@ -274,6 +274,9 @@ fn logits_match_transformers(choice: BackendChoice) {
                 precision,
                 accuracy_level: 0,
                 logits_all: true,
+                // q4_k's untied F16 embedding table stays float (quantized blocks are kept
+                // exactly either way).
+                embeddings: Precision::Fp32,
                 ..Default::default()
             },
         );
