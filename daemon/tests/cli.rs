@@ -421,8 +421,9 @@ fn inspect_describes_the_package() {
         "GptOssForCausalLM",
         "model.type gptoss",
         "1 with a 16-token sliding window",
-        "int4 MatMulNBits (block 32)",
+        "MatMulNBits (--quant offset, block 32)",
         "int4 QMoE experts",
+        "int4 embeddings (GatherBlockQuantized)",
         "context:       256 tokens",
         // 1 full-attention layer x 2 (K, V) x 2 KV heads x 64 dims x 4 bytes
         "1024 bytes per token",

@@ -174,6 +174,7 @@ pub fn export_info(spec: &ModelSpec, opts: &BuildOptions, source: &str) -> Value
         "embeddings": p(opts.embeddings),
         "block_size": opts.block,
         "quant": opts.quant.name(),
+        "gguf_blocks_kept": opts.native,
         "accuracy_level": opts.accuracy_level,
         "logits": if opts.logits_all { "all" } else { "last" },
         "max_length": opts.max_length,

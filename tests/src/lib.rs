@@ -185,6 +185,17 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     })
 }
 
+/// KL(p || q) of the softmax distributions of two logit rows, in nats.
+pub fn kl_divergence(p_logits: &[f32], q_logits: &[f32]) -> f64 {
+    let log_softmax = |l: &[f32]| {
+        let m = l.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let z = l.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln() + m;
+        l.iter().map(|&x| x as f64 - z).collect::<Vec<_>>()
+    };
+    let (lp, lq) = (log_softmax(p_logits), log_softmax(q_logits));
+    lp.iter().zip(&lq).map(|(a, b)| a.exp() * (a - b)).sum()
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -199,15 +210,4 @@ mod tests {
             assert_eq!(super::max_abs_diff(&[1.0, 2.0], &[bad, 2.0]), f32::INFINITY);
         }
     }
-}
-
-/// KL(p || q) of the softmax distributions of two logit rows, in nats.
-pub fn kl_divergence(p_logits: &[f32], q_logits: &[f32]) -> f64 {
-    let log_softmax = |l: &[f32]| {
-        let m = l.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-        let z = l.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln() + m;
-        l.iter().map(|&x| x as f64 - z).collect::<Vec<_>>()
-    };
-    let (lp, lq) = (log_softmax(p_logits), log_softmax(q_logits));
-    lp.iter().zip(&lq).map(|(a, b)| a.exp() * (a - b)).sum()
 }

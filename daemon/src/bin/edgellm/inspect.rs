@@ -21,10 +21,19 @@ pub fn inspect(dir: &Path) -> anyhow::Result<()> {
     let graph = std::fs::read(pkg.graph_path())?;
     let has = |op: &str| graph.windows(op.len()).any(|w| w == op.as_bytes());
     let mut quant = Vec::new();
+    let field = |k: &str| {
+        info.as_ref()
+            .and_then(|i| i[k].as_str().map(str::to_string))
+    };
+    let gguf = info.as_ref().and_then(|i| i["gguf_blocks_kept"].as_bool()) == Some(true);
     if has("MatMulNBits") {
         let block = info.as_ref().and_then(|i| i["block_size"].as_u64());
+        if gguf {
+            quant.push("the GGUF file's blocks kept as MatMulNBits".to_string());
+        }
         quant.push(format!(
-            "int4 MatMulNBits (block {})",
+            "MatMulNBits (--quant {}, block {})",
+            field("quant").unwrap_or_else(|| "?".into()),
             block.map_or("?".to_string(), |b| b.to_string())
         ));
     } else {
@@ -36,7 +45,10 @@ pub fn inspect(dir: &Path) -> anyhow::Result<()> {
         quant.push("float MoE experts".into());
     }
     quant.push(if has("GatherBlockQuantized") {
-        "int4 embeddings".into()
+        match (gguf, field("embeddings")) {
+            (false, Some(e)) => format!("{e} embeddings (GatherBlockQuantized)"),
+            _ => "quantized embeddings (GatherBlockQuantized)".into(),
+        }
     } else {
         "float embeddings".into()
     });
