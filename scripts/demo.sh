@@ -129,7 +129,7 @@ dbus_ask=("${ask[@]}" --dbus --address "$bus_address")
 mqtt_ask=("${ask[@]}" --mqtt "$mqtt_url" --node "$node")
 
 # ---------------------------------------------------------------------------------------------
-q1="What is the capital of France?"
+q1="What is 2+2?"
 q2="Give me three tips for staying focused while studying."
 q3="Say hello in French."
 
