@@ -23,7 +23,8 @@ use edgellm_export::{ExportOptions, Precision};
 use edgellm_tests::*;
 use prost::Message;
 
-const QUANTIZED: &[&str] = &["q4_0", "q4_1", "q8_0", "q4_k", "q5_k", "q6_k"];
+/// `qwen2_q8_0`: the `qwen2` architecture (q/k/v biases, no Q/K row permutation).
+const QUANTIZED: &[&str] = &["q4_0", "q4_1", "q8_0", "q4_k", "q5_k", "q6_k", "qwen2_q8_0"];
 const FLOAT: &[&str] = &["f16", "bf16", "f32"];
 
 fn dir(name: &str) -> PathBuf {
@@ -215,6 +216,23 @@ fn every_packaged_weight_dequantizes_to_the_gguf_reference() {
             ),
         ] {
             assert_eq!(g.f32(onnx), reference.f32(hf).unwrap(), "{name} {hf}");
+        }
+        if reference.contains("model.layers.0.self_attn.q_proj.bias") {
+            for i in 0..2 {
+                let want: Vec<f32> = ["q", "k", "v"]
+                    .iter()
+                    .flat_map(|p| {
+                        reference
+                            .f32(&format!("model.layers.{i}.self_attn.{p}_proj.bias"))
+                            .unwrap()
+                    })
+                    .collect();
+                assert_eq!(
+                    g.f32(&format!("model.layers.{i}.attn.qkv_proj.Add.bias")),
+                    want,
+                    "{name}: layer {i} q/k/v biases"
+                );
+            }
         }
         if g.tensors.contains_key("model.embed_tokens.weight") {
             assert_eq!(
