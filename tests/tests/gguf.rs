@@ -23,8 +23,18 @@ use edgellm_export::{ExportOptions, Precision};
 use edgellm_tests::*;
 use prost::Message;
 
-/// `qwen2_q8_0`: the `qwen2` architecture (q/k/v biases, no Q/K row permutation).
-const QUANTIZED: &[&str] = &["q4_0", "q4_1", "q8_0", "q4_k", "q5_k", "q6_k", "qwen2_q8_0"];
+/// `qwen2_q8_0`: the `qwen2` architecture (q/k/v biases, no Q/K row permutation);
+/// `qwen3_q4_0`: `qwen3` (q/k norms, head_dim 128 != hidden / heads).
+const QUANTIZED: &[&str] = &[
+    "q4_0",
+    "q4_1",
+    "q8_0",
+    "q4_k",
+    "q5_k",
+    "q6_k",
+    "qwen2_q8_0",
+    "qwen3_q4_0",
+];
 const FLOAT: &[&str] = &["f16", "bf16", "f32"];
 
 fn dir(name: &str) -> PathBuf {
