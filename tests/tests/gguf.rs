@@ -24,7 +24,8 @@ use edgellm_tests::*;
 use prost::Message;
 
 /// `qwen2_q8_0`: the `qwen2` architecture (q/k/v biases, no Q/K row permutation);
-/// `qwen3_q4_0`: `qwen3` (q/k norms, head_dim 128 != hidden / heads).
+/// `qwen3_q4_0`: `qwen3` (q/k norms, head_dim 128 != hidden / heads); `phi3_q8_0`: `phi3`
+/// (fused attn_qkv and gate/up).
 const QUANTIZED: &[&str] = &[
     "q4_0",
     "q4_1",
@@ -34,6 +35,7 @@ const QUANTIZED: &[&str] = &[
     "q6_k",
     "qwen2_q8_0",
     "qwen3_q4_0",
+    "phi3_q8_0",
 ];
 const FLOAT: &[&str] = &["f16", "bf16", "f32"];
 
@@ -169,10 +171,16 @@ fn reference_rows(reference: &Checkpoint, weight: &str, tied: bool) -> Vec<f32> 
             "down_proj" => &["down_proj"],
             other => panic!("unexpected linear {other} ({weight})"),
         };
-        names
-            .iter()
-            .map(|p| format!("{layer}.{p}.weight"))
-            .collect()
+        // Phi-3 keeps q/k/v and gate/up fused in one tensor each.
+        let fused = format!("{layer}.{what}.weight");
+        if reference.contains(&fused) {
+            vec![fused]
+        } else {
+            names
+                .iter()
+                .map(|p| format!("{layer}.{p}.weight"))
+                .collect()
+        }
     };
     parts
         .iter()
