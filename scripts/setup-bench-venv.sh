@@ -48,22 +48,8 @@ fi
 
 log() { echo "setup-bench-venv: $*" >&2; }
 
-# True when every pin is installed at exactly its version (local labels like +cpu are accepted).
-pins_satisfied() {
-    [[ -x "$venv/bin/python" ]] || return 1
-    "$venv/bin/python" - "${pins[@]}" <<'EOF' 2>/dev/null
-import sys
-from importlib.metadata import version, PackageNotFoundError
-for pin in sys.argv[1:]:
-    name, want = pin.split("==")
-    try:
-        have = version(name)
-    except PackageNotFoundError:
-        sys.exit(1)
-    if have.split("+")[0] != want:
-        sys.exit(1)
-EOF
-}
+# shellcheck source=scripts/venv-lib.sh
+source "$root/scripts/venv-lib.sh"
 
 if pins_satisfied; then
     log "$venv is up to date"
@@ -78,24 +64,7 @@ case "$pyver" in
     *) log "warning: Python $pyver; onnxruntime-genai 0.18.0 ships wheels for 3.11-3.14 only" ;;
 esac
 
-if [[ ! -x "$venv/bin/python" ]]; then
-    log "creating $venv with $python ($pyver)"
-    "$python" -m venv "$venv" || {
-        log "'$python -m venv' failed (Debian/Ubuntu: apt-get install python3-venv)"
-        exit 1
-    }
-fi
-
-pip=("$venv/bin/python" -m pip --disable-pip-version-check)
-"${pip[@]}" install --quiet --upgrade pip >&2
-extra=()
-if [[ -n "${BENCH_TORCH_INDEX_URL:-}" ]]; then
-    extra=(--extra-index-url "$BENCH_TORCH_INDEX_URL")
-fi
-log "installing ${pins[*]}"
-"${pip[@]}" install ${extra[@]+"${extra[@]}"} "${pins[@]}" >&2
-
-pins_satisfied || { log "installed versions do not match the pins (see pip output above)"; exit 1; }
+install_pins "${BENCH_TORCH_INDEX_URL:-}" --upgrade-pip
 "$venv/bin/python" -c 'import onnxruntime_genai, onnxruntime, onnx, onnx_ir, torch, transformers' \
     || { log "import check failed"; exit 1; }
 log "ready: $venv"

@@ -45,22 +45,8 @@ pins=(
 
 log() { echo "setup-ref-venv: $*" >&2; }
 
-# True when every pin is installed at exactly its version (local labels like +cpu are accepted).
-pins_satisfied() {
-    [[ -x "$venv/bin/python" ]] || return 1
-    "$venv/bin/python" - "${pins[@]}" <<'EOF' 2>/dev/null
-import sys
-from importlib.metadata import version, PackageNotFoundError
-for pin in sys.argv[1:]:
-    name, want = pin.split("==")
-    try:
-        have = version(name)
-    except PackageNotFoundError:
-        sys.exit(1)
-    if have.split("+")[0] != want:
-        sys.exit(1)
-EOF
-}
+# shellcheck source=scripts/venv-lib.sh
+source "$root/scripts/venv-lib.sh"
 
 if pins_satisfied; then
     log "$venv is up to date"
@@ -75,23 +61,7 @@ case "$pyver" in
     *) log "warning: Python $pyver; the references were made with 3.11" ;;
 esac
 
-if [[ ! -x "$venv/bin/python" ]]; then
-    log "creating $venv with $python ($pyver)"
-    "$python" -m venv "$venv" || {
-        log "'$python -m venv' failed (Debian/Ubuntu: apt-get install python3-venv)"
-        exit 1
-    }
-fi
-
-pip=("$venv/bin/python" -m pip --disable-pip-version-check)
-extra=()
-if [[ -n "${REF_TORCH_INDEX_URL:-}" ]]; then
-    extra=(--extra-index-url "$REF_TORCH_INDEX_URL")
-fi
-log "installing ${pins[*]}"
-"${pip[@]}" install ${extra[@]+"${extra[@]}"} "${pins[@]}" >&2
-
-pins_satisfied || { log "installed versions do not match the pins (see pip output above)"; exit 1; }
+install_pins "${REF_TORCH_INDEX_URL:-}"
 # `kernels` would make transformers keep GGUF blocks packed and run its own matmul kernels; the
 # references want the plain dequantized float32 model (the scripts also ask for it explicitly).
 if "$venv/bin/python" -c 'import kernels' 2>/dev/null; then

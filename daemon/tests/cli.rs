@@ -4,6 +4,8 @@
 
 #![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
 
+mod common;
+use common::{backends, edgellm};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -43,13 +45,6 @@ fn export(name: &str, precision: Precision, into: &Path) -> PathBuf {
     out
 }
 
-fn edgellm(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_edgellm"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
 /// `edgellm run --raw`, greedy, 24 tokens, plus `extra` arguments.
 fn run_greedy(pkg: &Path, prompt: &str, extra: &[&str]) -> Output {
     let mut args = vec![
@@ -79,18 +74,6 @@ fn run_greedy(pkg: &Path, prompt: &str, extra: &[&str]) -> Output {
 fn run_json(pkg: &Path, prompt: &str, backend: &str) -> serde_json::Value {
     serde_json::from_slice(&run_greedy(pkg, prompt, &["--json", "--backend", backend]).stdout)
         .unwrap()
-}
-
-/// The backends this build has: each end-to-end test body runs on all of them.
-fn backends() -> Vec<&'static str> {
-    let mut v = Vec::new();
-    if cfg!(feature = "ort") {
-        v.push("ort");
-    }
-    if cfg!(feature = "tract") {
-        v.push("tract");
-    }
-    v
 }
 
 #[test]

@@ -8,8 +8,10 @@
 
 #![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
 
+mod common;
+use common::{backends, edgellm};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 use edgellm_export::{ExportOptions, Precision};
 use serde_json::Value;
@@ -33,25 +35,6 @@ fn export_llama(logits_all: bool, into: &Path) -> PathBuf {
     };
     edgellm_export::export(&fixtures().join("llama/checkpoint"), &out, &opts).unwrap();
     out
-}
-
-fn edgellm(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_edgellm"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-/// The backends this build has: each test body runs on all of them.
-fn backends() -> Vec<&'static str> {
-    let mut v = Vec::new();
-    if cfg!(feature = "ort") {
-        v.push("ort");
-    }
-    if cfg!(feature = "tract") {
-        v.push("tract");
-    }
-    v
 }
 
 /// The reference entry of the tiny llama fixture: "model" names its folder

@@ -16,7 +16,7 @@ use memmap2::{Advice, Mmap, UncheckedAdvice};
 use crate::error::{ExportError, Result};
 use crate::gguf::Gguf;
 use crate::gguf::blocks::{self, GgmlType};
-use crate::gguf::model::GgufModel;
+use crate::gguf::model::{GgufModel, gguf_row};
 
 /// Element types found in HF checkpoints that we can read, and GGUF's block types.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -57,8 +57,9 @@ pub struct TensorInfo {
     file: usize,
     /// Byte range inside the mapped file (header already skipped).
     bytes: Range<usize>,
-    /// GGUF only: rows stored in llama.cpp's RoPE order (see [`crate::gguf::model::Source`]).
-    permuted: Option<crate::gguf::model::Source>,
+    /// GGUF only: rows stored in llama.cpp's RoPE order, `Some(head_dim)`
+    /// ([`crate::gguf::model::gguf_row`]).
+    permuted: Option<usize>,
 }
 
 #[derive(Debug)]
@@ -126,7 +127,7 @@ impl Checkpoint {
                     shape: src.info.shape(),
                     file: 0,
                     bytes: src.info.bytes.clone(),
-                    permuted: src.permuted.map(|_| src.clone()),
+                    permuted: src.permuted,
                 },
             );
         }
@@ -170,7 +171,7 @@ impl Checkpoint {
         let row_bytes = ty.row_bytes(k);
         let mut out = Vec::with_capacity(rows.len() * row_bytes);
         for r in rows.clone() {
-            let src = info.permuted.as_ref().map_or(r, |p| p.row(r));
+            let src = gguf_row(r, info.permuted);
             let start = info.bytes.start + src * row_bytes;
             out.extend_from_slice(&self.maps[info.file][start..start + row_bytes]);
         }
@@ -393,7 +394,7 @@ impl Checkpoint {
         let row_bytes = ty.row_bytes(k);
         let mut out = Vec::with_capacity(rows.len() * k);
         for r in rows {
-            let src = info.permuted.as_ref().map_or(r, |p| p.row(r));
+            let src = gguf_row(r, info.permuted);
             let start = info.bytes.start + src * row_bytes;
             blocks::dequantize_row(ty, &map[start..start + row_bytes], &mut out);
         }

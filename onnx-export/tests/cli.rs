@@ -26,9 +26,14 @@ fn copy_fixture(name: &str, into: &Path) -> PathBuf {
 }
 
 fn export(hf: &Path, out: &Path, extra: &[&str]) -> (bool, String) {
+    run_export("--hf", hf, out, extra)
+}
+
+/// `edgellm-export SOURCE_FLAG SOURCE --out OUT --max-length 64 EXTRA..`: (success, stderr).
+fn run_export(source_flag: &str, source: &Path, out: &Path, extra: &[&str]) -> (bool, String) {
     let o = Command::new(env!("CARGO_BIN_EXE_edgellm-export"))
-        .arg("--hf")
-        .arg(hf)
+        .arg(source_flag)
+        .arg(source)
         .arg("--out")
         .arg(out)
         .args(["--max-length", "64"])
@@ -277,21 +282,8 @@ fn a_window_longer_than_max_length_becomes_full_attention() {
     );
 }
 
-/// `edgellm-export --gguf FILE`: (success, stderr).
 fn export_gguf(file: &Path, out: &Path, extra: &[&str]) -> (bool, String) {
-    let o = Command::new(env!("CARGO_BIN_EXE_edgellm-export"))
-        .arg("--gguf")
-        .arg(file)
-        .arg("--out")
-        .arg(out)
-        .args(["--max-length", "64"])
-        .args(extra)
-        .output()
-        .unwrap();
-    (
-        o.status.success(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    )
+    run_export("--gguf", file, out, extra)
 }
 
 fn gguf_fixture(name: &str) -> Vec<u8> {

@@ -161,6 +161,18 @@ pub fn export_fixture_with(name: &str, opts: ExportOptions) -> tempfile::TempDir
     tmp
 }
 
+/// `n` greedy tokens after `prompt`, from an empty cache: one prefill, then one-token steps.
+pub fn greedy(be: &mut dyn edgellm::backend::Backend, prompt: &[u32], n: usize) -> Vec<u32> {
+    be.reset();
+    let mut next = argmax(be.forward(prompt).expect("prefill"));
+    let mut out = vec![next];
+    while out.len() < n {
+        next = argmax(be.forward(&[next]).expect("decode"));
+        out.push(next);
+    }
+    out
+}
+
 pub fn argmax(row: &[f32]) -> u32 {
     let mut best = 0;
     for (i, &v) in row.iter().enumerate() {

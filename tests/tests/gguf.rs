@@ -329,13 +329,7 @@ fn logits_match_transformers(choice: BackendChoice) {
             worst < 1e-3,
             "{name} on {choice:?}: logits differ by {worst}"
         );
-        be.reset();
-        let mut next = argmax(be.forward(&golden.prompt_ids).unwrap());
-        let mut out = vec![next];
-        while out.len() < golden.greedy_ids.len() {
-            next = argmax(be.forward(&[next]).unwrap());
-            out.push(next);
-        }
+        let out = greedy(be.as_mut(), &golden.prompt_ids, golden.greedy_ids.len());
         assert_eq!(out, golden.greedy_ids, "{name} on {choice:?}: greedy");
     }
 }

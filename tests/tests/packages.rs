@@ -53,17 +53,6 @@ fn teacher_forced(be: &mut dyn Backend, ids: &[u32]) -> Vec<f32> {
     rows
 }
 
-fn greedy(be: &mut dyn Backend, prompt: &[u32], n: usize) -> Vec<u32> {
-    be.reset();
-    let mut next = argmax(be.forward(prompt).expect("prefill"));
-    let mut out = vec![next];
-    while out.len() < n {
-        next = argmax(be.forward(&[next]).expect("decode"));
-        out.push(next);
-    }
-    out
-}
-
 fn fp32_matches_transformers(name: &str, choice: BackendChoice) {
     let golden = Golden::load(name);
     let pkg = export_fixture(name, Precision::Fp32, true);

@@ -211,18 +211,12 @@ fn default_import_stays_close_to_transformers(choice: BackendChoice) {
 fn greedy_answers_match_transformers(choice: BackendChoice) {
     let mut be = backend(package(0), choice);
     for case in &golden().cases {
-        be.reset();
         let n = case
             .greedy_margins
             .iter()
             .position(|&m| m < 0.01)
             .unwrap_or(case.greedy_ids.len());
-        let mut next = argmax(be.forward(&case.prompt_ids).unwrap());
-        let mut out = vec![next];
-        while out.len() < n {
-            next = argmax(be.forward(&[next]).unwrap());
-            out.push(next);
-        }
+        let out = greedy(be.as_mut(), &case.prompt_ids, n);
         assert_eq!(
             &out[..n],
             &case.greedy_ids[..n],

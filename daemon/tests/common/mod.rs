@@ -4,6 +4,7 @@
 #![allow(dead_code, clippy::unwrap_used)] // each test file uses part of this
 
 use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
 use std::time::Duration;
 
 use edgellm::backend::{Backend, BackendError};
@@ -61,4 +62,24 @@ pub fn export(name: &str, tmp: &Path) -> PathBuf {
     };
     edgellm_export::export(&fixture_checkpoint(name), &out, &opts).unwrap();
     out
+}
+
+/// Runs the `edgellm` binary of this build with `args`.
+pub fn edgellm(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_edgellm"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// The backends this build has: each end-to-end test body runs on all of them.
+pub fn backends() -> Vec<&'static str> {
+    let mut v = Vec::new();
+    if cfg!(feature = "ort") {
+        v.push("ort");
+    }
+    if cfg!(feature = "tract") {
+        v.push("tract");
+    }
+    v
 }

@@ -53,15 +53,21 @@ pub struct Source {
 }
 
 impl Source {
-    /// The GGUF row holding Hugging Face row `r`: within each head, HF rows 0..d/2 are GGUF's
-    /// even rows and rows d/2..d its odd rows.
+    /// The GGUF row holding Hugging Face row `r` ([`gguf_row`]).
     pub fn row(&self, r: usize) -> usize {
-        match self.permuted {
-            None => r,
-            Some(d) => {
-                let (head, j) = (r / d, r % d);
-                head * d + 2 * (j % (d / 2)) + j / (d / 2)
-            }
+        gguf_row(r, self.permuted)
+    }
+}
+
+/// The GGUF row holding Hugging Face row `r` of a tensor stored with llama.cpp's RoPE row
+/// order (`permuted = Some(head_dim)`): within each head, HF rows 0..d/2 are GGUF's even rows
+/// and rows d/2..d its odd rows. `None`: the same row.
+pub fn gguf_row(r: usize, permuted: Option<usize>) -> usize {
+    match permuted {
+        None => r,
+        Some(d) => {
+            let (head, j) = (r / d, r % d);
+            head * d + 2 * (j % (d / 2)) + j / (d / 2)
         }
     }
 }
