@@ -4,7 +4,8 @@
 # tests/fixtures/smollm2/make_goldens.py and tests/fixtures/perplexity/make_reference.py.
 # It has the exact versions of tests/fixtures/requirements.txt plus gguf (GGUF reader/writer and
 # the block (de)quantizers), accelerate (transformers needs it to load a GGUF file) and Jinja2
-# (chat templates), all pinned.
+# (chat templates) and sentencepiece (the SentencePiece vocabulary of the `spm_q8_0` GGUF
+# fixture), all pinned.
 #
 # Usage: scripts/setup-ref-venv.sh
 # Environment:
@@ -41,6 +42,7 @@ pins=(
     "gguf==0.19.0"
     "accelerate==1.15.0"
     "Jinja2==3.1.6"
+    "sentencepiece==0.2.3"
 )
 
 log() { echo "setup-ref-venv: $*" >&2; }
@@ -68,7 +70,7 @@ if "$venv/bin/python" -c 'import kernels' 2>/dev/null; then
     log "warning: the 'kernels' package is installed in $venv; the reference scripts force dequantize=True"
 fi
 HF_HUB_OFFLINE=1 "$venv/bin/python" -c '
-import torch, transformers, tokenizers, safetensors, numpy, gguf, accelerate, jinja2
+import torch, transformers, tokenizers, safetensors, numpy, gguf, accelerate, jinja2, sentencepiece
 torch.set_num_threads(1)
 assert float(torch.ones(2) @ torch.ones(2)) == 2.0
 ' || { log "import check failed"; exit 1; }

@@ -9,7 +9,10 @@
 //! * the importer's own dequantization of every tensor (what `--precision fp32` writes) equals
 //!   the reference bit for bit;
 //! * with f32 activations (`accuracy_level` 0) the package's teacher-forced logits equal
-//!   transformers' on both backends, and its greedy continuation is transformers'.
+//!   transformers' on both backends, and its greedy continuation is transformers';
+//! * `spm_q8_0` carries a SentencePiece vocabulary (`tokenizer.ggml.model = llama`, scores,
+//!   byte tokens, no merges): the package's tokenizer gives llama.cpp's ids for plain text,
+//!   special tokens, byte fallback and a chat prompt, and decodes plain text back.
 
 #![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
 
@@ -25,7 +28,7 @@ use prost::Message;
 
 /// `qwen2_q8_0`: the `qwen2` architecture (q/k/v biases, no Q/K row permutation);
 /// `qwen3_q4_0`: `qwen3` (q/k norms, head_dim 128 != hidden / heads); `phi3_q8_0`: `phi3`
-/// (fused attn_qkv and gate/up).
+/// (fused attn_qkv and gate/up); `spm_q8_0`: `llama` with a SentencePiece vocabulary.
 const QUANTIZED: &[&str] = &[
     "q4_0",
     "q4_1",
@@ -36,6 +39,7 @@ const QUANTIZED: &[&str] = &[
     "qwen2_q8_0",
     "qwen3_q4_0",
     "phi3_q8_0",
+    "spm_q8_0",
 ];
 const FLOAT: &[&str] = &["f16", "bf16", "f32"];
 
@@ -278,6 +282,63 @@ fn the_importers_dequantization_is_the_gguf_packages_bit_for_bit() {
             );
         }
     }
+}
+
+#[derive(serde::Deserialize)]
+struct SpmGolden {
+    texts: Vec<SpmText>,
+    chat_messages: Vec<SpmMessage>,
+    chat_ids: Vec<u32>,
+}
+#[derive(serde::Deserialize)]
+struct SpmText {
+    text: String,
+    ids: Vec<u32>,
+}
+#[derive(serde::Deserialize)]
+struct SpmMessage {
+    role: String,
+    content: String,
+}
+
+/// The SentencePiece vocabulary is imported as llama.cpp tokenizes it: ids for every golden
+/// text (special tokens parsed, BOS added; byte fallback for characters the vocabulary lacks;
+/// `▁` before text that follows a special token), plain text decodes back to itself, and the
+/// chat template renders to llama.cpp's ids. Merges derived in the wrong order, a missing byte
+/// fallback or transformers' `Metaspace(prepend_scheme = first)` each fail some of them
+/// (tests/fixtures/gguf/spm_q8_0/golden.json notes which differ under transformers).
+#[test]
+fn sentencepiece_vocabulary_tokenizes_as_llama_cpp() {
+    let pkg = import("spm_q8_0", ExportOptions::default());
+    let text = std::fs::read_to_string(dir("spm_q8_0").join("golden.json")).unwrap();
+    let golden: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let spm: SpmGolden = serde_json::from_value(golden["spm_tokenizer"].clone()).unwrap();
+    let model = edgellm::model::Model::load(&pkg.path().join("pkg")).unwrap();
+    let tok = &model.tokenizer;
+    let mut byte_fallback = false;
+    for case in &spm.texts {
+        let ids = tok.encode(&case.text, true).unwrap();
+        assert_eq!(ids, case.ids, "{:?}: ids differ from llama.cpp's", case.text);
+        byte_fallback |= ids
+            .iter()
+            .any(|&i| tok.id_to_token(i).is_some_and(|t| t.starts_with("<0x")));
+        if !case.text.contains('<') {
+            assert_eq!(tok.decode(&ids, true).unwrap(), case.text, "decode");
+        }
+    }
+    assert!(byte_fallback, "the goldens exercise byte fallback");
+    let messages = spm
+        .chat_messages
+        .iter()
+        .map(|m| edgellm::chat::Message {
+            role: m.role.clone(),
+            content: m.content.clone(),
+        })
+        .collect();
+    let ids = model
+        .prompt_ids(&edgellm::api::Input::Messages(messages), None)
+        .unwrap();
+    assert_eq!(ids, spm.chat_ids, "chat prompt ids differ from llama.cpp's");
 }
 
 fn backend(pkg: &Path, choice: BackendChoice) -> Box<dyn Backend> {

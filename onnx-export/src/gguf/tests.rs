@@ -143,6 +143,37 @@ impl Writer {
         self.n_meta += 1;
         self
     }
+    /// An array of strings (type 8), f32 (6) or i32 (5) values.
+    fn kv_array(&mut self, k: &str, elem: u32, items: &[Vec<u8>]) -> &mut Self {
+        Self::string(&mut self.meta, k);
+        self.meta.extend(9u32.to_le_bytes());
+        self.meta.extend(elem.to_le_bytes());
+        self.meta.extend((items.len() as u64).to_le_bytes());
+        for it in items {
+            self.meta.extend(it);
+        }
+        self.n_meta += 1;
+        self
+    }
+    fn kv_strs(&mut self, k: &str, v: &[&str]) -> &mut Self {
+        let items: Vec<Vec<u8>> = v
+            .iter()
+            .map(|s| {
+                let mut b = Vec::new();
+                Self::string(&mut b, s);
+                b
+            })
+            .collect();
+        self.kv_array(k, 8, &items)
+    }
+    fn kv_f32s(&mut self, k: &str, v: &[f32]) -> &mut Self {
+        let items: Vec<Vec<u8>> = v.iter().map(|x| x.to_le_bytes().to_vec()).collect();
+        self.kv_array(k, 6, &items)
+    }
+    fn kv_i32s(&mut self, k: &str, v: &[i32]) -> &mut Self {
+        let items: Vec<Vec<u8>> = v.iter().map(|x| x.to_le_bytes().to_vec()).collect();
+        self.kv_array(k, 5, &items)
+    }
     fn raw_kv(&mut self, bytes: &[u8]) -> &mut Self {
         self.meta.extend(bytes);
         self.n_meta += 1;
@@ -304,4 +335,66 @@ fn llama_rows_are_unpermuted_per_head() {
     // HF rows 0,1 of a head are GGUF rows 0,2; HF rows 2,3 are GGUF rows 1,3.
     let rows: Vec<usize> = (0..8).map(|r| src.row(r)).collect();
     assert_eq!(rows, vec![0, 2, 1, 3, 4, 6, 5, 7]);
+}
+
+/// A SentencePiece vocabulary: `<unk> <s> </s> <0x41> ▁ a b ab ▁a ▁ab` with scores.
+fn spm_vocab(scores: &[f32]) -> Writer {
+    let tokens = ["<unk>", "<s>", "</s>", "<0x41>", "\u{2581}", "a", "b", "ab", "\u{2581}a", "\u{2581}ab"];
+    let mut w = valid();
+    w.kv_str("tokenizer.ggml.model", "llama")
+        .kv_strs("tokenizer.ggml.tokens", &tokens)
+        .kv_i32s("tokenizer.ggml.token_type", &[2, 3, 3, 6, 1, 1, 1, 1, 1, 1])
+        .kv_f32s("tokenizer.ggml.scores", scores)
+        .kv_u32("tokenizer.ggml.bos_token_id", 1)
+        .kv_u32("tokenizer.ggml.eos_token_id", 2)
+        .kv_u32("tokenizer.ggml.unknown_token_id", 0);
+    w
+}
+
+#[test]
+fn sentencepiece_merges_follow_the_scores() {
+    // "ab" (-1) before "▁a" (-2) before "▁ab" (-3): the pair whose token scores highest first;
+    // "▁ab" can be cut two ways, the longer left part first (transformers' order).
+    let g = open_bytes(&spm_vocab(&[0., 0., 0., 0., -9., -9., -9., -1., -2., -3.]).bytes()).unwrap();
+    let files = super::vocab::tokenizer_files(&g).unwrap();
+    let t = &files.tokenizer_json;
+    let merges: Vec<String> = t["model"]["merges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| format!("{} {}", m[0].as_str().unwrap(), m[1].as_str().unwrap()))
+        .collect();
+    assert_eq!(merges, ["a b", "\u{2581} a", "\u{2581}a b", "\u{2581} ab"]);
+    assert_eq!(t["model"]["byte_fallback"], true);
+    assert_eq!(t["model"]["unk_token"], "<unk>");
+    assert_eq!(t["normalizer"]["normalizers"][0]["type"], "Prepend");
+    // control and unknown tokens are added (matched whole in text), byte tokens are not
+    let added: Vec<&str> = t["added_tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["content"].as_str().unwrap())
+        .collect();
+    assert_eq!(added, ["<unk>", "<s>", "</s>"]);
+    // llama.cpp adds BOS to a SentencePiece vocabulary that does not say otherwise
+    assert_eq!(files.tokenizer_config["add_bos_token"], true);
+    assert_eq!(t["post_processor"]["single"][0]["SpecialToken"]["id"], "<s>");
+}
+
+#[test]
+fn bad_sentencepiece_vocabularies_are_refused_with_the_reason() {
+    let err = |w: &Writer| super::vocab::tokenizer_files(&open_bytes(&w.bytes()).unwrap()).unwrap_err();
+    let mut nan = [0f32; 10];
+    nan[7] = f32::NAN;
+    assert!(err(&spm_vocab(&nan)).contains("tokenizer.ggml.scores[7] is not a finite number"));
+    assert!(err(&spm_vocab(&[0.; 9])).contains("tokenizer.ggml.scores has 9 entries for 10 tokens"));
+    let mut w = valid();
+    w.kv_str("tokenizer.ggml.model", "llama")
+        .kv_strs("tokenizer.ggml.tokens", &["<unk>", "a"]);
+    assert!(err(&w).contains("tokenizer.ggml.scores is missing"));
+    let mut w = valid();
+    w.kv_str("tokenizer.ggml.model", "bert")
+        .kv_strs("tokenizer.ggml.tokens", &["a"]);
+    let e = err(&w);
+    assert!(e.contains("\"bert\" is not supported") && e.contains("\"llama\""), "{e}");
 }

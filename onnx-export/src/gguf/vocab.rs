@@ -1,12 +1,15 @@
 //! GGUF tokenizer metadata -> Hugging Face `tokenizer.json`, `tokenizer_config.json` and
 //! `chat_template.jinja`, the files the daemon's tokenizer and chat template read.
 //!
-//! Supported: `tokenizer.ggml.model = gpt2` (byte-level BPE with merges), the vocabularies of
-//! Llama 3, Qwen2/2.5/3, SmolLM and GPT-2-style models. GGUF stores only the *name* of the
-//! pre-tokenizer (`tokenizer.ggml.pre`); llama.cpp maps each name to its split rules in
-//! `src/llama-vocab.cpp`, and so does [`pre_tokenizer`]: a name it does not know is refused
-//! rather than tokenized with the wrong rules. SentencePiece-style `llama` vocabularies (scores,
-//! byte fallback) are refused for now, naming what is supported.
+//! Supported:
+//! * `tokenizer.ggml.model = gpt2` (byte-level BPE with merges), the vocabularies of Llama 3,
+//!   Qwen2/2.5/3, SmolLM, gpt-oss (o200k) and GPT-2-style models. GGUF stores only the *name*
+//!   of the pre-tokenizer (`tokenizer.ggml.pre`); llama.cpp maps each name to its split rules in
+//!   `src/llama-vocab.cpp`, and so does [`pre_tokenizer`]: a name it does not know is refused
+//!   rather than tokenized with the wrong rules.
+//! * `tokenizer.ggml.model = llama`: SentencePiece BPE (Llama 2, Mistral 7B, TinyLlama, Phi-3),
+//!   tokens with scores and `<0xXX>` byte tokens, usually without merges. The merges are derived
+//!   from the scores ([`spm_merges`]), the whitespace rules are llama.cpp's ([`spm_text_rules`]).
 //!
 //! Token types (llama.cpp's `llama_token_type`): 3 = control and 4 = user-defined tokens become
 //! Hugging Face added tokens (special for control tokens), matched whole in the input text as
@@ -20,9 +23,15 @@ type Res<T> = std::result::Result<T, String>;
 
 /// `tokenizer.ggml.pre` names we can express, and their Hugging Face pre-tokenizer.
 pub const SUPPORTED_PRE: &str =
-    "default, gpt2, gpt-2, smollm, llama-bpe, llama3, llama-v3, qwen2, deepseek-r1-qwen";
+    "default, gpt2, gpt-2, smollm, llama-bpe, llama3, llama-v3, qwen2, deepseek-r1-qwen, gpt-4o";
 
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// o200k (gpt-oss, GPT-4o): llama.cpp's `LLAMA_VOCAB_PRE_TYPE_GPT4O`.
+const GPT4O_SPLIT: &str = concat!(
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+);
 const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 fn byte_level(use_regex: bool) -> Json {
@@ -50,6 +59,10 @@ fn pre_tokenizer(name: &str) -> Res<Json> {
             split(QWEN2_SPLIT),
             byte_level(false),
         ]}),
+        "gpt-4o" => json!({"type": "Sequence", "pretokenizers": [
+            split(GPT4O_SPLIT),
+            byte_level(false),
+        ]}),
         other => {
             return Err(format!(
                 "tokenizer.ggml.pre {other:?} is not supported; supported: {SUPPORTED_PRE}"
@@ -59,6 +72,7 @@ fn pre_tokenizer(name: &str) -> Res<Json> {
 }
 
 /// The tokenizer files of a package, built from the metadata.
+#[derive(Debug)]
 pub struct TokenizerFiles {
     pub tokenizer_json: Json,
     pub tokenizer_config: Json,
@@ -84,15 +98,22 @@ pub fn tokenizer_files(g: &Gguf) -> Res<TokenizerFiles> {
     let model = g
         .str("tokenizer.ggml.model")
         .ok_or("metadata tokenizer.ggml.model is missing (the file has no tokenizer)")?;
-    if model != "gpt2" {
-        return Err(format!(
-            "tokenizer.ggml.model {model:?} is not supported yet (only \"gpt2\", byte-level BPE)"
-        ));
-    }
-    let pre = g.str("tokenizer.ggml.pre").unwrap_or("default");
-    let pre_tokenizer = pre_tokenizer(pre)?;
+    let spm = match model {
+        "gpt2" => false,
+        "llama" => true,
+        other => {
+            return Err(format!(
+                "tokenizer.ggml.model {other:?} is not supported; supported: \"gpt2\" (byte-level \
+                 BPE), \"llama\" (SentencePiece BPE with scores and byte fallback)"
+            ));
+        }
+    };
+    let pre = if spm {
+        None
+    } else {
+        Some(g.str("tokenizer.ggml.pre").unwrap_or("default"))
+    };
     let tokens = strings(g, "tokenizer.ggml.tokens")?;
-    let merges = strings(g, "tokenizer.ggml.merges")?;
     let types: Vec<u64> = match g.get("tokenizer.ggml.token_type") {
         None => vec![1; tokens.len()],
         Some(v) => v
@@ -120,29 +141,20 @@ pub fn tokenizer_files(g: &Gguf) -> Res<TokenizerFiles> {
                 "tokenizer.ggml.tokens: token {tok:?} appears twice"
             ));
         }
-        if ty == 3 || ty == 4 {
+        // llama.cpp matches control (3), user-defined (4) and unknown (2) tokens whole in the
+        // text; transformers adds them as added tokens (control and unknown ones special).
+        if ty == 3 || ty == 4 || (spm && ty == 2) {
             added.push(json!({
                 "id": id, "content": tok, "single_word": false, "lstrip": false,
-                "rstrip": false, "normalized": false, "special": ty == 3,
+                "rstrip": false, "normalized": false, "special": ty != 4,
             }));
         }
     }
-    let merges = merges
-        .iter()
-        .enumerate()
-        .map(|(i, m)| {
-            let (a, b) = m
-                .split_once(' ')
-                .filter(|(a, b)| !a.is_empty() && !b.is_empty() && !b.contains(' '))
-                .ok_or_else(|| format!("tokenizer.ggml.merges[{i}] {m:?} is not \"a b\""))?;
-            if !vocab.contains_key(a) || !vocab.contains_key(b) {
-                return Err(format!(
-                    "tokenizer.ggml.merges[{i}] {m:?} names a token that is not in the vocabulary"
-                ));
-            }
-            Ok(json!([a, b]))
-        })
-        .collect::<Res<Vec<_>>>()?;
+    let merges = match g.get("tokenizer.ggml.merges") {
+        Some(_) => file_merges(&strings(g, "tokenizer.ggml.merges")?, &vocab)?,
+        None if spm => spm_merges(&tokens, &scores(g, tokens.len())?),
+        None => return Err("metadata tokenizer.ggml.merges is missing".into()),
+    };
     let token = |key: &str| -> Res<Option<(u64, &str)>> {
         match g
             .get(&format!("tokenizer.ggml.{key}"))
@@ -159,10 +171,11 @@ pub fn tokenizer_files(g: &Gguf) -> Res<TokenizerFiles> {
     let eos = token("eos_token_id")?;
     let pad = token("padding_token_id")?;
     let unk = token("unknown_token_id")?;
+    // llama.cpp adds BOS to a SentencePiece vocabulary unless the file says otherwise.
     let add_bos = g
         .get("tokenizer.ggml.add_bos_token")
         .and_then(Value::as_bool)
-        .unwrap_or(false);
+        .unwrap_or(spm);
     let add_eos = g
         .get("tokenizer.ggml.add_eos_token")
         .and_then(Value::as_bool)
@@ -179,24 +192,43 @@ pub fn tokenizer_files(g: &Gguf) -> Res<TokenizerFiles> {
             "special_tokens": {t: {"id": t, "ids": [id], "tokens": [t]}},
         }),
         (true, None) => return Err("add_bos_token is true but bos_token_id is missing".into()),
+        (false, _) if spm => Json::Null,
         (false, _) => {
             json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true})
         }
+    };
+    let unk_token = unk.map(|(_, t)| t);
+    let (normalizer, pre_tokenizer, decoder, model) = match pre {
+        None => {
+            let add_space_prefix = g
+                .get("tokenizer.ggml.add_space_prefix")
+                .and_then(Value::as_bool)
+                .unwrap_or(true);
+            if unk_token.is_none() {
+                return Err(
+                    "a SentencePiece vocabulary needs tokenizer.ggml.unknown_token_id".into(),
+                );
+            }
+            let (normalizer, decoder) = spm_text_rules(add_space_prefix);
+            (normalizer, Json::Null, decoder, bpe(unk_token, true, vocab, merges))
+        }
+        Some(pre) => (
+            Json::Null,
+            pre_tokenizer(pre)?,
+            json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true}),
+            bpe(unk_token, false, vocab, merges),
+        ),
     };
     let tokenizer_json = json!({
         "version": "1.0",
         "truncation": null,
         "padding": null,
         "added_tokens": added,
-        "normalizer": null,
+        "normalizer": normalizer,
         "pre_tokenizer": pre_tokenizer,
         "post_processor": post_processor,
-        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
-        "model": {
-            "type": "BPE", "dropout": null, "unk_token": unk.map(|(_, t)| t),
-            "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": false,
-            "byte_fallback": false, "ignore_merges": false, "vocab": vocab, "merges": merges,
-        },
+        "decoder": decoder,
+        "model": model,
     });
     let chat_template = g.str("tokenizer.chat_template").map(str::to_string);
     let tokenizer_config = json!({
@@ -210,6 +242,7 @@ pub fn tokenizer_files(g: &Gguf) -> Res<TokenizerFiles> {
             .get(&format!("{}.context_length", g.str("general.architecture").unwrap_or("")))
             .and_then(Value::as_u64),
         "tokenizer_class": "PreTrainedTokenizerFast",
+        "gguf_tokenizer_model": model,
         "gguf_pre_tokenizer": pre,
     });
     Ok(TokenizerFiles {
@@ -217,4 +250,116 @@ pub fn tokenizer_files(g: &Gguf) -> Res<TokenizerFiles> {
         tokenizer_config,
         chat_template,
     })
+}
+
+/// The BPE model of `tokenizer.json`. SentencePiece vocabularies fall back to `<0xXX>` byte
+/// tokens for characters they lack and fuse runs of unknowns, as `LlamaTokenizer` does.
+fn bpe(unk: Option<&str>, byte_fallback: bool, vocab: Map<String, Json>, merges: Vec<Json>) -> Json {
+    json!({
+        "type": "BPE", "dropout": null, "unk_token": unk,
+        "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": byte_fallback,
+        "byte_fallback": byte_fallback, "ignore_merges": false, "vocab": vocab, "merges": merges,
+    })
+}
+
+/// SentencePiece's whitespace rules as llama.cpp applies them (`llama_vocab::tokenize`, SPM):
+/// spaces become `▁`, and with `add_space_prefix` (the default) every text fragment that starts
+/// the input or follows a special token gets a leading `▁`. A `Prepend` normalizer does exactly
+/// that in `tokenizers`, which normalizes each fragment between added tokens on its own (the
+/// form of Phi-3's and legacy Llama `tokenizer.json` files). `Metaspace` with
+/// `prepend_scheme: first`, what `LlamaTokenizer` builds, would leave the fragment after a
+/// special token unprefixed, unlike llama.cpp. Decoding undoes it: `▁` -> space, byte tokens
+/// -> bytes, and the one leading space dropped.
+fn spm_text_rules(add_space_prefix: bool) -> (Json, Json) {
+    let replace = json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"});
+    let normalizer = if add_space_prefix {
+        json!({"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "\u{2581}"}, replace]})
+    } else {
+        replace
+    };
+    let mut decoders = vec![
+        json!({"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "}),
+        json!({"type": "ByteFallback"}),
+        json!({"type": "Fuse"}),
+    ];
+    if add_space_prefix {
+        decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+    }
+    (normalizer, json!({"type": "Sequence", "decoders": decoders}))
+}
+
+/// `tokenizer.ggml.merges` ("a b" per entry), checked against the vocabulary.
+fn file_merges(merges: &[&str], vocab: &Map<String, Json>) -> Res<Vec<Json>> {
+    merges
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let (a, b) = m
+                .split_once(' ')
+                .filter(|(a, b)| !a.is_empty() && !b.is_empty() && !b.contains(' '))
+                .ok_or_else(|| format!("tokenizer.ggml.merges[{i}] {m:?} is not \"a b\""))?;
+            if !vocab.contains_key(a) || !vocab.contains_key(b) {
+                return Err(format!(
+                    "tokenizer.ggml.merges[{i}] {m:?} names a token that is not in the vocabulary"
+                ));
+            }
+            Ok(json!([a, b]))
+        })
+        .collect()
+}
+
+/// `tokenizer.ggml.scores`, one finite float per token.
+fn scores(g: &Gguf, n: usize) -> Res<Vec<f64>> {
+    let arr = g
+        .get("tokenizer.ggml.scores")
+        .ok_or("metadata tokenizer.ggml.scores is missing (a SentencePiece vocabulary needs it)")?
+        .as_array()
+        .ok_or("metadata tokenizer.ggml.scores is not an array")?;
+    if arr.len() != n {
+        return Err(format!(
+            "tokenizer.ggml.scores has {} entries for {n} tokens",
+            arr.len()
+        ));
+    }
+    arr.iter()
+        .enumerate()
+        .map(|(i, v)| match v.as_f64() {
+            Some(x) if x.is_finite() => Ok(x),
+            _ => Err(format!(
+                "tokenizer.ggml.scores[{i}] is not a finite number"
+            )),
+        })
+        .collect()
+}
+
+/// The merges a SentencePiece BPE vocabulary implies, which its GGUF file does not list.
+/// llama.cpp's SPM tokenizer repeatedly joins the adjacent pair whose joined text is the
+/// token of highest score; a BPE model does the same with one merge `(a, b)` per way of
+/// cutting a token into two tokens, ranked by the token's score (best first). Ties are broken
+/// as transformers' `generate_merges` does (longer left part first, then longer right part,
+/// then token id and the parts' ids), so the result is its merge list.
+fn spm_merges(tokens: &[&str], scores: &[f64]) -> Vec<Json> {
+    let ids: std::collections::HashMap<&str, usize> =
+        tokens.iter().enumerate().map(|(i, &t)| (t, i)).collect();
+    let mut merges = Vec::new();
+    for (id, (&tok, &score)) in tokens.iter().zip(scores).enumerate() {
+        let mut local = Vec::new();
+        for (cut, _) in tok.char_indices().skip(1) {
+            let (l, r) = tok.split_at(cut);
+            if let (Some(&il), Some(&ir)) = (ids.get(l), ids.get(r)) {
+                local.push((il, ir, l, r));
+            }
+        }
+        local.sort_by_key(|&(il, ir, _, _)| (il, ir));
+        merges.extend(local.into_iter().map(|(_, _, l, r)| {
+            (score, l.chars().count(), r.chars().count(), id, l, r)
+        }));
+    }
+    // A stable sort on (score, |l|, |r|) descending keeps the (id, parts) order among ties.
+    merges.sort_by(|a, b| {
+        b.0.total_cmp(&a.0)
+            .then(b.1.cmp(&a.1))
+            .then(b.2.cmp(&a.2))
+    });
+    merges.into_iter().map(|(.., l, r)| json!([l, r])).collect()
 }
