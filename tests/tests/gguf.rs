@@ -10,6 +10,11 @@
 //!   the reference bit for bit;
 //! * with f32 activations (`accuracy_level` 0) the package's teacher-forced logits equal
 //!   transformers' on both backends, and its greedy continuation is transformers';
+//! * `gptoss_mxfp4` is tests/fixtures/gptoss/checkpoint converted by llama.cpp's own converter
+//!   (MXFP4 experts, gate/up split, BF16 attention): its fp32 import computes transformers'
+//!   logits of that checkpoint, its int4 import (`--allow-requantize`) is byte for byte the
+//!   package the Hugging Face path builds, and without the flag the importer refuses, naming
+//!   the MXFP4 tensors;
 //! * `spm_q8_0` carries a SentencePiece vocabulary (`tokenizer.ggml.model = llama`, scores,
 //!   byte tokens, no merges): the package's tokenizer gives llama.cpp's ids for plain text,
 //!   special tokens, byte fallback and a chat prompt, and decodes plain text back.
@@ -341,6 +346,103 @@ fn sentencepiece_vocabulary_tokenizes_as_llama_cpp() {
     assert_eq!(ids, spm.chat_ids, "chat prompt ids differ from llama.cpp's");
 }
 
+/// tests/fixtures/gguf/gptoss_mxfp4: the tokenizer (the fixture's vocabulary labelled with the
+/// `gpt-4o` pre-tokenizer, as gpt-oss files are) gives llama.cpp's ids.
+#[test]
+fn gptoss_vocabulary_tokenizes_as_llama_cpp() {
+    let pkg = import("gptoss_mxfp4", fp32_logits_all());
+    let text = std::fs::read_to_string(dir("gptoss_mxfp4").join("golden.json")).unwrap();
+    let golden: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let tok = edgellm::tokenizer::Tokenizer::load(&pkg.path().join("pkg")).unwrap();
+    for case in golden["llama_tokenize_ids"].as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        let want: Vec<u32> = serde_json::from_value(case["ids"].clone()).unwrap();
+        assert_eq!(tok.encode(text, true).unwrap(), want, "{text:?}");
+    }
+}
+
+fn fp32_logits_all() -> ExportOptions {
+    ExportOptions {
+        precision: Precision::Fp32,
+        accuracy_level: 0,
+        logits_all: true,
+        ..Default::default()
+    }
+}
+
+/// MXFP4 experts have no exact int4 form: the import refuses them by name unless asked to
+/// re-quantize, and then writes exactly what the Hugging Face path writes from the released
+/// MXFP4 checkpoint (the same dequantized values, quantized the same way): model.onnx and
+/// model.onnx.data equal byte for byte.
+#[test]
+fn gptoss_int4_import_is_the_hugging_face_export() {
+    let tmp = tempfile::tempdir().unwrap();
+    let gguf = dir("gptoss_mxfp4").join("model.gguf");
+    let opts = ExportOptions {
+        max_length: Some(256),
+        ..Default::default()
+    };
+    let err = edgellm_export::export_gguf(&gguf, &tmp.path().join("refused"), &opts)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("blk.0.ffn_gate_exps.weight (MXFP4)") && err.contains("--allow-requantize"),
+        "{err}"
+    );
+    assert!(!tmp.path().join("refused").exists(), "no partial package");
+    let imported = tmp.path().join("gguf");
+    edgellm_export::export_gguf(
+        &gguf,
+        &imported,
+        &ExportOptions {
+            allow_requantize: true,
+            ..opts.clone()
+        },
+    )
+    .unwrap();
+    let hf = tmp.path().join("hf");
+    edgellm_export::export(
+        &repo_root().join("tests/fixtures/gptoss/checkpoint"),
+        &hf,
+        &opts,
+    )
+    .unwrap();
+    for f in ["model.onnx", "model.onnx.data"] {
+        let (a, b) = (
+            std::fs::read(imported.join(f)).unwrap(),
+            std::fs::read(hf.join(f)).unwrap(),
+        );
+        assert!(a == b, "{f} differs between the GGUF import and the HF export");
+    }
+    // The stop tokens llama.cpp derives from the vocabulary are the checkpoint's
+    // generation_config ones.
+    let generation: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(imported.join("generation_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(generation["eos_token_id"], serde_json::json!([2, 5]));
+}
+
+/// f32 activations: the fp32 import of llama.cpp's file computes transformers' logits of the
+/// original checkpoint (MXFP4 dequantized exactly, gate/up re-interleaved, sinks, YaRN with
+/// gpt-oss's unrounded correction range, the sliding window on even layers), within the 1e-4
+/// of the Hugging Face fp32 packages (tests/tests/packages.rs).
+fn gptoss_import_matches_transformers(choice: BackendChoice) {
+    let pkg = import("gptoss_mxfp4", fp32_logits_all());
+    let golden = Golden::load("gptoss");
+    let mut be = backend(pkg.path(), choice);
+    be.reset();
+    let rows = be.forward_all(&golden.teacher_forced_ids).unwrap().to_vec();
+    let v = golden.vocab();
+    let worst = (0..golden.teacher_forced_ids.len())
+        .map(|i| max_abs_diff(&rows[i * v..(i + 1) * v], golden.row(i)))
+        .fold(0f32, f32::max);
+    eprintln!("gptoss_mxfp4 on {choice:?}: max |logit - transformers| = {worst:.2e}");
+    assert!(worst < 1e-4, "{choice:?}: logits differ by {worst}");
+    let out = greedy(be.as_mut(), &golden.prompt_ids, golden.greedy_ids.len());
+    assert_eq!(out, golden.greedy_ids, "{choice:?}: greedy");
+}
+
 fn backend(pkg: &Path, choice: BackendChoice) -> Box<dyn Backend> {
     let package = edgellm::package::Package::open(&pkg.join("pkg")).unwrap();
     let opts = BackendOptions {
@@ -435,6 +537,10 @@ mod ort {
     fn default_import_runs_with_int8_activations() {
         super::default_import_runs(edgellm::backend::BackendChoice::Ort);
     }
+    #[test]
+    fn gptoss_import_matches_transformers() {
+        super::gptoss_import_matches_transformers(edgellm::backend::BackendChoice::Ort);
+    }
 }
 
 #[cfg(feature = "tract")]
@@ -446,5 +552,9 @@ mod tract {
     #[test]
     fn default_import_runs_with_int8_activations() {
         super::default_import_runs(edgellm::backend::BackendChoice::Tract);
+    }
+    #[test]
+    fn gptoss_import_matches_transformers() {
+        super::gptoss_import_matches_transformers(edgellm::backend::BackendChoice::Tract);
     }
 }

@@ -152,6 +152,18 @@ impl DecoderBuilder<'_> {
         );
 
         let experts = Experts::find(self.ck, n, e, h, inter)?;
+        let inexact = experts.gguf_block_tensors(self.ck);
+        if self.opts.precision != Precision::Fp32
+            && !inexact.is_empty()
+            && !self.opts.allow_requantize
+        {
+            return Err(ExportError::InvalidOption(format!(
+                "{}: QMoE takes int4 blocks, which these experts cannot be kept in exactly; pass \
+                 --allow-requantize to dequantize and re-quantize them (as the Hugging Face path \
+                 does with gpt-oss's MXFP4 experts), or --precision fp32",
+                inexact.join(", ")
+            )));
+        }
         let fc1 = self.expert_weights(
             &format!("{prefix}.experts.gate_up_proj"),
             &experts,
@@ -159,11 +171,32 @@ impl DecoderBuilder<'_> {
             2 * inter,
             h,
         )?;
-        let b1 = self.matrix_f32(
-            &n.t("mlp.experts.gate_up_proj_bias"),
-            &format!("{prefix}.experts.gate_up_proj.bias"),
-            &[e, 2 * inter],
-        )?;
+        let b1 = if experts.layout == ExpertLayout::Split {
+            // GGUF: separate gate and up biases [E, I], interleaved like the weights' rows.
+            let (gate, up) = (
+                n.t("mlp.experts.gate_exps_bias"),
+                n.t("mlp.experts.up_exps_bias"),
+            );
+            self.ck.expect(&gate, &[e, inter])?;
+            self.ck.expect(&up, &[e, inter])?;
+            let (gate, up) = (self.ck.f32(&gate)?, self.ck.f32(&up)?);
+            let both: Vec<f32> = gate
+                .iter()
+                .zip(&up)
+                .flat_map(|(&g, &u)| [g, u])
+                .collect();
+            self.g.tensor_from(
+                &format!("{prefix}.experts.gate_up_proj.bias"),
+                &[e, 2 * inter],
+                &both,
+            )?
+        } else {
+            self.matrix_f32(
+                &n.t("mlp.experts.gate_up_proj_bias"),
+                &format!("{prefix}.experts.gate_up_proj.bias"),
+                &[e, 2 * inter],
+            )?
+        };
         let fc2 = self.expert_weights(
             &format!("{prefix}.experts.down_proj"),
             &experts,
@@ -266,20 +299,31 @@ enum ExpertWeights {
     Fp32 { w: String },
 }
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum Proj {
     GateUp,
     Down,
 }
 
 /// Where a gpt-oss layer keeps its experts: the released MXFP4 `*_blocks`/`*_scales` tensors
-/// (`[E, N, K/32, 16]` / `[E, N, K/32]`), or the dense tensors transformers saves after
-/// fine-tuning (`gate_up_proj [E, H, 2I]`, `down_proj [E, I, H]`, i.e. `[E, K, N]`).
+/// (`[E, N, K/32, 16]` / `[E, N, K/32]`), the dense tensors transformers saves after
+/// fine-tuning (`gate_up_proj [E, H, 2I]`, `down_proj [E, I, H]`, i.e. `[E, K, N]`), or a GGUF
+/// file's separate gate / up / down tensors (`[E, N, K]`, any type the checkpoint
+/// dequantizes, MXFP4 included), whose gate and up rows are interleaved here into transformers'
+/// `gate_up` order (row 2i gate i, row 2i+1 up i).
 struct Experts {
     count: usize,
     gate_up: String,
     down: String,
-    mxfp4: bool,
+    layout: ExpertLayout,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ExpertLayout {
+    Mxfp4,
+    Dense,
+    /// GGUF: `gate_up` names the gate tensor, `up` the up tensor.
+    Split,
 }
 
 impl Experts {
@@ -300,7 +344,19 @@ impl Experts {
                 count: e,
                 gate_up: n.t("mlp.experts.gate_up_proj"),
                 down: n.t("mlp.experts.down_proj"),
-                mxfp4: true,
+                layout: ExpertLayout::Mxfp4,
+            });
+        }
+        let gate = n.t("mlp.experts.gate_exps");
+        if ck.contains(&gate) {
+            ck.expect(&gate, &[e, inter, h])?;
+            ck.expect(&n.t("mlp.experts.up_exps"), &[e, inter, h])?;
+            ck.expect(&n.t("mlp.experts.down_exps"), &[e, h, inter])?;
+            return Ok(Experts {
+                count: e,
+                gate_up: gate,
+                down: n.t("mlp.experts.down_exps"),
+                layout: ExpertLayout::Split,
             });
         }
         let dense = n.t("mlp.experts.gate_up_proj");
@@ -315,8 +371,32 @@ impl Experts {
             count: e,
             gate_up: dense,
             down: n.t("mlp.experts.down_proj"),
-            mxfp4: false,
+            layout: ExpertLayout::Dense,
         })
+    }
+
+    /// The GGUF tensors that hold the experts in a block type (re-quantizing those to int4 is
+    /// not exact, so it needs `--allow-requantize`).
+    fn gguf_block_tensors(&self, ck: &Checkpoint) -> Vec<String> {
+        if self.layout != ExpertLayout::Split {
+            return Vec::new();
+        }
+        [self.gate_up.clone(), self.up(), self.down.clone()]
+            .into_iter()
+            .filter_map(|t| match ck.ggml_type(&t) {
+                // Named as in the file: model.layers.L.mlp.experts.X_exps -> blk.L.ffn_X_exps.weight
+                Some(ty) if !ty.is_float() => Some(format!(
+                    "{}.weight ({ty:?})",
+                    t.replace("model.layers.", "blk.")
+                        .replace(".mlp.experts.", ".ffn_")
+                )),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn up(&self) -> String {
+        self.gate_up.replace(".gate_exps", ".up_exps")
     }
 
     /// Expert `x`'s matrix as row-major `[n, k]` f32.
@@ -332,11 +412,22 @@ impl Experts {
             Proj::GateUp => &self.gate_up,
             Proj::Down => &self.down,
         };
-        if self.mxfp4 {
+        if self.layout == ExpertLayout::Mxfp4 {
             let (bl, sl) = (n * k / 2, n * k / 32);
             let blocks = ck.bytes(&format!("{base}_blocks"), x * bl..(x + 1) * bl)?;
             let scales = ck.bytes(&format!("{base}_scales"), x * sl..(x + 1) * sl)?;
             Ok(quant::decode_mxfp4(&blocks, &scales, n, k))
+        } else if self.layout == ExpertLayout::Split {
+            let rows = ck.f32_rows(base, x..x + 1)?;
+            if proj == Proj::Down {
+                return Ok(rows);
+            }
+            let up = ck.f32_rows(&self.up(), x..x + 1)?;
+            Ok(rows
+                .chunks_exact(k)
+                .zip(up.chunks_exact(k))
+                .flat_map(|(g, u)| g.iter().chain(u).copied())
+                .collect())
         } else {
             // Stored [E, K, N]: rows x*K..(x+1)*K hold expert x, transposed to [N, K].
             Ok(transpose(&ck.f32_rows(base, x..x + 1)?, k, n))

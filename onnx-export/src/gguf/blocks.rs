@@ -151,7 +151,7 @@ impl GgmlType {
 
     /// Whether [`dequantize_row`] reads this type.
     pub fn can_dequantize(self) -> bool {
-        self.is_float() || self.nbits().is_some()
+        self.is_float() || self.nbits().is_some() || self == GgmlType::MXFP4
     }
 
     /// The exact `MatMulNBits` form of this type: (bits, block), `None` when there is none.
@@ -302,7 +302,23 @@ fn decode_block(ty: GgmlType, b: &[u8], out: &mut Decoded) {
     }
 }
 
-/// Dequantizes one row of `k` values exactly as llama.cpp does.
+/// MXFP4's e2m1 code points, doubled (ggml's `kvalues_mxfp4`; the scale is halved to match).
+const MXFP4_VALUES: [f32; 16] = [
+    0., 1., 2., 3., 4., 6., 8., 12., 0., -1., -2., -3., -4., -6., -8., -12.,
+];
+
+/// ggml's `GGML_E8M0_TO_FP32_HALF`: `2^(e - 128)` (exact, subnormal for e < 2).
+fn e8m0_half(e: u8) -> f32 {
+    if e < 2 {
+        f32::from_bits(0x0020_0000 << e)
+    } else {
+        f32::from_bits(((e as u32) - 1) << 23)
+    }
+}
+
+/// Dequantizes one row of `k` values exactly as llama.cpp does. MXFP4 (gpt-oss experts):
+/// 17-byte blocks of an e8m0 scale and 16 bytes whose low nibbles are values 0..16 and high
+/// nibbles values 16..32.
 pub fn dequantize_row(ty: GgmlType, row: &[u8], out: &mut Vec<f32>) {
     use GgmlType::*;
     match ty {
@@ -315,6 +331,13 @@ pub fn dequantize_row(ty: GgmlType, row: &[u8], out: &mut Vec<f32>) {
             row.chunks_exact(2)
                 .map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16)),
         ),
+        MXFP4 => {
+            for b in row.chunks_exact(17) {
+                let d = e8m0_half(b[0]);
+                out.extend(b[1..].iter().map(|&q| MXFP4_VALUES[(q & 15) as usize] * d));
+                out.extend(b[1..].iter().map(|&q| MXFP4_VALUES[(q >> 4) as usize] * d));
+            }
+        }
         _ => {
             let mut d = Decoded::default();
             decode_row(ty, row, &mut d);

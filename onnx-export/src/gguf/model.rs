@@ -3,7 +3,9 @@
 //! converter permuted for its RoPE layout undone).
 //!
 //! Supported `general.architecture`s: `llama` (Llama, SmolLM, Mistral without a window),
-//! `qwen2`, `qwen3`, `phi3`. Everything else, and any tensor this mapping does not know, is
+//! `qwen2`, `qwen3`, `phi3`, `gpt-oss` (its experts as llama.cpp's converter writes them:
+//! gate and up split into `ffn_gate_exps` / `ffn_up_exps`, MXFP4; exposed here as
+//! `mlp.experts.{gate,up,down}_exps` `[E, N, K]` for [`crate::decoder`]). Everything else, and any tensor this mapping does not know, is
 //! refused before a file is written: an unknown tensor means a model feature the graph would
 //! silently leave out.
 
@@ -13,7 +15,7 @@ use serde_json::{Value as Json, json};
 
 use super::{Gguf, TensorInfo, Value};
 
-pub const SUPPORTED: &str = "llama, qwen2, qwen3, phi3";
+pub const SUPPORTED: &str = "llama, qwen2, qwen3, phi3, gpt-oss";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GgufArch {
@@ -21,6 +23,7 @@ pub enum GgufArch {
     Qwen2,
     Qwen3,
     Phi3,
+    GptOss,
 }
 
 impl GgufArch {
@@ -30,6 +33,7 @@ impl GgufArch {
             "qwen2" => GgufArch::Qwen2,
             "qwen3" => GgufArch::Qwen3,
             "phi3" => GgufArch::Phi3,
+            "gpt-oss" => GgufArch::GptOss,
             _ => return None,
         })
     }
@@ -40,6 +44,7 @@ impl GgufArch {
             GgufArch::Qwen2 => "Qwen2ForCausalLM",
             GgufArch::Qwen3 => "Qwen3ForCausalLM",
             GgufArch::Phi3 => "Phi3ForCausalLM",
+            GgufArch::GptOss => "GptOssForCausalLM",
         }
     }
 }
@@ -160,11 +165,20 @@ impl GgufModel {
                 eos.push(i);
             }
         }
+        for i in end_of_generation(g) {
+            if !eos.contains(&i) {
+                eos.push(i);
+            }
+        }
+        let intermediate = match arch {
+            GgufArch::GptOss => need("expert_feed_forward_length")?,
+            _ => need("feed_forward_length")?,
+        };
         let mut config = json!({
             "architectures": [arch.hf()],
-            "model_type": arch_name,
+            "model_type": if arch == GgufArch::GptOss { "gpt_oss" } else { arch_name },
             "hidden_size": hidden,
-            "intermediate_size": need("feed_forward_length")?,
+            "intermediate_size": intermediate,
             "num_hidden_layers": layers,
             "num_attention_heads": heads,
             "num_key_value_heads": kv_heads,
@@ -193,19 +207,51 @@ impl GgufModel {
                     "type": "yarn",
                     "factor": float("rope.scaling.factor").ok_or("yarn rope scaling without rope.scaling.factor")?,
                     "original_max_position_embeddings": int("rope.scaling.original_context_length")?,
-                })
+                    "beta_fast": float("rope.scaling.yarn_beta_fast").unwrap_or(32.0),
+                    "beta_slow": float("rope.scaling.yarn_beta_slow").unwrap_or(1.0),
+                });
+                if arch == GgufArch::GptOss {
+                    // gpt-oss's own config (and transformers) keep the YaRN correction range
+                    // unrounded; llama.cpp always rounds it (ggml_rope_yarn_corr_dims), which
+                    // shifts a few frequencies slightly. We follow the model's config.
+                    config["rope_scaling"]["truncate"] = json!(false);
+                }
             }
             Some(other) => return Err(format!("rope.scaling.type {other:?} is not supported")),
         }
         if let Some(w) = int("attention.sliding_window")? {
             match arch {
                 GgufArch::Phi3 => config["sliding_window"] = json!(w),
+                // llama.cpp's gpt-oss: windowed attention on even layers (il % 2 == 0), full
+                // attention on odd ones, as gpt-oss's own layer_types.
+                GgufArch::GptOss => {
+                    config["sliding_window"] = json!(w);
+                    config["layer_types"] = (0..layers)
+                        .map(|l| {
+                            if l % 2 == 0 {
+                                "sliding_attention"
+                            } else {
+                                "full_attention"
+                            }
+                        })
+                        .collect();
+                }
                 _ => {
                     return Err(format!(
                         "{}: sliding-window attention is not supported for {arch_name}",
                         key("attention.sliding_window")
                     ));
                 }
+            }
+        }
+        if arch == GgufArch::GptOss {
+            config["num_local_experts"] = json!(need("expert_count")?);
+            config["num_experts_per_tok"] = json!(need("expert_used_count")?);
+            config["attention_bias"] = json!(true);
+            // llama.cpp hard-codes gpt-oss's clamped SwiGLU (alpha 1.702, limit 7).
+            config["swiglu_limit"] = json!(7.0);
+            if g.get(&key("attention.sliding_window")).is_none() {
+                return Err(format!("metadata {} is missing", key("attention.sliding_window")));
             }
         }
         let mut tensors = BTreeMap::new();
@@ -306,6 +352,52 @@ impl GgufModel {
     }
 }
 
+/// Token texts llama.cpp treats as end of generation in any vocabulary (`llama_vocab::load`,
+/// `special_eog_ids`), whatever ids the metadata names: chat-turn ends such as `<|im_end|>`,
+/// `<|eot_id|>`, and gpt-oss's `<|return|>` / `<|call|>`.
+const EOG_TEXTS: &[&str] = &[
+    "<|eot_id|>",
+    "<|im_end|>",
+    "<|end|>",
+    "<|return|>",
+    "<|call|>",
+    "<|flush|>",
+    "<|calls|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "</s>",
+    "<|eom_id|>",
+    "<EOT>",
+    "_<EOT>",
+    "[EOT]",
+    "[EOS]",
+    "<|end_of_text|>",
+    "<end_of_utterance>",
+    "<eos>",
+];
+
+/// The ids of [`EOG_TEXTS`] in the vocabulary, in id order. As llama.cpp does, `<|end|>` is
+/// left out when `<|return|>` and `<|call|>` are there (o200k_harmony: `<|end|>` closes a
+/// message, not the answer).
+fn end_of_generation(g: &Gguf) -> Vec<u64> {
+    let Some(tokens) = g.get("tokenizer.ggml.tokens").and_then(Value::as_array) else {
+        return Vec::new();
+    };
+    let found: Vec<(u64, &str)> = tokens
+        .iter()
+        .enumerate()
+        .filter_map(|(i, t)| t.as_str().map(|t| (i as u64, t)))
+        .filter(|(_, t)| EOG_TEXTS.contains(t))
+        .collect();
+    let has = |x: &str| found.iter().any(|(_, t)| *t == x);
+    let harmony = has("<|return|>") && has("<|call|>");
+    found
+        .into_iter()
+        .filter(|(_, t)| !(harmony && *t == "<|end|>"))
+        .map(|(i, _)| i)
+        .collect()
+}
+
 fn f32s(g: &Gguf, t: &TensorInfo) -> Vec<f64> {
     g.data(t)
         .chunks_exact(4)
@@ -344,6 +436,21 @@ fn hf_name(arch: GgufArch, name: &str) -> Option<String> {
         (GgufArch::Phi3, "attn_qkv.weight") => "self_attn.qkv_proj.weight",
         (GgufArch::Phi3, "ffn_up.weight") => "mlp.gate_up_proj.weight",
         (GgufArch::Phi3, _) => return None,
+        (GgufArch::GptOss, "post_attention_norm.weight") => "post_attention_layernorm.weight",
+        (GgufArch::GptOss, "attn_sinks.weight") => "self_attn.sinks",
+        (GgufArch::GptOss, "attn_output.bias") => "self_attn.o_proj.bias",
+        (GgufArch::GptOss, "attn_q.bias") => "self_attn.q_proj.bias",
+        (GgufArch::GptOss, "attn_k.bias") => "self_attn.k_proj.bias",
+        (GgufArch::GptOss, "attn_v.bias") => "self_attn.v_proj.bias",
+        (GgufArch::GptOss, "ffn_gate_inp.weight") => "mlp.router.weight",
+        (GgufArch::GptOss, "ffn_gate_inp.bias") => "mlp.router.bias",
+        (GgufArch::GptOss, "ffn_gate_exps.weight") => "mlp.experts.gate_exps",
+        (GgufArch::GptOss, "ffn_up_exps.weight") => "mlp.experts.up_exps",
+        (GgufArch::GptOss, "ffn_down_exps.weight") => "mlp.experts.down_exps",
+        (GgufArch::GptOss, "ffn_gate_exps.bias") => "mlp.experts.gate_exps_bias",
+        (GgufArch::GptOss, "ffn_up_exps.bias") => "mlp.experts.up_exps_bias",
+        (GgufArch::GptOss, "ffn_down_exps.bias") => "mlp.experts.down_proj_bias",
+        (GgufArch::GptOss, "ffn_gate.weight" | "ffn_up.weight") => return None,
         (_, "attn_q.weight") => "self_attn.q_proj.weight",
         (_, "attn_k.weight") => "self_attn.k_proj.weight",
         (_, "attn_v.weight") => "self_attn.v_proj.weight",
