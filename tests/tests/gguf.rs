@@ -15,6 +15,11 @@
 //!   logits of that checkpoint, its int4 import (`--allow-requantize`) is byte for byte the
 //!   package the Hugging Face path builds, and without the flag the importer refuses, naming
 //!   the MXFP4 tensors;
+//! * `llama3_rope` and `phi3_longrope` are llama.cpp's conversions of a Llama 3-scaled llama
+//!   (the scaling as the `rope_freqs.weight` tensor) and of tests/fixtures/phi3-longrope
+//!   (`rope_factors_long` / `rope_factors_short` tensors and the attention factor): their fp32
+//!   imports compute transformers' logits of the checkpoints, and their rope caches are the
+//!   Hugging Face exports' (the long factors included);
 //! * `spm_q8_0` carries a SentencePiece vocabulary (`tokenizer.ggml.model = llama`, scores,
 //!   byte tokens, no merges): the package's tokenizer gives llama.cpp's ids for plain text,
 //!   special tokens, byte fallback and a chat prompt, and decodes plain text back.
@@ -323,7 +328,11 @@ fn sentencepiece_vocabulary_tokenizes_as_llama_cpp() {
     let mut byte_fallback = false;
     for case in &spm.texts {
         let ids = tok.encode(&case.text, true).unwrap();
-        assert_eq!(ids, case.ids, "{:?}: ids differ from llama.cpp's", case.text);
+        assert_eq!(
+            ids, case.ids,
+            "{:?}: ids differ from llama.cpp's",
+            case.text
+        );
         byte_fallback |= ids
             .iter()
             .any(|&i| tok.id_to_token(i).is_some_and(|t| t.starts_with("<0x")));
@@ -346,18 +355,28 @@ fn sentencepiece_vocabulary_tokenizes_as_llama_cpp() {
     assert_eq!(ids, spm.chat_ids, "chat prompt ids differ from llama.cpp's");
 }
 
-/// tests/fixtures/gguf/gptoss_mxfp4: the tokenizer (the fixture's vocabulary labelled with the
-/// `gpt-4o` pre-tokenizer, as gpt-oss files are) gives llama.cpp's ids.
+/// The files llama.cpp's own converter wrote (tests/fixtures/gguf/make_converted_ggufs.py) and
+/// the transformers goldens of their source checkpoints.
+const CONVERTED: &[(&str, &str)] = &[
+    ("gptoss_mxfp4", "gptoss"),
+    ("llama3_rope", "gguf/llama3_rope"),
+    ("phi3_longrope", "phi3-longrope"),
+];
+
+/// The converted files' tokenizers (the fixtures' vocabulary labelled `gpt-4o` for gpt-oss, as
+/// gpt-oss files are, and `gpt-2` for the others) give llama.cpp's ids.
 #[test]
-fn gptoss_vocabulary_tokenizes_as_llama_cpp() {
-    let pkg = import("gptoss_mxfp4", fp32_logits_all());
-    let text = std::fs::read_to_string(dir("gptoss_mxfp4").join("golden.json")).unwrap();
-    let golden: serde_json::Value = serde_json::from_str(&text).unwrap();
-    let tok = edgellm::tokenizer::Tokenizer::load(&pkg.path().join("pkg")).unwrap();
-    for case in golden["llama_tokenize_ids"].as_array().unwrap() {
-        let text = case["text"].as_str().unwrap();
-        let want: Vec<u32> = serde_json::from_value(case["ids"].clone()).unwrap();
-        assert_eq!(tok.encode(text, true).unwrap(), want, "{text:?}");
+fn converted_vocabularies_tokenize_as_llama_cpp() {
+    for &(name, _) in CONVERTED {
+        let pkg = import(name, fp32_logits_all());
+        let text = std::fs::read_to_string(dir(name).join("golden.json")).unwrap();
+        let golden: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let tok = edgellm::tokenizer::Tokenizer::load(&pkg.path().join("pkg")).unwrap();
+        for case in golden["llama_tokenize_ids"].as_array().unwrap() {
+            let text = case["text"].as_str().unwrap();
+            let want: Vec<u32> = serde_json::from_value(case["ids"].clone()).unwrap();
+            assert_eq!(tok.encode(text, true).unwrap(), want, "{name}: {text:?}");
+        }
     }
 }
 
@@ -412,7 +431,10 @@ fn gptoss_int4_import_is_the_hugging_face_export() {
             std::fs::read(imported.join(f)).unwrap(),
             std::fs::read(hf.join(f)).unwrap(),
         );
-        assert!(a == b, "{f} differs between the GGUF import and the HF export");
+        assert!(
+            a == b,
+            "{f} differs between the GGUF import and the HF export"
+        );
     }
     // The stop tokens llama.cpp derives from the vocabulary are the checkpoint's
     // generation_config ones.
@@ -424,12 +446,19 @@ fn gptoss_int4_import_is_the_hugging_face_export() {
 }
 
 /// f32 activations: the fp32 import of llama.cpp's file computes transformers' logits of the
-/// original checkpoint (MXFP4 dequantized exactly, gate/up re-interleaved, sinks, YaRN with
-/// gpt-oss's unrounded correction range, the sliding window on even layers), within the 1e-4
-/// of the Hugging Face fp32 packages (tests/tests/packages.rs).
-fn gptoss_import_matches_transformers(choice: BackendChoice) {
-    let pkg = import("gptoss_mxfp4", fp32_logits_all());
-    let golden = Golden::load("gptoss");
+/// original checkpoint, within the 1e-4 of the Hugging Face fp32 packages
+/// (tests/tests/packages.rs), and its greedy continuation:
+///
+/// * `gptoss_mxfp4`: MXFP4 dequantized exactly, gate/up re-interleaved, sinks, YaRN with
+///   gpt-oss's unrounded correction range, the sliding window on even layers;
+/// * `llama3_rope`: Llama 3 scaling (factor 4, original context 40: 12 of 16 frequencies
+///   divided by 4, 3 smoothed) read from `rope_freqs.weight`, not from metadata;
+/// * `phi3_longrope`: LongRoPE's short factors and attention factor (1.19, on cos and sin) from
+///   `rope_factors_short.weight` and `phi3.rope.scaling.attn_factor`.
+fn converted_import_matches_transformers(name: &str, choice: BackendChoice) {
+    let golden = CONVERTED.iter().find(|c| c.0 == name).unwrap().1;
+    let pkg = import(name, fp32_logits_all());
+    let golden = Golden::load(golden);
     let mut be = backend(pkg.path(), choice);
     be.reset();
     let rows = be.forward_all(&golden.teacher_forced_ids).unwrap().to_vec();
@@ -437,10 +466,72 @@ fn gptoss_import_matches_transformers(choice: BackendChoice) {
     let worst = (0..golden.teacher_forced_ids.len())
         .map(|i| max_abs_diff(&rows[i * v..(i + 1) * v], golden.row(i)))
         .fold(0f32, f32::max);
-    eprintln!("gptoss_mxfp4 on {choice:?}: max |logit - transformers| = {worst:.2e}");
-    assert!(worst < 1e-4, "{choice:?}: logits differ by {worst}");
+    eprintln!("{name} on {choice:?}: max |logit - transformers| = {worst:.2e}");
+    assert!(
+        worst < 1e-4,
+        "{name} on {choice:?}: logits differ by {worst}"
+    );
     let out = greedy(be.as_mut(), &golden.prompt_ids, golden.greedy_ids.len());
-    assert_eq!(out, golden.greedy_ids, "{choice:?}: greedy");
+    assert_eq!(out, golden.greedy_ids, "{name} on {choice:?}: greedy");
+}
+
+/// `(cos_cache, sin_cache)` of a package.
+fn rope_caches(pkg: &Path) -> (Vec<f32>, Vec<f32>) {
+    let g = Graph::read(pkg);
+    (g.f32("cos_cache"), g.f32("sin_cache"))
+}
+
+/// The rope scaling llama.cpp's converter moved into tensors comes back as the checkpoint's:
+/// the GGUF import's cos/sin caches equal those the Hugging Face export builds from the
+/// checkpoint's config (up to the float32 rounding of the stored factors). For `phi3_longrope`
+/// the caches run past the original 4096 positions, so the long factors
+/// (`rope_factors_long.weight`), which no golden reaches, are compared too; `llama3_rope`'s
+/// checkpoint is rebuilt from ../llama/checkpoint with the rope parameters recorded in its
+/// golden.json.
+#[test]
+fn rope_tensors_give_the_hugging_face_rope_caches() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(dir("llama3_rope").join("golden.json")).unwrap();
+    let golden: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let llama3 = tmp.path().join("llama3_rope");
+    std::fs::create_dir(&llama3).unwrap();
+    for f in std::fs::read_dir(fixture_checkpoint("llama")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, llama3.join(f.file_name().unwrap())).unwrap();
+    }
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(llama3.join("config.json")).unwrap())
+            .unwrap();
+    cfg["rope_parameters"] = golden["hf_rope_parameters"].clone();
+    std::fs::write(llama3.join("config.json"), cfg.to_string()).unwrap();
+    for (name, hf, positions) in [
+        ("llama3_rope", llama3, 256),
+        (
+            "phi3_longrope",
+            fixture_checkpoint("phi3-longrope"),
+            4096 + 128,
+        ),
+    ] {
+        let opts = ExportOptions {
+            max_length: Some(positions),
+            ..fp32_logits_all()
+        };
+        let (a, b) = (
+            tmp.path().join(format!("{name}-gguf")),
+            tmp.path().join(format!("{name}-hf")),
+        );
+        edgellm_export::export_gguf(&dir(name).join("model.gguf"), &a, &opts).unwrap();
+        edgellm_export::export(&hf, &b, &opts).unwrap();
+        let ((cos, sin), (hf_cos, hf_sin)) = (rope_caches(&a), rope_caches(&b));
+        assert_eq!(cos.len(), positions * 16, "{name}: cache size");
+        let worst = max_abs_diff(&cos, &hf_cos).max(max_abs_diff(&sin, &hf_sin));
+        eprintln!(
+            "{name}: max |rope cache - Hugging Face export's| = {worst:.2e} ({positions} positions)"
+        );
+        // Angles are rounded to f32 (ulp 2.4e-4 near position 4096), and a factor stored as f32
+        // can flip that rounding; a missing or wrong factor moves entries by > 0.1.
+        assert!(worst < 1e-3, "{name}: rope caches differ by {worst}");
+    }
 }
 
 fn backend(pkg: &Path, choice: BackendChoice) -> Box<dyn Backend> {
@@ -539,7 +630,24 @@ mod ort {
     }
     #[test]
     fn gptoss_import_matches_transformers() {
-        super::gptoss_import_matches_transformers(edgellm::backend::BackendChoice::Ort);
+        super::converted_import_matches_transformers(
+            "gptoss_mxfp4",
+            edgellm::backend::BackendChoice::Ort,
+        );
+    }
+    #[test]
+    fn llama3_rope_freqs_import_matches_transformers() {
+        super::converted_import_matches_transformers(
+            "llama3_rope",
+            edgellm::backend::BackendChoice::Ort,
+        );
+    }
+    #[test]
+    fn phi3_longrope_factors_import_matches_transformers() {
+        super::converted_import_matches_transformers(
+            "phi3_longrope",
+            edgellm::backend::BackendChoice::Ort,
+        );
     }
 }
 
@@ -555,6 +663,23 @@ mod tract {
     }
     #[test]
     fn gptoss_import_matches_transformers() {
-        super::gptoss_import_matches_transformers(edgellm::backend::BackendChoice::Tract);
+        super::converted_import_matches_transformers(
+            "gptoss_mxfp4",
+            edgellm::backend::BackendChoice::Tract,
+        );
+    }
+    #[test]
+    fn llama3_rope_freqs_import_matches_transformers() {
+        super::converted_import_matches_transformers(
+            "llama3_rope",
+            edgellm::backend::BackendChoice::Tract,
+        );
+    }
+    #[test]
+    fn phi3_longrope_factors_import_matches_transformers() {
+        super::converted_import_matches_transformers(
+            "phi3_longrope",
+            edgellm::backend::BackendChoice::Tract,
+        );
     }
 }

@@ -180,11 +180,7 @@ impl DecoderBuilder<'_> {
             self.ck.expect(&gate, &[e, inter])?;
             self.ck.expect(&up, &[e, inter])?;
             let (gate, up) = (self.ck.f32(&gate)?, self.ck.f32(&up)?);
-            let both: Vec<f32> = gate
-                .iter()
-                .zip(&up)
-                .flat_map(|(&g, &u)| [g, u])
-                .collect();
+            let both: Vec<f32> = gate.iter().zip(&up).flat_map(|(&g, &u)| [g, u]).collect();
             self.g.tensor_from(
                 &format!("{prefix}.experts.gate_up_proj.bias"),
                 &[e, 2 * inter],

@@ -221,6 +221,8 @@ impl GgufModel {
         }
         if let Some(w) = int("attention.sliding_window")? {
             match arch {
+                // llama.cpp's converter writes 0 when the config has no window (Phi-3.5, Phi-4).
+                GgufArch::Phi3 if w == 0 => {}
                 GgufArch::Phi3 => config["sliding_window"] = json!(w),
                 // llama.cpp's gpt-oss: windowed attention on even layers (il % 2 == 0), full
                 // attention on odd ones, as gpt-oss's own layer_types.
@@ -251,7 +253,10 @@ impl GgufModel {
             // llama.cpp hard-codes gpt-oss's clamped SwiGLU (alpha 1.702, limit 7).
             config["swiglu_limit"] = json!(7.0);
             if g.get(&key("attention.sliding_window")).is_none() {
-                return Err(format!("metadata {} is missing", key("attention.sliding_window")));
+                return Err(format!(
+                    "metadata {} is missing",
+                    key("attention.sliding_window")
+                ));
             }
         }
         let mut tensors = BTreeMap::new();

@@ -339,7 +339,18 @@ fn llama_rows_are_unpermuted_per_head() {
 
 /// A SentencePiece vocabulary: `<unk> <s> </s> <0x41> ▁ a b ab ▁a ▁ab` with scores.
 fn spm_vocab(scores: &[f32]) -> Writer {
-    let tokens = ["<unk>", "<s>", "</s>", "<0x41>", "\u{2581}", "a", "b", "ab", "\u{2581}a", "\u{2581}ab"];
+    let tokens = [
+        "<unk>",
+        "<s>",
+        "</s>",
+        "<0x41>",
+        "\u{2581}",
+        "a",
+        "b",
+        "ab",
+        "\u{2581}a",
+        "\u{2581}ab",
+    ];
     let mut w = valid();
     w.kv_str("tokenizer.ggml.model", "llama")
         .kv_strs("tokenizer.ggml.tokens", &tokens)
@@ -355,7 +366,8 @@ fn spm_vocab(scores: &[f32]) -> Writer {
 fn sentencepiece_merges_follow_the_scores() {
     // "ab" (-1) before "▁a" (-2) before "▁ab" (-3): the pair whose token scores highest first;
     // "▁ab" can be cut two ways, the longer left part first (transformers' order).
-    let g = open_bytes(&spm_vocab(&[0., 0., 0., 0., -9., -9., -9., -1., -2., -3.]).bytes()).unwrap();
+    let g =
+        open_bytes(&spm_vocab(&[0., 0., 0., 0., -9., -9., -9., -1., -2., -3.]).bytes()).unwrap();
     let files = super::vocab::tokenizer_files(&g).unwrap();
     let t = &files.tokenizer_json;
     let merges: Vec<String> = t["model"]["merges"]
@@ -378,16 +390,22 @@ fn sentencepiece_merges_follow_the_scores() {
     assert_eq!(added, ["<unk>", "<s>", "</s>"]);
     // llama.cpp adds BOS to a SentencePiece vocabulary that does not say otherwise
     assert_eq!(files.tokenizer_config["add_bos_token"], true);
-    assert_eq!(t["post_processor"]["single"][0]["SpecialToken"]["id"], "<s>");
+    assert_eq!(
+        t["post_processor"]["single"][0]["SpecialToken"]["id"],
+        "<s>"
+    );
 }
 
 #[test]
 fn bad_sentencepiece_vocabularies_are_refused_with_the_reason() {
-    let err = |w: &Writer| super::vocab::tokenizer_files(&open_bytes(&w.bytes()).unwrap()).unwrap_err();
+    let err =
+        |w: &Writer| super::vocab::tokenizer_files(&open_bytes(&w.bytes()).unwrap()).unwrap_err();
     let mut nan = [0f32; 10];
     nan[7] = f32::NAN;
     assert!(err(&spm_vocab(&nan)).contains("tokenizer.ggml.scores[7] is not a finite number"));
-    assert!(err(&spm_vocab(&[0.; 9])).contains("tokenizer.ggml.scores has 9 entries for 10 tokens"));
+    assert!(
+        err(&spm_vocab(&[0.; 9])).contains("tokenizer.ggml.scores has 9 entries for 10 tokens")
+    );
     let mut w = valid();
     w.kv_str("tokenizer.ggml.model", "llama")
         .kv_strs("tokenizer.ggml.tokens", &["<unk>", "a"]);
@@ -396,5 +414,8 @@ fn bad_sentencepiece_vocabularies_are_refused_with_the_reason() {
     w.kv_str("tokenizer.ggml.model", "bert")
         .kv_strs("tokenizer.ggml.tokens", &["a"]);
     let e = err(&w);
-    assert!(e.contains("\"bert\" is not supported") && e.contains("\"llama\""), "{e}");
+    assert!(
+        e.contains("\"bert\" is not supported") && e.contains("\"llama\""),
+        "{e}"
+    );
 }

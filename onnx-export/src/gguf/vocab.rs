@@ -210,7 +210,12 @@ pub fn tokenizer_files(g: &Gguf) -> Res<TokenizerFiles> {
                 );
             }
             let (normalizer, decoder) = spm_text_rules(add_space_prefix);
-            (normalizer, Json::Null, decoder, bpe(unk_token, true, vocab, merges))
+            (
+                normalizer,
+                Json::Null,
+                decoder,
+                bpe(unk_token, true, vocab, merges),
+            )
         }
         Some(pre) => (
             Json::Null,
@@ -254,7 +259,12 @@ pub fn tokenizer_files(g: &Gguf) -> Res<TokenizerFiles> {
 
 /// The BPE model of `tokenizer.json`. SentencePiece vocabularies fall back to `<0xXX>` byte
 /// tokens for characters they lack and fuse runs of unknowns, as `LlamaTokenizer` does.
-fn bpe(unk: Option<&str>, byte_fallback: bool, vocab: Map<String, Json>, merges: Vec<Json>) -> Json {
+fn bpe(
+    unk: Option<&str>,
+    byte_fallback: bool,
+    vocab: Map<String, Json>,
+    merges: Vec<Json>,
+) -> Json {
     json!({
         "type": "BPE", "dropout": null, "unk_token": unk,
         "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": byte_fallback,
@@ -285,7 +295,10 @@ fn spm_text_rules(add_space_prefix: bool) -> (Json, Json) {
     if add_space_prefix {
         decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
     }
-    (normalizer, json!({"type": "Sequence", "decoders": decoders}))
+    (
+        normalizer,
+        json!({"type": "Sequence", "decoders": decoders}),
+    )
 }
 
 /// `tokenizer.ggml.merges` ("a b" per entry), checked against the vocabulary.
@@ -325,9 +338,7 @@ fn scores(g: &Gguf, n: usize) -> Res<Vec<f64>> {
         .enumerate()
         .map(|(i, v)| match v.as_f64() {
             Some(x) if x.is_finite() => Ok(x),
-            _ => Err(format!(
-                "tokenizer.ggml.scores[{i}] is not a finite number"
-            )),
+            _ => Err(format!("tokenizer.ggml.scores[{i}] is not a finite number")),
         })
         .collect()
 }
@@ -351,15 +362,13 @@ fn spm_merges(tokens: &[&str], scores: &[f64]) -> Vec<Json> {
             }
         }
         local.sort_by_key(|&(il, ir, _, _)| (il, ir));
-        merges.extend(local.into_iter().map(|(_, _, l, r)| {
-            (score, l.chars().count(), r.chars().count(), id, l, r)
-        }));
+        merges.extend(
+            local
+                .into_iter()
+                .map(|(_, _, l, r)| (score, l.chars().count(), r.chars().count(), id, l, r)),
+        );
     }
     // A stable sort on (score, |l|, |r|) descending keeps the (id, parts) order among ties.
-    merges.sort_by(|a, b| {
-        b.0.total_cmp(&a.0)
-            .then(b.1.cmp(&a.1))
-            .then(b.2.cmp(&a.2))
-    });
+    merges.sort_by(|a, b| b.0.total_cmp(&a.0).then(b.1.cmp(&a.1)).then(b.2.cmp(&a.2)));
     merges.into_iter().map(|(.., l, r)| json!([l, r])).collect()
 }
