@@ -79,9 +79,13 @@ impl FinishReason {
 #[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
 pub struct Usage {
     pub prompt_tokens: usize,
+    /// Prompt tokens whose keys and values were reused from the cache (not computed): the
+    /// common prefix with what the engine held.
+    pub cached_tokens: usize,
     pub completion_tokens: usize,
     /// From the start of the prefill to the first sampled token.
     pub ttft_ms: f64,
+    /// Prompt tokens computed (`prompt_tokens - cached_tokens`) per second of `ttft_ms`.
     pub prefill_tok_s: f64,
     /// Tokens after the first, per second of decoding.
     pub decode_tok_s: f64,

@@ -43,6 +43,9 @@ pub struct ModelConfig {
     pub max_length: usize,
     /// 0 = all cores.
     pub threads: usize,
+    /// System messages computed at start-up and kept in the KV cache: a request whose
+    /// conversation starts with one skips its prefill (`usage.cached_tokens`).
+    pub system_prompts: Vec<String>,
 }
 
 impl Default for ModelConfig {
@@ -52,6 +55,7 @@ impl Default for ModelConfig {
             backend: "auto".into(),
             max_length: 4096,
             threads: 0,
+            system_prompts: Vec::new(),
         }
     }
 }
@@ -282,6 +286,10 @@ backend = {backend}
 max_length = {max_length}
 # Intra-op threads; 0 = all cores.
 threads = {threads}
+# System messages computed once at start-up and kept in the KV cache: a conversation that starts
+# with one of them skips its prefill (reported as usage.cached_tokens). Each keeps a copy of its
+# KV rows in memory (logged at start). Example: ["You are a helpful assistant."]
+system_prompts = {system_prompts}
 
 [onnxruntime]
 # libonnxruntime.so to load; empty: ORT_DYLIB_PATH, then the system library.
@@ -331,6 +339,7 @@ share_group = {share}
             backend = q(&d.model.backend),
             max_length = d.model.max_length,
             threads = d.model.threads,
+            system_prompts = list(&d.model.system_prompts),
             library = q(&d.onnxruntime.library),
             eps = list(&d.onnxruntime.execution_providers),
             spin = d.onnxruntime.allow_spinning,

@@ -130,6 +130,36 @@ impl Model {
         }
     }
 
+    /// The token ids every chat with `system` as its system message starts with: the rendered
+    /// system turn alone, cut after its last added token (special tokens such as `<|im_end|>`
+    /// or harmony's `<|start|>`), since plain text after it could tokenize differently once
+    /// the rest of the conversation follows. The engine keeps a computed copy of it
+    /// (`[model] system_prompts`). Harmony's system turn carries the date: a prefix kept
+    /// across midnight stops matching and is computed again per request.
+    pub fn system_prefix_ids(&self, system: &str) -> Result<Vec<u32>, ModelError> {
+        let msg = [Message {
+            role: "system".into(),
+            content: system.to_string(),
+        }];
+        let text = match &self.prompter {
+            Prompter::Template(t) => t.render(&msg, false, None, &serde_json::Map::new())?,
+            _ => self.render(&msg, None)?,
+        };
+        let mut ids = self.tokenizer.encode(&text, false)?;
+        let added = self.tokenizer.added_ids();
+        match ids.iter().rposition(|id| added.contains(id)) {
+            Some(last) => ids.truncate(last + 1),
+            None => {
+                return Err(ModelError::Invalid(
+                    "the chat template renders the system message without special tokens, so \
+                     no token prefix is shared by every conversation"
+                        .into(),
+                ));
+            }
+        }
+        Ok(ids)
+    }
+
     /// Prompt token ids for `input`.
     pub fn prompt_ids(
         &self,

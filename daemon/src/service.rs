@@ -94,10 +94,21 @@ fn load_engine(config: &Config) -> Result<(Engine, crate::backend::Reason), RunE
     let max_length = model.package.kv_layout(opts.max_length).max_length;
     let loaded =
         crate::backend::load(&model.package, choice, &opts).map_err(|e| fail(e.to_string()))?;
-    Ok((
-        Engine::new(model, loaded.backend, max_length),
-        loaded.reason,
-    ))
+    let mut engine = Engine::new(model, loaded.backend, max_length);
+    for (i, system) in config.model.system_prompts.iter().enumerate() {
+        let what = |e: String| fail(format!("model.system_prompts[{i}]: {e}"));
+        let ids = engine
+            .model()
+            .system_prefix_ids(system)
+            .map_err(|e| what(e.to_string()))?;
+        let bytes = engine.keep_prefix(&ids).map_err(|e| what(e.to_string()))?;
+        tracing::info!(
+            "kept system prompt {i}: {} tokens computed, {:.1} MiB of KV rows",
+            ids.len(),
+            bytes as f64 / (1 << 20) as f64
+        );
+    }
+    Ok((engine, loaded.reason))
 }
 
 fn status_line(svc: &Service, s: Status) -> String {

@@ -135,6 +135,12 @@ impl Tokenizer {
             .map_err(|e| TokenizerError::Codec(e.to_string()))
     }
 
+    /// The ids of the added tokens (special or not): what the text is split at before the
+    /// model's own tokenization, so what comes after one never merges with what came before.
+    pub fn added_ids(&self) -> Vec<u32> {
+        self.inner.get_added_tokens_decoder().into_keys().collect()
+    }
+
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
     }

@@ -275,6 +275,9 @@ impl edgellm::backend::Backend for Recorder {
     fn reset(&mut self) {
         self.pos = 0;
     }
+    fn rewind(&mut self, _len: usize) -> bool {
+        false
+    }
     fn forward(&mut self, tokens: &[u32]) -> Result<&[f32], edgellm::backend::BackendError> {
         self.steps.lock().unwrap().push(tokens.len());
         let positions = self.pos..self.pos + tokens.len();

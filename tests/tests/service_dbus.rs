@@ -87,6 +87,8 @@ async fn chat_complete_streaming_and_properties(backend: &'static str) {
     assert_eq!(stat_str(&stats, "finish_reason"), "length");
     assert_eq!(stat_u32(&stats, "completion_tokens"), max);
     assert!(stat_u32(&stats, "prompt_tokens") > 5);
+    // The first request after start-up computes its whole prompt.
+    assert_eq!(stat_u32(&stats, "cached_tokens"), 0);
     for k in ["ttft_ms", "prefill_tok_s", "decode_tok_s"] {
         assert!(
             matches!(&*stats[k], zbus::Variant::F64(f) if *f > 0.0),
@@ -108,6 +110,11 @@ async fn chat_complete_streaming_and_properties(backend: &'static str) {
     assert!(deltas.len() > 1, "{deltas:?}");
     assert_eq!(reason, "length");
     assert_eq!(stat_u32(&stats, "completion_tokens"), max);
+    // The same prompt again: all of it but the last token comes from the KV cache.
+    assert_eq!(
+        stat_u32(&stats, "cached_tokens"),
+        stat_u32(&stats, "prompt_tokens") - 1
+    );
 
     // Complete: plain text, no chat template; seeded sampling repeats.
     let complete = |seed: u64| {

@@ -54,6 +54,7 @@ async fn request_response_streaming_and_fallbacks(backend: &'static str) {
     assert_eq!(fin.json["node"], "n1");
     assert_eq!(fin.json["usage"]["completion_tokens"], 12);
     assert!(fin.json["usage"]["prompt_tokens"].as_u64().unwrap() > 5);
+    assert_eq!(fin.json["usage"]["cached_tokens"], 0);
     assert!(fin.json["usage"]["ttft_ms"].as_f64().unwrap() > 0.0);
     let streamed: String = chunks
         .iter()
@@ -71,6 +72,11 @@ async fn request_response_streaming_and_fallbacks(backend: &'static str) {
     assert!(chunks.is_empty());
     assert_eq!(fin.json["seq"], 0);
     assert_eq!(fin.json["text"], text.as_str());
+    // The same prompt again: all of it but the last token comes from the KV cache.
+    assert_eq!(
+        fin.json["usage"]["cached_tokens"].as_u64().unwrap(),
+        fin.json["usage"]["prompt_tokens"].as_u64().unwrap() - 1
+    );
 
     // MQTT 3.1.1 client: reply_to and id in the payload.
     let mut v4 = rumqttc::MqttOptions::new("v311-client", "127.0.0.1", broker.port());
@@ -424,7 +430,66 @@ async fn twenty_clients_times_five_requests_each_get_one_terminal_message(backen
     d.stop().await;
 }
 
+/// `[model] system_prompts`: computed at start-up; a conversation that starts with one reuses
+/// it (`cached_tokens` = the system turn's tokens) even after other conversations ran, and
+/// answers exactly as a daemon without it does.
+async fn kept_system_prompt_is_reused_and_changes_no_answer(backend: &'static str) {
+    const SYSTEM: &str = "You are a terse assistant on a factory floor. Answer in one line.";
+    let prefix = edgellm::model::Model::load(tiny_package())
+        .unwrap()
+        .system_prefix_ids(SYSTEM)
+        .unwrap()
+        .len();
+    assert!(prefix > 10, "{prefix}");
+    let ask = |id: &str, system: Option<&str>, text: &str| {
+        let mut messages = Vec::new();
+        if let Some(s) = system {
+            messages.push(json!({"role": "system", "content": s}));
+        }
+        messages.push(json!({"role": "user", "content": text}));
+        json!({"id": id, "messages": messages, "max_tokens": 6})
+    };
+    let broker = Mosquitto::start();
+    let mut answers = Vec::new();
+    for kept in [true, false] {
+        let mut cfg = config(backend, tiny_package(), None, Some(&broker.url()), "n1");
+        if kept {
+            cfg.model.system_prompts = vec![SYSTEM.to_string()];
+        }
+        let d = Daemon::start(cfg).await;
+        let mut c = MqttClient::connect(&broker.url()).await;
+        c.subscribe("replies/sys").await;
+        let mut texts = Vec::new();
+        for (i, (system, text)) in [
+            (Some(SYSTEM), "Is the line running?"),
+            (None, "Something else entirely"),
+            (Some(SYSTEM), "How many parts today?"),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            c.request_v5(
+                "edgellm/n1/request",
+                &ask(&format!("s{i}"), system, text),
+                "replies/sys",
+                b"s",
+            )
+            .await;
+            let (_, fin) = c.until_done().await;
+            let cached = fin.json["usage"]["cached_tokens"].as_u64().unwrap() as usize;
+            if kept && system.is_some() {
+                assert_eq!(cached, prefix, "request {i}: {:?}", fin.json);
+            }
+            texts.push(fin.json["text"].as_str().unwrap().to_string());
+        }
+        answers.push(texts);
+        d.stop().await;
+    }
+    assert_eq!(answers[0], answers[1]);
+}
+
 edgellm_tests::on_both_backends!(
+    kept_system_prompt_is_reused_and_changes_no_answer,
     request_response_streaming_and_fallbacks,
     bad_input_gets_an_error_naming_the_problem,
     status_is_retained_and_goes_offline_on_stop,

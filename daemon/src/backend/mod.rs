@@ -265,11 +265,60 @@ pub(crate) fn forward_in_chunks<'a, B: Backend + ?Sized>(
     Ok(&rows[rows.len() - vocab..])
 }
 
+/// A copy of a backend's KV cache at one position ([`Backend::snapshot`]), to resume from
+/// later with [`Backend::restore`]: a prefix computed once (a system prompt) and kept.
+pub struct KvSnapshot {
+    /// Tokens the cache held.
+    pub pos: usize,
+    /// Bytes of rows held.
+    pub bytes: usize,
+    /// The backend's own form of the rows (only the backend that made it reads it).
+    state: Box<dyn std::any::Any + Send>,
+}
+
+impl KvSnapshot {
+    pub(crate) fn new(pos: usize, bytes: usize, state: impl std::any::Any + Send) -> Self {
+        KvSnapshot {
+            pos,
+            bytes,
+            state: Box::new(state),
+        }
+    }
+
+    pub(crate) fn state<T: 'static>(&self) -> Option<&T> {
+        self.state.downcast_ref()
+    }
+}
+
+impl std::fmt::Debug for KvSnapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvSnapshot")
+            .field("pos", &self.pos)
+            .finish_non_exhaustive()
+    }
+}
+
 pub trait Backend: Send {
     /// `"ort"` or `"tract"`.
     fn name(&self) -> &'static str;
     /// Forget the sequence, KV cache included.
     fn reset(&mut self);
+    /// Keeps the first `len` tokens of the sequence (and their keys and values) and forgets
+    /// the rest, so the next forward continues at position `len`: a request that shares a
+    /// prefix with the previous sequence computes only what follows it. `false` when the cache
+    /// can no longer serve position `len` (a sliding-window layer has dropped rows the window
+    /// there needs, or `len` is past the sequence); the cache is then unchanged.
+    fn rewind(&mut self, len: usize) -> bool;
+    /// A copy of the cache as it is now: every row a later step could read (for a
+    /// sliding-window layer, its whole buffer). `None`: this backend cannot.
+    fn snapshot(&mut self) -> Option<KvSnapshot> {
+        None
+    }
+    /// Puts the cache back as [`Backend::snapshot`] copied it; `false` (cache unchanged) for a
+    /// snapshot this backend did not make.
+    fn restore(&mut self, _snapshot: &KvSnapshot) -> bool {
+        false
+    }
     /// Appends `tokens` to the sequence and returns the logits (`[vocab]`) of the last one.
     fn forward(&mut self, tokens: &[u32]) -> Result<&[f32], BackendError>;
     /// Appends `tokens` in one step (no chunking) and returns the logits of every position the

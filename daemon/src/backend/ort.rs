@@ -17,7 +17,7 @@ use ort::session::Session;
 use ort::session::builder::GraphOptimizationLevel;
 use ort::value::Tensor;
 
-use super::{Backend, BackendError, BackendOptions, ort_library_candidates};
+use super::{Backend, BackendError, BackendOptions, KvSnapshot, ort_library_candidates};
 use crate::package::{KvLayout, Package};
 
 /// The process's ONNX Runtime environment. ONNX Runtime allows one per process and `ort`
@@ -174,12 +174,22 @@ impl OrtBackend {
             .map_err(rt("creating an I/O binding"))?;
         let mut kv = Vec::with_capacity(2 * d.num_hidden_layers);
         for (layer, &cap) in layout.capacity.iter().enumerate() {
-            for (past, present) in [
-                (&d.inputs.past_key_names, &d.outputs.present_key_names),
-                (&d.inputs.past_value_names, &d.outputs.present_value_names),
+            for (past, present, kind) in [
+                (
+                    &d.inputs.past_key_names,
+                    &d.outputs.present_key_names,
+                    "key",
+                ),
+                (
+                    &d.inputs.past_value_names,
+                    &d.outputs.present_value_names,
+                    "value",
+                ),
             ] {
-                let past = name(past, "past_key_values.%d.key").replace("%d", &layer.to_string());
-                let present = name(present, "present.%d.key").replace("%d", &layer.to_string());
+                let past = name(past, &format!("past_key_values.%d.{kind}"))
+                    .replace("%d", &layer.to_string());
+                let present =
+                    name(present, &format!("present.%d.{kind}")).replace("%d", &layer.to_string());
                 let mut t =
                     Tensor::<f32>::new(&allocator, [1, layout.kv_heads, cap, layout.head_dim])
                         .map_err(rt("allocating the KV cache"))?;
@@ -274,6 +284,80 @@ impl Backend for OrtBackend {
     fn reset(&mut self) {
         // The buffers keep stale rows; the attention mask length (== pos) decides what is read.
         self.pos = 0;
+    }
+
+    /// Full-attention layers keep every position at its own row, so any earlier position can
+    /// be resumed: the rows past it are stale and never read again. A sliding-window layer's
+    /// buffer (window + slack rows) holds positions at their own rows only until the sequence
+    /// outgrows it; then GroupQueryAttention shifts it to evict old rows, and no earlier
+    /// position can be resumed (the current one still can: a conversation that goes on).
+    fn rewind(&mut self, len: usize) -> bool {
+        let evicted = self.layout.capacity.iter().any(|&cap| self.pos > cap);
+        if len > self.pos || (evicted && len < self.pos) {
+            return false;
+        }
+        self.pos = len;
+        true
+    }
+
+    /// Per buffer (`[1, kv_heads, capacity, head_dim]`): the first `pos` rows of each head for
+    /// full-attention layers, the whole buffer for sliding-window ones (GroupQueryAttention
+    /// may have shifted it: its rows are state as a whole).
+    fn snapshot(&mut self) -> Option<KvSnapshot> {
+        let (heads, dim, full) = (
+            self.layout.kv_heads,
+            self.layout.head_dim,
+            self.layout.max_length,
+        );
+        let mut parts = Vec::with_capacity(self._kv.len());
+        for (i, t) in self._kv.iter_mut().enumerate() {
+            let cap = self.layout.capacity[i / 2];
+            let rows = if cap == full { self.pos } else { cap };
+            let data = t.extract_tensor_mut().1;
+            let mut part = Vec::with_capacity(heads * rows * dim);
+            for h in 0..heads {
+                let start = h * cap * dim;
+                part.extend_from_slice(&data[start..start + rows * dim]);
+            }
+            parts.push(part);
+        }
+        let bytes = parts.iter().map(|p| p.len() * 4).sum();
+        Some(KvSnapshot::new(self.pos, bytes, parts))
+    }
+
+    fn restore(&mut self, snapshot: &KvSnapshot) -> bool {
+        let Some(parts) = snapshot.state::<Vec<Vec<f32>>>() else {
+            return false;
+        };
+        let (heads, dim, full) = (
+            self.layout.kv_heads,
+            self.layout.head_dim,
+            self.layout.max_length,
+        );
+        let rows_of = |i: usize| {
+            let cap = self.layout.capacity[i / 2];
+            (cap, if cap == full { snapshot.pos } else { cap })
+        };
+        let fits = parts.len() == self._kv.len()
+            && snapshot.pos <= full
+            && parts
+                .iter()
+                .enumerate()
+                .all(|(i, p)| p.len() == heads * rows_of(i).1 * dim);
+        if !fits {
+            return false;
+        }
+        for (i, (t, part)) in self._kv.iter_mut().zip(parts).enumerate() {
+            let (cap, rows) = rows_of(i);
+            let data = t.extract_tensor_mut().1;
+            for h in 0..heads {
+                let start = h * cap * dim;
+                data[start..start + rows * dim]
+                    .copy_from_slice(&part[h * rows * dim..(h + 1) * rows * dim]);
+            }
+        }
+        self.pos = snapshot.pos;
+        true
     }
 
     fn forward(&mut self, tokens: &[u32]) -> Result<&[f32], BackendError> {

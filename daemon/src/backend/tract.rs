@@ -40,7 +40,7 @@ use std::sync::Arc;
 
 use tract_onnx::prelude::*;
 
-use super::{Backend, BackendError, BackendOptions};
+use super::{Backend, BackendError, BackendOptions, KvSnapshot};
 use crate::package::Package;
 
 fn rt(context: impl Into<String>) -> impl FnOnce(TractError) -> BackendError {
@@ -457,6 +457,67 @@ impl Backend for TractBackend {
             layer.value = empty;
         }
         self.pos = 0;
+    }
+
+    /// A layer holds the rows of positions `pos - P .. pos` (P rows). Full-attention layers
+    /// hold them all; a sliding-window layer may have dropped the oldest, and position `len`
+    /// needs the `keep` (window) positions before it, so rewinding there works only while those
+    /// are still held.
+    fn rewind(&mut self, len: usize) -> bool {
+        if len >= self.pos {
+            return len == self.pos;
+        }
+        let pos = self.pos;
+        let fits = self.layers.iter().all(|l| {
+            let first = pos - l.key.shape()[2];
+            first == 0 || l.keep.is_some_and(|w| first + w <= len)
+        });
+        if !fits {
+            return false;
+        }
+        for layer in &mut self.layers {
+            let first = pos - layer.key.shape()[2];
+            let rows = len - first;
+            let (key, value) = (layer.key.slice(2, 0, rows), layer.value.slice(2, 0, rows));
+            match (key, value) {
+                (Ok(k), Ok(v)) => {
+                    layer.key = k;
+                    layer.value = v;
+                }
+                // Cannot happen for in-range rows; start over rather than keep a torn cache.
+                _ => {
+                    self.reset();
+                    return false;
+                }
+            }
+        }
+        self.pos = len;
+        true
+    }
+
+    /// The layers' key and value tensors as they are (windowed layers hold only their rows).
+    fn snapshot(&mut self) -> Option<KvSnapshot> {
+        let layers: Vec<(Tensor, Tensor)> = self
+            .layers
+            .iter()
+            .map(|l| (l.key.clone(), l.value.clone()))
+            .collect();
+        let bytes = layers.iter().map(|(k, v)| (k.len() + v.len()) * 4).sum();
+        Some(KvSnapshot::new(self.pos, bytes, layers))
+    }
+
+    fn restore(&mut self, snapshot: &KvSnapshot) -> bool {
+        match snapshot.state::<Vec<(Tensor, Tensor)>>() {
+            Some(layers) if layers.len() == self.layers.len() => {
+                for (l, (k, v)) in self.layers.iter_mut().zip(layers) {
+                    l.key = k.clone();
+                    l.value = v.clone();
+                }
+                self.pos = snapshot.pos;
+                true
+            }
+            _ => false,
+        }
     }
 
     fn forward(&mut self, tokens: &[u32]) -> Result<&[f32], BackendError> {

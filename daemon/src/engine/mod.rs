@@ -2,6 +2,21 @@
 //! request at a time: render and tokenize, prefill, then sample -> detokenize -> stop checks ->
 //! emit -> decode one token, until an end-of-sequence token, a stop string, `max_tokens`, the
 //! context length, or the caller's cancellation. The daemon runs it on its own OS thread.
+//!
+//! Prefix reuse: the engine remembers which tokens the backend's KV cache holds (the last
+//! request's prompt and the generated tokens it fed back). A new request whose prompt starts
+//! with some of them rewinds the cache to that common prefix ([`Backend::rewind`]) and
+//! prefills only the rest; `usage.cached_tokens` says how many were reused. The prompt's last
+//! token is always computed (its logits pick the first answer token). A chat that goes on
+//! (the same history plus a new turn) so pays only for what is new.
+//!
+//! A cache cannot always go back: a sliding-window layer drops the rows its window has passed
+//! (tract trims them, ONNX Runtime's window + slack buffer shifts), so rewinding behind them
+//! would read a torn cache; such a request starts from an empty cache. Prefixes worth keeping
+//! whatever happens after them (`[model] system_prompts`, [`Engine::keep_prefix`]) are
+//! computed once and copied ([`crate::backend::KvSnapshot`]: the full-attention rows up to the
+//! prefix and the windowed layers' whole buffers at that point), and a request that starts
+//! with one resumes from the copy.
 
 use std::time::{Duration, Instant};
 
@@ -31,6 +46,11 @@ pub struct Engine {
     backend: Box<dyn Backend>,
     max_length: usize,
     stats: Stats,
+    /// The tokens whose keys and values the backend holds, in order (empty after a reset or
+    /// a failed step).
+    cached: Vec<u32>,
+    /// Prefixes kept on purpose, with a copy of the cache at their end.
+    kept: Vec<(Vec<u32>, crate::backend::KvSnapshot)>,
 }
 
 /// Timing of the last request's decode phase, for benchmarks.
@@ -77,7 +97,74 @@ impl Engine {
             backend,
             max_length,
             stats: Stats::default(),
+            cached: Vec::new(),
+            kept: Vec::new(),
         }
+    }
+
+    /// Computes `ids` once and keeps a copy of the cache at their end: every later request
+    /// whose prompt starts with them resumes there. Returns the copy's size in bytes.
+    pub fn keep_prefix(&mut self, ids: &[u32]) -> Result<usize, EngineError> {
+        if ids.is_empty() || ids.len() >= self.max_length {
+            return Err(EngineError::PromptTooLong {
+                prompt: ids.len(),
+                max_length: self.max_length,
+            });
+        }
+        self.forget_cache();
+        self.backend.forward(ids)?;
+        self.cached.extend_from_slice(ids);
+        let snapshot = self.backend.snapshot().ok_or_else(|| {
+            BackendError::Unsupported(format!(
+                "the {} backend cannot keep a copy of its cache",
+                self.backend.name()
+            ))
+        })?;
+        let bytes = snapshot.bytes;
+        self.kept.push((ids.to_vec(), snapshot));
+        Ok(bytes)
+    }
+
+    /// Empties the KV cache, so the next request computes its whole prompt (benchmarks of
+    /// the prefill).
+    pub fn forget_cache(&mut self) {
+        self.backend.reset();
+        self.cached.clear();
+    }
+
+    /// Positions the backend at the longest prefix of `prompt` its cache holds (at most all
+    /// but the last token) and returns how many tokens that is; 0 after a reset.
+    fn resume(&mut self, prompt: &[u32]) -> usize {
+        let limit = prompt.len().saturating_sub(1);
+        let common = self
+            .cached
+            .iter()
+            .zip(prompt)
+            .take_while(|(a, b)| a == b)
+            .count()
+            .min(limit);
+        let kept = self
+            .kept
+            .iter()
+            .enumerate()
+            .filter(|(_, (ids, _))| ids.len() <= limit && prompt.starts_with(ids))
+            .max_by_key(|(_, (ids, _))| ids.len())
+            .map(|(i, (ids, _))| (i, ids.len()));
+        let kept_len = kept.map_or(0, |(_, n)| n);
+        if common > 0 && common >= kept_len && self.backend.rewind(common) {
+            self.cached.truncate(common);
+            return common;
+        }
+        if let Some((i, n)) = kept
+            && self.backend.restore(&self.kept[i].1)
+        {
+            self.cached.clear();
+            self.cached.extend_from_slice(&prompt[..n]);
+            return n;
+        }
+        self.backend.reset();
+        self.cached.clear();
+        0
     }
 
     pub fn last_stats(&self) -> Stats {
@@ -100,7 +187,7 @@ impl Engine {
     /// (the daemon's start-up heartbeat) and takes first-run costs before the first request.
     pub fn warm_up(&mut self) -> Result<(), EngineError> {
         let token = self.model.package.config.model.bos_token_id.unwrap_or(0);
-        self.backend.reset();
+        self.forget_cache();
         let result = self.backend.forward(&[token]).map(|_| ());
         self.backend.reset();
         Ok(result?)
@@ -126,7 +213,7 @@ impl Engine {
         if from >= end {
             return Ok(0);
         }
-        self.backend.reset();
+        self.forget_cache();
         // Some(true): every step reports a row per token; None: not known yet.
         let mut all_rows: Option<bool> = None;
         let mut pos = 0;
@@ -213,9 +300,10 @@ impl Engine {
         let mut history = prompt.clone();
         let mut generated = Vec::new();
 
-        self.backend.reset();
         let start = Instant::now();
-        let mut logits = self.backend.forward(&prompt)?;
+        let cached_tokens = self.resume(&prompt);
+        let mut logits = self.backend.forward(&prompt[cached_tokens..])?;
+        self.cached.extend_from_slice(&prompt[cached_tokens..]);
         let mut first_token_at = None;
         let mut finish = FinishReason::Length;
         let mut forward = Duration::ZERO;
@@ -243,7 +331,9 @@ impl Engine {
                 break;
             }
             let t = Instant::now();
+            // `cached` stays a prefix of what the backend holds, also when a step fails.
             logits = self.backend.forward(&[next])?;
+            self.cached.push(next);
             forward += t.elapsed();
         }
         if finish != FinishReason::Cancelled {
@@ -258,9 +348,10 @@ impl Engine {
         };
         let usage = Usage {
             prompt_tokens: prompt.len(),
+            cached_tokens,
             completion_tokens: generated.len(),
             ttft_ms: ttft.as_secs_f64() * 1e3,
-            prefill_tok_s: prompt.len() as f64 / ttft.as_secs_f64().max(1e-9),
+            prefill_tok_s: (prompt.len() - cached_tokens) as f64 / ttft.as_secs_f64().max(1e-9),
             decode_tok_s: if generated.len() > 1 {
                 (generated.len() - 1) as f64 / decode.as_secs_f64().max(1e-9)
             } else {

@@ -130,6 +130,7 @@ pub fn stats(c: &Completion) -> Stats {
         OwnedVariant::from(zbus::Str::from(c.finish_reason.as_str().to_string())),
     );
     s.insert("prompt_tokens".into(), (u.prompt_tokens as u32).into());
+    s.insert("cached_tokens".into(), (u.cached_tokens as u32).into());
     s.insert(
         "completion_tokens".into(),
         (u.completion_tokens as u32).into(),

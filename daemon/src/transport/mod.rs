@@ -227,6 +227,7 @@ pub fn complete_input(prompt: String) -> Result<Input, ServiceError> {
 pub fn usage_json(u: &Usage) -> Value {
     serde_json::json!({
         "prompt_tokens": u.prompt_tokens,
+        "cached_tokens": u.cached_tokens,
         "completion_tokens": u.completion_tokens,
         "ttft_ms": u.ttft_ms,
         "prefill_tok_s": u.prefill_tok_s,

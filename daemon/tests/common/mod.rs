@@ -36,6 +36,10 @@ impl Backend for Scripted {
     fn reset(&mut self) {
         self.step = 0;
     }
+    /// No cache to keep: every request starts the script over.
+    fn rewind(&mut self, _len: usize) -> bool {
+        false
+    }
     fn forward(&mut self, _tokens: &[u32]) -> Result<&[f32], BackendError> {
         std::thread::sleep(self.delay);
         let id = self.script[self.step.min(self.script.len() - 1)];

@@ -88,6 +88,8 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
     let (mut ttft, mut prefill, mut decode, mut overhead) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for run in 0..=args.runs {
+        // Every run computes the whole prompt: the prefill is part of what is measured.
+        engine.forget_cache();
         let c =
             engine.generate_from_ids(&req, prompt.clone(), &mut |_| ControlFlow::Continue(()))?;
         let stats = engine.last_stats();
