@@ -1,6 +1,8 @@
 //! `edgellm bench`: prefill and decode speed, time to first token and peak RSS, as medians
 //! over runs of the same synthetic prompt (deterministic ids, greedy, end-of-sequence ignored).
 //! Also reports the share of each decode step spent outside the backend's forward pass.
+//! `--cached-prefix N` keeps the prompt's first N tokens as a computed prefix (what
+//! `[model] system_prompts` does), so the runs measure the warm time to first token.
 
 use std::ops::ControlFlow;
 
@@ -20,6 +22,9 @@ pub struct BenchArgs {
     gen_tokens: usize,
     #[arg(long, default_value_t = 5)]
     runs: usize,
+    /// Keep the prompt's first N tokens computed (a system prompt): TTFT then covers the rest.
+    #[arg(long, default_value_t = 0)]
+    cached_prefix: usize,
     #[arg(long)]
     json: bool,
 }
@@ -74,6 +79,13 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         args.prompt_tokens + args.gen_tokens,
         engine.max_length()
     );
+    anyhow::ensure!(
+        args.cached_prefix < args.prompt_tokens,
+        "--cached-prefix must be shorter than --prompt-tokens"
+    );
+    if args.cached_prefix > 0 {
+        engine.keep_prefix(&prompt[..args.cached_prefix])?;
+    }
     let mut req = Request::new(Input::Prompt {
         text: String::new(),
         raw: true,
@@ -87,6 +99,7 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
 
     let (mut ttft, mut prefill, mut decode, mut overhead) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut cached = 0;
     for run in 0..=args.runs {
         // Every run computes the whole prompt: the prefill is part of what is measured.
         engine.forget_cache();
@@ -97,6 +110,7 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
             continue; // warm-up: first-run allocations and page faults
         }
         ttft.push(c.usage.ttft_ms);
+        cached = c.usage.cached_tokens;
         prefill.push(c.usage.prefill_tok_s);
         decode.push(c.usage.decode_tok_s);
         overhead.push(stats.decode_overhead_fraction() * 100.0);
@@ -106,6 +120,7 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         "backend": engine.backend_name(),
         "threads": args.engine.threads,
         "prompt_tokens": args.prompt_tokens,
+        "cached_tokens": cached,
         "gen_tokens": args.gen_tokens,
         "runs": args.runs,
         "prefill_tok_s": median(prefill),
@@ -122,7 +137,7 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
             result["backend"].as_str().unwrap_or("?")
         );
         println!(
-            "prompt / gen:   {} / {} tokens, {} runs (medians)",
+            "prompt / gen:   {} / {} tokens ({cached} cached), {} runs (medians)",
             args.prompt_tokens, args.gen_tokens, args.runs
         );
         println!(
