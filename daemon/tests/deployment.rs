@@ -519,6 +519,66 @@ fn the_dbus_policy_admits_only_edgellm_and_its_clients() {
         );
     }
 
+    // A stream answers its owner only: another member of edgellm-clients, whom the bus policy
+    // lets call the daemon, cannot cancel it (the daemon refuses with AccessDenied). Four
+    // queued requests keep the last one's object alive long enough for the attempt.
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(async {
+            let owner = zbus::connection::Builder::address(address.as_str())
+                .build()
+                .await
+                .unwrap();
+            let messages = vec![("user".to_string(), "Write a long story".to_string())];
+            let options =
+                std::collections::HashMap::from([("max_tokens", zbus::Variant::from(240u32))]);
+            let mut paths = Vec::new();
+            for _ in 0..4 {
+                let reply = owner
+                    .call_method(
+                        Some(NAME),
+                        "/org/edgellm/Inference1",
+                        Some(NAME),
+                        "StartChat",
+                        &(&messages, &options),
+                    )
+                    .await
+                    .unwrap();
+                let path: zbus::OwnedObjectPath = reply.body().deserialize().unwrap();
+                paths.push(path);
+            }
+            let last = paths.last().unwrap().as_str().to_string();
+            let o = dbus_send(
+                &etc,
+                "edgellm-test-client",
+                &address,
+                &[
+                    &format!("--dest={NAME}"),
+                    &last,
+                    "org.edgellm.Inference1.Request.Cancel",
+                ],
+            );
+            assert!(
+                access_denied(&o),
+                "another client cancelled the stream: {}",
+                text(&o)
+            );
+            for p in &paths {
+                owner
+                    .call_method(
+                        Some(NAME),
+                        p.as_str(),
+                        Some("org.edgellm.Inference1.Request"),
+                        "Cancel",
+                        &(),
+                    )
+                    .await
+                    .unwrap();
+            }
+        });
+
     // Anyone else is refused by the bus before edgellmd sees the call: methods and properties.
     let o = ask(&etc, "edgellm-test-other", &address, &["--json"]);
     assert!(

@@ -265,6 +265,55 @@ async fn cancel_disconnect_and_busy(backend: &'static str) {
     assert_eq!(reason, "cancelled");
     assert!(stat_u32(&stats, "completion_tokens") < 600);
 
+    // An outsider on the same bus listens to every Request signal and tries to cancel another
+    // client's stream: the bus delivers it nothing (the signals are unicast to the owner), the
+    // daemon refuses its Cancel with AccessDenied, and the owner's answer runs to its end.
+    let outsider = bus(bus_daemon.address()).await.unwrap();
+    let rule = zbus::MatchRule::builder()
+        .msg_type(zbus::message::Type::Signal)
+        .interface("org.edgellm.Inference1.Request")
+        .build()
+        .expect("match rule");
+    let mut snoop = zbus::MessageStream::for_match_rule(rule, &outsider, None)
+        .await
+        .unwrap();
+    let mut s = start_chat(
+        &c,
+        &user("Write a long story"),
+        &opts(&[("max_tokens", 24u32.into())]),
+    )
+    .await
+    .unwrap();
+    let name = s.path.as_str().rsplit('/').next().unwrap().to_string();
+    assert!(
+        name.len() == 32 && name.chars().all(|ch| ch.is_ascii_hexdigit()),
+        "request path {} is guessable",
+        s.path.as_str()
+    );
+    assert!(matches!(s.next().await, Signal::Delta(_)));
+    let refused = outsider
+        .call_method(
+            Some(BUS_NAME),
+            s.path.as_str(),
+            Some("org.edgellm.Inference1.Request"),
+            "Cancel",
+            &(),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        refused.to_string().contains("AccessDenied"),
+        "an outsider's Cancel: {refused}"
+    );
+    let (_, reason, stats) = s.finish().await;
+    assert_eq!(reason, "length", "the outsider ended the owner's answer");
+    assert_eq!(stat_u32(&stats, "completion_tokens"), 24);
+    {
+        use futures_util::StreamExt;
+        let got = tokio::time::timeout(Duration::from_millis(300), snoop.next()).await;
+        assert!(got.is_err(), "the outsider received a signal: {got:?}");
+    }
+
     // Queue full: one running, one waiting, the third is refused with Busy.
     let mut running = start_chat(&c, &user("one"), &long).await.unwrap();
     assert!(matches!(running.next().await, Signal::Delta(_)));

@@ -5,7 +5,8 @@
 //!   `Complete(s prompt, a{sv} options) -> (s text, a{sv} stats)` reply when generation ends.
 //! - `StartChat(a(ss), a{sv}) -> (o request)` exports a per-request object
 //!   (`org.edgellm.Inference1.Request`: signals `Delta(s)`, `Finished(s reason, a{sv} stats)`
-//!   unicast to the caller, method `Cancel()`), removed after `Finished`.
+//!   unicast to the caller, method `Cancel()` for the caller only), at an unguessable path,
+//!   removed after `Finished`.
 //! - Properties `Model`, `Backend`, `State`, `QueueLength`, `MaxContext`, with
 //!   `PropertiesChanged` for `State` and `QueueLength`.
 //! - Errors `org.edgellm.Inference1.Error.{Busy,InvalidRequest,PromptTooLong,ShuttingDown,Internal}`.
@@ -216,8 +217,9 @@ impl Inference {
     ) -> Result<OwnedObjectPath, Error> {
         let req = chat_request(&self.svc, messages, &options)?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let path = OwnedObjectPath::try_from(format!("{OBJECT_PATH}/request/{id}"))
-            .map_err(|e| Error::Internal(e.to_string()))?;
+        let path =
+            OwnedObjectPath::try_from(format!("{OBJECT_PATH}/request/{}", unguessable_name(id)))
+                .map_err(|e| Error::Internal(e.to_string()))?;
         let caller = hdr
             .sender()
             .map(|s| s.to_owned())
@@ -228,6 +230,7 @@ impl Inference {
                 &path,
                 RequestObject {
                     cancel: cancel.clone(),
+                    owner: caller.to_owned(),
                 },
             )
             .await?;
@@ -284,16 +287,27 @@ impl Inference {
     }
 }
 
-/// The per-request object of `StartChat`.
+/// The per-request object of `StartChat`. It answers its owner only (the unique name that
+/// called `StartChat`): its signals are unicast to that name, and `Cancel` from anyone else is
+/// refused with `org.freedesktop.DBus.Error.AccessDenied`, so one client of a shared system
+/// bus can neither read nor end another's answer. The path ends in 128 random bits, so it
+/// cannot be guessed either.
 pub struct RequestObject {
     cancel: CancellationToken,
+    owner: UniqueName<'static>,
 }
 
 #[interface(name = "org.edgellm.Inference1.Request")]
 impl RequestObject {
     /// Ends the request; `Finished` follows with reason `cancelled`.
-    fn cancel(&self) {
+    fn cancel(&self, #[zbus(header)] hdr: Header<'_>) -> zbus::fdo::Result<()> {
+        if hdr.sender() != Some(&self.owner) {
+            return Err(zbus::fdo::Error::AccessDenied(
+                "only the client that started this request may cancel it".into(),
+            ));
+        }
         self.cancel.cancel();
+        Ok(())
     }
 
     #[zbus(signal)]
@@ -345,6 +359,25 @@ async fn stream_request(
         }
     }
     let _ = conn.object_server().remove::<RequestObject, _>(&path).await;
+}
+
+/// A request object's name: 128 bits from the kernel's random source (the request counter
+/// mixed with the std hasher's per-process random keys if /dev/urandom cannot be read).
+fn unguessable_name(counter: u64) -> String {
+    use std::hash::{BuildHasher, Hasher};
+    use std::io::Read;
+    let mut bytes = [0u8; 16];
+    let from_kernel =
+        std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes));
+    if from_kernel.is_err() {
+        for (i, half) in bytes.chunks_mut(8).enumerate() {
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u64(counter);
+            h.write_usize(i);
+            half.copy_from_slice(&h.finish().to_le_bytes());
+        }
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
 }
 
 /// Cancels a request when its caller leaves the bus; stops watching when dropped.
