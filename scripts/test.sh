@@ -28,6 +28,14 @@ cargo test --workspace --locked --no-fail-fast "$@" 2>&1 | tee "$log" || status=
 echo "test.sh: tract-only build (--no-default-features --features tract), no ONNX Runtime"
 env -u ORT_DYLIB_PATH cargo test -p edgellm -p edgellm-tests --locked --no-fail-fast \
     --no-default-features --features tract "$@" 2>&1 | tee -a "$log" || status=$?
+# 3. tract's portable integer kernels (what aarch64 boards run; x86 CI would otherwise only
+#    run the AVX2 ones): the package and GGUF tests once more with EDGELLM_TRACT_PORTABLE=1.
+#    The kernel tests (zero points included) run against ONNX Runtime and the reference too.
+echo "test.sh: tract's portable kernels (EDGELLM_TRACT_PORTABLE=1): kernel, package and GGUF tests"
+EDGELLM_TRACT_PORTABLE=1 cargo test -p edgellm --lib --locked --no-fail-fast "$@" \
+    backend::tract 2>&1 | tee -a "$log" || status=$?
+EDGELLM_TRACT_PORTABLE=1 cargo test -p edgellm-tests --locked --no-fail-fast \
+    --test packages --test gguf "$@" 2>&1 | tee -a "$log" || status=$?
 
 # One closing line over every test binary (cargo prints a result line per binary, the last
 # ones being empty doc-test runs). A binary that did not compile, or died without its result

@@ -5,9 +5,10 @@
 //! * fp32 packages: teacher-forced logits within 1e-4 (max abs) of transformers at every
 //!   position — a prefill step, a multi-token step against that cache, then one-token decode
 //!   steps, crossing every sliding window — and the 24-token greedy continuation identical.
-//! * int4 packages: top-1 agreement with the fp32 package and mean KL divergence, against the
-//!   thresholds justified in `int4_agrees_with_references`; on tract also top-1 agreement with
-//!   ONNX Runtime's logits (`int4_tract_agrees_with_ort`).
+//! * int4 packages: top-1 agreement with the fp32 package and mean KL divergence, and the KL
+//!   of every single position, against the thresholds justified in
+//!   `int4_agrees_with_references`; on tract also agreement with ONNX Runtime's logits
+//!   (`int4_tract_agrees_with_ort`).
 
 #![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
 
@@ -83,19 +84,32 @@ fn fp32_matches_transformers(name: &str, choice: BackendChoice) {
     );
 }
 
-/// Share of rows whose argmax agrees, and mean KL(a || b), over `[n, v]` logit matrices.
-fn agreement(a: &[f32], b: &[f32], v: usize) -> (f64, f64) {
+/// Agreement of two `[n, v]` logit matrices: the share of rows whose argmax agrees, the mean
+/// KL(a || b) over rows, and the largest single row's KL (a mean can hide one broken
+/// position, e.g. a wrong cache row at one offset; a non-finite KL is infinite, so fails).
+struct Agreement {
+    top1: f64,
+    mean_kl: f64,
+    max_kl: f64,
+}
+
+fn agreement(a: &[f32], b: &[f32], v: usize) -> Agreement {
+    assert_eq!(a.len(), b.len(), "logit matrices of different sizes");
     let n = a.len() / v;
     let rows = |m: &[f32], i: usize| m[i * v..(i + 1) * v].to_vec();
-    let agree = (0..n)
+    let top1 = (0..n)
         .filter(|&i| argmax(&rows(a, i)) == argmax(&rows(b, i)))
         .count() as f64
         / n as f64;
-    let kl = (0..n)
+    let kls: Vec<f64> = (0..n)
         .map(|i| kl_divergence(&rows(a, i), &rows(b, i)))
-        .sum::<f64>()
-        / n as f64;
-    (agree, kl)
+        .map(|kl| if kl.is_finite() { kl } else { f64::INFINITY })
+        .collect();
+    Agreement {
+        top1,
+        mean_kl: kls.iter().sum::<f64>() / n as f64,
+        max_kl: kls.iter().copied().fold(0.0, f64::max),
+    }
 }
 
 /// The int4 package against two references, both computed by transformers:
@@ -125,10 +139,12 @@ fn int4_agrees_with_references(name: &str, choice: BackendChoice) {
     );
     let v = golden.vocab();
 
-    let (agree_rtn, kl_rtn) = agreement(&golden.int4_rtn_logits, &int4, v);
+    let rtn = agreement(&golden.int4_rtn_logits, &int4, v);
+    let (agree_rtn, kl_rtn) = (rtn.top1, rtn.mean_kl);
     eprintln!(
-        "{name} on {choice:?}: int4 package vs transformers RTN-int4: top-1 {:.1}%, mean KL {kl_rtn:.4}",
-        agree_rtn * 100.0
+        "{name} on {choice:?}: int4 package vs transformers RTN-int4: top-1 {:.1}%, mean KL {kl_rtn:.4}, max KL {:.4}",
+        agree_rtn * 100.0,
+        rtn.max_kl
     );
     assert!(
         agree_rtn >= 0.85,
@@ -138,8 +154,16 @@ fn int4_agrees_with_references(name: &str, choice: BackendChoice) {
         kl_rtn <= 0.01,
         "{name}: int4 package vs RTN-int4 transformers: KL {kl_rtn}"
     );
+    // Every position, not only the mean: measured at most 0.0143 nats (qwen2); a position
+    // computed from a wrong cache row or mask is off by > 0.1.
+    assert!(
+        rtn.max_kl <= 0.05,
+        "{name}: int4 package vs RTN-int4 transformers: one position's KL is {}",
+        rtn.max_kl
+    );
 
-    let (agree, kl) = agreement(&golden.logits, &int4, v);
+    let fp32 = agreement(&golden.logits, &int4, v);
+    let (agree, kl) = (fp32.top1, fp32.mean_kl);
     eprintln!(
         "{name} on {choice:?}: int4 package vs fp32 transformers: top-1 {:.1}% (RTN {:.1}%), mean KL {kl:.4} (RTN {:.4})",
         agree * 100.0,
@@ -180,14 +204,17 @@ fn int4_embeddings_stay_close(name: &str, choice: BackendChoice) {
         backend(pkg.path(), choice).as_mut(),
         &golden.teacher_forced_ids,
     );
-    let (agree, kl) = agreement(&golden.int4_rtn_embeddings_logits, &int4, golden.vocab());
+    let emb = agreement(&golden.int4_rtn_embeddings_logits, &int4, golden.vocab());
+    let (agree, kl) = (emb.top1, emb.mean_kl);
     eprintln!(
-        "{name} on {choice:?}: int4 embeddings vs RTN-int4 transformers: top-1 {:.1}%, KL {kl:.4}",
-        agree * 100.0
+        "{name} on {choice:?}: int4 embeddings vs RTN-int4 transformers: top-1 {:.1}%, KL {kl:.4}, max KL {:.4}",
+        agree * 100.0,
+        emb.max_kl
     );
     assert!(
-        agree >= 0.85 && kl <= 0.01,
-        "{name}: int4 embeddings: top-1 {agree}, KL {kl}"
+        agree >= 0.85 && kl <= 0.01 && emb.max_kl <= 0.05,
+        "{name}: int4 embeddings: top-1 {agree}, KL {kl}, max KL {}",
+        emb.max_kl
     );
 }
 
@@ -195,26 +222,40 @@ fn int4_embeddings_stay_close(name: &str, choice: BackendChoice) {
 /// quantize activations to int8 in blocks for the int4 products (what the packages'
 /// `accuracy_level = 4` allows; tract: our `MatMulNBits`, blocks of 32, round to nearest) and
 /// accumulate in integers, so they differ only in rounding details and summation order.
-/// Measured: 97.5-100% top-1 agreement and mean KL <= 0.0013 per architecture. We require at
-/// least 90% and KL <= 0.01 (the bound part 1 of `int4_agrees_with_references` puts on each
-/// against the reference); a wrong nibble order, scale or layout gives ~1/vocab.
+/// Measured: 97.5-100% top-1 agreement, mean KL <= 0.0013 and the worst position's KL <= 0.0046
+/// per architecture. We require at least 90%, mean KL <= 0.01 (the bound part 1 of
+/// `int4_agrees_with_references` puts on each against the reference) and every position's
+/// KL <= 0.03; a wrong nibble order, scale or layout gives ~1/vocab.
 #[cfg(all(feature = "ort", feature = "tract"))]
 fn int4_tract_agrees_with_ort(name: &str) {
+    // scripts/test.sh runs this file once more with EDGELLM_TRACT_PORTABLE=1: the portable
+    // kernels (what aarch64 runs) must then be the ones compared.
+    let want = match std::env::var_os("EDGELLM_TRACT_PORTABLE") {
+        Some(_) => "portable",
+        None if cfg!(target_arch = "x86_64") && std::is_x86_feature_detected!("avx2") => "avx2",
+        None => "portable",
+    };
+    assert_eq!(edgellm::backend::tract::int_kernels(), want);
+    eprintln!("{name}: tract's integer kernels: {want}");
     let golden = Golden::load(name);
     let pkg = export_fixture(name, Precision::Int4, true);
     let ids = &golden.teacher_forced_ids;
     let ort = teacher_forced(backend(pkg.path(), BackendChoice::Ort).as_mut(), ids);
     let tract = teacher_forced(backend(pkg.path(), BackendChoice::Tract).as_mut(), ids);
-    let (agree, kl) = agreement(&ort, &tract, golden.vocab());
+    let a = agreement(&ort, &tract, golden.vocab());
+    let (agree, kl) = (a.top1, a.mean_kl);
     eprintln!(
-        "{name}: int4 tract vs ONNX Runtime: top-1 {:.1}% over {} positions, mean KL {kl:.4}",
+        "{name}: int4 tract vs ONNX Runtime: top-1 {:.1}% over {} positions, mean KL {kl:.4}, max KL {:.4}",
         agree * 100.0,
-        ids.len()
+        ids.len(),
+        a.max_kl
     );
+    // Per position too: measured at most 0.0046 nats (gpt-oss).
     assert!(
-        agree >= 0.90 && kl <= 0.01,
-        "{name}: int4 on tract vs ONNX Runtime: top-1 {:.1}%, KL {kl}",
-        agree * 100.0
+        agree >= 0.90 && kl <= 0.01 && a.max_kl <= 0.03,
+        "{name}: int4 on tract vs ONNX Runtime: top-1 {:.1}%, KL {kl}, max KL {}",
+        agree * 100.0,
+        a.max_kl
     );
 }
 

@@ -43,6 +43,12 @@ use tract_onnx::prelude::*;
 use super::{Backend, BackendError, BackendOptions, KvSnapshot};
 use crate::package::Package;
 
+/// The integer kernels `MatMulNBits` runs here: `"avx2"` or `"portable"` (aarch64, x86
+/// without AVX2, or `EDGELLM_TRACT_PORTABLE` set).
+pub fn int_kernels() -> &'static str {
+    if matmul::avx2() { "avx2" } else { "portable" }
+}
+
 fn rt(context: impl Into<String>) -> impl FnOnce(TractError) -> BackendError {
     let context = context.into();
     move |e| BackendError::Runtime {

@@ -480,11 +480,18 @@ unsafe fn row_dot_avx2<const BITS: usize, const B16: bool>(
     _mm_cvtss_f32(s)
 }
 
-fn avx2() -> bool {
+/// Whether the AVX2 kernels run: the CPU has AVX2 and FMA, and `EDGELLM_TRACT_PORTABLE` is
+/// not set (`scripts/test.sh` sets it for one pass of the package tests, so x86 CI also runs
+/// the portable code an aarch64 board runs).
+pub(super) fn avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         static HAS: OnceLock<bool> = OnceLock::new();
-        *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+        *HAS.get_or_init(|| {
+            std::env::var_os("EDGELLM_TRACT_PORTABLE").is_none()
+                && is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+        })
     }
     #[cfg(not(target_arch = "x86_64"))]
     false

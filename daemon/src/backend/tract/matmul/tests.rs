@@ -413,7 +413,9 @@ fn explicit_default_zero_points_change_nothing() {
 #[test]
 fn portable_and_avx2_dot_products_agree() {
     if !avx2() {
-        eprintln!("no AVX2: the graph tests ran the portable code");
+        // aarch64, or the EDGELLM_TRACT_PORTABLE pass of scripts/test.sh: every other test
+        // of this file ran the portable code against ONNX Runtime and the reference.
+        eprintln!("AVX2 off: the graph tests ran the portable code");
         return;
     }
     let mut rng = Rng::new(70);
