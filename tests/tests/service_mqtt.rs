@@ -283,7 +283,15 @@ async fn status_is_retained_and_goes_offline_on_stop(backend: &'static str) {
 
 async fn cancel_topic_and_broker_restart_mid_stream(backend: &'static str) {
     let mut broker = Mosquitto::start();
-    let mut cfg = config(backend, slow_package(), None, Some(&broker.url()), "n1");
+    // D-Bus too: it shows the engine's state while the broker is down.
+    let bus_daemon = edgellm_tests::harness::DbusBus::start();
+    let mut cfg = config(
+        backend,
+        slow_package(),
+        Some(bus_daemon.address()),
+        Some(&broker.url()),
+        "n1",
+    );
     cfg.model.max_length = 1024;
     let d = Daemon::start(cfg).await;
     let mut c = MqttClient::connect(&broker.url()).await;
@@ -317,7 +325,24 @@ async fn cancel_topic_and_broker_restart_mid_stream(backend: &'static str) {
     let first = c.recv(WAIT).await;
     assert_eq!(first.json["id"], "r1");
     broker.stop();
-    // 40 tokens at ~50 tokens/s: finished well within the outage.
+    // The answer must finish while the broker is down (so the final message has to wait for
+    // the reconnection): the engine is idle again, seen over D-Bus, before the restart.
+    let dbus = bus(bus_daemon.address()).await.unwrap();
+    let t = std::time::Instant::now();
+    loop {
+        let state = String::try_from(get_property(&dbus, "State").await.unwrap()).unwrap();
+        if state == "ready" {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "r1 did not finish during the outage (state {state})"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!broker.is_running(), "the broker came back too early");
+    // Stay down a while longer: the daemon's reconnect backoff (0.25 s doubling) then lets the
+    // test client re-subscribe (on its own reconnection) before the kept message arrives.
     tokio::time::sleep(Duration::from_secs(3)).await;
     broker.restart();
     let mut terminal = Vec::new();
