@@ -174,8 +174,17 @@ fn stop_strings_cut_across_tokens_and_max_tokens_bounds() {
         (3, FinishReason::Length)
     );
 
-    // Cancelling from the event callback ends the request with `cancelled`.
+    // Cancelling from the event callback ends the request with `cancelled`, and decoding
+    // stops there: the first token's text was the only event, no token was generated after it.
     req.max_tokens = None;
-    let c = e.generate(&req, &mut |_| ControlFlow::Break(())).unwrap();
+    let mut events = 0;
+    let c = e
+        .generate(&req, &mut |_| {
+            events += 1;
+            ControlFlow::Break(())
+        })
+        .unwrap();
     assert_eq!(c.finish_reason, FinishReason::Cancelled);
+    assert_eq!(events, 1, "events after the cancellation");
+    assert_eq!(c.token_ids.len(), 1, "tokens generated after the cancellation");
 }

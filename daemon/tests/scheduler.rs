@@ -229,15 +229,23 @@ async fn engine_health_follows_progress_not_request_length() {
         h.events.recv().await,
         Some(RequestEvent::Event(_))
     ));
-    while let Ok(Some(e)) = tokio::time::timeout(Duration::from_millis(20), h.events.recv()).await {
+    // Every event to the terminal one (a slow step must not end the check early).
+    let mut events = 1;
+    loop {
+        let e = tokio::time::timeout(Duration::from_secs(10), h.events.recv())
+            .await
+            .expect("the generation stalled")
+            .expect("the request ended without a terminal event");
         assert!(
             s.health().healthy(stall),
-            "unhealthy during a progressing generation"
+            "unhealthy during a progressing generation (after {events} events)"
         );
         if !matches!(e, RequestEvent::Event(_)) {
             break;
         }
+        events += 1;
     }
+    assert!(events >= 40, "only {events} events: the generation was not followed");
     assert!(s.health().healthy(stall));
     s.join();
 
