@@ -14,6 +14,21 @@ use zbus::OwnedVariant;
 
 /// The same greedy request in-process, for comparison with what the wire returns.
 fn in_process(backend: &str, package: &std::path::Path, prompt: &str, max_tokens: usize) -> String {
+    let input = Input::Messages(vec![edgellm::chat::Message {
+        role: "user".into(),
+        content: prompt.into(),
+    }]);
+    in_process_with(backend, package, input, max_tokens, |s| s.temperature = 0.0)
+}
+
+/// A request in-process with the package's default sampling, changed by `sampling`.
+fn in_process_with(
+    backend: &str,
+    package: &std::path::Path,
+    input: Input,
+    max_tokens: usize,
+    sampling: impl FnOnce(&mut edgellm::sampler::SamplingParams),
+) -> String {
     let model = Model::load(package).unwrap();
     let backend = edgellm::backend::load(
         &model.package,
@@ -26,13 +41,11 @@ fn in_process(backend: &str, package: &std::path::Path, prompt: &str, max_tokens
     )
     .unwrap()
     .backend;
+    let mut req = Request::new(input);
+    req.sampling = model.default_sampling();
+    sampling(&mut req.sampling);
     let mut engine = Engine::new(model, backend, 256);
-    let mut req = Request::new(Input::Messages(vec![edgellm::chat::Message {
-        role: "user".into(),
-        content: prompt.into(),
-    }]));
     req.max_tokens = Some(max_tokens);
-    req.sampling.temperature = 0.0;
     engine
         .generate(&req, &mut |_| std::ops::ControlFlow::Continue(()))
         .unwrap()
@@ -140,7 +153,47 @@ async fn chat_complete_streaming_and_properties(backend: &'static str) {
             t
         }
     };
-    assert_eq!(complete(7).await, complete(7).await);
+    // The options reach the sampler: the text is what the engine samples in-process with the
+    // same temperature and seed, other seeds give other texts, and none is the greedy one (a
+    // daemon that dropped temperature or seed would answer greedily or unseeded).
+    let sampled = |seed: u64| {
+        in_process_with(
+            backend,
+            pkg,
+            Input::Prompt {
+                text: "Once upon a time".into(),
+                raw: true,
+            },
+            8,
+            |s| {
+                s.temperature = 1.0;
+                s.seed = Some(seed);
+            },
+        )
+    };
+    let greedy = in_process_with(
+        backend,
+        pkg,
+        Input::Prompt {
+            text: "Once upon a time".into(),
+            raw: true,
+        },
+        8,
+        |s| s.temperature = 0.0,
+    );
+    let texts = [complete(7).await, complete(8).await, complete(9).await];
+    for (seed, text) in [7, 8, 9].into_iter().zip(&texts) {
+        assert_eq!(text, &sampled(seed), "seed {seed}: not the engine's sample");
+        assert_eq!(text, &complete(seed).await, "seed {seed} does not repeat");
+    }
+    assert!(
+        texts[0] != texts[1] || texts[1] != texts[2],
+        "three seeds, one text: {texts:?}"
+    );
+    assert!(
+        texts.iter().any(|t| t != &greedy),
+        "every sample is the greedy text {greedy:?}"
+    );
     d.stop().await;
 }
 
