@@ -186,5 +186,9 @@ fn stop_strings_cut_across_tokens_and_max_tokens_bounds() {
         .unwrap();
     assert_eq!(c.finish_reason, FinishReason::Cancelled);
     assert_eq!(events, 1, "events after the cancellation");
-    assert_eq!(c.token_ids.len(), 1, "tokens generated after the cancellation");
+    assert_eq!(
+        c.token_ids.len(),
+        1,
+        "tokens generated after the cancellation"
+    );
 }

@@ -245,7 +245,10 @@ async fn engine_health_follows_progress_not_request_length() {
         }
         events += 1;
     }
-    assert!(events >= 40, "only {events} events: the generation was not followed");
+    assert!(
+        events >= 40,
+        "only {events} events: the generation was not followed"
+    );
     assert!(s.health().healthy(stall));
     s.join();
 

@@ -62,7 +62,10 @@ fn random_init_qwen2_5_0_5b_exports_and_runs_on_every_backend() {
     // KL 2e-3 and 35%; a wrong layout anywhere gives a KL near the logits' variance (~0.4)
     // and differences of several spreads.
     if let [(_, ort1, ort_next, ort2), (_, tract1, tract_next, tract2)] = &rows[..] {
-        assert_eq!(ort_next, tract_next, "the prompt's argmax differs between backends");
+        assert_eq!(
+            ort_next, tract_next,
+            "the prompt's argmax differs between backends"
+        );
         for (step, a, b) in [("prefill", ort1, tract1), ("decode", ort2, tract2)] {
             let std = {
                 let mean = a.iter().sum::<f32>() / a.len() as f32;
@@ -70,7 +73,9 @@ fn random_init_qwen2_5_0_5b_exports_and_runs_on_every_backend() {
             };
             let diff = edgellm_tests::max_abs_diff(a, b);
             let kl = edgellm_tests::kl_divergence(a, b);
-            eprintln!("{step}: ORT vs tract: max |diff| {diff:.4} (logit std {std:.4}), KL {kl:.2e}");
+            eprintln!(
+                "{step}: ORT vs tract: max |diff| {diff:.4} (logit std {std:.4}), KL {kl:.2e}"
+            );
             assert!(
                 diff <= 0.35 * std && kl <= 2e-3,
                 "{step}: ORT and tract logits differ: max |diff| {diff} (std {std}), KL {kl}"

@@ -77,7 +77,9 @@ async fn shutdown_mid_generation_answers_everything(backend: &'static str) {
 }
 
 /// A CA and a server certificate for localhost/127.0.0.1, made with openssl.
-fn certificates(dir: &Path) {
+/// A CA (`{name}-ca.crt`) and a server certificate it signed for localhost / 127.0.0.1
+/// (`{name}-server.crt`, `.key`), in `dir`.
+fn certificates(dir: &Path, name: &str) {
     let openssl = require_program("openssl", "openssl");
     let run = |args: &[&str]| {
         let out = Command::new(&openssl)
@@ -91,20 +93,18 @@ fn certificates(dir: &Path) {
             String::from_utf8_lossy(&out.stderr)
         );
     };
+    let f = |file: &str| format!("{name}-{file}");
+    let (ca_key, ca_crt, key, csr, crt) = (
+        f("ca.key"),
+        f("ca.crt"),
+        f("server.key"),
+        f("server.csr"),
+        f("server.crt"),
+    );
+    let subject = format!("/CN=edgellm-test-{name}-ca");
     run(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.crt",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=edgellm-test-ca",
+        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", &ca_key, "-out", &ca_crt,
+        "-days", "2", "-subj", &subject,
     ]);
     run(&[
         "req",
@@ -112,9 +112,9 @@ fn certificates(dir: &Path) {
         "rsa:2048",
         "-nodes",
         "-keyout",
-        "server.key",
+        &key,
         "-out",
-        "server.csr",
+        &csr,
         "-subj",
         "/CN=localhost",
     ]);
@@ -127,14 +127,14 @@ fn certificates(dir: &Path) {
         "x509",
         "-req",
         "-in",
-        "server.csr",
+        &csr,
         "-CA",
-        "ca.crt",
+        &ca_crt,
         "-CAkey",
-        "ca.key",
+        &ca_key,
         "-CAcreateserial",
         "-out",
-        "server.crt",
+        &crt,
         "-days",
         "2",
         "-extfile",
@@ -144,11 +144,11 @@ fn certificates(dir: &Path) {
 
 async fn mqtt_over_tls_with_a_password_file(backend: &'static str) {
     let tmp = tempfile::tempdir().unwrap();
-    certificates(tmp.path());
+    certificates(tmp.path(), "good");
     let passwd = Mosquitto::password_file(tmp.path(), "edge", "s3cret");
     let d = tmp.path().display();
     let broker = Mosquitto::start_with(&format!(
-        "allow_anonymous false\npassword_file {}\ncafile {d}/ca.crt\ncertfile {d}/server.crt\nkeyfile {d}/server.key\n",
+        "allow_anonymous false\npassword_file {}\ncafile {d}/good-ca.crt\ncertfile {d}/good-server.crt\nkeyfile {d}/good-server.key\n",
         passwd.display()
     ));
     let url = format!("mqtts://localhost:{}", broker.port());
@@ -165,7 +165,7 @@ async fn mqtt_over_tls_with_a_password_file(backend: &'static str) {
     );
     cfg.mqtt.enabled = true;
     cfg.mqtt.url = url.clone();
-    cfg.mqtt.ca_file = format!("{d}/ca.crt");
+    cfg.mqtt.ca_file = format!("{d}/good-ca.crt");
     cfg.mqtt.username = "edge".into();
     cfg.mqtt.password_file = pw_file.display().to_string();
     let daemon = Daemon::start(cfg.clone()).await;
@@ -190,7 +190,7 @@ async fn mqtt_over_tls_with_a_password_file(backend: &'static str) {
     let bus2 = DbusBus::start();
     cfg.dbus.address = bus2.address().to_string();
     cfg.mqtt.node_id = "tls-wrong".into();
-    let daemon = Daemon::start(cfg).await;
+    let daemon = Daemon::start(cfg.clone()).await;
     let t = Instant::now();
     while !broker.log().contains("disconnected, not authorised") {
         assert!(t.elapsed() < Duration::from_secs(20), "{}", broker.log());
@@ -204,6 +204,42 @@ async fn mqtt_over_tls_with_a_password_file(backend: &'static str) {
         "a wrong password was accepted"
     );
     let c = bus(bus2.address()).await.unwrap();
+    let (_, stats) = chat(&c, &user("hi"), &opts(&[("max_tokens", 2u32.into())]))
+        .await
+        .unwrap();
+    assert_eq!(stat_u32(&stats, "completion_tokens"), 2);
+    daemon.stop().await;
+
+    // A broker whose certificate another CA signed (right name, right password): the daemon
+    // trusts only its ca_file, so the handshake fails and it never logs in, nor sends the
+    // password; it keeps serving D-Bus.
+    certificates(tmp.path(), "rogue");
+    let rogue = Mosquitto::start_with(&format!(
+        "allow_anonymous false\npassword_file {}\ncafile {d}/rogue-ca.crt\ncertfile {d}/rogue-server.crt\nkeyfile {d}/rogue-server.key\n",
+        passwd.display()
+    ));
+    std::fs::write(&pw_file, "s3cret\n").unwrap();
+    let bus3 = DbusBus::start();
+    cfg.dbus.address = bus3.address().to_string();
+    cfg.mqtt.url = format!("mqtts://localhost:{}", rogue.port());
+    cfg.mqtt.node_id = "tls-rogue".into();
+    let daemon = Daemon::start(cfg).await;
+    let t = Instant::now();
+    // mosquitto logs the aborted handshake (the client's "unknown CA" alert).
+    while !rogue.log().to_lowercase().contains("unknown ca") {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the daemon did not try the rogue broker, or the handshake did not fail:\n{}",
+            rogue.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        !rogue.log().contains("edgellmd-tls-rogue"),
+        "a broker with another CA's certificate was trusted:\n{}",
+        rogue.log()
+    );
+    let c = bus(bus3.address()).await.unwrap();
     let (_, stats) = chat(&c, &user("hi"), &opts(&[("max_tokens", 2u32.into())]))
         .await
         .unwrap();
