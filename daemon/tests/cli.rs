@@ -459,8 +459,13 @@ fn genai_builder_package_generates_what_onnxruntime_genai_generates() {
     let prompt: Vec<u32> = serde_json::from_value(g["prompt_ids"].clone()).unwrap();
     let expected: Vec<u32> = serde_json::from_value(g["og_int4_greedy_ids"].clone()).unwrap();
     for backend in backends() {
+        // Through the CLI: the prompt text tokenizes to og's prompt ids and the answer is og's.
         let out = run_json(&pkg, g["prompt_text"].as_str().unwrap(), backend);
-        assert_eq!(out["token_ids"].as_array().unwrap().len(), 24);
+        let cli: Vec<u32> = serde_json::from_value(out["token_ids"].clone()).unwrap();
+        assert_eq!(
+            cli, expected,
+            "{backend}: the CLI's answer differs from onnxruntime-genai's"
+        );
 
         let model = edgellm::model::Model::load(&pkg).unwrap();
         let opts = edgellm::backend::BackendOptions {
@@ -489,6 +494,96 @@ fn genai_builder_package_generates_what_onnxruntime_genai_generates() {
             "{backend}: differs from onnxruntime-genai on its own package"
         );
     }
+    genai_teacher_forced_logits_match(&dir, &g);
+}
+
+/// The greedy ids above loop on one token; og's logits at every position of 40 teacher-forced
+/// ids, fed in the same chunks (prefill, two decode steps, a chunk on top of the cache), say
+/// more. ONNX Runtime runs og's graph as og does: measured max |diff| 0 (bound 1e-4). tract
+/// quantizes the activations in its own kernels: measured top-1 100%, worst position's KL
+/// 0.0153 nats (bounds 90% and 0.05, the per-position bound tests/tests/packages.rs puts on
+/// int4 packages); a wrong cache row or layout gives KL > 0.1 and near-random argmax.
+fn genai_teacher_forced_logits_match(dir: &Path, g: &serde_json::Value) {
+    let tf = &g["og_int4_teacher_forced"];
+    let ids: Vec<u32> = serde_json::from_value(tf["ids"].clone()).unwrap();
+    let chunks: Vec<usize> = serde_json::from_value(tf["chunks"].clone()).unwrap();
+    let bytes = std::fs::read(dir.join(tf["logits_file"].as_str().unwrap())).unwrap();
+    let want: Vec<f32> = bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    let vocab = want.len() / ids.len();
+    let pkg = edgellm::package::Package::open(&dir.join("package")).unwrap();
+    for backend in backends() {
+        let choice = edgellm::backend::BackendChoice::parse(backend).unwrap();
+        let opts = edgellm::backend::BackendOptions {
+            threads: 1,
+            max_length: 64,
+            ..Default::default()
+        };
+        let mut be = edgellm::backend::load(&pkg, choice, &opts).unwrap().backend;
+        let mut got = Vec::new();
+        let mut at = 0;
+        for n in &chunks {
+            got.extend_from_slice(be.forward_all(&ids[at..at + n]).unwrap());
+            at += n;
+        }
+        assert_eq!(got.len(), want.len(), "{backend}: logits of every position");
+        let rows = |m: &[f32], i: usize| m[i * vocab..(i + 1) * vocab].to_vec();
+        let argmax = |r: &[f32]| {
+            r.iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .map(|(i, _)| i)
+                .unwrap()
+        };
+        let top1 = (0..ids.len())
+            .filter(|&i| argmax(&rows(&got, i)) == argmax(&rows(&want, i)))
+            .count() as f64
+            / ids.len() as f64;
+        let max_kl = (0..ids.len())
+            .map(|i| kl(&rows(&want, i), &rows(&got, i)))
+            .fold(0f64, f64::max);
+        let max_diff = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| {
+                if a.is_finite() {
+                    (a - b).abs()
+                } else {
+                    f32::INFINITY
+                }
+            })
+            .fold(0f32, f32::max);
+        eprintln!(
+            "{backend} vs onnxruntime-genai: top-1 {top1:.3}, worst KL {max_kl:.2e}, max |diff| {max_diff:.2e}"
+        );
+        if backend == "ort" {
+            assert!(max_diff <= 1e-4, "ort vs og: max |diff| {max_diff}");
+        } else {
+            assert!(
+                top1 >= 0.9 && max_kl <= 0.05,
+                "{backend} vs og: top-1 {top1}, worst KL {max_kl}"
+            );
+        }
+    }
+}
+
+/// KL(p || q) of two logit rows, in nats (infinite when either is not finite).
+fn kl(p: &[f32], q: &[f32]) -> f64 {
+    let soft = |x: &[f32]| {
+        let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let e: Vec<f64> = x.iter().map(|&v| (v as f64 - m).exp()).collect();
+        let s: f64 = e.iter().sum();
+        e.into_iter().map(|v| v / s).collect::<Vec<_>>()
+    };
+    let (p, q) = (soft(p), soft(q));
+    let d: f64 = p
+        .iter()
+        .zip(&q)
+        .map(|(a, b)| if *a > 0.0 { a * (a / b).ln() } else { 0.0 })
+        .sum();
+    if d.is_finite() { d } else { f64::INFINITY }
 }
 
 /// `edgellm prompt` prints exactly what transformers' apply_chat_template renders
