@@ -683,3 +683,45 @@ mod tract {
         );
     }
 }
+
+/// LongRoPE against transformers itself (tests/fixtures/phi3-longrope/rope_golden.json): the
+/// package's cos/sin caches equal transformers' rotary embedding with the short factors below
+/// the original 4096 positions and with the long factors from there on (what transformers
+/// computes once a sequence is longer than 4096), attention factor included. The tests' prompts
+/// never reach 4096 tokens, so without this the long factors would go unchecked.
+#[test]
+fn longrope_caches_match_transformers_in_both_regimes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let golden: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo_root().join("tests/fixtures/phi3-longrope/rope_golden.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    let pkg = tmp.path().join("pkg");
+    edgellm_export::export(
+        &fixture_checkpoint("phi3-longrope"),
+        &pkg,
+        &ExportOptions {
+            max_length: Some(4096 + 64),
+            ..fp32_logits_all()
+        },
+    )
+    .unwrap();
+    let (cos, sin) = rope_caches(&pkg);
+    for regime in ["short", "long"] {
+        let g = &golden[regime];
+        let half = g["cos"][0].as_array().unwrap().len();
+        let mut worst = 0f32;
+        for (i, p) in g["positions"].as_array().unwrap().iter().enumerate() {
+            let p = p.as_u64().unwrap() as usize;
+            for (cache, key) in [(&cos, "cos"), (&sin, "sin")] {
+                let want: Vec<f32> = serde_json::from_value(g[key][i].clone()).unwrap();
+                worst = worst.max(max_abs_diff(&cache[p * half..(p + 1) * half], &want));
+            }
+        }
+        eprintln!("LongRoPE {regime} factors: max |cache - transformers| = {worst:.2e}");
+        // f32 angles (ulp ~2.4e-4 near position 4096) computed the same way; the other factor
+        // set differs by > 0.1.
+        assert!(worst < 1e-3, "{regime}: rope caches differ by {worst}");
+    }
+}
