@@ -5,11 +5,15 @@ use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
+    // The io::Error is part of the message, not a `source`: `{:#}` (anyhow's chain, what the
+    // CLI prints) would otherwise repeat it.
+    #[error("{path}: {err}")]
+    Io { path: PathBuf, err: std::io::Error },
+    #[error("copying {from} to {to}: {err}")]
+    Copy {
+        from: PathBuf,
+        to: PathBuf,
+        err: std::io::Error,
     },
     #[error("{path}: missing ({why})")]
     MissingFile { path: PathBuf, why: &'static str },
@@ -51,7 +55,7 @@ pub enum ExportError {
 impl ExportError {
     pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Self {
         let path = path.into();
-        move |source| ExportError::Io { path, source }
+        move |err| ExportError::Io { path, err }
     }
 
     pub(crate) fn config(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {

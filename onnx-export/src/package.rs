@@ -199,7 +199,12 @@ pub fn copy_support_files(src: &Path, dest: &Path) -> Result<()> {
     for name in COPIED_FILES {
         let from = src.join(name);
         if from.exists() {
-            fs::copy(&from, dest.join(name)).map_err(ExportError::io(&from))?;
+            let to = dest.join(name);
+            fs::copy(&from, &to).map_err(|err| ExportError::Copy {
+                from: from.clone(),
+                to: to.clone(),
+                err,
+            })?;
         }
     }
     Ok(())

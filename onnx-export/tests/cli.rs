@@ -225,6 +225,36 @@ fn missing_files_are_named() {
     assert_fails(&hf, tmp.path(), &["config.json", "missing"]);
 }
 
+/// A tokenizer file that cannot be copied: the error names both ends of the copy, and the
+/// operating system's reason appears once (it used to be printed twice, as the message's end
+/// and again as its cause).
+#[test]
+fn a_failed_copy_names_source_and_destination_and_its_cause_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hf = copy_fixture("qwen2", tmp.path());
+    let cfg = hf.join("tokenizer_config.json");
+    std::fs::remove_file(&cfg).unwrap();
+    std::fs::create_dir(&cfg).unwrap();
+    let out = tmp.path().join("pkg");
+    let (ok, err) = export(&hf, &out, &[]);
+    assert!(!ok, "{err}");
+    let line = err
+        .lines()
+        .find(|l| l.contains("error"))
+        .unwrap_or_else(|| panic!("no error line: {err}"));
+    assert!(
+        line.contains(&format!("copying {}", cfg.display())) && line.contains(" to "),
+        "{line}"
+    );
+    let reason = line.rsplit(": ").next().unwrap();
+    assert_eq!(
+        line.matches(reason).count(),
+        1,
+        "the cause is repeated: {line}"
+    );
+    assert!(!out.exists());
+}
+
 #[test]
 fn bad_block_size_is_rejected() {
     let tmp = tempfile::tempdir().unwrap();

@@ -197,6 +197,24 @@ async fn chat_complete_streaming_and_properties(backend: &'static str) {
     d.stop().await;
 }
 
+/// An `a{sv}` whose entries may repeat a key (what a HashMap cannot send).
+struct TwiceDict(Vec<(&'static str, u32)>);
+
+impl zbus::Type for TwiceDict {
+    const SIGNATURE: &'static zbus::Signature = <Dict>::SIGNATURE;
+}
+
+impl serde::Serialize for TwiceDict {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(Some(self.0.len()))?;
+        for (k, v) in &self.0 {
+            m.serialize_entry(k, &zbus::Variant::from(*v))?;
+        }
+        m.end()
+    }
+}
+
 async fn bad_input_is_answered_and_the_next_request_served(backend: &'static str) {
     let bus_daemon = DbusBus::start();
     let d = Daemon::start(config(
@@ -273,6 +291,31 @@ async fn bad_input_is_answered_and_the_next_request_served(backend: &'static str
         assert_eq!(n, name, "{msg}");
         assert!(msg.contains(needle), "{msg:?} should name {needle:?}");
     }
+    // An a{sv} naming a key twice (legal on the wire; a HashMap would keep the last value) is
+    // refused, naming the key. An empty stop list is refused too.
+    let e = c
+        .call_method(
+            Some(BUS_NAME),
+            PATH,
+            Some(BUS_NAME),
+            "Chat",
+            &(
+                user("hi"),
+                TwiceDict(vec![("max_tokens", 2), ("max_tokens", 500)]),
+            ),
+        )
+        .await
+        .unwrap_err();
+    let (n, msg) = split_error(e);
+    assert_eq!(n, invalid, "{msg}");
+    assert!(msg.contains("\"max_tokens\" is given twice"), "{msg}");
+    let empty: Vec<String> = Vec::new();
+    let empty = zbus::OwnedVariant::try_from(zbus::Variant::from(empty)).unwrap();
+    let (n, msg) = chat(&c, &user("hi"), &opts(&[("stop", empty)]))
+        .await
+        .unwrap_err();
+    assert_eq!(n, invalid, "{msg}");
+    assert!(msg.contains("stop: give 1 to 16 strings, got 0"), "{msg}");
     // Wrong signature: zbus answers InvalidArgs.
     let e = c
         .call_method(

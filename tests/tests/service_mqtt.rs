@@ -127,6 +127,17 @@ async fn bad_input_gets_an_error_naming_the_problem(backend: &'static str) {
             "not valid JSON",
         ),
         (b"\xff\xfe{}".to_vec(), "not valid UTF-8"),
+        // A key given twice is refused, not silently the last one.
+        (
+            br#"{"id":"d1","prompt":"x","max_tokens":2,"max_tokens":500}"#.to_vec(),
+            "key \"max_tokens\" appears twice",
+        ),
+        (
+            json!({"id":"e13","prompt":"x","stop":[]})
+                .to_string()
+                .into(),
+            "stop: give 1 to 16 strings, got 0",
+        ),
         (br#"[1,2]"#.to_vec(), "JSON object"),
         (
             json!({"id":"e1","messages":"hi"}).to_string().into(),

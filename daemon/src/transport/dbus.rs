@@ -61,7 +61,37 @@ impl From<ServiceError> for Error {
     }
 }
 
-type Options = HashMap<String, OwnedVariant>;
+/// A request's `a{sv}` options in the order they came, every entry kept: a dictionary that names
+/// a key twice is refused by [`request_with`] (a `HashMap` would silently keep the last).
+#[derive(Debug, Default)]
+pub struct Options(Vec<(String, OwnedVariant)>);
+
+impl zbus::Type for Options {
+    const SIGNATURE: &'static zbus::Signature = <HashMap<String, OwnedVariant>>::SIGNATURE;
+}
+
+impl<'de> serde::Deserialize<'de> for Options {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Entries;
+        impl<'de> serde::de::Visitor<'de> for Entries {
+            type Value = Options;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an a{sv} dictionary")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<Options, A::Error> {
+                let mut out = Vec::new();
+                while let Some(entry) = m.next_entry::<String, OwnedVariant>()? {
+                    out.push(entry);
+                }
+                Ok(Options(out))
+            }
+        }
+        d.deserialize_map(Entries)
+    }
+}
 type Stats = HashMap<String, OwnedVariant>;
 
 /// A D-Bus value as JSON, so options go through the same parser as MQTT payloads. Integers,
@@ -103,8 +133,10 @@ fn request_with(
 ) -> Result<Request, ServiceError> {
     let mut req = svc.request(input);
     let mut map = Map::new();
-    for (k, v) in options {
-        map.insert(k.clone(), variant_to_json(k, v)?);
+    for (k, v) in &options.0 {
+        if map.insert(k.clone(), variant_to_json(k, v)?).is_some() {
+            return Err(invalid(format!("options: {k:?} is given twice")));
+        }
     }
     parse_options(&map, &[], &mut req)?;
     Ok(req)

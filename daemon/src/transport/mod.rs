@@ -117,8 +117,11 @@ pub fn parse_options(
                         )));
                     }
                 };
-                if req.stop.len() > MAX_STOP {
-                    return Err(invalid(format!("stop: at most {MAX_STOP} strings")));
+                if req.stop.is_empty() || req.stop.len() > MAX_STOP {
+                    return Err(invalid(format!(
+                        "stop: give 1 to {MAX_STOP} strings, got {}",
+                        req.stop.len()
+                    )));
                 }
                 if req.stop.iter().any(String::is_empty) {
                     return Err(invalid("stop: strings must not be empty"));
@@ -223,6 +226,72 @@ pub fn complete_input(prompt: String) -> Result<Input, ServiceError> {
     })
 }
 
+/// Parses JSON as `serde_json` does, but refuses an object that names a key twice (serde_json
+/// keeps the last one silently, so `{"max_tokens": 5, "max_tokens": 500}` would be a
+/// 500-token request nobody sees): the error names the key and its position.
+pub fn parse_json(text: &str) -> Result<Value, serde_json::Error> {
+    use serde::de::DeserializeSeed;
+    let mut de = serde_json::Deserializer::from_str(text);
+    let v = NoDuplicateKeys.deserialize(&mut de)?;
+    de.end()?;
+    Ok(v)
+}
+
+struct NoDuplicateKeys;
+
+impl<'de> serde::de::DeserializeSeed<'de> for NoDuplicateKeys {
+    type Value = Value;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for NoDuplicateKeys {
+    type Value = Value;
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_string()))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut out = Vec::new();
+        while let Some(v) = seq.next_element_seed(NoDuplicateKeys)? {
+            out.push(v);
+        }
+        Ok(Value::Array(out))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<Value, A::Error> {
+        let mut out = Map::new();
+        while let Some(k) = m.next_key::<String>()? {
+            if out.contains_key(&k) {
+                return Err(serde::de::Error::custom(format!("key {k:?} appears twice")));
+            }
+            let v = m.next_value_seed(NoDuplicateKeys)?;
+            out.insert(k, v);
+        }
+        Ok(Value::Object(out))
+    }
+}
+
 /// `usage` as both transports report it.
 pub fn usage_json(u: &Usage) -> Value {
     serde_json::json!({
@@ -255,6 +324,24 @@ mod tests {
         assert_eq!(r.stop, ["\n", "END"]);
         assert_eq!(r.reasoning_effort, Some(ReasoningEffort::Low));
         assert_eq!(opts(r#"{"stop":"x"}"#).unwrap().stop, ["x"]);
+    }
+
+    #[test]
+    fn json_with_a_key_twice_is_refused_at_any_depth() {
+        let ok = parse_json(r#"{"a":1,"b":[{"a":2},{"a":3}],"c":{"d":null}}"#).unwrap();
+        assert_eq!(
+            ok,
+            serde_json::json!({"a":1,"b":[{"a":2},{"a":3}],"c":{"d":null}})
+        );
+        for (text, key) in [
+            (r#"{"max_tokens":2,"max_tokens":500}"#, "max_tokens"),
+            (r#"{"messages":[{"role":"user","role":"system"}]}"#, "role"),
+            (r#"{"x":{"y":1,"y":1}}"#, "y"),
+        ] {
+            let e = parse_json(text).unwrap_err().to_string();
+            assert!(e.contains(&format!("key {key:?} appears twice")), "{e}");
+        }
+        assert!(parse_json("{} x").is_err(), "trailing characters");
     }
 
     #[test]

@@ -493,7 +493,7 @@ impl MqttTransport {
                 ))
             })
             .and_then(|text| {
-                serde_json::from_str::<Value>(text)
+                super::parse_json(text)
                     .map_err(|e| invalid(format!("payload is not valid JSON: {e}")))
             })
             .and_then(|v| match v {

@@ -64,7 +64,7 @@ impl DataFile {
         self.out.flush().map_err(ExportError::io(&self.path))?;
         let file = self.out.into_inner().map_err(|e| ExportError::Io {
             path: self.path.clone(),
-            source: e.into_error(),
+            err: e.into_error(),
         })?;
         file.sync_all().map_err(ExportError::io(&self.path))?;
         Ok(())
