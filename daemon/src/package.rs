@@ -145,6 +145,15 @@ pub struct KvLayout {
 }
 
 impl KvLayout {
+    /// Bytes of the whole KV cache (f32 keys and values of every layer at its capacity): what
+    /// a backend allocates up front.
+    pub fn total_bytes(&self) -> u64 {
+        self.capacity
+            .iter()
+            .map(|&c| 2 * (self.kv_heads * self.head_dim * 4) as u64 * c as u64)
+            .sum()
+    }
+
     /// Bytes of KV cache per token position in full-attention layers (f32 K and V).
     pub fn bytes_per_token(&self) -> usize {
         let full = self

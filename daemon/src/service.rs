@@ -91,7 +91,9 @@ fn load_engine(config: &Config) -> Result<(Engine, crate::backend::Reason), RunE
     let model = Model::load(path).map_err(|e| fail(e.to_string()))?;
     let (choice, opts) = config.backend_options();
     // The KV capacity: the configured max_length, or the model's context if smaller.
-    let max_length = model.package.kv_layout(opts.max_length).max_length;
+    let layout = model.package.kv_layout(opts.max_length);
+    let max_length = layout.max_length;
+    check_memory(&model.package, &layout, config.model.max_length).map_err(fail)?;
     let loaded =
         crate::backend::load(&model.package, choice, &opts).map_err(|e| fail(e.to_string()))?;
     let mut engine = Engine::new(model, loaded.backend, max_length);
@@ -109,6 +111,85 @@ fn load_engine(config: &Config) -> Result<(Engine, crate::backend::Reason), RunE
         );
     }
     Ok((engine, loaded.reason))
+}
+
+const MIB: f64 = (1 << 20) as f64;
+
+/// The memory this process may use: its cgroup's `memory.max` (cgroup v2) when set, else the
+/// machine's RAM (`MemTotal`). `None` when neither can be read.
+pub fn memory_limit() -> Option<(u64, String)> {
+    let cgroup = std::fs::read_to_string("/proc/self/cgroup")
+        .ok()
+        .and_then(|s| {
+            let rel = s
+                .lines()
+                .find_map(|l| l.strip_prefix("0::"))?
+                .trim()
+                .to_string();
+            let file = format!("/sys/fs/cgroup{}/memory.max", rel.trim_end_matches('/'));
+            let v = std::fs::read_to_string(&file).ok()?;
+            v.trim()
+                .parse::<u64>()
+                .ok()
+                .map(|b| (b, format!("cgroup limit {file}")))
+        });
+    cgroup.or_else(|| {
+        let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+        let kb: u64 = info
+            .lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))?
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()?;
+        Some((kb * 1024, "RAM (MemTotal)".to_string()))
+    })
+}
+
+/// Logs the effective KV capacity and its size, and refuses one that cannot fit next to the
+/// weights in the memory this process may use (a package with a huge context would otherwise
+/// allocate until the kernel kills the daemon).
+fn check_memory(
+    pkg: &crate::package::Package,
+    layout: &crate::package::KvLayout,
+    configured: usize,
+) -> Result<(), String> {
+    let kv = layout.total_bytes();
+    let weights = std::fs::read_dir(&pkg.dir)
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter(|e| e.file_name().to_string_lossy().starts_with("model.onnx"))
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum::<u64>()
+        })
+        .unwrap_or(0);
+    let context = pkg.config.model.context_length;
+    let clamp = if configured > layout.max_length {
+        format!(" (configured {configured}, clamped to the package's context_length {context})")
+    } else {
+        String::new()
+    };
+    tracing::info!(
+        "KV cache: max_length {}{clamp}, {:.1} MiB allocated up front; weights {:.1} MiB",
+        layout.max_length,
+        kv as f64 / MIB,
+        weights as f64 / MIB
+    );
+    if let Some((limit, what)) = memory_limit()
+        && kv + weights > limit
+    {
+        return Err(format!(
+            "the KV cache for max_length {} needs {:.1} MiB, which with the weights' {:.1} MiB \
+             exceeds the {:.1} MiB this process may use ({what}); lower [model] max_length",
+            layout.max_length,
+            kv as f64 / MIB,
+            weights as f64 / MIB,
+            limit as f64 / MIB
+        ));
+    }
+    Ok(())
 }
 
 fn status_line(svc: &Service, s: Status) -> String {
@@ -157,7 +238,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         "model {} on {} (max_length {})",
         svc.model_name,
         svc.backend,
-        config.model.max_length
+        svc.scheduler.max_length()
     );
     if matches!(svc.backend_reason, crate::backend::Reason::Fallback(_)) {
         tracing::warn!("backend {}: {}", svc.backend, svc.backend_reason);

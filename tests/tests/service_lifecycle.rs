@@ -251,3 +251,41 @@ edgellm_tests::on_both_backends!(
     shutdown_mid_generation_answers_everything,
     mqtt_over_tls_with_a_password_file,
 );
+
+/// A package whose context is huge, served with a huge max_length: the KV cache could never
+/// fit, so the daemon refuses to start, with the numbers, before allocating anything (it used
+/// to allocate ~1.3 GB/s until the kernel killed it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kv_cache_larger_than_memory_is_refused_with_the_numbers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pkg = tmp.path().join("pkg");
+    std::fs::create_dir(&pkg).unwrap();
+    for f in std::fs::read_dir(tiny_package()).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, pkg.join(f.file_name().unwrap())).unwrap();
+    }
+    let gc = pkg.join("genai_config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&gc).unwrap()).unwrap();
+    cfg["model"]["context_length"] = json!(1_000_000_000u64);
+    std::fs::write(&gc, cfg.to_string()).unwrap();
+    std::fs::remove_file(pkg.join("SHA256SUMS")).unwrap();
+    let mut config = config("tract", &pkg, None, None, "kv");
+    config.model.max_length = 1_000_000_000;
+    let started = Instant::now();
+    let err = tokio::time::timeout(
+        Duration::from_secs(60),
+        edgellm::run(config, tokio_util::sync::CancellationToken::new()),
+    )
+    .await
+    .expect("the daemon should refuse at once, not run")
+    .expect_err("a KV cache larger than memory must be refused")
+    .to_string();
+    assert!(
+        err.contains("the KV cache for max_length 1000000000 needs")
+            && err.contains("exceeds")
+            && err.contains("lower [model] max_length"),
+        "{err}"
+    );
+    eprintln!("refused after {:?}: {err}", started.elapsed());
+}
