@@ -160,6 +160,14 @@ impl Model {
         Ok(ids)
     }
 
+    /// The most bytes of text that could still tokenize to `max_length` tokens: no token of
+    /// the vocabulary spells more than [`Tokenizer::max_token_bytes`] bytes, and normalization
+    /// (NFC/NFKC) shrinks text by at most 4x. A longer text cannot fit and is refused without
+    /// tokenizing it.
+    pub fn max_prompt_bytes(&self, max_length: usize) -> usize {
+        4 * self.tokenizer.max_token_bytes().max(1) * max_length
+    }
+
     /// Prompt token ids for `input`.
     pub fn prompt_ids(
         &self,

@@ -304,6 +304,20 @@ impl Scheduler {
         req.max_tokens = Some(req.max_tokens.map_or(self.limits.max_new_tokens, |m| {
             m.min(self.limits.max_new_tokens)
         }));
+        // A prompt whose text alone could not fit is refused before tokenizing it (a 10 MB
+        // prompt took seconds to tokenize just to be refused).
+        let bytes = input_bytes(&req.input);
+        let bound = self.model.max_prompt_bytes(self.max_length);
+        if bytes > bound {
+            return Err(ServiceError::new(
+                ErrorCode::PromptTooLong,
+                format!(
+                    "prompt of {bytes} bytes cannot fit in max_length {} tokens (at most {bound} \
+                     bytes could)",
+                    self.max_length
+                ),
+            ));
+        }
         let prompt = self
             .model
             .prompt_ids(&req.input, req.reasoning_effort)
@@ -353,6 +367,18 @@ impl Scheduler {
                     }
                 })
             }
+        }
+    }
+
+    /// [`Scheduler::submit`] from async code: tokenizing a long prompt takes a while, so on a
+    /// multi-threaded runtime the worker hands its other tasks (status reads, other requests)
+    /// to the rest of the pool meanwhile.
+    pub fn submit_from_async(&self, req: Request) -> Result<Handle, ServiceError> {
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(|| self.submit(req))
+            }
+            _ => self.submit(req),
         }
     }
 
@@ -475,6 +501,14 @@ fn run_engine(mut engine: Engine, mut rx: mpsc::Receiver<Work>, shared: &EngineS
         }
     }
     shared.publish(&rx, false);
+}
+
+/// Bytes of text a request brings (message contents or the prompt).
+fn input_bytes(input: &crate::api::Input) -> usize {
+    match input {
+        crate::api::Input::Prompt { text, .. } => text.len(),
+        crate::api::Input::Messages(m) => m.iter().map(|m| m.content.len() + m.role.len()).sum(),
+    }
 }
 
 fn cancelled_before_start(job: &Job) -> Completion {

@@ -28,6 +28,7 @@ pub struct Tokenizer {
     /// tokenizer_config.json's `add_bos_token`, which transformers applies on top of the
     /// post-processor of tokenizer.json.
     add_bos: Option<bool>,
+    max_token_bytes: usize,
 }
 
 /// A special-token entry: a plain string or an AddedToken object `{"content": ...}`.
@@ -80,7 +81,14 @@ impl Tokenizer {
         };
         let bos_token = token_text(cfg.get("bos_token"));
         let bos_id = bos_token.as_deref().and_then(|t| inner.token_to_id(t));
+        let max_token_bytes = inner
+            .get_vocab(true)
+            .keys()
+            .map(String::len)
+            .max()
+            .unwrap_or(1);
         Ok(Tokenizer {
+            max_token_bytes,
             bos_token,
             eos_token: token_text(cfg.get("eos_token")),
             chat_template,
@@ -133,6 +141,13 @@ impl Tokenizer {
         self.inner
             .decode(ids, skip_special_tokens)
             .map_err(|e| TokenizerError::Codec(e.to_string()))
+    }
+
+    /// The longest token of the vocabulary, in bytes of its spelling (for byte-level
+    /// vocabularies that spelling is longer than the text it stands for, so this is an upper
+    /// bound on the text one token covers).
+    pub fn max_token_bytes(&self) -> usize {
+        self.max_token_bytes
     }
 
     /// The ids of the added tokens (special or not): what the text is split at before the

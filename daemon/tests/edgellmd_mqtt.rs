@@ -258,3 +258,86 @@ async fn ask_repeat_uses_one_connection_and_times_each_request() {
     d.kill().unwrap();
     d.wait().unwrap();
 }
+
+/// The weights file truncated under a running daemon (ONNX Runtime maps `model.onnx.data` and
+/// reads some weights from the mapping at every step): the next request touches a page that
+/// is gone, the kernel sends SIGBUS, and edgellmd exits with status 74 and a message naming
+/// the cause (it used to die with no word, exit 135), so systemd's Restart=on-failure brings it
+/// back. (tract copies this small package's weights at load, so it is not the one tested.)
+#[cfg(feature = "ort")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_weights_file_truncated_under_the_daemon_is_a_named_failure() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pkg = tmp.path().join("pkg");
+    edgellm_export::export(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/qwen2/checkpoint"),
+        &pkg,
+        &edgellm_export::ExportOptions {
+            max_length: Some(256),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let broker = Mosquitto::start();
+    let (client, mut rx) = subscriber(broker.port(), &["edgellm/+/status"]).await;
+    let cfg = tmp.path().join("bus.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[model]\npath = {:?}\nbackend = \"ort\"\nmax_length = 256\n[dbus]\nenabled = false\n\
+             [mqtt]\nurl = \"mqtt://127.0.0.1:{}\"\nnode_id = \"bus\"\n",
+            pkg.display().to_string(),
+            broker.port()
+        ),
+    )
+    .unwrap();
+    let d = Command::new(env!("CARGO_BIN_EXE_edgellmd"))
+        .arg("--config")
+        .arg(&cfg)
+        .env_remove("NOTIFY_SOCKET")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    until(&mut rx, |t, v| {
+        t == "edgellm/bus/status" && v["state"] == "online"
+    })
+    .await;
+    // Replaced in place, as the docs say never to: half of the file is gone.
+    let data = pkg.join("model.onnx.data");
+    let len = std::fs::metadata(&data).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&data)
+        .unwrap()
+        .set_len(len / 8)
+        .unwrap();
+    client
+        .publish(
+            "edgellm/bus/request",
+            QoS::AtLeastOnce,
+            false,
+            json!({"id": "x", "prompt": "Once upon a time", "max_tokens": 8}).to_string(),
+        )
+        .await
+        .unwrap();
+    let pid = d.id();
+    let waited = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::task::spawn_blocking(move || d.wait_with_output().unwrap()),
+    )
+    .await;
+    let Ok(out) = waited else {
+        let _ = Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status();
+        panic!("edgellmd kept running on a truncated weights file");
+    };
+    let out = out.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(74), "{}: {stderr}", out.status);
+    assert!(
+        stderr.contains("SIGBUS: a mapped file of the model package could not be read"),
+        "{stderr}"
+    );
+}

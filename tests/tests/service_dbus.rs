@@ -316,6 +316,15 @@ async fn bad_input_is_answered_and_the_next_request_served(backend: &'static str
         .unwrap_err();
     assert_eq!(n, invalid, "{msg}");
     assert!(msg.contains("stop: give 1 to 16 strings, got 0"), "{msg}");
+    // A 10 MB prompt could never fit in 256 tokens: refused as too long from its size alone,
+    // without tokenizing it, and the daemon goes on serving.
+    let huge = "word ".repeat(2 << 20);
+    let (n, msg) = chat(&c, &user(&huge), &opts(&[])).await.unwrap_err();
+    assert_eq!(n, "org.edgellm.Inference1.Error.PromptTooLong", "{msg}");
+    assert!(
+        msg.contains("bytes cannot fit in max_length 256 tokens"),
+        "{msg}"
+    );
     // Wrong signature: zbus answers InvalidArgs.
     let e = c
         .call_method(

@@ -87,6 +87,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    on_sigbus_exit();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("edgellmd-io")
@@ -124,6 +125,40 @@ fn main() -> ExitCode {
         Err(e) => {
             tracing::error!("{e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// Exit status after a SIGBUS ([`on_sigbus_exit`]): EX_IOERR (sysexits.h).
+const SIGBUS_EXIT: i32 = 74;
+
+/// A SIGBUS in this process means a page of a mapped file could not be read: the model
+/// package's weights (ONNX Runtime and tract map `model.onnx.data`) were truncated or rewritten
+/// in place under the running daemon. Without a handler the process dies silently (exit 135,
+/// nothing logged). This one writes a named reason to stderr (the journal under systemd) and
+/// exits with [`SIGBUS_EXIT`], so `Restart=on-failure` brings the daemon back, and the
+/// package's checksums then refuse a broken package. Only async-signal-safe calls (`write`,
+/// `_exit`) run in it. Operators replace packages by renaming a new folder into place
+/// (docs/model-package.md).
+fn on_sigbus_exit() {
+    extern "C" fn handler(_: libc::c_int) {
+        const MSG: &[u8] = b"edgellmd: SIGBUS: a mapped file of the model package could not be \
+read (truncated or rewritten while the daemon was serving?); exiting. Replace a package by \
+renaming a new folder into place, never in place.\n";
+        // SAFETY: write(2) and _exit(2) are async-signal-safe; MSG is a static buffer.
+        unsafe {
+            libc::write(2, MSG.as_ptr().cast(), MSG.len());
+            libc::_exit(SIGBUS_EXIT);
+        }
+    }
+    // SAFETY: a zeroed sigaction is a valid "no flags, empty mask" value; the handler has the
+    // C signature sigaction expects for sa_handler (no SA_SIGINFO).
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = handler as extern "C" fn(libc::c_int) as libc::sighandler_t;
+        libc::sigemptyset(&mut sa.sa_mask);
+        if libc::sigaction(libc::SIGBUS, &sa, std::ptr::null_mut()) != 0 {
+            eprintln!("edgellmd: cannot install the SIGBUS handler");
         }
     }
 }

@@ -188,7 +188,7 @@ impl Inference {
         hdr: &Header<'_>,
         req: Request,
     ) -> Result<(String, Stats), Error> {
-        let Handle { mut events, cancel } = self.svc.scheduler.submit(req)?;
+        let Handle { mut events, cancel } = self.svc.scheduler.submit_from_async(req)?;
         let _watch = watch_caller(conn, hdr.sender(), cancel);
         self.svc
             .tasks
@@ -256,7 +256,7 @@ impl Inference {
             .sender()
             .map(|s| s.to_owned())
             .ok_or_else(|| Error::InvalidRequest("the call has no sender".into()))?;
-        let Handle { events, cancel } = self.svc.scheduler.submit(req)?;
+        let Handle { events, cancel } = self.svc.scheduler.submit_from_async(req)?;
         conn.object_server()
             .at(
                 &path,

@@ -580,7 +580,7 @@ impl MqttTransport {
             let _ = self.out_tx.send(route.error(&e));
             return;
         }
-        match self.svc.scheduler.submit(req) {
+        match self.svc.scheduler.submit_from_async(req) {
             Ok(handle) => {
                 tracing::debug!("MQTT request {key} accepted, replies to {}", route.topic);
                 lock(&self.active).insert(key.clone(), handle.cancel.clone());
