@@ -618,70 +618,35 @@ fn default_import_runs(choice: BackendChoice) {
     }
 }
 
-#[cfg(feature = "ort")]
-mod ort {
-    #[test]
-    fn imported_logits_and_greedy_match_transformers() {
-        super::logits_match_transformers(edgellm::backend::BackendChoice::Ort);
-    }
-    #[test]
-    fn default_import_runs_with_int8_activations() {
-        super::default_import_runs(edgellm::backend::BackendChoice::Ort);
-    }
-    #[test]
-    fn gptoss_import_matches_transformers() {
-        super::converted_import_matches_transformers(
-            "gptoss_mxfp4",
-            edgellm::backend::BackendChoice::Ort,
-        );
-    }
-    #[test]
-    fn llama3_rope_freqs_import_matches_transformers() {
-        super::converted_import_matches_transformers(
-            "llama3_rope",
-            edgellm::backend::BackendChoice::Ort,
-        );
-    }
-    #[test]
-    fn phi3_longrope_factors_import_matches_transformers() {
-        super::converted_import_matches_transformers(
-            "phi3_longrope",
-            edgellm::backend::BackendChoice::Ort,
-        );
-    }
+/// Each test body once per backend this build has (`mod ort`, `mod tract`).
+macro_rules! on_both_backends {
+    ($($name:ident => $body:expr;)*) => {
+        #[cfg(feature = "ort")]
+        mod ort {
+            $(#[test]
+            fn $name() {
+                ($body)(edgellm::backend::BackendChoice::Ort);
+            })*
+        }
+        #[cfg(feature = "tract")]
+        mod tract {
+            $(#[test]
+            fn $name() {
+                ($body)(edgellm::backend::BackendChoice::Tract);
+            })*
+        }
+    };
 }
 
-#[cfg(feature = "tract")]
-mod tract {
-    #[test]
-    fn imported_logits_and_greedy_match_transformers() {
-        super::logits_match_transformers(edgellm::backend::BackendChoice::Tract);
-    }
-    #[test]
-    fn default_import_runs_with_int8_activations() {
-        super::default_import_runs(edgellm::backend::BackendChoice::Tract);
-    }
-    #[test]
-    fn gptoss_import_matches_transformers() {
-        super::converted_import_matches_transformers(
-            "gptoss_mxfp4",
-            edgellm::backend::BackendChoice::Tract,
-        );
-    }
-    #[test]
-    fn llama3_rope_freqs_import_matches_transformers() {
-        super::converted_import_matches_transformers(
-            "llama3_rope",
-            edgellm::backend::BackendChoice::Tract,
-        );
-    }
-    #[test]
-    fn phi3_longrope_factors_import_matches_transformers() {
-        super::converted_import_matches_transformers(
-            "phi3_longrope",
-            edgellm::backend::BackendChoice::Tract,
-        );
-    }
+on_both_backends! {
+    imported_logits_and_greedy_match_transformers => super::logits_match_transformers;
+    default_import_runs_with_int8_activations => super::default_import_runs;
+    gptoss_import_matches_transformers =>
+        |c| super::converted_import_matches_transformers("gptoss_mxfp4", c);
+    llama3_rope_freqs_import_matches_transformers =>
+        |c| super::converted_import_matches_transformers("llama3_rope", c);
+    phi3_longrope_factors_import_matches_transformers =>
+        |c| super::converted_import_matches_transformers("phi3_longrope", c);
 }
 
 /// LongRoPE against transformers itself (tests/fixtures/phi3-longrope/rope_golden.json): the
