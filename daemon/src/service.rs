@@ -70,6 +70,8 @@ pub enum RunError {
     Heartbeat(String),
     #[error("D-Bus: {0}")]
     Dbus(#[from] zbus::Error),
+    #[error("D-Bus: {0}; exiting so that the service manager restarts the daemon")]
+    DbusLost(String),
     #[error("MQTT: {0}")]
     Mqtt(String),
 }
@@ -264,7 +266,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         None
     };
     let mqtt_close = CancellationToken::new();
-    let mqtt = if config.mqtt.enabled {
+    let mut mqtt = if config.mqtt.enabled {
         let client = mqtt::MqttTransport::new(svc.clone(), &config.mqtt)
             .map_err(|e| RunError::Mqtt(e.to_string()))?;
         Some(tokio::spawn(client.run(mqtt_close.clone())))
@@ -272,6 +274,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         None
     };
 
+    let dbus_lost = dbus
+        .as_ref()
+        .map_or_else(CancellationToken::new, DbusServer::lost);
+    let mut fatal = None;
     let mut status = svc.scheduler.status();
     notifier.notify(&format!(
         "READY=1\n{}",
@@ -289,6 +295,19 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,
+            // A dead bus connection: stop (systemd restarts us) rather than run deaf.
+            () = dbus_lost.cancelled() => {
+                let why = dbus.as_ref().map(DbusServer::why_lost).unwrap_or_default();
+                fatal = Some(RunError::DbusLost(why));
+                break;
+            }
+            // The MQTT transport reconnects on its own and only returns when closed: an early
+            // end (a panic) is fatal too.
+            ended = async { mqtt.as_mut().expect("guarded").await }, if mqtt.is_some() => {
+                mqtt = None;
+                fatal = Some(RunError::Mqtt(format!("the MQTT transport stopped: {ended:?}")));
+                break;
+            }
             changed = status.changed() => {
                 if changed.is_err() {
                     break;
@@ -330,5 +349,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         let _ = tokio::time::timeout(left.max(Duration::from_secs(1)), server.stop()).await;
     }
     tracing::info!("stopped");
-    Ok(())
+    match fatal {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }

@@ -144,6 +144,17 @@ impl Daemon {
     }
 }
 
+impl Daemon {
+    /// Waits (at most `within`) for `run` to return on its own, and returns its result.
+    pub async fn exited(mut self, within: Duration) -> Result<(), edgellm::service::RunError> {
+        let t = self.task.take().expect("not stopped yet");
+        tokio::time::timeout(within, t)
+            .await
+            .expect("the daemon did not exit")
+            .expect("the daemon task panicked")
+    }
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
         self.shutdown.cancel();

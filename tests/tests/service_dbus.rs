@@ -462,6 +462,59 @@ async fn cancel_disconnect_and_busy(backend: &'static str) {
     d.stop().await;
 }
 
+/// The bus daemon dies while a request streams (it used to leave edgellmd running deaf
+/// forever, finishing the request for nobody): the loss is logged, the D-Bus request is
+/// cancelled, and `run` returns an error naming it, so edgellmd exits non-zero and systemd's
+/// Restart=on-failure brings it back. Restarted on a new bus, it serves again.
+async fn losing_the_bus_ends_the_daemon_with_an_error(backend: &'static str) {
+    let bus_daemon = DbusBus::start();
+    let mut cfg = config(
+        backend,
+        slow_package(),
+        Some(bus_daemon.address()),
+        None,
+        "lost",
+    );
+    cfg.model.max_length = 1024;
+    let d = Daemon::start(cfg.clone()).await;
+    let c = bus(bus_daemon.address()).await.unwrap();
+    let mut s = start_chat(
+        &c,
+        &user("Write a long story"),
+        &opts(&[("max_tokens", 600u32.into())]),
+    )
+    .await
+    .unwrap();
+    assert!(matches!(s.next().await, Signal::Delta(_)));
+    let t = std::time::Instant::now();
+    drop(bus_daemon); // kills dbus-daemon
+    let err = d
+        .exited(Duration::from_secs(30))
+        .await
+        .expect_err("edgellmd must not run on without its bus")
+        .to_string();
+    assert!(
+        err.contains("D-Bus: the bus connection closed; exiting"),
+        "{err}"
+    );
+    // Well before the 600 tokens (12 s and more at this model's speed) could have been made.
+    assert!(
+        t.elapsed() < Duration::from_secs(8),
+        "the request ran on: {:?}",
+        t.elapsed()
+    );
+    // What systemd does next: the daemon starts again once a bus is there, and serves.
+    let bus2 = DbusBus::start();
+    cfg.dbus.address = bus2.address().to_string();
+    let d = Daemon::start(cfg).await;
+    let c = bus(bus2.address()).await.unwrap();
+    let (_, stats) = chat(&c, &user("hi"), &opts(&[("max_tokens", 2u32.into())]))
+        .await
+        .unwrap();
+    assert_eq!(stat_u32(&stats, "completion_tokens"), 2);
+    d.stop().await;
+}
+
 /// `backend = "auto"` with an ONNX Runtime library that does not exist: the daemon serves on
 /// tract, and the bus says so and why (the reason names the library path).
 #[cfg(all(feature = "ort", feature = "tract"))]
@@ -499,4 +552,5 @@ edgellm_tests::on_both_backends!(
     chat_complete_streaming_and_properties,
     bad_input_is_answered_and_the_next_request_served,
     cancel_disconnect_and_busy,
+    losing_the_bus_ends_the_daemon_with_an_error,
 );

@@ -455,17 +455,32 @@ fn watch_caller(
                 tracing::info!("D-Bus caller {caller} left: cancelling its request");
                 cancel.cancel();
             }
-            Ok(false) => {}
+            // The stream ended without the caller leaving: our bus connection closed, and the
+            // answer could never be delivered.
+            Ok(false) => {
+                tracing::warn!("D-Bus connection closed: cancelling {caller}'s request");
+                cancel.cancel();
+            }
             Err(e) => tracing::warn!("watching D-Bus caller {caller}: {e}"),
         }
     })))
 }
 
-/// The running D-Bus service: its connection, and the task forwarding status changes as
-/// `PropertiesChanged`.
+/// The running D-Bus service: its connection, the task forwarding status changes as
+/// `PropertiesChanged`, and the watch on the connection itself.
+///
+/// A lost bus connection (the bus daemon died or dropped us) or a lost bus name is fatal: the
+/// daemon logs it, its D-Bus requests are cancelled (their answers could never be delivered),
+/// and `run` returns an error, so edgellmd exits non-zero and systemd's `Restart=on-failure`
+/// starts it again once the bus is back. The same on the session bus: a session bus that dies
+/// is a session that ended. (Reconnecting in place would also need every client to find the
+/// restarted name; a restart does that for free and resets everything else too.)
 pub struct DbusServer {
     conn: Connection,
     status_task: tokio::task::JoinHandle<()>,
+    lost: CancellationToken,
+    why: Arc<std::sync::Mutex<String>>,
+    stopping: CancellationToken,
 }
 
 impl DbusServer {
@@ -515,12 +530,74 @@ impl DbusServer {
                 }
             }
         });
-        Ok(DbusServer { conn, status_task })
+        let (lost, why, stopping) = (
+            CancellationToken::new(),
+            Arc::new(std::sync::Mutex::new(String::new())),
+            CancellationToken::new(),
+        );
+        // The owner changes of our own name: a stream that ends means the connection closed;
+        // a new owner means the name was taken from us.
+        let proxy = zbus::fdo::DBusProxy::new(&conn).await?;
+        let mut owners = proxy
+            .receive_name_owner_changed_with_args(&[(0, BUS_NAME)])
+            .await?;
+        let me = conn
+            .unique_name()
+            .map(|n| n.to_string())
+            .unwrap_or_default();
+        let (lost_tx, why_tx, stop_rx) = (lost.clone(), why.clone(), stopping.clone());
+        tokio::spawn(async move {
+            let reason = loop {
+                let next = tokio::select! {
+                    // `stop` gives the name up on purpose.
+                    () = stop_rx.cancelled() => return,
+                    next = owners.next() => next,
+                };
+                match next {
+                    None => break "the bus connection closed".to_string(),
+                    Some(change) => {
+                        let owner = change
+                            .args()
+                            .ok()
+                            .and_then(|a| a.new_owner().as_ref().map(|o| o.to_string()));
+                        if owner.as_deref() != Some(me.as_str()) {
+                            break format!(
+                                "the bus name {BUS_NAME} passed to {}",
+                                owner.as_deref().unwrap_or("nobody")
+                            );
+                        }
+                    }
+                }
+            };
+            tracing::error!("D-Bus lost: {reason}");
+            if let Ok(mut w) = why_tx.lock() {
+                *w = reason;
+            }
+            lost_tx.cancel();
+        });
+        Ok(DbusServer {
+            conn,
+            status_task,
+            lost,
+            why,
+            stopping,
+        })
+    }
+
+    /// Cancelled when the connection or the bus name is lost ([`DbusServer`]).
+    pub fn lost(&self) -> CancellationToken {
+        self.lost.clone()
+    }
+
+    /// Why [`DbusServer::lost`] fired.
+    pub fn why_lost(&self) -> String {
+        self.why.lock().map(|w| w.clone()).unwrap_or_default()
     }
 
     /// Gives the bus name up (new callers get "no such name" at once), then waits for the
     /// method calls still running to be answered.
     pub async fn stop(self) {
+        self.stopping.cancel();
         let _ = self.conn.release_name(BUS_NAME).await;
         self.status_task.abort();
         let _ = self.status_task.await;
