@@ -460,12 +460,7 @@ fn converted_import_matches_transformers(name: &str, choice: BackendChoice) {
     let pkg = import(name, fp32_logits_all());
     let golden = Golden::load(golden);
     let mut be = backend(pkg.path(), choice);
-    be.reset();
-    let rows = be.forward_all(&golden.teacher_forced_ids).unwrap().to_vec();
-    let v = golden.vocab();
-    let worst = (0..golden.teacher_forced_ids.len())
-        .map(|i| max_abs_diff(&rows[i * v..(i + 1) * v], golden.row(i)))
-        .fold(0f32, f32::max);
+    let worst = worst_teacher_forced_diff(be.as_mut(), &golden);
     eprintln!("{name} on {choice:?}: max |logit - transformers| = {worst:.2e}");
     assert!(
         worst < 1e-4,
@@ -473,6 +468,16 @@ fn converted_import_matches_transformers(name: &str, choice: BackendChoice) {
     );
     let out = greedy(be.as_mut(), &golden.prompt_ids, golden.greedy_ids.len());
     assert_eq!(out, golden.greedy_ids, "{name} on {choice:?}: greedy");
+}
+
+/// The largest |logit - golden| over the golden's teacher-forced positions, from an empty cache.
+fn worst_teacher_forced_diff(be: &mut dyn Backend, golden: &Golden) -> f32 {
+    be.reset();
+    let rows = be.forward_all(&golden.teacher_forced_ids).unwrap().to_vec();
+    let v = golden.vocab();
+    (0..golden.teacher_forced_ids.len())
+        .map(|i| max_abs_diff(&rows[i * v..(i + 1) * v], golden.row(i)))
+        .fold(0f32, f32::max)
 }
 
 /// `(cos_cache, sin_cache)` of a package.
@@ -572,12 +577,7 @@ fn logits_match_transformers(choice: BackendChoice) {
         );
         let golden = Golden::load(&format!("gguf/{name}"));
         let mut be = backend(pkg.path(), choice);
-        be.reset();
-        let rows = be.forward_all(&golden.teacher_forced_ids).unwrap().to_vec();
-        let v = golden.vocab();
-        let worst = (0..golden.teacher_forced_ids.len())
-            .map(|i| max_abs_diff(&rows[i * v..(i + 1) * v], golden.row(i)))
-            .fold(0f32, f32::max);
+        let worst = worst_teacher_forced_diff(be.as_mut(), &golden);
         eprintln!("{name} on {choice:?}: max |logit - transformers| = {worst:.2e}");
         assert!(
             worst < 1e-3,
