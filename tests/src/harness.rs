@@ -203,6 +203,11 @@ impl DbusBus {
     pub fn log(&self) -> String {
         read_lossy(&self.dir.path().join("dbus-daemon.stderr"))
     }
+
+    /// The bus daemon's process id (to hang it with SIGSTOP, say).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
 }
 
 impl Drop for DbusBus {

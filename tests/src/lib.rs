@@ -5,6 +5,37 @@
 pub mod harness;
 pub mod service;
 
+/// Keeps `dir` for the rest of the test process and removes it when the process exits.
+///
+/// Packages exported once per test binary live in statics, and statics are never dropped: a
+/// `TempDir` kept in a `OnceLock` would leave its package (up to 360 MB) in the temp folder on
+/// every run, until the disk fills. An `atexit` handler removes the registered folders when the
+/// harness exits, whether tests passed or failed (libtest ends through `exit` either way); a
+/// binary killed by a signal is covered by `scripts/test.sh`, which runs everything under a
+/// private `TMPDIR` it removes.
+pub fn keep_until_exit(dir: tempfile::TempDir) -> &'static std::path::Path {
+    use std::sync::{Mutex, Once};
+    static DIRS: Mutex<Vec<std::path::PathBuf>> = Mutex::new(Vec::new());
+    static REGISTER: Once = Once::new();
+    extern "C" fn remove_kept_dirs() {
+        if let Ok(dirs) = DIRS.lock() {
+            for d in dirs.iter() {
+                let _ = std::fs::remove_dir_all(d);
+            }
+        }
+    }
+    REGISTER.call_once(|| {
+        // SAFETY: registers a plain `extern "C" fn` with no arguments, as atexit requires.
+        let rc = unsafe { libc::atexit(remove_kept_dirs) };
+        assert_eq!(rc, 0, "atexit failed: kept test folders would leak");
+    });
+    let path = dir.keep();
+    DIRS.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .push(path.clone());
+    Box::leak(path.into_boxed_path())
+}
+
 /// The backends this build has; tests that run one body on every backend loop over these.
 pub fn backends() -> Vec<edgellm::backend::BackendChoice> {
     let mut v = Vec::new();

@@ -19,25 +19,23 @@ use tokio_util::sync::CancellationToken;
 
 /// A tiny model (the qwen2 fixture, fp32): fast, for protocol tests.
 pub fn tiny_package() -> &'static Path {
-    static PKG: OnceLock<tempfile::TempDir> = OnceLock::new();
+    static PKG: OnceLock<&'static Path> = OnceLock::new();
     PKG.get_or_init(|| {
-        crate::export_fixture_with(
+        let tmp = crate::export_fixture_with(
             "qwen2",
             ExportOptions {
                 precision: Precision::Fp32,
                 ..ExportOptions::default()
             },
-        )
+        );
+        crate::keep_until_exit(tmp).join("pkg").leak()
     })
-    .path()
-    .join("pkg")
-    .leak()
 }
 
 /// A random-init Qwen2.5-0.5B int4 package: real size, ~50 tokens/s on two cores, so a long
 /// request is still running when a test cancels it, restarts the broker or stops the daemon.
 pub fn slow_package() -> &'static Path {
-    static PKG: OnceLock<tempfile::TempDir> = OnceLock::new();
+    static PKG: OnceLock<&'static Path> = OnceLock::new();
     PKG.get_or_init(|| {
         let tmp = tempfile::tempdir().expect("temp dir");
         let ckpt = edgellm_export::random_init::TempCheckpoint::new("qwen2.5-0.5b", tmp.path(), 0)
@@ -52,11 +50,8 @@ pub fn slow_package() -> &'static Path {
             },
         )
         .expect("export of the random-init model");
-        tmp
+        crate::keep_until_exit(tmp).join("pkg").leak()
     })
-    .path()
-    .join("pkg")
-    .leak()
 }
 
 /// A configuration for `package` served by `backend` (`ort` | `tract`) on `bus` (D-Bus

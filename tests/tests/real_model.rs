@@ -43,12 +43,21 @@ fn gguf() -> &'static Path {
     })
 }
 
-/// Imports the GGUF once per (accuracy level), logits for every position.
+/// Imports the GGUF once per (accuracy level), logits for every position, 512 positions.
 fn package(accuracy_level: i64) -> &'static Path {
-    static P: OnceLock<std::sync::Mutex<Vec<(i64, &'static Path)>>> = OnceLock::new();
+    package_with(accuracy_level, Some(512))
+}
+
+/// Imports the GGUF once per (accuracy level, max_length; `None`: the model's own 8192).
+fn package_with(accuracy_level: i64, max_length: Option<usize>) -> &'static Path {
+    type Key = (i64, Option<usize>);
+    static P: OnceLock<std::sync::Mutex<Vec<(Key, &'static Path)>>> = OnceLock::new();
     let cache = P.get_or_init(Default::default);
     let mut cache = cache.lock().unwrap();
-    if let Some((_, p)) = cache.iter().find(|(a, _)| *a == accuracy_level) {
+    if let Some((_, p)) = cache
+        .iter()
+        .find(|(k, _)| *k == (accuracy_level, max_length))
+    {
         return p;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -59,14 +68,13 @@ fn package(accuracy_level: i64) -> &'static Path {
         &edgellm_export::ExportOptions {
             logits_all: true,
             accuracy_level,
-            max_length: Some(512),
+            max_length,
             ..Default::default()
         },
     )
     .unwrap_or_else(|e| panic!("import of {}: {e}", gguf().display()));
-    let path: &'static Path = Box::leak(out.into_boxed_path());
-    std::mem::forget(tmp); // the package lives as long as the test process
-    cache.push((accuracy_level, path));
+    let path: &'static Path = edgellm_tests::keep_until_exit(tmp).join("pkg").leak();
+    cache.push(((accuracy_level, max_length), path));
     path
 }
 
@@ -229,6 +237,64 @@ fn greedy_answers_match_transformers(choice: BackendChoice) {
 #[test]
 fn the_chat_template_and_tokenizer_give_transformers_prompt_ids() {
     prompts_render_to_transformers_ids();
+}
+
+/// Issue 18 §2: the byte bound refuses prompts that could never fit before tokenizing them,
+/// but SmolLM2 at its full 8192-token context still admits 4 x 162 x 8192 bytes (5.3 MB), and
+/// a 3 MB prompt of alternating letters and digits (the pre-tokenizer splits every digit off)
+/// takes seconds to tokenize. D-Bus property reads from another client go on being answered
+/// all that time: tokenizing runs off the runtime's workers' task queues. (Tokenizing is the
+/// same on both backends; tract is in every build.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn property_reads_are_answered_while_a_long_prompt_is_tokenized() {
+    use edgellm_tests::service;
+    use std::time::{Duration, Instant};
+    let pkg = package_with(4, None);
+    let bus_daemon = edgellm_tests::harness::DbusBus::start();
+    let mut cfg = service::config("tract", pkg, Some(bus_daemon.address()), None, "rm");
+    cfg.model.max_length = 8192;
+    let daemon = service::Daemon::start(cfg).await;
+    let asker = service::bus(bus_daemon.address()).await.unwrap();
+    let reader = service::bus(bus_daemon.address()).await.unwrap();
+
+    let prompt = "x7".repeat(1_500_000);
+    let chat = tokio::spawn(async move {
+        let start = Instant::now();
+        let reply = service::chat(&asker, &service::user(&prompt), &service::opts(&[])).await;
+        (reply, start.elapsed())
+    });
+    let (mut answered, mut slowest) = (0u32, Duration::ZERO);
+    while !chat.is_finished() {
+        let start = Instant::now();
+        let state = String::try_from(service::get_property(&reader, "State").await.unwrap());
+        assert_eq!(state.unwrap(), "ready");
+        slowest = slowest.max(start.elapsed());
+        if !chat.is_finished() {
+            answered += 1;
+        }
+    }
+    let (reply, took) = chat.await.unwrap();
+    let (name, message) = reply.expect_err("3 MB of text cannot fit 8192 tokens");
+    assert_eq!(
+        name, "org.edgellm.Inference1.Error.PromptTooLong",
+        "{message}"
+    );
+    assert!(
+        message.contains("tokens leaves no room"),
+        "refused after tokenizing, from the token count (not from the byte bound): {message}"
+    );
+    // The request must have been long enough to show anything; then the reads must have gone on
+    // all along, none of them waiting for the tokenizer.
+    assert!(
+        took > Duration::from_millis(500),
+        "tokenizing took only {took:?}: too short to show whether reads wait behind it"
+    );
+    assert!(
+        answered >= 20 && slowest < took / 5,
+        "{answered} State reads answered during a {took:?} Chat, the slowest in {slowest:?}: \
+         property reads waited behind the tokenizer"
+    );
+    daemon.stop().await;
 }
 
 #[cfg(feature = "ort")]

@@ -589,6 +589,25 @@ impl DbusServer {
         self.lost.clone()
     }
 
+    /// A round trip through the bus to our own object (`org.freedesktop.DBus.Peer.Ping` on
+    /// [`BUS_NAME`]): the watchdog's proof that the connection is open, the bus daemon routes,
+    /// we still own the name and the object server dispatches. A hung bus daemon or a wedged
+    /// dispatcher fails it (the connection alone would still look open).
+    pub async fn ping(&self, within: std::time::Duration) -> Result<(), String> {
+        let call = self.conn.call_method(
+            Some(BUS_NAME),
+            OBJECT_PATH,
+            Some("org.freedesktop.DBus.Peer"),
+            "Ping",
+            &(),
+        );
+        match tokio::time::timeout(within, call).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(format!("D-Bus self-ping failed: {e}")),
+            Err(_) => Err(format!("D-Bus self-ping unanswered within {within:?}")),
+        }
+    }
+
     /// Why [`DbusServer::lost`] fired.
     pub fn why_lost(&self) -> String {
         self.why.lock().map(|w| w.clone()).unwrap_or_default()

@@ -248,7 +248,33 @@ pub struct MqttTransport {
     active: Arc<Mutex<HashMap<String, CancellationToken>>>,
     out_tx: mpsc::UnboundedSender<OutMsg>,
     out_rx: mpsc::UnboundedReceiver<OutMsg>,
+    /// Liveness probes from the watchdog, answered by the event loop ([`MqttTransport::prober`]).
+    probe_tx: mpsc::Sender<tokio::sync::oneshot::Sender<()>>,
+    probe_rx: mpsc::Receiver<tokio::sync::oneshot::Sender<()>>,
     next_id: u64,
+}
+
+/// Asks a running [`MqttTransport`]'s event loop to answer: the watchdog's proof that the loop
+/// is not wedged. A broker outage does not fail it (the loop answers between reconnects, and
+/// the daemon keeps serving D-Bus meanwhile); only a loop that stopped turning does.
+#[derive(Clone)]
+pub struct MqttProber(mpsc::Sender<tokio::sync::oneshot::Sender<()>>);
+
+impl MqttProber {
+    pub async fn probe(&self, within: Duration) -> Result<(), String> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let answered = async {
+            self.0.send(tx).await.map_err(|_| ())?;
+            rx.await.map_err(|_| ())
+        };
+        match tokio::time::timeout(within, answered).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(())) => Err("the MQTT event loop has stopped".into()),
+            Err(_) => Err(format!(
+                "the MQTT event loop did not answer within {within:?}"
+            )),
+        }
+    }
 }
 
 impl MqttTransport {
@@ -292,6 +318,7 @@ impl MqttTransport {
             ));
         }
         let (out_tx, out_rx) = mpsc::unbounded_channel();
+        let (probe_tx, probe_rx) = mpsc::channel(1);
         Ok(MqttTransport {
             svc,
             cfg: cfg.clone(),
@@ -300,8 +327,15 @@ impl MqttTransport {
             active: Arc::new(Mutex::new(HashMap::new())),
             out_tx,
             out_rx,
+            probe_tx,
+            probe_rx,
             next_id: 1,
         })
+    }
+
+    /// A handle for the watchdog to probe the event loop with, once [`MqttTransport::run`] runs.
+    pub fn prober(&self) -> MqttProber {
+        MqttProber(self.probe_tx.clone())
     }
 
     fn status_msg(&self, s: Status) -> OutMsg {
@@ -360,14 +394,23 @@ impl MqttTransport {
                         if closing {
                             break;
                         }
-                        tokio::select! {
-                            () = tokio::time::sleep(backoff) => {}
-                            () = close.cancelled() => {}
+                        let retry = tokio::time::Instant::now() + backoff;
+                        loop {
+                            tokio::select! {
+                                () = tokio::time::sleep_until(retry) => break,
+                                () = close.cancelled() => break,
+                                Some(ack) = self.probe_rx.recv() => {
+                                    let _ = ack.send(());
+                                }
+                            }
                         }
                         backoff = (backoff * 2).min(Duration::from_secs(10));
                     }
                 },
                 Some(msg) = self.out_rx.recv() => conn.queue.push_back(msg),
+                Some(ack) = self.probe_rx.recv() => {
+                    let _ = ack.send(());
+                }
                 Ok(()) = status.changed(), if !closing => {
                     let s = *status.borrow_and_update();
                     conn.queue.push_back(self.status_msg(s));
