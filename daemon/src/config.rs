@@ -85,6 +85,8 @@ impl Default for OnnxRuntimeConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
     pub queue_depth: usize,
+    /// Sequences decoded together (continuous batching); 1: one request at a time.
+    pub parallel: usize,
     pub max_new_tokens: usize,
     pub request_timeout_s: u64,
     /// On SIGTERM: how long the running request and the transports get to finish.
@@ -95,6 +97,7 @@ impl Default for LimitsConfig {
     fn default() -> Self {
         LimitsConfig {
             queue_depth: 8,
+            parallel: 1,
             max_new_tokens: 1024,
             request_timeout_s: 300,
             shutdown_grace_s: 10,
@@ -192,6 +195,9 @@ impl Config {
                     format!("{ep:?}: expected cpu or cuda"),
                 );
             }
+        }
+        if !(1..=64).contains(&self.limits.parallel) {
+            return bad("limits.parallel", "must be 1 to 64".into());
         }
         if self.limits.queue_depth == 0 {
             return bad("limits.queue_depth", "must be positive".into());
@@ -300,8 +306,13 @@ execution_providers = {eps}
 allow_spinning = {spin}
 
 [limits]
-# Requests waiting behind the running one; more are answered `busy`.
+# Requests waiting behind the running ones; more are answered `busy`.
 queue_depth = {queue}
+# Requests decoded together, one token each per forward pass (continuous batching: a new
+# request joins at the next step, its prompt prefilled in chunks between the others' steps).
+# 1 runs one request at a time. ONNX Runtime only, and packages without sliding-window layers;
+# tract runs one at a time (the log says why). Each slot holds a KV cache of max_length.
+parallel = {parallel}
 # Upper bound on generated tokens per request.
 max_new_tokens = {max_new}
 # A request running longer than this ends with its partial answer.
@@ -344,6 +355,7 @@ share_group = {share}
             eps = list(&d.onnxruntime.execution_providers),
             spin = d.onnxruntime.allow_spinning,
             queue = d.limits.queue_depth,
+            parallel = d.limits.parallel,
             max_new = d.limits.max_new_tokens,
             timeout = d.limits.request_timeout_s,
             grace = d.limits.shutdown_grace_s,

@@ -78,6 +78,8 @@ pub enum RequestEvent {
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     pub queue_depth: usize,
+    /// Sequences decoded together (continuous batching), when the backend can.
+    pub parallel: usize,
     pub max_new_tokens: usize,
     pub request_timeout: Duration,
 }
@@ -108,8 +110,10 @@ impl State {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Status {
     pub state: State,
-    /// Requests waiting behind the running one.
+    /// Requests waiting behind the running ones.
     pub queue_length: usize,
+    /// Requests running (prefilling or decoding): at most [`Scheduler::parallel`].
+    pub running: usize,
 }
 
 /// Liveness of the engine thread, readable at any time (the systemd watchdog's input).
@@ -194,6 +198,7 @@ pub struct Scheduler {
     in_flight: Arc<AtomicUsize>,
     status: Arc<watch::Sender<Status>>,
     health: Arc<EngineHealth>,
+    parallel: usize,
     engine_thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
@@ -217,7 +222,23 @@ impl Scheduler {
         let status = Arc::new(watch::Sender::new(Status {
             state: State::Ready,
             queue_length: 0,
+            running: 0,
         }));
+        let mut engine = engine;
+        let parallel = if limits.parallel > 1 {
+            match engine.enable_slots(limits.parallel) {
+                Ok(n) => {
+                    tracing::info!("continuous batching: {n} sequences decode together");
+                    n
+                }
+                Err(why) => {
+                    tracing::warn!("parallel = {} not used: {why}", limits.parallel);
+                    1
+                }
+            }
+        } else {
+            1
+        };
         let health = Arc::new(EngineHealth::new());
         let shared = EngineShared {
             root: root.clone(),
@@ -229,7 +250,7 @@ impl Scheduler {
             .name("edgellm-engine".into())
             .spawn(move || {
                 let _alive = AliveGuard(shared.health.clone());
-                run_engine(engine, rx, &shared)
+                run_engine(engine, rx, &shared, parallel)
             })
             .expect("spawning the engine thread");
         Scheduler {
@@ -241,8 +262,14 @@ impl Scheduler {
             in_flight,
             status,
             health,
+            parallel,
             engine_thread: std::sync::Mutex::new(Some(engine_thread)),
         }
+    }
+
+    /// Requests that run together: `[limits] parallel` when the backend batches, else 1.
+    pub fn parallel(&self) -> usize {
+        self.parallel
     }
 
     /// The service's state and queue length, updated as they change.
@@ -422,10 +449,10 @@ struct EngineShared {
 
 impl EngineShared {
     /// Publishes the state and the number of requests still waiting in `rx`.
-    fn publish(&self, rx: &mpsc::Receiver<Work>, running: bool) {
+    fn publish(&self, rx: &mpsc::Receiver<Work>, running: usize) {
         let state = if self.root.is_cancelled() || self.status.borrow().state == State::Stopping {
             State::Stopping
-        } else if running {
+        } else if running > 0 {
             State::Busy
         } else {
             State::Ready
@@ -435,6 +462,7 @@ impl EngineShared {
             let next = Status {
                 state,
                 queue_length,
+                running,
             };
             let changed = *s != next;
             *s = next;
@@ -448,8 +476,23 @@ impl EngineShared {
     }
 }
 
-/// The engine thread: runs work in order until shutdown, then answers what is left.
-fn run_engine(mut engine: Engine, mut rx: mpsc::Receiver<Work>, shared: &EngineShared) {
+/// The engine thread: runs work in order until shutdown, then answers what is left. With
+/// `parallel` > 1 (slots enabled), sequences are batched ([`run_batched`]).
+fn run_engine(
+    engine: Engine,
+    mut rx: mpsc::Receiver<Work>,
+    shared: &EngineShared,
+    parallel: usize,
+) {
+    if parallel > 1 {
+        run_batched(engine, &mut rx, shared, parallel);
+    } else {
+        run_one_at_a_time(engine, &mut rx, shared);
+    }
+    drain(rx, shared);
+}
+
+fn run_one_at_a_time(mut engine: Engine, rx: &mut mpsc::Receiver<Work>, shared: &EngineShared) {
     let root = &shared.root;
     while let Some(work) = rx.blocking_recv() {
         let job = match work {
@@ -464,7 +507,7 @@ fn run_engine(mut engine: Engine, mut rx: mpsc::Receiver<Work>, shared: &EngineS
             Work::Wake => continue,
             Work::Run(job) => job,
         };
-        shared.publish(&rx, true);
+        shared.publish(rx, 1);
         shared.health.tick();
         shared.health.busy.store(true, Ordering::Relaxed);
         let terminal = if root.is_cancelled() {
@@ -479,11 +522,15 @@ fn run_engine(mut engine: Engine, mut rx: mpsc::Receiver<Work>, shared: &EngineS
         };
         shared.health.busy.store(false, Ordering::Relaxed);
         shared.finish(&job, terminal);
-        shared.publish(&rx, false);
+        shared.publish(rx, 0);
         if root.is_cancelled() {
             break;
         }
     }
+}
+
+/// After the loop: answers what is still queued `shutting_down`.
+fn drain(mut rx: mpsc::Receiver<Work>, shared: &EngineShared) {
     rx.close();
     while let Ok(work) = rx.try_recv() {
         match work {
@@ -500,7 +547,7 @@ fn run_engine(mut engine: Engine, mut rx: mpsc::Receiver<Work>, shared: &EngineS
             Work::Wake => {}
         }
     }
-    shared.publish(&rx, false);
+    shared.publish(&rx, 0);
 }
 
 /// Bytes of text a request brings (message contents or the prompt).
@@ -508,6 +555,233 @@ fn input_bytes(input: &crate::api::Input) -> usize {
     match input {
         crate::api::Input::Prompt { text, .. } => text.len(),
         crate::api::Input::Messages(m) => m.iter().map(|m| m.content.len() + m.role.len()).sum(),
+    }
+}
+
+/// A request running in the batched loop: its job, its sequence, and why it was cut short.
+struct Active {
+    job: Job,
+    seq: crate::engine::Sequence,
+    why: Option<Why>,
+}
+
+impl Active {
+    /// Cancels the sequence when its caller cancelled or left, the service stops, or its
+    /// deadline passed.
+    fn check(&mut self, root: &CancellationToken) {
+        if self.why.is_some() || self.seq.finished().is_some() {
+            return;
+        }
+        self.why = if self.job.cancel.is_cancelled() || self.job.events.is_closed() {
+            Some(if root.is_cancelled() {
+                Why::Shutdown
+            } else {
+                Why::Cancelled
+            })
+        } else if Instant::now() >= self.job.deadline {
+            Some(Why::Deadline)
+        } else {
+            None
+        };
+        if self.why.is_some() {
+            self.seq.cancel();
+        }
+    }
+
+    fn terminal(
+        mut self,
+        engine: &mut Engine,
+        result: Result<(), EngineError>,
+    ) -> (Job, RequestEvent) {
+        let events = self.job.events.clone();
+        let result = result.and_then(|()| {
+            engine.complete(self.seq, &mut |e| {
+                let _ = events.send(RequestEvent::Event(e));
+                ControlFlow::Continue(())
+            })
+        });
+        let why = self.why.take();
+        (self.job, terminal_of(result, why))
+    }
+}
+
+/// Continuous batching: up to `slots` sequences decode together, one token each per graph run.
+/// A waiting request is taken when a slot is free; its prompt is prefilled in the single
+/// cache one chunk per iteration, between the running sequences' steps (so a long prompt
+/// does not freeze them), then copied into the free slot. Finished or cancelled sequences leave
+/// at once; the others go on. The queue keeps its meaning: requests still in it are waiting.
+fn run_batched(
+    mut engine: Engine,
+    rx: &mut mpsc::Receiver<Work>,
+    shared: &EngineShared,
+    slots: usize,
+) {
+    /// Prompt tokens per prefill step while others are decoding.
+    const INTERLEAVED_CHUNK: usize = 64;
+    let root = &shared.root;
+    let mut running: Vec<Active> = Vec::new();
+    let mut prefilling: Option<Active> = None;
+    loop {
+        // Take work: block when idle, else only what can start now.
+        let idle = running.is_empty() && prefilling.is_none();
+        let work = if root.is_cancelled() {
+            None
+        } else if idle {
+            match rx.blocking_recv() {
+                Some(w) => Some(w),
+                None => break,
+            }
+        } else if prefilling.is_none() && running.len() < slots {
+            rx.try_recv().ok()
+        } else {
+            None
+        };
+        match work {
+            Some(Work::Ping(answer)) => {
+                // Only taken when nothing prefills (the heartbeat uses the single cache).
+                shared.health.tick();
+                let _ = answer.send(engine.warm_up().map_err(|e| e.to_string()));
+            }
+            Some(Work::Wake) | None => {}
+            Some(Work::Run(job)) => {
+                if job.cancel.is_cancelled() || job.events.is_closed() {
+                    let done = RequestEvent::Done(cancelled_before_start(&job));
+                    shared.finish(&job, done);
+                } else {
+                    match engine.begin(&job.req, job.prompt.clone()) {
+                        Ok(seq) => {
+                            prefilling = Some(Active {
+                                job,
+                                seq,
+                                why: None,
+                            })
+                        }
+                        Err(e) => {
+                            let terminal = terminal_of(Err(e), None);
+                            shared.finish(&job, terminal);
+                        }
+                    }
+                }
+            }
+        }
+        let busy = !running.is_empty() || prefilling.is_some();
+        shared.health.busy.store(busy, Ordering::Relaxed);
+        shared.publish(rx, running.len() + usize::from(prefilling.is_some()));
+        if !busy {
+            if root.is_cancelled() {
+                break;
+            }
+            continue;
+        }
+        shared.health.tick();
+
+        // Cancellations, deadlines, shutdown.
+        for a in running.iter_mut().chain(prefilling.as_mut()) {
+            a.check(root);
+        }
+
+        // One prefill chunk of the joining sequence.
+        if let Some(mut a) = prefilling.take() {
+            let chunk = if running.is_empty() {
+                usize::MAX
+            } else {
+                INTERLEAVED_CHUNK
+            };
+            let events = a.job.events.clone();
+            let step = if a.seq.finished().is_some() {
+                Ok(true)
+            } else {
+                engine.prefill_step(&mut a.seq, chunk, &mut |e| {
+                    if events.send(RequestEvent::Event(e)).is_err() {
+                        ControlFlow::Break(())
+                    } else {
+                        ControlFlow::Continue(())
+                    }
+                })
+            };
+            match step {
+                Ok(false) => prefilling = Some(a),
+                Ok(true) if a.seq.finished().is_none() => {
+                    let free = (0..slots)
+                        .find(|s| running.iter().all(|r| r.seq.slot != Some(*s)))
+                        .expect("a prefill starts only when a slot is free");
+                    match engine.store_slot(&mut a.seq, free) {
+                        Ok(()) => running.push(a),
+                        Err(e) => {
+                            let (job, t) = a.terminal(&mut engine, Err(e));
+                            shared.finish(&job, t);
+                        }
+                    }
+                }
+                Ok(true) => {
+                    let (job, t) = a.terminal(&mut engine, Ok(()));
+                    shared.finish(&job, t);
+                }
+                Err(e) => {
+                    let (job, t) = a.terminal(&mut engine, Err(e));
+                    shared.finish(&job, t);
+                }
+            }
+        }
+
+        // One decode step of every running sequence.
+        let step = {
+            let senders: Vec<_> = running.iter().map(|a| a.job.events.clone()).collect();
+            let mut seqs: Vec<&mut crate::engine::Sequence> =
+                running.iter_mut().map(|a| &mut a.seq).collect();
+            engine.decode_slots(&mut seqs, slots, &mut |i, e| {
+                if senders[i].send(RequestEvent::Event(e)).is_err() {
+                    ControlFlow::Break(())
+                } else {
+                    ControlFlow::Continue(())
+                }
+            })
+        };
+        let failed = step.err().map(|e| e.to_string());
+        let mut i = 0;
+        while i < running.len() {
+            if failed.is_some() || running[i].seq.finished().is_some() {
+                let a = running.swap_remove(i);
+                let result = match &failed {
+                    Some(msg) => Err(EngineError::Backend(
+                        crate::backend::BackendError::Runtime {
+                            context: "a batched decode step".into(),
+                            msg: msg.clone(),
+                        },
+                    )),
+                    None => Ok(()),
+                };
+                let (job, t) = a.terminal(&mut engine, result);
+                shared.finish(&job, t);
+            } else {
+                i += 1;
+            }
+        }
+    }
+}
+
+/// The terminal event of a request from its result and why it was cut short.
+fn terminal_of(result: Result<Completion, EngineError>, why: Option<Why>) -> RequestEvent {
+    match result {
+        Ok(mut c) => {
+            if c.finish_reason == FinishReason::Cancelled {
+                c.finish_reason = match why {
+                    Some(Why::Shutdown) => FinishReason::Shutdown,
+                    Some(Why::Deadline) => FinishReason::Length,
+                    _ => FinishReason::Cancelled,
+                };
+            }
+            RequestEvent::Done(c)
+        }
+        Err(EngineError::PromptTooLong { prompt, max_length }) => {
+            RequestEvent::Error(ServiceError::new(
+                ErrorCode::PromptTooLong,
+                format!(
+                    "prompt of {prompt} tokens leaves no room to generate (max_length {max_length})"
+                ),
+            ))
+        }
+        Err(e) => RequestEvent::Error(ServiceError::new(ErrorCode::Internal, e.to_string())),
     }
 }
 
@@ -565,26 +839,5 @@ fn run_job(
         },
         &check,
     );
-    let why = why.get();
-    match result {
-        Ok(mut c) => {
-            if c.finish_reason == FinishReason::Cancelled {
-                c.finish_reason = match why {
-                    Some(Why::Shutdown) => FinishReason::Shutdown,
-                    Some(Why::Deadline) => FinishReason::Length,
-                    _ => FinishReason::Cancelled,
-                };
-            }
-            RequestEvent::Done(c)
-        }
-        Err(EngineError::PromptTooLong { prompt, max_length }) => {
-            RequestEvent::Error(ServiceError::new(
-                ErrorCode::PromptTooLong,
-                format!(
-                    "prompt of {prompt} tokens leaves no room to generate (max_length {max_length})"
-                ),
-            ))
-        }
-        Err(e) => RequestEvent::Error(ServiceError::new(ErrorCode::Internal, e.to_string())),
-    }
+    terminal_of(result, why.get())
 }

@@ -95,7 +95,13 @@ fn load_engine(config: &Config) -> Result<(Engine, crate::backend::Reason), RunE
     // The KV capacity: the configured max_length, or the model's context if smaller.
     let layout = model.package.kv_layout(opts.max_length);
     let max_length = layout.max_length;
-    check_memory(&model.package, &layout, config.model.max_length).map_err(fail)?;
+    check_memory(
+        &model.package,
+        &layout,
+        config.model.max_length,
+        config.limits.parallel,
+    )
+    .map_err(fail)?;
     let loaded =
         crate::backend::load(&model.package, choice, &opts).map_err(|e| fail(e.to_string()))?;
     let mut engine = Engine::new(model, loaded.backend, max_length);
@@ -156,8 +162,20 @@ fn check_memory(
     pkg: &crate::package::Package,
     layout: &crate::package::KvLayout,
     configured: usize,
+    parallel: usize,
 ) -> Result<(), String> {
-    let kv = layout.total_bytes();
+    // With continuous batching, each slot is a full-length cache of its own besides the single
+    // one that prefills (a backend without slots allocates less).
+    let slots = if parallel > 1 {
+        parallel as u64
+            * layout.capacity.len() as u64
+            * 2
+            * (layout.kv_heads * layout.head_dim * 4) as u64
+            * layout.max_length as u64
+    } else {
+        0
+    };
+    let kv = layout.total_bytes() + slots;
     let weights = std::fs::read_dir(&pkg.dir)
         .map(|d| {
             d.filter_map(Result::ok)
@@ -173,8 +191,16 @@ fn check_memory(
     } else {
         String::new()
     };
+    let per_slot = if parallel > 1 {
+        format!(
+            " (parallel = {parallel}: {:.1} MiB of it in slots)",
+            slots as f64 / MIB
+        )
+    } else {
+        String::new()
+    };
     tracing::info!(
-        "KV cache: max_length {}{clamp}, {:.1} MiB allocated up front; weights {:.1} MiB",
+        "KV cache: max_length {}{clamp}, {:.1} MiB allocated up front{per_slot}; weights {:.1} MiB",
         layout.max_length,
         kv as f64 / MIB,
         weights as f64 / MIB
@@ -212,10 +238,11 @@ async fn transports_alive(
 
 fn status_line(svc: &Service, s: Status) -> String {
     format!(
-        "STATUS={} {} ({}), {} queued",
+        "STATUS={} {} ({}), {} running, {} queued",
         s.state.as_str(),
         svc.model_name,
         svc.backend,
+        s.running,
         s.queue_length
     )
 }
@@ -240,6 +267,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     let backend = engine.backend_name();
     let limits = Limits {
         queue_depth: config.limits.queue_depth,
+        parallel: config.limits.parallel,
         max_new_tokens: config.limits.max_new_tokens,
         request_timeout: Duration::from_secs(config.limits.request_timeout_s),
     };

@@ -40,6 +40,7 @@ fn start_with_delay(
     let root = CancellationToken::new();
     let limits = Limits {
         queue_depth,
+        parallel: 1,
         max_new_tokens: 1000,
         request_timeout: timeout,
     };

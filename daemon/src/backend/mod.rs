@@ -327,4 +327,28 @@ pub trait Backend: Send {
     fn forward_all(&mut self, tokens: &[u32]) -> Result<&[f32], BackendError> {
         self.forward(tokens)
     }
+
+    /// Continuous batching: allocates up to `n` slots, each a KV cache of its own that
+    /// [`Backend::decode_slots`] advances together, one token per slot per graph run. Returns
+    /// how many slots there are: 0 when this backend (or this package) runs one sequence at a
+    /// time, with the reason.
+    fn enable_slots(&mut self, _n: usize) -> Result<usize, String> {
+        Err(format!(
+            "the {} backend runs one sequence at a time",
+            self.name()
+        ))
+    }
+
+    /// Copies the sequence the single cache holds (prefilled through [`Backend::forward`]) into
+    /// slot `slot`, which then continues from it.
+    fn store_slot(&mut self, _slot: usize) -> Result<(), BackendError> {
+        Err(BackendError::Unsupported("no slots".into()))
+    }
+
+    /// One graph run over every slot: `tokens[i]` is appended to slot `i` (`None`: an idle
+    /// slot, whose cache is left meaningless). Returns `[slots, vocab]` logits, row `i` for
+    /// slot `i`.
+    fn decode_slots(&mut self, _tokens: &[Option<u32>]) -> Result<&[f32], BackendError> {
+        Err(BackendError::Unsupported("no slots".into()))
+    }
 }

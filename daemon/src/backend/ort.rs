@@ -92,6 +92,26 @@ pub struct OrtBackend {
     /// The logits output of the last step (`[1, rows, vocab]`), kept to hand out slices of it
     /// without copying.
     logits: Option<ort::value::DynValue>,
+    /// Continuous batching, once enabled ([`Backend::enable_slots`]).
+    slots: Option<Slots>,
+    /// The KV input and output names of every layer: `(past, present)` for key, then value.
+    kv_names: Vec<(String, String)>,
+}
+
+/// The slots of continuous batching: a second set of KV buffers, `[n, kv_heads, max_length,
+/// head_dim]` per layer and K/V, bound to their own I/O binding as past and present (the genai
+/// layout with batch n). A step binds `input_ids [n, 1]` and a right-padded `attention_mask
+/// [n, T]` whose row i has `len_i + 1` ones: the graph derives each row's `seqlens_k` from it,
+/// and GroupQueryAttention writes row i's new key and value at position `len_i` of slot i and
+/// attends over its own rows only. Each row's result is the one the sequence would get alone
+/// (checked against the single cache in the tests). New sequences are prefilled in the single
+/// cache (where prefix reuse lives) and copied into a slot ([`Backend::store_slot`]).
+struct Slots {
+    binding: ort::session::IoBinding,
+    kv: Vec<Tensor<f32>>,
+    /// Tokens in each slot.
+    lens: Vec<usize>,
+    logits: Option<ort::value::DynValue>,
 }
 
 struct Names {
@@ -173,6 +193,7 @@ impl OrtBackend {
             .create_binding()
             .map_err(rt("creating an I/O binding"))?;
         let mut kv = Vec::with_capacity(2 * d.num_hidden_layers);
+        let mut kv_names = Vec::with_capacity(2 * d.num_hidden_layers);
         for (layer, &cap) in layout.capacity.iter().enumerate() {
             for (past, present, kind) in [
                 (
@@ -199,6 +220,7 @@ impl OrtBackend {
                     .bind_output(&present, &mut t)
                     .map_err(rt(&present))?;
                 kv.push(t);
+                kv_names.push((past, present));
             }
         }
         Ok(OrtBackend {
@@ -212,6 +234,19 @@ impl OrtBackend {
             pos: 0,
             prefill_chunk: opts.prefill_chunk.max(1),
             logits: None,
+            slots: None,
+            kv_names,
+        })
+    }
+
+    /// The logits output bound to CPU memory and the run's logits taken out of `outputs`.
+    fn take_logits(
+        name: &str,
+        mut outputs: ort::session::SessionOutputs<'_>,
+    ) -> Result<ort::value::DynValue, BackendError> {
+        outputs.remove(name).ok_or_else(|| BackendError::Runtime {
+            context: "running the model".into(),
+            msg: format!("no {name:?} output"),
         })
     }
 
@@ -242,18 +277,11 @@ impl OrtBackend {
         self.binding
             .bind_output_to_device(&self.names.logits, &self.cpu)
             .map_err(rt("logits"))?;
-        let mut outputs = self
+        let outputs = self
             .session
             .run_binding(&self.binding)
             .map_err(rt("running the model"))?;
-        let logits = outputs
-            .remove(&self.names.logits)
-            .ok_or_else(|| BackendError::Runtime {
-                context: "running the model".into(),
-                msg: format!("no {:?} output", self.names.logits),
-            })?;
-        drop(outputs);
-        self.logits = Some(logits);
+        self.logits = Some(Self::take_logits(&self.names.logits, outputs)?);
         self.pos = total;
         Ok(())
     }
@@ -363,5 +391,142 @@ impl Backend for OrtBackend {
     fn forward(&mut self, tokens: &[u32]) -> Result<&[f32], BackendError> {
         let (chunk, vocab) = (self.prefill_chunk, self.vocab);
         super::forward_in_chunks(self, tokens, chunk, vocab)
+    }
+
+    /// Slots hold every position at its own row, so sliding-window layers (whose single
+    /// buffer is shorter than `max_length` and shifts) are not batched: such a package runs one
+    /// sequence at a time.
+    fn enable_slots(&mut self, n: usize) -> Result<usize, String> {
+        if n < 2 {
+            return Err("parallel = 1".into());
+        }
+        let full = self.layout.max_length;
+        if self.layout.capacity.iter().any(|&c| c != full) {
+            return Err(
+                "this package has sliding-window layers, which are not batched: it runs one \
+                 sequence at a time"
+                    .into(),
+            );
+        }
+        let allocator = Allocator::default();
+        let mut binding = self
+            .session
+            .create_binding()
+            .map_err(|e| format!("creating an I/O binding for the slots: {e}"))?;
+        let mut kv = Vec::with_capacity(self.kv_names.len());
+        for (past, present) in &self.kv_names {
+            let mut t = Tensor::<f32>::new(
+                &allocator,
+                [n, self.layout.kv_heads, full, self.layout.head_dim],
+            )
+            .map_err(|e| format!("allocating {n} slots of KV cache: {e}"))?;
+            t.extract_tensor_mut().1.fill(0.0);
+            binding
+                .bind_input(past, &t)
+                .map_err(|e| format!("{past}: {e}"))?;
+            binding
+                .bind_output(present, &mut t)
+                .map_err(|e| format!("{present}: {e}"))?;
+            kv.push(t);
+        }
+        self.slots = Some(Slots {
+            binding,
+            kv,
+            lens: vec![0; n],
+            logits: None,
+        });
+        Ok(n)
+    }
+
+    fn store_slot(&mut self, slot: usize) -> Result<(), BackendError> {
+        let (heads, dim, full, pos) = (
+            self.layout.kv_heads,
+            self.layout.head_dim,
+            self.layout.max_length,
+            self.pos,
+        );
+        let slots = self
+            .slots
+            .as_mut()
+            .ok_or_else(|| BackendError::Unsupported("slots are not enabled".into()))?;
+        if slot >= slots.lens.len() {
+            return Err(BackendError::Unsupported(format!(
+                "slot {slot} of {}",
+                slots.lens.len()
+            )));
+        }
+        // Single buffer [1, heads, full, dim] -> slot `slot` of [n, heads, full, dim].
+        for (single, batch) in self._kv.iter_mut().zip(slots.kv.iter_mut()) {
+            let src = single.extract_tensor_mut().1;
+            let dst = &mut batch.extract_tensor_mut().1[slot * heads * full * dim..];
+            for h in 0..heads {
+                let at = h * full * dim;
+                dst[at..at + pos * dim].copy_from_slice(&src[at..at + pos * dim]);
+            }
+        }
+        slots.lens[slot] = pos;
+        Ok(())
+    }
+
+    fn decode_slots(&mut self, tokens: &[Option<u32>]) -> Result<&[f32], BackendError> {
+        let (vocab, full) = (self.vocab, self.layout.max_length);
+        let slots = self
+            .slots
+            .as_mut()
+            .ok_or_else(|| BackendError::Unsupported("slots are not enabled".into()))?;
+        let n = slots.lens.len();
+        if tokens.len() != n {
+            return Err(BackendError::Unsupported(format!(
+                "{} tokens for {n} slots",
+                tokens.len()
+            )));
+        }
+        // An idle slot runs token 0 at position 0 of its own (unused) cache.
+        let mut width = 1;
+        for (t, &len) in tokens.iter().zip(&slots.lens) {
+            if let Some(t) = *t {
+                super::check_step(len, &[t], full, vocab)?;
+                width = width.max(len + 1);
+            }
+        }
+        let ids: Vec<i64> = tokens.iter().map(|t| t.map_or(0, i64::from)).collect();
+        let mut mask = vec![0i64; n * width];
+        for (i, (t, &len)) in tokens.iter().zip(&slots.lens).enumerate() {
+            let ones = if t.is_some() { len + 1 } else { 1 };
+            mask[i * width..i * width + ones].fill(1);
+        }
+        let ids = Tensor::from_array(([n, 1usize], ids)).map_err(rt("input_ids"))?;
+        let mask = Tensor::from_array(([n, width], mask)).map_err(rt("attention_mask"))?;
+        slots
+            .binding
+            .bind_input(&self.names.input_ids, &ids)
+            .map_err(rt("input_ids"))?;
+        slots
+            .binding
+            .bind_input(&self.names.attention_mask, &mask)
+            .map_err(rt("attention_mask"))?;
+        slots
+            .binding
+            .bind_output_to_device(&self.names.logits, &self.cpu)
+            .map_err(rt("logits"))?;
+        let outputs = self
+            .session
+            .run_binding(&slots.binding)
+            .map_err(rt("running the model over the slots"))?;
+        slots.logits = Some(Self::take_logits(&self.names.logits, outputs)?);
+        for (t, len) in tokens.iter().zip(slots.lens.iter_mut()) {
+            *len = if t.is_some() { *len + 1 } else { 0 };
+        }
+        let value = slots.logits.as_ref().expect("set above");
+        let (_, data) = value
+            .try_extract_tensor::<f32>()
+            .map_err(rt("reading logits"))?;
+        if data.len() != n * vocab {
+            return Err(BackendError::Runtime {
+                context: "running the model over the slots".into(),
+                msg: format!("{} logits for {n} slots of {vocab}", data.len()),
+            });
+        }
+        Ok(data)
     }
 }

@@ -18,13 +18,17 @@
 //! prefix and the windowed layers' whole buffers at that point), and a request that starts
 //! with one resumes from the copy.
 
+mod sequence;
+
 use std::time::{Duration, Instant};
 
-use crate::api::{Completion, Event, FinishReason, Request, Usage};
+pub use sequence::Sequence;
+
+use crate::api::{Completion, Event, Request};
 use crate::backend::{Backend, BackendError, PREFILL_CHUNK};
 use crate::chat::harmony::{self, Channel};
 use crate::model::{Model, ModelError};
-use crate::sampler::{Sampler, SamplingError, StopMatcher};
+use crate::sampler::{SamplingError, StopMatcher};
 use crate::tokenizer::{Detokenizer, TokenizerError};
 
 #[derive(Debug, thiserror::Error)]
@@ -293,77 +297,114 @@ impl Engine {
         on_event: &mut dyn FnMut(Event) -> Flow,
         keep_going: &dyn Fn() -> bool,
     ) -> Result<Completion, EngineError> {
-        let mut sampler = Sampler::new(req.sampling.clone())?;
-        let room = self.max_length.saturating_sub(prompt.len());
-        let max_new = req.max_tokens.map_or(room, |m| m.min(room));
-        let mut out = Output::new(&self.model, req);
-        let mut history = prompt.clone();
-        let mut generated = Vec::new();
-
-        let start = Instant::now();
-        let cached_tokens = self.resume(&prompt);
-        let mut logits = self.backend.forward(&prompt[cached_tokens..])?;
-        self.cached.extend_from_slice(&prompt[cached_tokens..]);
-        let mut first_token_at = None;
-        let mut finish = FinishReason::Length;
-        let mut forward = Duration::ZERO;
-        while generated.len() < max_new {
-            let next = sampler.sample(logits, &history);
-            first_token_at.get_or_insert_with(Instant::now);
-            generated.push(next);
-            history.push(next);
-            match out.push(&self.model, next, on_event)? {
-                Step::Continue => {}
-                Step::Stop => {
-                    finish = FinishReason::Stop;
-                    break;
-                }
-                Step::Cancelled => {
-                    finish = FinishReason::Cancelled;
-                    break;
-                }
-            }
-            if generated.len() >= max_new {
-                break;
-            }
+        let mut seq = self.begin(req, prompt)?;
+        while !self.prefill_step(&mut seq, usize::MAX, on_event)? {}
+        while let Some(next) = seq.next {
             if !keep_going() {
-                finish = FinishReason::Cancelled;
+                seq.cancel();
                 break;
             }
             let t = Instant::now();
             // `cached` stays a prefix of what the backend holds, also when a step fails.
-            logits = self.backend.forward(&[next])?;
+            let logits = self.backend.forward(&[next])?;
             self.cached.push(next);
-            forward += t.elapsed();
+            seq.forward += t.elapsed();
+            seq.accept(&self.model, logits, on_event)?;
         }
-        if finish != FinishReason::Cancelled {
-            out.flush(&self.model, on_event)?;
+        let (completion, stats) = seq.complete(&self.model, on_event)?;
+        self.stats = stats;
+        Ok(completion)
+    }
+
+    /// A request's [`Sequence`], nothing computed yet.
+    pub fn begin(&self, req: &Request, prompt: Vec<u32>) -> Result<Sequence, EngineError> {
+        Sequence::new(&self.model, req, prompt, self.max_length)
+    }
+
+    /// Computes up to `chunk` more prompt tokens of `seq` in the single cache (resuming from
+    /// the longest cached prefix first); after the last one, samples the first answer token.
+    /// Returns whether the prompt is done. One sequence prefills at a time.
+    pub fn prefill_step(
+        &mut self,
+        seq: &mut Sequence,
+        chunk: usize,
+        on_event: &mut dyn FnMut(Event) -> Flow,
+    ) -> Result<bool, EngineError> {
+        if seq.prefilled == 0 {
+            seq.cached_tokens = self.resume(&seq.prompt);
+            seq.prefilled = seq.cached_tokens;
         }
-        let end = Instant::now();
-        let ttft = first_token_at.map_or(end - start, |t| t - start);
-        let decode = end.saturating_duration_since(first_token_at.unwrap_or(end));
-        self.stats = Stats {
-            decode,
-            decode_forward: forward,
-        };
-        let usage = Usage {
-            prompt_tokens: prompt.len(),
-            cached_tokens,
-            completion_tokens: generated.len(),
-            ttft_ms: ttft.as_secs_f64() * 1e3,
-            prefill_tok_s: (prompt.len() - cached_tokens) as f64 / ttft.as_secs_f64().max(1e-9),
-            decode_tok_s: if generated.len() > 1 {
-                (generated.len() - 1) as f64 / decode.as_secs_f64().max(1e-9)
-            } else {
-                0.0
-            },
-        };
-        Ok(Completion {
-            text: out.text,
-            token_ids: generated,
-            finish_reason: finish,
-            usage,
-        })
+        let end = seq
+            .prompt
+            .len()
+            .min(seq.prefilled.saturating_add(chunk.max(1)));
+        let logits = self.backend.forward(&seq.prompt[seq.prefilled..end])?;
+        self.cached
+            .extend_from_slice(&seq.prompt[seq.prefilled..end]);
+        seq.prefilled = end;
+        if end < seq.prompt.len() {
+            return Ok(false);
+        }
+        seq.accept(&self.model, logits, on_event)?;
+        Ok(true)
+    }
+
+    /// Continuous batching: allocates `n` slots; the number there are, or why there are none.
+    pub fn enable_slots(&mut self, n: usize) -> Result<usize, String> {
+        self.backend.enable_slots(n)
+    }
+
+    /// Moves a sequence whose prompt is done into `slot` (a copy of the single cache).
+    pub fn store_slot(&mut self, seq: &mut Sequence, slot: usize) -> Result<(), EngineError> {
+        self.backend.store_slot(slot)?;
+        seq.slot = Some(slot);
+        Ok(())
+    }
+
+    /// One step of every sequence in a slot that is still running: their waiting tokens in
+    /// one graph run, then each samples its next token and emits through `on_event(i, ..)`
+    /// (`i`: its index in `seqs`). Returns false when no sequence was running.
+    pub fn decode_slots(
+        &mut self,
+        seqs: &mut [&mut Sequence],
+        slots: usize,
+        on_event: &mut dyn FnMut(usize, Event) -> Flow,
+    ) -> Result<bool, EngineError> {
+        let mut tokens = vec![None; slots];
+        for s in seqs.iter() {
+            if let (Some(slot), Some(next)) = (s.slot, s.next) {
+                tokens[slot] = Some(next);
+            }
+        }
+        if tokens.iter().all(Option::is_none) {
+            return Ok(false);
+        }
+        let t = Instant::now();
+        let vocab = self.model.package.config.model.vocab_size;
+        let rows = self.backend.decode_slots(&tokens)?;
+        let took = t.elapsed();
+        for (i, s) in seqs.iter_mut().enumerate() {
+            if let (Some(slot), Some(_)) = (s.slot, s.next) {
+                s.forward += took;
+                s.accept(
+                    &self.model,
+                    &rows[slot * vocab..(slot + 1) * vocab],
+                    &mut |e| on_event(i, e),
+                )?;
+            }
+        }
+        Ok(true)
+    }
+
+    /// Ends `seq`: its completion (held-back text flushed through `on_event` unless cancelled).
+    pub fn complete(
+        &mut self,
+        seq: Sequence,
+        on_event: &mut dyn FnMut(Event) -> Flow,
+    ) -> Result<Completion, EngineError> {
+        let (completion, stats) = seq.complete(&self.model, on_event)?;
+        self.stats = stats;
+        Ok(completion)
     }
 }
 

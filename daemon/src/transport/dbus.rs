@@ -306,10 +306,22 @@ impl Inference {
             .to_string()
     }
 
-    /// Requests waiting behind the running one.
+    /// Requests waiting behind the running ones.
     #[zbus(property)]
     fn queue_length(&self) -> u32 {
         self.svc.scheduler.status().borrow().queue_length as u32
+    }
+
+    /// Requests running now (prefilling or decoding), at most `Parallel`.
+    #[zbus(property)]
+    fn running(&self) -> u32 {
+        self.svc.scheduler.status().borrow().running as u32
+    }
+
+    /// Requests that run together: `[limits] parallel` when the backend batches, else 1.
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn parallel(&self) -> u32 {
+        self.svc.scheduler.parallel() as u32
     }
 
     /// Tokens of context: prompt plus answer (the configured `max_length`).
@@ -517,6 +529,9 @@ impl DbusServer {
                 }
                 if now.queue_length != last.queue_length {
                     changed.insert("QueueLength", Variant::from(now.queue_length as u32));
+                }
+                if now.running != last.running {
+                    changed.insert("Running", Variant::from(now.running as u32));
                 }
                 last = now;
                 if !changed.is_empty() {

@@ -350,6 +350,8 @@ impl MqttTransport {
                 "backend_reason": self.svc.backend_reason.to_string(),
                 "max_context": self.svc.scheduler.max_length(),
                 "queue_length": s.queue_length,
+                "running": s.running,
+                "parallel": self.svc.scheduler.parallel(),
             })
             .to_string()
             .into_bytes(),

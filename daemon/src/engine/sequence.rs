@@ -1,0 +1,140 @@
+//! One request's state while the engine runs it: its prompt, sampler, history, output
+//! (detokenizer, stop matcher, harmony parser), timing, and its finish reason, decided once
+//! here. The single-sequence loop ([`super::Engine::generate_with`]) and continuous batching
+//! ([`super::Engine::prefill_step`], [`super::Engine::decode_slots`]) drive the same type.
+
+use std::time::{Duration, Instant};
+
+use super::{EngineError, Flow, Output, Step};
+use crate::api::{Completion, Event, FinishReason, Request, Usage};
+use crate::model::Model;
+use crate::sampler::Sampler;
+
+pub struct Sequence {
+    pub(super) prompt: Vec<u32>,
+    sampler: Sampler,
+    out: Output,
+    /// Prompt and generated tokens, for the sampler's penalties.
+    history: Vec<u32>,
+    generated: Vec<u32>,
+    max_new: usize,
+    /// Prompt tokens reused from the cache, and prompt tokens computed so far (with them).
+    pub(super) cached_tokens: usize,
+    pub(super) prefilled: usize,
+    /// The last sampled token, not yet fed to the model.
+    pub(super) next: Option<u32>,
+    /// The batching slot holding this sequence's cache, once prefilled.
+    pub slot: Option<usize>,
+    start: Instant,
+    first_token_at: Option<Instant>,
+    /// Time inside the backend's forward pass while decoding.
+    pub(super) forward: Duration,
+    finish: Option<FinishReason>,
+}
+
+impl Sequence {
+    pub(super) fn new(
+        model: &Model,
+        req: &Request,
+        prompt: Vec<u32>,
+        max_length: usize,
+    ) -> Result<Self, EngineError> {
+        let sampler = Sampler::new(req.sampling.clone())?;
+        let room = max_length.saturating_sub(prompt.len());
+        Ok(Sequence {
+            sampler,
+            out: Output::new(model, req),
+            history: prompt.clone(),
+            generated: Vec::new(),
+            max_new: req.max_tokens.map_or(room, |m| m.min(room)),
+            cached_tokens: 0,
+            prefilled: 0,
+            next: None,
+            slot: None,
+            start: Instant::now(),
+            first_token_at: None,
+            forward: Duration::ZERO,
+            finish: None,
+            prompt,
+        })
+    }
+
+    /// Why the sequence ended, once it has.
+    pub fn finished(&self) -> Option<FinishReason> {
+        self.finish
+    }
+
+    /// Samples the next token from `logits`, emits its text and decides whether the sequence
+    /// ends here (end of sequence or stop string, `max_tokens` or the context, the caller's
+    /// `Break`). Otherwise the token waits in `next` for the next forward pass.
+    pub(super) fn accept(
+        &mut self,
+        model: &Model,
+        logits: &[f32],
+        on_event: &mut dyn FnMut(Event) -> Flow,
+    ) -> Result<(), EngineError> {
+        let token = self.sampler.sample(logits, &self.history);
+        self.first_token_at.get_or_insert_with(Instant::now);
+        self.generated.push(token);
+        self.history.push(token);
+        self.finish = match self.out.push(model, token, on_event)? {
+            Step::Stop => Some(FinishReason::Stop),
+            Step::Cancelled => Some(FinishReason::Cancelled),
+            Step::Continue if self.generated.len() >= self.max_new => Some(FinishReason::Length),
+            Step::Continue => None,
+        };
+        self.next = self.finish.is_none().then_some(token);
+        Ok(())
+    }
+
+    /// Ends the sequence before its next step (cancellation, deadline, shutdown: the caller
+    /// maps `Cancelled` to its reason).
+    pub fn cancel(&mut self) {
+        self.finish.get_or_insert(FinishReason::Cancelled);
+        self.next = None;
+    }
+
+    /// The request's result: flushes held-back text (unless cancelled) and measures usage.
+    pub fn complete(
+        mut self,
+        model: &Model,
+        on_event: &mut dyn FnMut(Event) -> Flow,
+    ) -> Result<(Completion, super::Stats), EngineError> {
+        let finish = self.finish.unwrap_or(FinishReason::Length);
+        if finish != FinishReason::Cancelled {
+            self.out.flush(model, on_event)?;
+        }
+        let end = Instant::now();
+        let ttft = self
+            .first_token_at
+            .map_or(end - self.start, |t| t - self.start);
+        let decode = end.saturating_duration_since(self.first_token_at.unwrap_or(end));
+        let n = self.generated.len();
+        let usage = Usage {
+            prompt_tokens: self.prompt.len(),
+            cached_tokens: self.cached_tokens,
+            completion_tokens: n,
+            ttft_ms: ttft.as_secs_f64() * 1e3,
+            prefill_tok_s: (self.prompt.len() - self.cached_tokens) as f64
+                / ttft.as_secs_f64().max(1e-9),
+            decode_tok_s: if n > 1 {
+                (n - 1) as f64 / decode.as_secs_f64().max(1e-9)
+            } else {
+                0.0
+            },
+        };
+        let stats = super::Stats {
+            decode,
+            decode_forward: self.forward,
+        };
+        Ok((
+            Completion {
+                text: self.out.text,
+                token_ids: self.generated,
+                finish_reason: finish,
+                usage,
+            },
+            stats,
+        ))
+    }
+}
