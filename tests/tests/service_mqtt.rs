@@ -413,10 +413,26 @@ async fn a_share_group_splits_requests_between_two_daemons(backend: &'static str
 }
 
 async fn twenty_clients_times_five_requests_each_get_one_terminal_message(backend: &'static str) {
+    twenty_by_five(backend, 1).await
+}
+
+/// The same with continuous batching (`parallel = 4`; tract runs one at a time and says so in
+/// its status).
+async fn twenty_clients_times_five_requests_with_parallel_4(backend: &'static str) {
+    twenty_by_five(backend, 4).await
+}
+
+async fn twenty_by_five(backend: &'static str, parallel: usize) {
     let broker = Mosquitto::start();
     let mut cfg = config(backend, tiny_package(), None, Some(&broker.url()), "n1");
     cfg.limits.queue_depth = 64;
+    cfg.limits.parallel = parallel;
     let d = Daemon::start(cfg).await;
+    let mut status = MqttClient::connect(&broker.url()).await;
+    status.subscribe("edgellm/n1/status").await;
+    let s = status.recv(WAIT).await;
+    let batched = if backend == "ort" { parallel } else { 1 };
+    assert_eq!(s.json["parallel"], batched, "{s:?}");
     let mut clients = Vec::new();
     for k in 0..20 {
         let mut c = MqttClient::connect(&broker.url()).await;
@@ -532,4 +548,5 @@ edgellm_tests::on_both_backends!(
     cancel_topic_and_broker_restart_mid_stream,
     a_share_group_splits_requests_between_two_daemons,
     twenty_clients_times_five_requests_each_get_one_terminal_message,
+    twenty_clients_times_five_requests_with_parallel_4,
 );
