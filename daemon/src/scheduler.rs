@@ -3,7 +3,9 @@
 //! [`Scheduler::submit`] validates a request, renders and tokenizes its prompt (so a too-long
 //! prompt is refused at once, not after waiting in line), and puts it in a bounded queue: when
 //! `queue_depth` requests already wait, the answer is `busy`. One OS thread owns the [`Engine`]
-//! (and so the backend and its KV cache) and runs queued requests one at a time.
+//! (and so the backend and its KV cache) and runs queued requests one at a time, or, with
+//! `[limits] parallel` > 1 and a backend with slots, up to `parallel` together
+//! ([`run_batched`]: continuous batching; a request leaves the queue when a slot is free).
 //!
 //! Every accepted request ends with exactly one terminal event on its channel: `Done` with a
 //! finish reason (`stop`, `length`, `cancelled`, `shutdown`) or `Error`. Each request has its

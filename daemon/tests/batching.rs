@@ -11,12 +11,15 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+#[cfg(feature = "ort")]
 use edgellm::api::{Completion, FinishReason, Input, Request};
 use edgellm::backend::{BackendChoice, BackendOptions};
 use edgellm::engine::Engine;
 use edgellm::model::Model;
 use edgellm::package::Package;
-use edgellm::scheduler::{Limits, RequestEvent, Scheduler};
+#[cfg(feature = "ort")]
+use edgellm::scheduler::RequestEvent;
+use edgellm::scheduler::{Limits, Scheduler};
 use tokio_util::sync::CancellationToken;
 
 fn export_fp32(name: &str, tmp: &Path) -> PathBuf {

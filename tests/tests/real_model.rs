@@ -388,10 +388,8 @@ async fn concurrent_requests_over_dbus_and_mqtt_get_their_answers_alone() {
     mq.subscribe("replies/#").await;
     let dbus_opts = |i: usize| {
         let (_, max, temp, top_k, seed) = settings[i];
-        let mut o: Vec<(&str, OwnedVariant)> = vec![
-            ("max_tokens", max.into()),
-            ("temperature", temp.into()),
-        ];
+        let mut o: Vec<(&str, OwnedVariant)> =
+            vec![("max_tokens", max.into()), ("temperature", temp.into())];
         if top_k > 0 {
             o.push(("top_k", top_k.into()));
         }
@@ -441,8 +439,8 @@ async fn concurrent_requests_over_dbus_and_mqtt_get_their_answers_alone() {
     let watch = tokio::spawn(async move {
         let mut most = 0;
         for _ in 0..400 {
-            let n = u32::try_from(service::get_property(&reader, "Running").await.unwrap())
-                .unwrap();
+            let n =
+                u32::try_from(service::get_property(&reader, "Running").await.unwrap()).unwrap();
             most = most.max(n);
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
@@ -461,12 +459,19 @@ async fn concurrent_requests_over_dbus_and_mqtt_get_their_answers_alone() {
     assert!(alone[4].starts_with(&deltas.concat()));
 
     for (i, t) in chats.into_iter().enumerate() {
-        assert_eq!(t.await.unwrap(), alone[i], "D-Bus request {i} differs from alone");
+        assert_eq!(
+            t.await.unwrap(),
+            alone[i],
+            "D-Bus request {i} differs from alone"
+        );
     }
     let mut mqtt_answers = std::collections::HashMap::new();
     while mqtt_answers.len() < 2 {
         let (_, fin) = mq.until_done().await;
-        mqtt_answers.insert(fin.topic.clone(), fin.json["text"].as_str().unwrap().to_string());
+        mqtt_answers.insert(
+            fin.topic.clone(),
+            fin.json["text"].as_str().unwrap().to_string(),
+        );
     }
     for i in [2usize, 3] {
         assert_eq!(
@@ -476,7 +481,10 @@ async fn concurrent_requests_over_dbus_and_mqtt_get_their_answers_alone() {
         );
     }
     let most = watch.await.unwrap();
-    assert!(most >= 3, "at most {most} requests were seen running at once");
+    assert!(
+        most >= 3,
+        "at most {most} requests were seen running at once"
+    );
     daemon.stop().await;
 }
 

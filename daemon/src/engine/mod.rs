@@ -1,7 +1,10 @@
-//! The generation loop: one [`Engine`] owns one backend (and so one KV cache) and runs one
-//! request at a time: render and tokenize, prefill, then sample -> detokenize -> stop checks ->
-//! emit -> decode one token, until an end-of-sequence token, a stop string, `max_tokens`, the
-//! context length, or the caller's cancellation. The daemon runs it on its own OS thread.
+//! The generation loop: one [`Engine`] owns one backend (and so one KV cache) and runs a
+//! request as a [`Sequence`]: render and tokenize, prefill, then sample -> detokenize -> stop
+//! checks -> emit -> decode one token, until an end-of-sequence token, a stop string,
+//! `max_tokens`, the context length, or the caller's cancellation. The daemon runs it on its own
+//! OS thread, one request at a time ([`Engine::generate_with`]) or several in the backend's
+//! slots (continuous batching: [`Engine::prefill_step`] in the single cache, then
+//! [`Engine::store_slot`] and [`Engine::decode_slots`], driven by the scheduler).
 //!
 //! Prefix reuse: the engine remembers which tokens the backend's KV cache holds (the last
 //! request's prompt and the generated tokens it fed back). A new request whose prompt starts
