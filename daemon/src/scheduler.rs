@@ -315,24 +315,7 @@ impl Scheduler {
 
     /// Validates, tokenizes and queues `req`.
     pub fn submit(&self, mut req: Request) -> Result<Handle, ServiceError> {
-        if self.root.is_cancelled() {
-            return Err(ServiceError::new(
-                ErrorCode::ShuttingDown,
-                "the service is stopping",
-            ));
-        }
-        req.sampling
-            .validate()
-            .map_err(|e| ServiceError::new(ErrorCode::InvalidRequest, e.to_string()))?;
-        if req.max_tokens == Some(0) {
-            return Err(ServiceError::new(
-                ErrorCode::InvalidRequest,
-                "max_tokens: must be positive",
-            ));
-        }
-        req.max_tokens = Some(req.max_tokens.map_or(self.limits.max_new_tokens, |m| {
-            m.min(self.limits.max_new_tokens)
-        }));
+        self.admit(&mut req)?;
         // A prompt whose text alone could not fit is refused before tokenizing it (a 10 MB
         // prompt took seconds to tokenize just to be refused).
         let bytes = input_bytes(&req.input);
@@ -351,6 +334,45 @@ impl Scheduler {
             .model
             .prompt_ids(&req.input, req.reasoning_effort)
             .map_err(|e| ServiceError::new(ErrorCode::InvalidRequest, e.to_string()))?;
+        self.enqueue(req, prompt)
+    }
+
+    /// [`Scheduler::submit`] of a prompt already in token ids (`req.input` is not rendered):
+    /// for tools and benchmarks.
+    pub fn submit_ids(&self, mut req: Request, prompt: Vec<u32>) -> Result<Handle, ServiceError> {
+        self.admit(&mut req)?;
+        if prompt.is_empty() {
+            return Err(ServiceError::new(ErrorCode::InvalidRequest, "empty prompt"));
+        }
+        self.enqueue(req, prompt)
+    }
+
+    /// The checks every request passes first: not shutting down, valid sampling, a positive
+    /// `max_tokens` (capped at `[limits] max_new_tokens`).
+    fn admit(&self, req: &mut Request) -> Result<(), ServiceError> {
+        if self.root.is_cancelled() {
+            return Err(ServiceError::new(
+                ErrorCode::ShuttingDown,
+                "the service is stopping",
+            ));
+        }
+        req.sampling
+            .validate()
+            .map_err(|e| ServiceError::new(ErrorCode::InvalidRequest, e.to_string()))?;
+        if req.max_tokens == Some(0) {
+            return Err(ServiceError::new(
+                ErrorCode::InvalidRequest,
+                "max_tokens: must be positive",
+            ));
+        }
+        req.max_tokens = Some(req.max_tokens.map_or(self.limits.max_new_tokens, |m| {
+            m.min(self.limits.max_new_tokens)
+        }));
+        Ok(())
+    }
+
+    /// Queues a request whose prompt is tokenized.
+    fn enqueue(&self, req: Request, prompt: Vec<u32>) -> Result<Handle, ServiceError> {
         if prompt.len() >= self.max_length {
             return Err(ServiceError::new(
                 ErrorCode::PromptTooLong,

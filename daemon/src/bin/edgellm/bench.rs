@@ -3,6 +3,10 @@
 //! Also reports the share of each decode step spent outside the backend's forward pass.
 //! `--cached-prefix N` keeps the prompt's first N tokens as a computed prefix (what
 //! `[model] system_prompts` does), so the runs measure the warm time to first token.
+//! `--parallel N` measures continuous batching instead: N requests (different prompts of the
+//! same length) submitted at once to the scheduler with `parallel = N`, against the same N run
+//! one at a time in the same process: aggregate decode tok/s and time to first token (from
+//! submission: queueing included) of each.
 
 use std::ops::ControlFlow;
 
@@ -25,8 +29,134 @@ pub struct BenchArgs {
     /// Keep the prompt's first N tokens computed (a system prompt): TTFT then covers the rest.
     #[arg(long, default_value_t = 0)]
     cached_prefix: usize,
+    /// N concurrent requests, batched (`[limits] parallel = N`) and one at a time.
+    #[arg(long, default_value_t = 1)]
+    parallel: usize,
     #[arg(long)]
     json: bool,
+}
+
+/// One pass of `n` requests submitted at once: (aggregate tok/s over the generated tokens
+/// after each first one, TTFTs from submission in ms, sorted).
+fn concurrent_pass(
+    engine: edgellm::engine::Engine,
+    parallel: usize,
+    prompts: &[Vec<u32>],
+    req: &Request,
+) -> anyhow::Result<(f64, Vec<f64>)> {
+    use edgellm::scheduler::{Limits, RequestEvent, Scheduler};
+    use std::time::{Duration, Instant};
+    let limits = Limits {
+        queue_depth: prompts.len().max(1),
+        parallel,
+        max_new_tokens: usize::MAX,
+        request_timeout: Duration::from_secs(3600),
+    };
+    let s = Scheduler::start(engine, limits, tokio_util::sync::CancellationToken::new());
+    anyhow::ensure!(
+        s.parallel() == parallel,
+        "this backend and package run one request at a time (see the log)"
+    );
+    let start = Instant::now();
+    let mut handles = Vec::new();
+    for p in prompts {
+        let mut r = req.clone();
+        r.input = Input::Prompt {
+            text: String::new(),
+            raw: true,
+        };
+        handles.push(s.submit_ids(r, p.clone())?);
+    }
+    let mut ttft = Vec::new();
+    let (mut tokens, mut first_all, mut last) = (0usize, start, start);
+    for mut h in handles {
+        let mut first = None;
+        loop {
+            match h.events.blocking_recv() {
+                Some(RequestEvent::Event(_)) => {
+                    first.get_or_insert_with(Instant::now);
+                }
+                Some(RequestEvent::Done(c)) => {
+                    let f = first.unwrap_or_else(Instant::now);
+                    ttft.push((f - start).as_secs_f64() * 1e3);
+                    first_all = first_all.max(f);
+                    last = last.max(Instant::now());
+                    tokens += c.usage.completion_tokens.saturating_sub(1);
+                    break;
+                }
+                Some(RequestEvent::Error(e)) => anyhow::bail!("request failed: {e}"),
+                None => anyhow::bail!("the engine thread stopped"),
+            }
+        }
+    }
+    ttft.sort_by(f64::total_cmp);
+    let wall = (last - start).as_secs_f64();
+    Ok((tokens as f64 / wall.max(1e-9), ttft))
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// `--parallel N`: the same N requests batched and one at a time.
+fn bench_parallel(args: &BenchArgs, prompt: &[u32], req: &Request) -> anyhow::Result<()> {
+    let vocab = prompt.len().max(1) as u32;
+    let prompts: Vec<Vec<u32>> = (0..args.parallel as u32)
+        .map(|k| {
+            // Each request its own prompt: rotate the ids, so no prefix is shared.
+            let mut p = prompt.to_vec();
+            p.rotate_left((k * 17 % vocab) as usize);
+            p
+        })
+        .collect();
+    let mut rows = Vec::new();
+    for parallel in [1, args.parallel] {
+        // A warm-up pass first (first-run allocations), then the measured one.
+        let (_, _) = concurrent_pass(args.engine.engine()?, parallel, &prompts[..1], req)?;
+        let (tok_s, ttft) = concurrent_pass(args.engine.engine()?, parallel, &prompts, req)?;
+        rows.push(serde_json::json!({
+            "parallel": parallel,
+            "requests": prompts.len(),
+            "aggregate_decode_tok_s": tok_s,
+            "ttft_p50_ms": percentile(&ttft, 0.5),
+            "ttft_p95_ms": percentile(&ttft, 0.95),
+        }));
+    }
+    let ratio = rows[1]["aggregate_decode_tok_s"].as_f64().unwrap_or(0.0)
+        / rows[0]["aggregate_decode_tok_s"]
+            .as_f64()
+            .unwrap_or(1.0)
+            .max(1e-9);
+    let result = serde_json::json!({
+        "model": args.engine.model.display().to_string(),
+        "threads": args.engine.threads,
+        "prompt_tokens": args.prompt_tokens,
+        "gen_tokens": args.gen_tokens,
+        "one_at_a_time": rows[0],
+        "batched": rows[1],
+        "batched_over_one_at_a_time": ratio,
+    });
+    if args.json {
+        println!("{result}");
+    } else {
+        for r in &rows {
+            println!(
+                "parallel {:>2}: {} requests of {} + {} tokens: aggregate decode {:.1} tok/s, TTFT p50 {:.0} ms, p95 {:.0} ms",
+                r["parallel"],
+                r["requests"],
+                args.prompt_tokens,
+                args.gen_tokens,
+                r["aggregate_decode_tok_s"].as_f64().unwrap_or(0.0),
+                r["ttft_p50_ms"].as_f64().unwrap_or(0.0),
+                r["ttft_p95_ms"].as_f64().unwrap_or(0.0)
+            );
+        }
+        println!("batched / one at a time: {ratio:.2}x");
+    }
+    Ok(())
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -83,9 +213,6 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         args.cached_prefix < args.prompt_tokens,
         "--cached-prefix must be shorter than --prompt-tokens"
     );
-    if args.cached_prefix > 0 {
-        engine.keep_prefix(&prompt[..args.cached_prefix])?;
-    }
     let mut req = Request::new(Input::Prompt {
         text: String::new(),
         raw: true,
@@ -96,6 +223,13 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         temperature: 0.0,
         ..SamplingParams::default()
     };
+    if args.parallel > 1 {
+        drop(engine);
+        return bench_parallel(args, &prompt, &req);
+    }
+    if args.cached_prefix > 0 {
+        engine.keep_prefix(&prompt[..args.cached_prefix])?;
+    }
 
     let (mut ttft, mut prefill, mut decode, mut overhead) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
