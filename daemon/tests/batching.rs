@@ -8,43 +8,17 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 #[cfg(feature = "ort")]
 use edgellm::api::{Completion, FinishReason, Input, Request};
-use edgellm::backend::{BackendChoice, BackendOptions};
+#[cfg(feature = "ort")]
 use edgellm::engine::Engine;
-use edgellm::model::Model;
-use edgellm::package::Package;
 #[cfg(feature = "ort")]
 use edgellm::scheduler::RequestEvent;
 use edgellm::scheduler::{Limits, Scheduler};
 use tokio_util::sync::CancellationToken;
-
-fn export_fp32(name: &str, tmp: &Path) -> PathBuf {
-    let out = tmp.join(name);
-    let opts = edgellm_export::ExportOptions {
-        max_length: Some(256),
-        precision: edgellm_export::Precision::Fp32,
-        ..Default::default()
-    };
-    edgellm_export::export(&common::fixture_checkpoint(name), &out, &opts).unwrap();
-    out
-}
-
-fn engine(pkg: &Path, backend: &str) -> Engine {
-    let opts = BackendOptions {
-        threads: 1,
-        max_length: 256,
-        // Small prefill steps: a joining prompt spans several, between the others' steps.
-        prefill_chunk: 16,
-        ..BackendOptions::default()
-    };
-    let choice = BackendChoice::parse(backend).unwrap();
-    let loaded = edgellm::backend::load(&Package::open(pkg).unwrap(), choice, &opts).unwrap();
-    Engine::new(Model::load(pkg).unwrap(), loaded.backend, 256)
-}
 
 fn scheduler(pkg: &Path, backend: &str, parallel: usize) -> Scheduler {
     let limits = Limits {
@@ -53,7 +27,11 @@ fn scheduler(pkg: &Path, backend: &str, parallel: usize) -> Scheduler {
         max_new_tokens: 1000,
         request_timeout: Duration::from_secs(300),
     };
-    Scheduler::start(engine(pkg, backend), limits, CancellationToken::new())
+    Scheduler::start(
+        common::small_step_engine(pkg, backend),
+        limits,
+        CancellationToken::new(),
+    )
 }
 
 #[cfg(feature = "ort")]
@@ -157,7 +135,7 @@ async fn together(s: &Scheduler, reqs: &[Request]) -> (Vec<(String, Completion)>
 /// tokens alone. `stop` gets a stop string taken from its own answer alone, so it really stops.
 async fn same_as_alone(pkg: &Path, parallel: usize, expect_parallel: usize) {
     let mut reqs = requests();
-    let mut e = engine(pkg, "ort");
+    let mut e = common::small_step_engine(pkg, "ort");
     let stop_source = alone(&mut e, &reqs[3]);
     let cut = stop_source
         .text
@@ -218,7 +196,7 @@ async fn same_as_alone(pkg: &Path, parallel: usize, expect_parallel: usize) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batched_requests_get_the_tokens_they_get_alone() {
     let tmp = tempfile::tempdir().unwrap();
-    let pkg = export_fp32("llama", tmp.path());
+    let pkg = common::export_fp32("llama", tmp.path());
     same_as_alone(&pkg, 4, 4).await;
     // Fewer slots than requests: the others wait in the queue and join as slots free up.
     same_as_alone(&pkg, 2, 2).await;
@@ -228,7 +206,7 @@ async fn batched_requests_get_the_tokens_they_get_alone() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sliding_window_packages_run_one_at_a_time_and_say_so() {
     let tmp = tempfile::tempdir().unwrap();
-    let pkg = export_fp32("mistral", tmp.path());
+    let pkg = common::export_fp32("mistral", tmp.path());
     same_as_alone(&pkg, 4, 1).await;
 }
 
@@ -236,7 +214,7 @@ async fn sliding_window_packages_run_one_at_a_time_and_say_so() {
 #[test]
 fn tract_runs_one_at_a_time_and_says_so() {
     let tmp = tempfile::tempdir().unwrap();
-    let pkg = export_fp32("llama", tmp.path());
+    let pkg = common::export_fp32("llama", tmp.path());
     let s = scheduler(&pkg, "tract", 4);
     assert_eq!(s.parallel(), 1);
 }

@@ -12,39 +12,12 @@
 mod common;
 
 use std::ops::ControlFlow;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use edgellm::api::{Completion, Input, Request};
-use edgellm::backend::{BackendChoice, BackendOptions};
 use edgellm::engine::Engine;
-use edgellm::model::Model;
-use edgellm::package::Package;
 
 const GEN: usize = 8;
-
-fn export_fp32(name: &str, tmp: &Path) -> PathBuf {
-    let out = tmp.join(name);
-    let opts = edgellm_export::ExportOptions {
-        max_length: Some(256),
-        precision: edgellm_export::Precision::Fp32,
-        ..Default::default()
-    };
-    edgellm_export::export(&common::fixture_checkpoint(name), &out, &opts).unwrap();
-    out
-}
-
-fn engine(pkg: &Path, backend: &str) -> Engine {
-    let choice = BackendChoice::parse(backend).unwrap();
-    let opts = BackendOptions {
-        threads: 1,
-        max_length: 256,
-        // Small prefill steps: the prompts below span several, as long prompts do.
-        prefill_chunk: 16,
-        ..BackendOptions::default()
-    };
-    let loaded = edgellm::backend::load(&Package::open(pkg).unwrap(), choice, &opts).unwrap();
-    Engine::new(Model::load(pkg).unwrap(), loaded.backend, 256)
-}
 
 fn run(engine: &mut Engine, prompt: &[u32]) -> Completion {
     let mut req = Request::new(Input::Prompt {
@@ -68,8 +41,8 @@ fn ids(n: usize, seed: usize) -> Vec<u32> {
 
 fn check(fixture: &str, backend: &str, pkg: &Path) {
     let a = ids(40, 1);
-    let mut warm = engine(pkg, backend);
-    let mut cold = engine(pkg, backend);
+    let mut warm = common::small_step_engine(pkg, backend);
+    let mut cold = common::small_step_engine(pkg, backend);
     let mut cold_run = |prompt: &[u32]| {
         cold.forget_cache();
         run(&mut cold, prompt)
@@ -159,7 +132,7 @@ fn check(fixture: &str, backend: &str, pkg: &Path) {
 fn prefix_reuse_gives_cold_start_tokens() {
     let tmp = tempfile::tempdir().unwrap();
     for fixture in ["llama", "mistral", "gptoss"] {
-        let pkg = export_fp32(fixture, tmp.path());
+        let pkg = common::export_fp32(fixture, tmp.path());
         for backend in common::backends() {
             check(fixture, backend, &pkg);
         }

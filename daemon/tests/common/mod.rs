@@ -87,3 +87,34 @@ pub fn backends() -> Vec<&'static str> {
     }
     v
 }
+
+/// An fp32 package of fixture `name` (max_length 256) in `tmp`.
+pub fn export_fp32(name: &str, tmp: &Path) -> PathBuf {
+    let out = tmp.join(name);
+    let opts = edgellm_export::ExportOptions {
+        max_length: Some(256),
+        precision: edgellm_export::Precision::Fp32,
+        ..Default::default()
+    };
+    edgellm_export::export(&fixture_checkpoint(name), &out, &opts).unwrap();
+    out
+}
+
+/// An engine on `pkg` (one thread, 256 positions) whose prefill runs in steps of 16 tokens, so
+/// the tests' prompts span several steps, as long prompts do.
+pub fn small_step_engine(pkg: &Path, backend: &str) -> edgellm::engine::Engine {
+    let choice = edgellm::backend::BackendChoice::parse(backend).unwrap();
+    let opts = edgellm::backend::BackendOptions {
+        threads: 1,
+        max_length: 256,
+        prefill_chunk: 16,
+        ..edgellm::backend::BackendOptions::default()
+    };
+    let pkg_open = edgellm::package::Package::open(pkg).unwrap();
+    let loaded = edgellm::backend::load(&pkg_open, choice, &opts).unwrap();
+    edgellm::engine::Engine::new(
+        edgellm::model::Model::load(pkg).unwrap(),
+        loaded.backend,
+        256,
+    )
+}
