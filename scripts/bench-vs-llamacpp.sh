@@ -100,48 +100,7 @@ gguf_bf16="$bench/model-bf16.gguf"
 gguf_q4="$bench/model-q4_0.gguf"
 rm -f "$gguf_bf16" "$gguf_q4"
 say "converting: convert_hf_to_gguf.py $ckpt --outtype bf16 --outfile $gguf_bf16"
-if ! PYTHONPATH="$llama/gguf-py${PYTHONPATH:+:$PYTHONPATH}" \
-    "$py" - "$llama" "$ckpt" --outtype bf16 --outfile "$gguf_bf16" >"$bench/convert.log" 2>&1 <<'EOF'
-# Runs llama.cpp's convert_hf_to_gguf.py with two adaptations (see the script's header).
-import runpy
-import sys
-from pathlib import Path
-
-llama = Path(sys.argv[1])
-sys.path[:0] = [str(llama), str(llama / "gguf-py")]
-from conversion import base  # noqa: E402  (llama.cpp's converter package)
-
-orig_spm = base.TextModel._create_vocab_sentencepiece
-
-
-def create_vocab_sentencepiece(self):
-    # No tokenizer.model: the FileNotFoundError set_vocab expects (not sentencepiece's ImportError).
-    if not (self.dir_model / "tokenizer.model").is_file():
-        raise FileNotFoundError(f"File not found: {self.dir_model / 'tokenizer.model'}")
-    return orig_spm(self)
-
-
-orig_pre = base.TextModel.get_vocab_base_pre
-
-
-def get_vocab_base_pre(self, tokenizer):
-    try:
-        return orig_pre(self, tokenizer)
-    except NotImplementedError:
-        print("bench-vs-llamacpp: BPE pre-tokenizer not recognized (random-init tokenizer); using 'qwen2'",
-              file=sys.stderr)
-        return "qwen2"
-
-
-base.TextModel._create_vocab_sentencepiece = create_vocab_sentencepiece
-base.TextModel.get_vocab_base_pre = get_vocab_base_pre
-sys.argv = [str(llama / "convert_hf_to_gguf.py")] + sys.argv[2:]
-runpy.run_path(sys.argv[0], run_name="__main__")
-EOF
-then
-    tail -n 30 "$bench/convert.log" >&2
-    die "convert_hf_to_gguf.py failed (log: $bench/convert.log)"
-fi
+llamacpp_convert_hf "$ckpt" "$gguf_bf16" "$bench/convert.log"
 say "quantizing: llama-quantize $gguf_bf16 $gguf_q4 Q4_0 $(nproc)"
 run_ll llama-quantize "$gguf_bf16" "$gguf_q4" Q4_0 "$(nproc)" >"$bench/quantize.log" 2>&1 \
     || { tail -n 30 "$bench/quantize.log" >&2; die "llama-quantize failed (log: $bench/quantize.log)"; }

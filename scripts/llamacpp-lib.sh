@@ -24,6 +24,9 @@
 #   llamacpp_build_default TARGET…  llamacpp_build with the mode LLAMA_NATIVE selects
 #   run_ll TOOL ARGS…           runs $build_dir/bin/TOOL; on SIGILL with a native build, rebuilds
 #                               the same targets with explicit flags and runs it again
+#   llamacpp_convert_hf CKPT OUT LOG  convert_hf_to_gguf.py CKPT --outtype bf16 --outfile OUT with
+#                               $ll_py (torch, transformers, numpy, pyyaml, tqdm), adapted for the
+#                               random-init checkpoints (see the function)
 
 llamacpp_tools_check() {
     command -v c++ >/dev/null || die "no C++ compiler (c++) on PATH (Debian: apt-get install -y build-essential)"
@@ -92,7 +95,8 @@ llamacpp_build() {
     if [[ $mode == native ]]; then isa="-DGGML_NATIVE=ON"; else isa="$(llamacpp_explicit_flags)"; fi
     # shellcheck disable=SC2206  # isa is a list of -D flags
     build_flags=(-DCMAKE_BUILD_TYPE=Release $isa -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_TESTS=OFF
-        -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF
+        -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON -DLLAMA_USE_PREBUILT_UI=OFF
+        -DLLAMA_BUILD_UI=OFF -DLLAMA_BUILD_APP=OFF
         -DLLAMA_OPENSSL=OFF -DGGML_BACKEND_DL=OFF)
     for t in "$@"; do [[ -x $build_dir/bin/$t ]] || missing+=("$t"); done
     if [[ "$(cat "$build_dir/.edgellm-bench-flags" 2>/dev/null)" == "${build_flags[*]}" ]]; then
@@ -138,4 +142,59 @@ run_ll() {
         "$build_dir/bin/$tool" "$@" || rc=$?
     fi
     return $rc
+}
+
+# The checkpoint -> bf16 GGUF step (lossless for a bf16 checkpoint). Two adaptations, made by a
+# small wrapper around convert_hf_to_gguf.py (the files are not edited):
+#   - Qwen2's set_vocab tries SentencePiece first and falls back to the GPT-2 BPE vocabulary on
+#     FileNotFoundError (no tokenizer.model); without the sentencepiece module installed the
+#     import fails first, so the wrapper raises FileNotFoundError when tokenizer.model is absent.
+#   - the converter identifies the BPE pre-tokenizer by hashing the tokenization of a test
+#     string; the random-init tokenizer (256 bytes + a few merges) matches no known hash, so when
+#     it is not recognized the wrapper uses "qwen2" (Qwen2.5's).
+llamacpp_convert_hf() {
+    local ckpt="$1" out="$2" log="$3"
+    say "converting: convert_hf_to_gguf.py $ckpt --outtype bf16 --outfile $out"
+    if ! PYTHONPATH="$llama/gguf-py${PYTHONPATH:+:$PYTHONPATH}" \
+        "$ll_py" - "$llama" "$ckpt" --outtype bf16 --outfile "$out" >"$log" 2>&1 <<'EOF'
+# Runs llama.cpp's convert_hf_to_gguf.py with two adaptations (see the script's header).
+import runpy
+import sys
+from pathlib import Path
+
+llama = Path(sys.argv[1])
+sys.path[:0] = [str(llama), str(llama / "gguf-py")]
+from conversion import base  # noqa: E402  (llama.cpp's converter package)
+
+orig_spm = base.TextModel._create_vocab_sentencepiece
+
+
+def create_vocab_sentencepiece(self):
+    # No tokenizer.model: the FileNotFoundError set_vocab expects (not sentencepiece's ImportError).
+    if not (self.dir_model / "tokenizer.model").is_file():
+        raise FileNotFoundError(f"File not found: {self.dir_model / 'tokenizer.model'}")
+    return orig_spm(self)
+
+
+orig_pre = base.TextModel.get_vocab_base_pre
+
+
+def get_vocab_base_pre(self, tokenizer):
+    try:
+        return orig_pre(self, tokenizer)
+    except NotImplementedError:
+        print("llamacpp-lib: BPE pre-tokenizer not recognized (random-init tokenizer); using 'qwen2'",
+              file=sys.stderr)
+        return "qwen2"
+
+
+base.TextModel._create_vocab_sentencepiece = create_vocab_sentencepiece
+base.TextModel.get_vocab_base_pre = get_vocab_base_pre
+sys.argv = [str(llama / "convert_hf_to_gguf.py")] + sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+EOF
+    then
+        tail -n 30 "$log" >&2
+        die "convert_hf_to_gguf.py failed (log: $log)"
+    fi
 }
