@@ -46,6 +46,9 @@ pub struct ModelConfig {
     /// System messages computed at start-up and kept in the KV cache: a request whose
     /// conversation starts with one skips its prefill (`usage.cached_tokens`).
     pub system_prompts: Vec<String>,
+    /// A folder where the system prompts' KV rows are saved and restored from on the next
+    /// start (when package, backend, max_length and prompt still match). Empty: not saved.
+    pub prefix_cache_dir: PathBuf,
 }
 
 impl Default for ModelConfig {
@@ -56,6 +59,7 @@ impl Default for ModelConfig {
             max_length: 4096,
             threads: 0,
             system_prompts: Vec::new(),
+            prefix_cache_dir: PathBuf::new(),
         }
     }
 }
@@ -296,6 +300,11 @@ threads = {threads}
 # with one of them skips its prefill (reported as usage.cached_tokens). Each keeps a copy of its
 # KV rows in memory (logged at start). Example: ["You are a helpful assistant."]
 system_prompts = {system_prompts}
+# A folder for the system prompts' KV rows: saved after start-up computed them, restored on the
+# next start instead of computing them again (when the package, backend, max_length and prompt
+# still match; the files are checked). The unit gives edgellmd /var/cache/edgellm for this.
+# Empty: not saved.
+prefix_cache_dir = {prefix_cache_dir}
 
 [onnxruntime]
 # libonnxruntime.so to load; empty: ORT_DYLIB_PATH, then the system library.
@@ -351,6 +360,7 @@ share_group = {share}
             max_length = d.model.max_length,
             threads = d.model.threads,
             system_prompts = list(&d.model.system_prompts),
+            prefix_cache_dir = q(&d.model.prefix_cache_dir.display().to_string()),
             library = q(&d.onnxruntime.library),
             eps = list(&d.onnxruntime.execution_providers),
             spin = d.onnxruntime.allow_spinning,

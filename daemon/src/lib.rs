@@ -23,6 +23,7 @@ pub mod config;
 pub mod engine;
 pub mod model;
 pub mod package;
+pub mod prefix_cache;
 pub mod sampler;
 pub mod scheduler;
 pub mod service;

@@ -111,12 +111,60 @@ fn load_engine(config: &Config) -> Result<(Engine, crate::backend::Reason), RunE
             .model()
             .system_prefix_ids(system)
             .map_err(|e| what(e.to_string()))?;
+        let dir = &config.model.prefix_cache_dir;
+        let key = (!dir.as_os_str().is_empty())
+            .then(|| {
+                crate::prefix_cache::Key::new(
+                    &config.model.path,
+                    engine.backend_name(),
+                    max_length,
+                    &ids,
+                )
+            })
+            .flatten();
+        if key.is_none() && !dir.as_os_str().is_empty() {
+            tracing::warn!(
+                "system prompt {i} is not saved in {}: the package has no SHA256SUMS to tell \
+                 it from a changed one",
+                dir.display()
+            );
+        }
+        if let Some(key) = &key {
+            match crate::prefix_cache::load(dir, key) {
+                Ok(Some(snapshot)) => {
+                    let bytes = snapshot.bytes();
+                    if engine.adopt_prefix(&ids, snapshot) {
+                        tracing::info!(
+                            "kept system prompt {i}: {} tokens restored from {}, {:.1} MiB of KV rows",
+                            ids.len(),
+                            key.path(dir).display(),
+                            bytes as f64 / MIB
+                        );
+                        continue;
+                    }
+                    tracing::warn!(
+                        "{}: the backend refused the saved rows; computing system prompt {i}",
+                        key.path(dir).display()
+                    );
+                }
+                Ok(None) => {}
+                Err(why) => tracing::warn!("{why}; computing system prompt {i}"),
+            }
+        }
         let bytes = engine.keep_prefix(&ids).map_err(|e| what(e.to_string()))?;
         tracing::info!(
             "kept system prompt {i}: {} tokens computed, {:.1} MiB of KV rows",
             ids.len(),
-            bytes as f64 / (1 << 20) as f64
+            bytes as f64 / MIB
         );
+        if let (Some(key), Some(snapshot)) = (&key, engine.kept(&ids)) {
+            match crate::prefix_cache::save(dir, key, snapshot) {
+                Ok(path) => tracing::info!("saved system prompt {i} to {}", path.display()),
+                Err(e) => {
+                    tracing::warn!("could not save system prompt {i} in {}: {e}", dir.display())
+                }
+            }
+        }
     }
     Ok((engine, loaded.reason))
 }

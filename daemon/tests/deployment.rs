@@ -580,7 +580,10 @@ fn the_dbus_policy_admits_only_edgellm_and_its_clients() {
                     &r,
                     Err(zbus::Error::FDO(e)) if matches!(**e, zbus::fdo::Error::UnknownObject(_))
                 );
-                assert!(r.is_ok() || finished, "the owner could not cancel {p}: {r:?}");
+                assert!(
+                    r.is_ok() || finished,
+                    "the owner could not cancel {p}: {r:?}"
+                );
             }
         });
 

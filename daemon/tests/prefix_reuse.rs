@@ -138,3 +138,72 @@ fn prefix_reuse_gives_cold_start_tokens() {
         }
     }
 }
+
+/// `[model] prefix_cache_dir`: a kept prefix saved to a file and adopted by a fresh engine (a
+/// restart) gives the tokens a cold start gives and counts as cached; a damaged, truncated or
+/// foreign file is refused with its reason, never adopted.
+fn saved_prefix(fixture: &str, backend: &str, pkg: &Path, dir: &Path) {
+    use edgellm::prefix_cache::{self, Key};
+    let system = ids(30, 7);
+    let mut first = common::small_step_engine(pkg, backend);
+    first.keep_prefix(&system).unwrap();
+    let key = Key::new(pkg, backend, 256, &system).expect("the package has SHA256SUMS");
+    let path = prefix_cache::save(dir, &key, first.kept(&system).unwrap()).unwrap();
+    drop(first);
+
+    let loaded = prefix_cache::load(dir, &key)
+        .unwrap()
+        .expect("the saved file");
+    let mut restarted = common::small_step_engine(pkg, backend);
+    assert!(
+        restarted.adopt_prefix(&system, loaded.clone()),
+        "{fixture}/{backend}"
+    );
+    let mut prompt = system.clone();
+    prompt.extend(ids(12, 8));
+    let got = run(&mut restarted, &prompt);
+    assert_eq!(got.usage.cached_tokens, system.len(), "{fixture}/{backend}");
+    let mut cold = common::small_step_engine(pkg, backend);
+    assert_eq!(
+        got.token_ids,
+        run(&mut cold, &prompt).token_ids,
+        "{fixture}/{backend}: a restored prefix differs from a cold start"
+    );
+    // Another backend's rows are refused by this one.
+    let mut foreign = loaded.clone();
+    foreign.backend = "other".into();
+    assert!(!restarted.adopt_prefix(&system, foreign));
+    // Shapes that are not this cache's are refused before anything is copied.
+    let mut torn = loaded;
+    torn.parts[0].shape[1] += 1;
+    assert!(!restarted.adopt_prefix(&system, torn));
+
+    // Damaged files: one flipped bit in the rows, a truncation, another prompt's key.
+    let good = std::fs::read(&path).unwrap();
+    let mut flipped = good.clone();
+    let last = flipped.len() - 1;
+    flipped[last] ^= 1;
+    std::fs::write(&path, &flipped).unwrap();
+    let e = prefix_cache::load(dir, &key).unwrap_err();
+    assert!(e.contains("SHA-256"), "{e}");
+    std::fs::write(&path, &good[..good.len() - 5]).unwrap();
+    let e = prefix_cache::load(dir, &key).unwrap_err();
+    assert!(e.contains("bytes"), "{e}");
+    let other = Key::new(pkg, backend, 256, &ids(30, 9)).unwrap();
+    std::fs::write(other.path(dir), &good).unwrap();
+    let e = prefix_cache::load(dir, &other).unwrap_err();
+    assert!(e.contains("another package"), "{e}");
+    assert_eq!(prefix_cache::load(&dir.join("none"), &key), Ok(None));
+}
+
+#[test]
+fn a_saved_prefix_restores_after_a_restart_and_damaged_files_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    for fixture in ["llama", "mistral"] {
+        let pkg = common::export_fp32(fixture, tmp.path());
+        for backend in common::backends() {
+            let dir = tmp.path().join(format!("cache-{fixture}-{backend}"));
+            saved_prefix(fixture, backend, &pkg, &dir);
+        }
+    }
+}

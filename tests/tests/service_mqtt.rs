@@ -502,13 +502,44 @@ async fn kept_system_prompt_is_reused_and_changes_no_answer(backend: &'static st
         json!({"id": id, "messages": messages, "max_tokens": 6})
     };
     let broker = Mosquitto::start();
+    let cache = tempfile::tempdir().unwrap();
+    let saved = || -> Vec<(std::path::PathBuf, std::time::SystemTime)> {
+        std::fs::read_dir(cache.path())
+            .map(|d| {
+                d.map(|e| {
+                    let e = e.unwrap();
+                    (e.path(), e.metadata().unwrap().modified().unwrap())
+                })
+                .collect()
+            })
+            .unwrap_or_default()
+    };
     let mut answers = Vec::new();
-    for kept in [true, false] {
+    // Kept and saved to [model] prefix_cache_dir; kept again after a restart, restored from
+    // that file (which stays as it was); not kept.
+    for (kept, restored) in [(true, false), (true, true), (false, false)] {
         let mut cfg = config(backend, tiny_package(), None, Some(&broker.url()), "n1");
         if kept {
             cfg.model.system_prompts = vec![SYSTEM.to_string()];
+            cfg.model.prefix_cache_dir = cache.path().to_path_buf();
         }
+        let before = saved();
         let d = Daemon::start(cfg).await;
+        let after = saved();
+        if kept {
+            assert_eq!(
+                after.len(),
+                1,
+                "one file for the one system prompt: {after:?}"
+            );
+            assert!(
+                after[0].0.extension().is_some_and(|e| e == "kv"),
+                "{after:?}"
+            );
+        }
+        if restored {
+            assert_eq!(before, after, "restored, not computed and written again");
+        }
         let mut c = MqttClient::connect(&broker.url()).await;
         c.subscribe("replies/sys").await;
         let mut texts = Vec::new();
@@ -537,7 +568,8 @@ async fn kept_system_prompt_is_reused_and_changes_no_answer(backend: &'static st
         answers.push(texts);
         d.stop().await;
     }
-    assert_eq!(answers[0], answers[1]);
+    assert_eq!(answers[0], answers[2]);
+    assert_eq!(answers[1], answers[2]);
 }
 
 edgellm_tests::on_both_backends!(

@@ -266,35 +266,30 @@ pub(crate) fn forward_in_chunks<'a, B: Backend + ?Sized>(
 }
 
 /// A copy of a backend's KV cache at one position ([`Backend::snapshot`]), to resume from
-/// later with [`Backend::restore`]: a prefix computed once (a system prompt) and kept.
+/// later with [`Backend::restore`]: a prefix computed once (a system prompt) and kept, in
+/// memory and, with `[model] prefix_cache_dir`, in a file (`crate::prefix_cache`).
+#[derive(Debug, Clone, PartialEq)]
 pub struct KvSnapshot {
+    /// The backend that made it (`ort`, `tract`): only that backend reads it back.
+    pub backend: String,
     /// Tokens the cache held.
     pub pos: usize,
-    /// Bytes of rows held.
-    pub bytes: usize,
-    /// The backend's own form of the rows (only the backend that made it reads it).
-    state: Box<dyn std::any::Any + Send>,
+    /// The rows, in the backend's own order and shapes; [`Backend::restore`] checks every
+    /// shape against its cache before copying anything.
+    pub parts: Vec<KvPart>,
+}
+
+/// One block of cache rows: its shape and its f32 values (row-major).
+#[derive(Debug, Clone, PartialEq)]
+pub struct KvPart {
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
 }
 
 impl KvSnapshot {
-    pub(crate) fn new(pos: usize, bytes: usize, state: impl std::any::Any + Send) -> Self {
-        KvSnapshot {
-            pos,
-            bytes,
-            state: Box::new(state),
-        }
-    }
-
-    pub(crate) fn state<T: 'static>(&self) -> Option<&T> {
-        self.state.downcast_ref()
-    }
-}
-
-impl std::fmt::Debug for KvSnapshot {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KvSnapshot")
-            .field("pos", &self.pos)
-            .finish_non_exhaustive()
+    /// Bytes of rows held.
+    pub fn bytes(&self) -> usize {
+        self.parts.iter().map(|p| p.data.len() * 4).sum()
     }
 }
 

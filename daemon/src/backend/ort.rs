@@ -347,16 +347,23 @@ impl Backend for OrtBackend {
                 let start = h * cap * dim;
                 part.extend_from_slice(&data[start..start + rows * dim]);
             }
-            parts.push(part);
+            parts.push(super::KvPart {
+                shape: vec![heads, rows, dim],
+                data: part,
+            });
         }
-        let bytes = parts.iter().map(|p| p.len() * 4).sum();
-        Some(KvSnapshot::new(self.pos, bytes, parts))
+        Some(KvSnapshot {
+            backend: self.name().to_string(),
+            pos: self.pos,
+            parts,
+        })
     }
 
     fn restore(&mut self, snapshot: &KvSnapshot) -> bool {
-        let Some(parts) = snapshot.state::<Vec<Vec<f32>>>() else {
+        if snapshot.backend != self.name() {
             return false;
-        };
+        }
+        let parts = &snapshot.parts;
         let (heads, dim, full) = (
             self.layout.kv_heads,
             self.layout.head_dim,
@@ -368,10 +375,9 @@ impl Backend for OrtBackend {
         };
         let fits = parts.len() == self._kv.len()
             && snapshot.pos <= full
-            && parts
-                .iter()
-                .enumerate()
-                .all(|(i, p)| p.len() == heads * rows_of(i).1 * dim);
+            && parts.iter().enumerate().all(|(i, p)| {
+                p.shape == [heads, rows_of(i).1, dim] && p.data.len() == heads * rows_of(i).1 * dim
+            });
         if !fits {
             return false;
         }
@@ -381,7 +387,7 @@ impl Backend for OrtBackend {
             for h in 0..heads {
                 let start = h * cap * dim;
                 data[start..start + rows * dim]
-                    .copy_from_slice(&part[h * rows * dim..(h + 1) * rows * dim]);
+                    .copy_from_slice(&part.data[h * rows * dim..(h + 1) * rows * dim]);
             }
         }
         self.pos = snapshot.pos;

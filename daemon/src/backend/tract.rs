@@ -502,28 +502,56 @@ impl Backend for TractBackend {
     }
 
     /// The layers' key and value tensors as they are (windowed layers hold only their rows).
+    /// Per layer, its key then its value rows: `[1, kv_heads, rows, head_dim]`.
     fn snapshot(&mut self) -> Option<KvSnapshot> {
-        let layers: Vec<(Tensor, Tensor)> = self
-            .layers
-            .iter()
-            .map(|l| (l.key.clone(), l.value.clone()))
-            .collect();
-        let bytes = layers.iter().map(|(k, v)| (k.len() + v.len()) * 4).sum();
-        Some(KvSnapshot::new(self.pos, bytes, layers))
+        let mut parts = Vec::with_capacity(2 * self.layers.len());
+        for l in &self.layers {
+            for t in [&l.key, &l.value] {
+                parts.push(super::KvPart {
+                    shape: t.shape().to_vec(),
+                    data: t.try_as_plain_ram().ok()?.as_slice::<f32>().ok()?.to_vec(),
+                });
+            }
+        }
+        Some(KvSnapshot {
+            backend: self.name().to_string(),
+            pos: self.pos,
+            parts,
+        })
     }
 
+    /// Rows `[1, kv_heads, rows, head_dim]` per key and value: all `pos` of them for a
+    /// full-attention layer, at most `pos` (what its window kept) for a sliding-window one.
     fn restore(&mut self, snapshot: &KvSnapshot) -> bool {
-        match snapshot.state::<Vec<(Tensor, Tensor)>>() {
-            Some(layers) if layers.len() == self.layers.len() => {
-                for (l, (k, v)) in self.layers.iter_mut().zip(layers) {
-                    l.key = k.clone();
-                    l.value = v.clone();
-                }
-                self.pos = snapshot.pos;
-                true
-            }
-            _ => false,
+        let (heads, dim) = self.kv_shape;
+        let pos = snapshot.pos;
+        let fits = snapshot.backend == self.name()
+            && snapshot.parts.len() == 2 * self.layers.len()
+            && snapshot.parts.iter().enumerate().all(|(i, p)| {
+                let full = self.layers[i / 2].keep.is_none();
+                matches!(p.shape[..], [1, h, rows, d]
+                    if h == heads && d == dim && (rows == pos || (!full && rows < pos))
+                        && p.data.len() == heads * rows * dim)
+            });
+        if !fits {
+            return false;
         }
+        let mut tensors = Vec::with_capacity(snapshot.parts.len());
+        for p in &snapshot.parts {
+            match Tensor::from_shape::<f32>(&p.shape, &p.data) {
+                Ok(t) => tensors.push(t),
+                Err(_) => return false,
+            }
+        }
+        let mut tensors = tensors.into_iter();
+        for l in &mut self.layers {
+            if let (Some(k), Some(v)) = (tensors.next(), tensors.next()) {
+                l.key = k;
+                l.value = v;
+            }
+        }
+        self.pos = pos;
+        true
     }
 
     fn forward(&mut self, tokens: &[u32]) -> Result<&[f32], BackendError> {

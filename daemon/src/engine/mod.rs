@@ -127,9 +127,30 @@ impl Engine {
                 self.backend.name()
             ))
         })?;
-        let bytes = snapshot.bytes;
+        let bytes = snapshot.bytes();
         self.kept.push((ids.to_vec(), snapshot));
         Ok(bytes)
+    }
+
+    /// The copy [`Engine::keep_prefix`] kept for `ids`.
+    pub fn kept(&self, ids: &[u32]) -> Option<&crate::backend::KvSnapshot> {
+        self.kept.iter().find(|(k, _)| k == ids).map(|(_, s)| s)
+    }
+
+    /// Keeps `snapshot` (made earlier, e.g. read back from a file) as the computed prefix
+    /// `ids`, as [`Engine::keep_prefix`] would have; `false` (nothing kept) when the backend
+    /// does not accept it (another backend's, or shapes that are not its cache's).
+    pub fn adopt_prefix(&mut self, ids: &[u32], snapshot: crate::backend::KvSnapshot) -> bool {
+        if ids.is_empty() || ids.len() >= self.max_length || snapshot.pos != ids.len() {
+            return false;
+        }
+        self.forget_cache();
+        if !self.backend.restore(&snapshot) {
+            return false;
+        }
+        self.cached.extend_from_slice(ids);
+        self.kept.push((ids.to_vec(), snapshot));
+        true
     }
 
     /// Empties the KV cache, so the next request computes its whole prompt (benchmarks of
