@@ -1,6 +1,8 @@
 //! The daemon: [`run`] loads the model, starts the engine thread and the transports, tells
 //! systemd it is ready, keeps the watchdog fed while the engine and the transports live, and on
-//! shutdown drains within the grace period. `edgellmd`'s `main` and the end-to-end tests both call it.
+//! shutdown drains within the grace period. `edgellmd`'s `main` and the end-to-end tests both
+//! call it. The transports get a narrow handle ([`Inference`]: submit, status, facts), never
+//! the scheduler's controls.
 //!
 //! Start-up: load the package and build the backend (off the async threads), start the
 //! [`Scheduler`], run one forward pass through it (the heartbeat), then D-Bus (fatal if the bus
@@ -26,39 +28,7 @@ use crate::model::Model;
 use crate::scheduler::{Limits, Scheduler, Status};
 use crate::systemd::Notifier;
 use crate::transport::dbus::DbusServer;
-use crate::transport::mqtt;
-
-/// What the transports share: the scheduler and the facts they report.
-pub struct Service {
-    pub scheduler: Scheduler,
-    /// The package folder's name (after resolving a `default` symlink).
-    pub model_name: String,
-    /// `ort` or `tract`.
-    pub backend: &'static str,
-    /// Why that backend serves.
-    pub backend_reason: crate::backend::Reason,
-    /// Per-request forwarding tasks; shutdown waits for them.
-    pub tasks: TaskTracker,
-}
-
-impl std::fmt::Debug for Service {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Service")
-            .field("model", &self.model_name)
-            .field("backend", &self.backend)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Service {
-    /// A request for `input` with the package's sampling defaults (genai_config.json `search`),
-    /// which the request's own options then override.
-    pub fn request(&self, input: crate::api::Input) -> crate::api::Request {
-        let mut req = crate::api::Request::new(input);
-        req.sampling = self.scheduler.model().default_sampling();
-        req
-    }
-}
+use crate::transport::{Inference, Info, mqtt};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -284,12 +254,12 @@ async fn transports_alive(
     Ok(())
 }
 
-fn status_line(svc: &Service, s: Status) -> String {
+fn status_line(info: &Info, s: Status) -> String {
     format!(
         "STATUS={} {} ({}), {} running, {} queued",
         s.state.as_str(),
-        svc.model_name,
-        svc.backend,
+        info.model,
+        info.backend,
         s.running,
         s.queue_length
     )
@@ -319,25 +289,31 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         max_new_tokens: config.limits.max_new_tokens,
         request_timeout: Duration::from_secs(config.limits.request_timeout_s),
     };
-    let scheduler = Scheduler::start(engine, limits, CancellationToken::new());
+    let scheduler = Arc::new(Scheduler::start(engine, limits, CancellationToken::new()));
     scheduler.ping().await.map_err(RunError::Heartbeat)?;
-    let svc = Arc::new(Service {
-        scheduler,
-        model_name: model_name(&config.model.path),
+    let info = Info {
+        model: model_name(&config.model.path),
         backend,
-        backend_reason,
-        tasks: TaskTracker::new(),
-    });
+        backend_reason: backend_reason.to_string(),
+        max_context: scheduler.max_length(),
+        parallel: scheduler.parallel(),
+    };
+    let tasks = TaskTracker::new();
+    let svc = Arc::new(Inference::new(
+        scheduler.clone(),
+        info.clone(),
+        tasks.clone(),
+    ));
     tracing::info!(
         "model {} on {} (max_length {})",
-        svc.model_name,
-        svc.backend,
-        svc.scheduler.max_length()
+        info.model,
+        info.backend,
+        info.max_context
     );
-    if matches!(svc.backend_reason, crate::backend::Reason::Fallback(_)) {
-        tracing::warn!("backend {}: {}", svc.backend, svc.backend_reason);
+    if matches!(backend_reason, crate::backend::Reason::Fallback(_)) {
+        tracing::warn!("backend {backend}: {backend_reason}");
     } else {
-        tracing::info!("backend {}: {}", svc.backend, svc.backend_reason);
+        tracing::info!("backend {backend}: {backend_reason}");
     }
 
     let dbus = if config.dbus.enabled {
@@ -372,10 +348,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         .as_ref()
         .map_or_else(CancellationToken::new, DbusServer::lost);
     let mut fatal = None;
-    let mut status = svc.scheduler.status();
+    let mut status = scheduler.status();
     notifier.notify(&format!(
         "READY=1\n{}",
-        status_line(&svc, *status.borrow_and_update())
+        status_line(&info, *status.borrow_and_update())
     ));
     tracing::info!("ready");
 
@@ -410,12 +386,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
                 if changed.is_err() {
                     break;
                 }
-                notifier.notify(&status_line(&svc, *status.borrow_and_update()));
+                notifier.notify(&status_line(&info, *status.borrow_and_update()));
             }
             _ = tick.tick(), if watchdog.is_some() => {
                 if let Some(w) = watchdog {
                     let alive = transports_alive(dbus.as_ref(), mqtt_prober.as_ref(), w / 4).await;
-                    match (svc.scheduler.health().healthy(w), alive) {
+                    match (scheduler.health().healthy(w), alive) {
                         (true, Ok(())) => {
                             notifier.notify("WATCHDOG=1");
                             unfed = None;
@@ -441,12 +417,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     tracing::info!("stopping");
     let grace = Duration::from_secs(config.limits.shutdown_grace_s);
     let deadline = tokio::time::Instant::now() + grace;
-    svc.scheduler.shutdown();
+    scheduler.shutdown();
     let drained = tokio::time::timeout_at(deadline, async {
-        let s = svc.clone();
-        let _ = tokio::task::spawn_blocking(move || s.scheduler.join()).await;
-        svc.tasks.close();
-        svc.tasks.wait().await;
+        let s = scheduler.clone();
+        let _ = tokio::task::spawn_blocking(move || s.join()).await;
+        tasks.close();
+        tasks.wait().await;
     })
     .await;
     if drained.is_err() {

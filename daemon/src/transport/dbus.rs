@@ -30,7 +30,6 @@ use crate::api::{Completion, Event, Request};
 use crate::chat::Message;
 use crate::config::DbusConfig;
 use crate::scheduler::{ErrorCode, Handle, RequestEvent, ServiceError};
-use crate::service::Service;
 
 pub const BUS_NAME: &str = "org.edgellm.Inference1";
 pub const OBJECT_PATH: &str = "/org/edgellm/Inference1";
@@ -127,7 +126,7 @@ pub fn variant_to_json(key: &str, v: &Variant<'_>) -> Result<Value, ServiceError
 }
 
 fn request_with(
-    svc: &Service,
+    svc: &super::Inference,
     input: crate::api::Input,
     options: &Options,
 ) -> Result<Request, ServiceError> {
@@ -143,7 +142,7 @@ fn request_with(
 }
 
 fn chat_request(
-    svc: &Service,
+    svc: &super::Inference,
     messages: Vec<(String, String)>,
     options: &Options,
 ) -> Result<Request, Error> {
@@ -176,7 +175,7 @@ pub fn stats(c: &Completion) -> Stats {
 
 /// The service object.
 pub struct Inference {
-    svc: Arc<Service>,
+    svc: Arc<super::Inference>,
     next_id: AtomicU64,
 }
 
@@ -188,11 +187,10 @@ impl Inference {
         hdr: &Header<'_>,
         req: Request,
     ) -> Result<(String, Stats), Error> {
-        let Handle { mut events, cancel } = self.svc.scheduler.submit_from_async(req)?;
+        let Handle { mut events, cancel } = self.svc.submit(req)?;
         let _watch = watch_caller(conn, hdr.sender(), cancel);
         self.svc
-            .tasks
-            .track_future(async move {
+            .track(async move {
                 while let Some(ev) = events.recv().await {
                     match ev {
                         RequestEvent::Event(_) => {}
@@ -256,7 +254,7 @@ impl Inference {
             .sender()
             .map(|s| s.to_owned())
             .ok_or_else(|| Error::InvalidRequest("the call has no sender".into()))?;
-        let Handle { events, cancel } = self.svc.scheduler.submit_from_async(req)?;
+        let Handle { events, cancel } = self.svc.submit(req)?;
         conn.object_server()
             .at(
                 &path,
@@ -272,62 +270,55 @@ impl Inference {
         let watch = watch_caller(conn, Some(&caller), cancel);
         let conn = conn.clone();
         self.svc
-            .tasks
             .spawn(stream_request(conn, emitter, path.clone(), events, watch));
         Ok(path)
     }
 
     #[zbus(property(emits_changed_signal = "const"))]
     fn model(&self) -> String {
-        self.svc.model_name.clone()
+        self.svc.info().model.clone()
     }
 
     #[zbus(property(emits_changed_signal = "const"))]
     fn backend(&self) -> String {
-        self.svc.backend.to_string()
+        self.svc.info().backend.to_string()
     }
 
     /// Why `Backend` serves: "configured", or what `auto` found (including why ONNX Runtime
     /// could not, when tract serves instead).
     #[zbus(property(emits_changed_signal = "const"))]
     fn backend_reason(&self) -> String {
-        self.svc.backend_reason.to_string()
+        self.svc.info().backend_reason.clone()
     }
 
     /// `loading` | `ready` | `busy` | `stopping`.
     #[zbus(property)]
     fn state(&self) -> String {
-        self.svc
-            .scheduler
-            .status()
-            .borrow()
-            .state
-            .as_str()
-            .to_string()
+        self.svc.status().borrow().state.as_str().to_string()
     }
 
     /// Requests waiting behind the running ones.
     #[zbus(property)]
     fn queue_length(&self) -> u32 {
-        self.svc.scheduler.status().borrow().queue_length as u32
+        self.svc.status().borrow().queue_length as u32
     }
 
     /// Requests running now (prefilling or decoding), at most `Parallel`.
     #[zbus(property)]
     fn running(&self) -> u32 {
-        self.svc.scheduler.status().borrow().running as u32
+        self.svc.status().borrow().running as u32
     }
 
     /// Requests that run together: `[limits] parallel` when the backend batches, else 1.
     #[zbus(property(emits_changed_signal = "const"))]
     fn parallel(&self) -> u32 {
-        self.svc.scheduler.parallel() as u32
+        self.svc.info().parallel as u32
     }
 
     /// Tokens of context: prompt plus answer (the configured `max_length`).
     #[zbus(property(emits_changed_signal = "const"))]
     fn max_context(&self) -> u32 {
-        self.svc.scheduler.max_length() as u32
+        self.svc.info().max_context as u32
     }
 }
 
@@ -497,7 +488,7 @@ pub struct DbusServer {
 
 impl DbusServer {
     /// Connects to the configured bus, exports the object and takes the bus name.
-    pub async fn start(svc: Arc<Service>, cfg: &DbusConfig) -> Result<Self, zbus::Error> {
+    pub async fn start(svc: Arc<super::Inference>, cfg: &DbusConfig) -> Result<Self, zbus::Error> {
         let builder = if !cfg.address.is_empty() {
             zbus::connection::Builder::address(cfg.address.as_str())
         } else if cfg.bus == "session" {
@@ -518,7 +509,7 @@ impl DbusServer {
         // `*_changed` methods: those lock the object server, which `StartChat` also locks to
         // export its request object, and the two would deadlock.
         let emitter = SignalEmitter::new(&conn, OBJECT_PATH)?.into_owned();
-        let mut status = svc.scheduler.status();
+        let mut status = svc.status();
         let status_task = tokio::spawn(async move {
             let mut last = *status.borrow_and_update();
             while status.changed().await.is_ok() {

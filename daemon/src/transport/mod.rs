@@ -8,12 +8,103 @@
 pub mod dbus;
 pub mod mqtt;
 
+use std::sync::Arc;
+
 use serde_json::{Map, Value};
+use tokio::sync::watch;
+use tokio_util::task::TaskTracker;
 
 use crate::api::{Input, Request, Usage};
 use crate::chat::Message;
 use crate::chat::harmony::ReasoningEffort;
-use crate::scheduler::{ErrorCode, ServiceError};
+use crate::sampler::SamplingParams;
+use crate::scheduler::{ErrorCode, Handle, Scheduler, ServiceError, Status};
+
+/// What a transport may do with the daemon, and all it sees of it: build and submit requests,
+/// read the status and the facts it reports ([`Info`]), and track its per-request forwarding
+/// tasks (the shutdown waits for them). The service builds it; a transport never reaches the
+/// service, the engine or the scheduler's controls (shutdown, health).
+pub struct Inference {
+    scheduler: Arc<Scheduler>,
+    info: Info,
+    tasks: TaskTracker,
+}
+
+/// The facts the transports report: D-Bus properties, the MQTT status.
+#[derive(Debug, Clone)]
+pub struct Info {
+    /// The package folder's name (after resolving a `default` symlink).
+    pub model: String,
+    /// `ort` or `tract`.
+    pub backend: &'static str,
+    /// Why that backend serves.
+    pub backend_reason: String,
+    /// Tokens of context, prompt plus answer.
+    pub max_context: usize,
+    /// Requests that run together.
+    pub parallel: usize,
+}
+
+impl std::fmt::Debug for Inference {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inference")
+            .field("info", &self.info)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Inference {
+    pub fn new(scheduler: Arc<Scheduler>, info: Info, tasks: TaskTracker) -> Self {
+        Inference {
+            scheduler,
+            info,
+            tasks,
+        }
+    }
+
+    pub fn info(&self) -> &Info {
+        &self.info
+    }
+
+    /// The package's sampling defaults (genai_config.json `search`).
+    pub fn default_sampling(&self) -> SamplingParams {
+        self.scheduler.model().default_sampling()
+    }
+
+    /// A request for `input` with the package's sampling defaults, which the request's own
+    /// options then override.
+    pub fn request(&self, input: Input) -> Request {
+        let mut req = Request::new(input);
+        req.sampling = self.default_sampling();
+        req
+    }
+
+    /// Validates, tokenizes and queues `req` ([`Scheduler::submit_from_async`]).
+    pub fn submit(&self, req: Request) -> Result<Handle, ServiceError> {
+        self.scheduler.submit_from_async(req)
+    }
+
+    /// The service's state, queue and running count, updated as they change.
+    pub fn status(&self) -> watch::Receiver<Status> {
+        self.scheduler.status()
+    }
+
+    /// Runs a request's forwarding task; the shutdown waits for it.
+    pub fn spawn<F>(&self, task: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.tasks.spawn(task);
+    }
+
+    /// `future`, tracked like [`Inference::spawn`]'s tasks but awaited by the caller.
+    pub fn track<F: std::future::Future>(
+        &self,
+        future: F,
+    ) -> impl std::future::Future<Output = F::Output> {
+        self.tasks.track_future(future)
+    }
+}
 
 /// The option names both transports accept, besides the input itself.
 pub const OPTION_NAMES: &[&str] = &[

@@ -34,7 +34,6 @@ use super::{invalid, messages_from_json, parse_options, type_name, usage_json};
 use crate::api::{Event as ApiEvent, Request};
 use crate::config::MqttConfig;
 use crate::scheduler::{ErrorCode, Handle, RequestEvent, ServiceError, Status};
-use crate::service::Service;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MqttError {
@@ -240,7 +239,7 @@ impl Route {
 
 /// The MQTT side of the daemon: owns the connection and the outgoing queue.
 pub struct MqttTransport {
-    svc: Arc<Service>,
+    svc: Arc<super::Inference>,
     cfg: MqttConfig,
     topics: Topics,
     options: MqttOptions,
@@ -278,7 +277,7 @@ impl MqttProber {
 }
 
 impl MqttTransport {
-    pub fn new(svc: Arc<Service>, cfg: &MqttConfig) -> Result<Self, MqttError> {
+    pub fn new(svc: Arc<super::Inference>, cfg: &MqttConfig) -> Result<Self, MqttError> {
         let topics = Topics::new(cfg);
         let (tls, host, port) = parse_url(&cfg.url)?;
         let mut options = MqttOptions::new(format!("edgellmd-{}", topics.node), host, port);
@@ -345,13 +344,13 @@ impl MqttTransport {
                 "state": "online",
                 "node": self.topics.node,
                 "activity": s.state.as_str(),
-                "model": self.svc.model_name,
-                "backend": self.svc.backend,
-                "backend_reason": self.svc.backend_reason.to_string(),
-                "max_context": self.svc.scheduler.max_length(),
+                "model": self.svc.info().model,
+                "backend": self.svc.info().backend,
+                "backend_reason": self.svc.info().backend_reason,
+                "max_context": self.svc.info().max_context,
                 "queue_length": s.queue_length,
                 "running": s.running,
-                "parallel": self.svc.scheduler.parallel(),
+                "parallel": self.svc.info().parallel,
             })
             .to_string()
             .into_bytes(),
@@ -365,7 +364,7 @@ impl MqttTransport {
     /// `offline` status, flushes and disconnects.
     pub async fn run(mut self, close: CancellationToken) {
         let (client, mut eventloop) = AsyncClient::new(self.options.clone(), 1024);
-        let mut status = self.svc.scheduler.status();
+        let mut status = self.svc.status();
         let mut conn = Connection::default();
         let mut backoff = Duration::from_millis(250);
         let mut closing = false;
@@ -609,7 +608,7 @@ impl MqttTransport {
                 Some(Value::Bool(b)) => *b,
                 Some(_) => return Err(invalid("stream: expected a boolean")),
             };
-            let req = build_request(&fields, self.svc.scheduler.model().default_sampling())?;
+            let req = build_request(&fields, self.svc.default_sampling())?;
             Ok((req, stream))
         });
         let (req, stream) = match checked {
@@ -625,13 +624,13 @@ impl MqttTransport {
             let _ = self.out_tx.send(route.error(&e));
             return;
         }
-        match self.svc.scheduler.submit_from_async(req) {
+        match self.svc.submit(req) {
             Ok(handle) => {
                 tracing::debug!("MQTT request {key} accepted, replies to {}", route.topic);
                 lock(&self.active).insert(key.clone(), handle.cancel.clone());
                 let out = self.out_tx.clone();
                 let active = self.active.clone();
-                self.svc.tasks.spawn(async move {
+                self.svc.spawn(async move {
                     forward(handle, route, stream, out).await;
                     lock(&active).remove(&key);
                 });
