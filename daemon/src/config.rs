@@ -6,7 +6,47 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::backend::{BackendChoice, BackendOptions};
+use crate::backend::{BackendChoice, BackendOptions, ExecutionProvider};
+
+/// Paths that may be unset: `""` in the file (the default file shows every key, so an unset
+/// path is written as an empty string) is `None`.
+mod optional_path {
+    use std::path::PathBuf;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(p: &Option<PathBuf>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(
+            &p.as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+        )
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<PathBuf>, D::Error> {
+        let s = String::deserialize(d)?;
+        Ok((!s.is_empty()).then(|| PathBuf::from(s)))
+    }
+}
+
+/// Which D-Bus bus edgellmd serves on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Bus {
+    /// The system bus (production; the policy file admits edgellm and its clients).
+    System,
+    /// The session bus (`DBUS_SESSION_BUS_ADDRESS`; development).
+    Session,
+}
+
+impl Bus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Bus::System => "system",
+            Bus::Session => "session",
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -37,8 +77,7 @@ pub struct Config {
 pub struct ModelConfig {
     /// Model package folder.
     pub path: PathBuf,
-    /// `auto` | `ort` | `tract`.
-    pub backend: String,
+    pub backend: BackendChoice,
     /// KV capacity: prompt + generated tokens.
     pub max_length: usize,
     /// 0 = all cores.
@@ -48,18 +87,19 @@ pub struct ModelConfig {
     pub system_prompts: Vec<String>,
     /// A folder where the system prompts' KV rows are saved and restored from on the next
     /// start (when package, backend, max_length and prompt still match). Empty: not saved.
-    pub prefix_cache_dir: PathBuf,
+    #[serde(with = "optional_path")]
+    pub prefix_cache_dir: Option<PathBuf>,
 }
 
 impl Default for ModelConfig {
     fn default() -> Self {
         ModelConfig {
             path: PathBuf::from("/usr/share/edgellm/models/default"),
-            backend: "auto".into(),
+            backend: BackendChoice::Auto,
             max_length: 4096,
             threads: 0,
             system_prompts: Vec::new(),
-            prefix_cache_dir: PathBuf::new(),
+            prefix_cache_dir: None,
         }
     }
 }
@@ -67,9 +107,10 @@ impl Default for ModelConfig {
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct OnnxRuntimeConfig {
-    /// `libonnxruntime.so`; empty: `ORT_DYLIB_PATH`, then the system library.
-    pub library: String,
-    pub execution_providers: Vec<String>,
+    /// `libonnxruntime.so`; unset: `ORT_DYLIB_PATH`, then the system library.
+    #[serde(with = "optional_path")]
+    pub library: Option<PathBuf>,
+    pub execution_providers: Vec<ExecutionProvider>,
     /// Let ONNX Runtime's threads spin between operators during a request (faster decoding;
     /// they park once the request is done).
     pub allow_spinning: bool,
@@ -78,8 +119,8 @@ pub struct OnnxRuntimeConfig {
 impl Default for OnnxRuntimeConfig {
     fn default() -> Self {
         OnnxRuntimeConfig {
-            library: String::new(),
-            execution_providers: vec!["cpu".into()],
+            library: None,
+            execution_providers: vec![ExecutionProvider::Cpu],
             allow_spinning: true,
         }
     }
@@ -113,8 +154,7 @@ impl Default for LimitsConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct DbusConfig {
     pub enabled: bool,
-    /// `system` | `session` (session uses DBUS_SESSION_BUS_ADDRESS).
-    pub bus: String,
+    pub bus: Bus,
     /// A bus address (`unix:path=...`) to use instead of `bus`; empty: `bus` decides.
     pub address: String,
 }
@@ -123,7 +163,7 @@ impl Default for DbusConfig {
     fn default() -> Self {
         DbusConfig {
             enabled: true,
-            bus: "system".into(),
+            bus: Bus::System,
             address: String::new(),
         }
     }
@@ -138,8 +178,10 @@ pub struct MqttConfig {
     pub node_id: String,
     pub topic_prefix: String,
     pub username: String,
-    pub password_file: String,
-    pub ca_file: String,
+    #[serde(with = "optional_path")]
+    pub password_file: Option<PathBuf>,
+    #[serde(with = "optional_path")]
+    pub ca_file: Option<PathBuf>,
     pub max_payload_bytes: usize,
     /// Also take requests from `<topic_prefix>/<share_group>/request` through the shared
     /// subscription `$share/<share_group>/...`: the broker gives each to one daemon of the group.
@@ -154,8 +196,8 @@ impl Default for MqttConfig {
             node_id: String::new(),
             topic_prefix: "edgellm".into(),
             username: String::new(),
-            password_file: String::new(),
-            ca_file: String::new(),
+            password_file: None,
+            ca_file: None,
             max_payload_bytes: 65536,
             share_group: String::new(),
         }
@@ -183,22 +225,8 @@ impl Config {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |key, msg: String| Err(ConfigError::Invalid { key, msg });
-        if BackendChoice::parse(&self.model.backend).is_none() {
-            return bad(
-                "model.backend",
-                format!("{:?}: expected auto, ort or tract", self.model.backend),
-            );
-        }
         if self.model.max_length == 0 {
             return bad("model.max_length", "must be positive".into());
-        }
-        for ep in &self.onnxruntime.execution_providers {
-            if !["cpu", "cuda"].contains(&ep.as_str()) {
-                return bad(
-                    "onnxruntime.execution_providers",
-                    format!("{ep:?}: expected cpu or cuda"),
-                );
-            }
         }
         if !(1..=64).contains(&self.limits.parallel) {
             return bad("limits.parallel", "must be 1 to 64".into());
@@ -214,12 +242,6 @@ impl Config {
         }
         if self.limits.request_timeout_s == 0 {
             return bad("limits.request_timeout_s", "must be positive".into());
-        }
-        if !["system", "session"].contains(&self.dbus.bus.as_str()) {
-            return bad(
-                "dbus.bus",
-                format!("{:?}: expected system or session", self.dbus.bus),
-            );
         }
         if !(self.mqtt.url.starts_with("mqtt://") || self.mqtt.url.starts_with("mqtts://")) {
             return bad(
@@ -256,13 +278,10 @@ impl Config {
 
     /// How to build the backend this configuration describes.
     pub fn backend_options(&self) -> (BackendChoice, BackendOptions) {
-        let choice = BackendChoice::parse(&self.model.backend).unwrap_or_default();
-        let library =
-            Some(PathBuf::from(&self.onnxruntime.library)).filter(|p| !p.as_os_str().is_empty());
         (
-            choice,
+            self.model.backend,
             BackendOptions {
-                library,
+                library: self.onnxruntime.library.clone(),
                 threads: self.model.threads,
                 max_length: self.model.max_length,
                 allow_spinning: self.onnxruntime.allow_spinning,
@@ -277,6 +296,11 @@ impl Config {
     pub fn default_file() -> String {
         let d = Config::default();
         let q = |s: &str| toml::Value::String(s.to_string()).to_string();
+        let opt_path = |p: &Option<PathBuf>| {
+            p.as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default()
+        };
         let list = |v: &[String]| {
             format!(
                 "[{}]",
@@ -356,13 +380,19 @@ max_payload_bytes = {max_payload}
 share_group = {share}
 "#,
             path = q(&d.model.path.display().to_string()),
-            backend = q(&d.model.backend),
+            backend = q(d.model.backend.as_str()),
             max_length = d.model.max_length,
             threads = d.model.threads,
             system_prompts = list(&d.model.system_prompts),
-            prefix_cache_dir = q(&d.model.prefix_cache_dir.display().to_string()),
-            library = q(&d.onnxruntime.library),
-            eps = list(&d.onnxruntime.execution_providers),
+            prefix_cache_dir = q(&opt_path(&d.model.prefix_cache_dir)),
+            library = q(&opt_path(&d.onnxruntime.library)),
+            eps = list(
+                &d.onnxruntime
+                    .execution_providers
+                    .iter()
+                    .map(|ep| ep.as_str().to_string())
+                    .collect::<Vec<_>>()
+            ),
             spin = d.onnxruntime.allow_spinning,
             queue = d.limits.queue_depth,
             parallel = d.limits.parallel,
@@ -372,14 +402,14 @@ share_group = {share}
             dbus_address = q(&d.dbus.address),
             share = q(&d.mqtt.share_group),
             dbus_enabled = d.dbus.enabled,
-            bus = q(&d.dbus.bus),
+            bus = q(d.dbus.bus.as_str()),
             mqtt_enabled = d.mqtt.enabled,
             url = q(&d.mqtt.url),
             node = q(&d.mqtt.node_id),
             prefix = q(&d.mqtt.topic_prefix),
             user = q(&d.mqtt.username),
-            pw = q(&d.mqtt.password_file),
-            ca = q(&d.mqtt.ca_file),
+            pw = q(&opt_path(&d.mqtt.password_file)),
+            ca = q(&opt_path(&d.mqtt.ca_file)),
             max_payload = d.mqtt.max_payload_bytes,
         )
     }
@@ -432,7 +462,7 @@ mod tests {
         let c =
             Config::parse("[model]\nmax_length = 2048\n[mqtt]\nnode_id = \"cell-7\"\n").unwrap();
         assert_eq!(c.model.max_length, 2048);
-        assert_eq!(c.model.backend, "auto");
+        assert_eq!(c.model.backend, BackendChoice::Auto);
         assert_eq!(c.mqtt.node_id, "cell-7");
         assert_eq!(c.mqtt.topic_prefix, "edgellm");
     }
@@ -442,10 +472,18 @@ mod tests {
         let err = |text: &str| Config::parse(text).unwrap_err().to_string();
         assert!(err("[model]\nmax_lenght = 5\n").contains("max_lenght"));
         assert!(err("[modle]\n").contains("modle"));
-        assert!(err("[model]\nbackend = \"gpu\"\n").contains("model.backend"));
+        let e = err("[model]\nbackend = \"gpu\"\n");
+        assert!(
+            e.contains("backend = \"gpu\"") && e.contains("`auto`, `ort`"),
+            "{e}"
+        );
         assert!(err("[model]\nmax_length = 0\n").contains("model.max_length"));
         assert!(err("[model]\nmax_length = \"big\"\n").contains("max_length"));
-        assert!(err("[dbus]\nbus = \"user\"\n").contains("dbus.bus"));
+        let e = err("[dbus]\nbus = \"user\"\n");
+        assert!(
+            e.contains("bus = \"user\"") && e.contains("expected `system` or `session`"),
+            "{e}"
+        );
         assert!(err("[mqtt]\nurl = \"http://x\"\n").contains("mqtt.url"));
         assert!(err("[mqtt]\ntopic_prefix = \"a/#\"\n").contains("mqtt.topic_prefix"));
         assert!(err("[limits]\nqueue_depth = 0\n").contains("limits.queue_depth"));

@@ -81,25 +81,23 @@ fn load_engine(config: &Config) -> Result<(Engine, crate::backend::Reason), RunE
             .model()
             .system_prefix_ids(system)
             .map_err(|e| what(e.to_string()))?;
-        let dir = &config.model.prefix_cache_dir;
-        let key = (!dir.as_os_str().is_empty())
-            .then(|| {
-                crate::prefix_cache::Key::new(
-                    &config.model.path,
-                    engine.backend_name(),
-                    max_length,
-                    &ids,
-                )
-            })
-            .flatten();
-        if key.is_none() && !dir.as_os_str().is_empty() {
+        let dir = config.model.prefix_cache_dir.as_deref();
+        let key = dir.and_then(|_| {
+            crate::prefix_cache::Key::new(
+                &config.model.path,
+                engine.backend_name(),
+                max_length,
+                &ids,
+            )
+        });
+        if let (None, Some(dir)) = (&key, dir) {
             tracing::warn!(
                 "system prompt {i} is not saved in {}: the package has no SHA256SUMS to tell \
                  it from a changed one",
                 dir.display()
             );
         }
-        if let Some(key) = &key {
+        if let (Some(key), Some(dir)) = (&key, dir) {
             match crate::prefix_cache::load(dir, key) {
                 Ok(Some(snapshot)) => {
                     let bytes = snapshot.bytes();
@@ -127,7 +125,7 @@ fn load_engine(config: &Config) -> Result<(Engine, crate::backend::Reason), RunE
             ids.len(),
             bytes as f64 / MIB
         );
-        if let (Some(key), Some(snapshot)) = (&key, engine.kept(&ids)) {
+        if let (Some(key), Some(dir), Some(snapshot)) = (&key, dir, engine.kept(&ids)) {
             match crate::prefix_cache::save(dir, key, snapshot) {
                 Ok(path) => tracing::info!("saved system prompt {i} to {}", path.display()),
                 Err(e) => {

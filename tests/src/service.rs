@@ -64,13 +64,13 @@ pub fn config(
     node: &str,
 ) -> Config {
     let mut c = Config::default();
-    c.model.backend = backend.to_string();
+    c.model.backend = edgellm::backend::BackendChoice::parse(backend).expect("auto, ort or tract");
     c.model.path = package.to_path_buf();
     c.model.max_length = 256;
     c.model.threads = 1;
     c.onnxruntime.allow_spinning = false;
     c.dbus.enabled = bus.is_some();
-    c.dbus.bus = "session".into();
+    c.dbus.bus = edgellm::config::Bus::Session;
     c.dbus.address = bus.unwrap_or_default().to_string();
     c.mqtt.enabled = mqtt.is_some();
     c.mqtt.url = mqtt.unwrap_or("mqtt://127.0.0.1:1").to_string();

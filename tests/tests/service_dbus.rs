@@ -524,7 +524,7 @@ async fn auto_fallback_is_visible_on_the_bus() {
     let pkg = tiny_package();
     let mut cfg = config("auto", pkg, Some(bus_daemon.address()), None, "t");
     let missing = "/nonexistent/libonnxruntime.so";
-    cfg.onnxruntime.library = missing.into();
+    cfg.onnxruntime.library = Some(missing.into());
     let d = Daemon::start(cfg).await;
     let c = bus(bus_daemon.address()).await.unwrap();
     assert_eq!(

@@ -165,9 +165,9 @@ async fn mqtt_over_tls_with_a_password_file(backend: &'static str) {
     );
     cfg.mqtt.enabled = true;
     cfg.mqtt.url = url.clone();
-    cfg.mqtt.ca_file = format!("{d}/good-ca.crt");
+    cfg.mqtt.ca_file = Some(format!("{d}/good-ca.crt").into());
     cfg.mqtt.username = "edge".into();
-    cfg.mqtt.password_file = pw_file.display().to_string();
+    cfg.mqtt.password_file = Some(pw_file.clone());
     let daemon = Daemon::start(cfg.clone()).await;
     // The broker accepted the daemon over TLS with the password: its client id is connected as
     // user `edge`.

@@ -521,7 +521,7 @@ async fn kept_system_prompt_is_reused_and_changes_no_answer(backend: &'static st
         let mut cfg = config(backend, tiny_package(), None, Some(&broker.url()), "n1");
         if kept {
             cfg.model.system_prompts = vec![SYSTEM.to_string()];
-            cfg.model.prefix_cache_dir = cache.path().to_path_buf();
+            cfg.model.prefix_cache_dir = Some(cache.path().to_path_buf());
         }
         let before = saved();
         let d = Daemon::start(cfg).await;

@@ -12,7 +12,8 @@ use std::path::{Path, PathBuf};
 use crate::package::Package;
 
 /// Which runtime serves the package (`backend` in the config, `--backend` on the CLI).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum BackendChoice {
     /// ONNX Runtime when its library loads and the session builds, else tract.
     #[default]
@@ -29,6 +30,40 @@ impl BackendChoice {
             "tract" => Self::Tract,
             _ => return None,
         })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Ort => "ort",
+            Self::Tract => "tract",
+        }
+    }
+}
+
+/// An ONNX Runtime execution provider (`[onnxruntime] execution_providers`, `--ep`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExecutionProvider {
+    Cpu,
+    /// NVIDIA's CUDA provider (Jetson): registering it must succeed.
+    Cuda,
+}
+
+impl ExecutionProvider {
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "cpu" => Self::Cpu,
+            "cuda" => Self::Cuda,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Cpu => "cpu",
+            Self::Cuda => "cuda",
+        }
     }
 }
 
@@ -52,7 +87,7 @@ pub struct BackendOptions {
     /// ONNX Runtime execution providers (`[onnxruntime] execution_providers`): `cuda` is
     /// registered and must succeed (an ONNX Runtime without it is an error naming it); `cpu`
     /// is always there. tract runs on the CPU whatever this says.
-    pub execution_providers: Vec<String>,
+    pub execution_providers: Vec<ExecutionProvider>,
 }
 
 impl Default for BackendOptions {
@@ -63,7 +98,7 @@ impl Default for BackendOptions {
             max_length: 4096,
             prefill_chunk: PREFILL_CHUNK,
             allow_spinning: true,
-            execution_providers: vec!["cpu".into()],
+            execution_providers: vec![ExecutionProvider::Cpu],
         }
     }
 }

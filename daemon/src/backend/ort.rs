@@ -149,7 +149,10 @@ impl OrtBackend {
         } else {
             builder
         };
-        if opts.execution_providers.iter().any(|ep| ep == "cuda") {
+        if opts
+            .execution_providers
+            .contains(&super::ExecutionProvider::Cuda)
+        {
             // Registration must succeed: a CPU-only library would otherwise quietly run the
             // package on the CPU while the configuration says GPU.
             builder = builder

@@ -491,7 +491,7 @@ impl DbusServer {
     pub async fn start(svc: Arc<super::Inference>, cfg: &DbusConfig) -> Result<Self, zbus::Error> {
         let builder = if !cfg.address.is_empty() {
             zbus::connection::Builder::address(cfg.address.as_str())
-        } else if cfg.bus == "session" {
+        } else if cfg.bus == crate::config::Bus::Session {
             zbus::connection::Builder::session()
         } else {
             zbus::connection::Builder::system()

@@ -149,40 +149,37 @@ pub fn parse_url(url: &str) -> Result<(bool, String, u16), MqttError> {
     Ok((tls, host, port))
 }
 
-fn read_file(what: &'static str, path: &str) -> Result<Vec<u8>, MqttError> {
+fn read_file(what: &'static str, path: &std::path::Path) -> Result<Vec<u8>, MqttError> {
     std::fs::read(path).map_err(|e| MqttError::File {
         what,
-        path: path.to_string(),
+        path: path.display().to_string(),
         msg: e.to_string(),
     })
 }
 
-fn tls_config(ca_file: &str) -> Result<rustls::ClientConfig, MqttError> {
+fn tls_config(ca_file: Option<&std::path::Path>) -> Result<rustls::ClientConfig, MqttError> {
     use rustls::pki_types::CertificateDer;
     use rustls::pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
-    if ca_file.is_empty() {
+    if let Some(ca_file) = ca_file {
+        let pem = read_file("mqtt.ca_file", ca_file)?;
+        let bad = |e: &dyn std::fmt::Display| MqttError::Tls(format!("{}: {e}", ca_file.display()));
+        for cert in CertificateDer::pem_slice_iter(&pem) {
+            let cert = cert.map_err(|e| bad(&e))?;
+            roots.add(cert).map_err(|e| bad(&e))?;
+        }
+    } else {
         let found = rustls_native_certs::load_native_certs();
         for cert in found.certs {
             let _ = roots.add(cert);
-        }
-    } else {
-        let pem = read_file("mqtt.ca_file", ca_file)?;
-        for cert in CertificateDer::pem_slice_iter(&pem) {
-            let cert = cert.map_err(|e| MqttError::Tls(format!("{ca_file}: {e}")))?;
-            roots
-                .add(cert)
-                .map_err(|e| MqttError::Tls(format!("{ca_file}: {e}")))?;
         }
     }
     if roots.is_empty() {
         return Err(MqttError::Tls(format!(
             "no CA certificates ({})",
-            if ca_file.is_empty() {
-                "the system has none; set mqtt.ca_file"
-            } else {
-                ca_file
-            }
+            ca_file.map_or("the system has none; set mqtt.ca_file".to_string(), |f| f
+                .display()
+                .to_string())
         )));
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -301,19 +298,19 @@ impl MqttTransport {
             None,
         ));
         if !cfg.username.is_empty() {
-            let password = if cfg.password_file.is_empty() {
-                String::new()
-            } else {
-                let raw = read_file("mqtt.password_file", &cfg.password_file)?;
+            let password = if let Some(file) = &cfg.password_file {
+                let raw = read_file("mqtt.password_file", file)?;
                 String::from_utf8_lossy(&raw)
                     .trim_end_matches(['\r', '\n'])
                     .to_string()
+            } else {
+                String::new()
             };
             options.set_credentials(cfg.username.clone(), password);
         }
         if tls {
             options.set_transport(Transport::tls_with_config(
-                rumqttc::TlsConfiguration::Rustls(Arc::new(tls_config(&cfg.ca_file)?)),
+                rumqttc::TlsConfiguration::Rustls(Arc::new(tls_config(cfg.ca_file.as_deref())?)),
             ));
         }
         let (out_tx, out_rx) = mpsc::unbounded_channel();

@@ -141,7 +141,10 @@ impl EngineArgs {
             execution_providers: if self.execution_providers.is_empty() {
                 BackendOptions::default().execution_providers
             } else {
-                self.execution_providers.clone()
+                self.execution_providers
+                    .iter()
+                    .filter_map(|ep| edgellm::backend::ExecutionProvider::parse(ep))
+                    .collect()
             },
             ..BackendOptions::default()
         };
