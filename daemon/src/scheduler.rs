@@ -201,6 +201,7 @@ pub struct Scheduler {
     status: Arc<watch::Sender<Status>>,
     health: Arc<EngineHealth>,
     parallel: usize,
+    batch_steps: Arc<BatchSteps>,
     engine_thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
@@ -242,11 +243,13 @@ impl Scheduler {
             1
         };
         let health = Arc::new(EngineHealth::new());
+        let batch_steps = Arc::new(BatchSteps::default());
         let shared = EngineShared {
             root: root.clone(),
             in_flight: in_flight.clone(),
             status: status.clone(),
             health: health.clone(),
+            batch_steps: batch_steps.clone(),
         };
         let engine_thread = std::thread::Builder::new()
             .name("edgellm-engine".into())
@@ -265,8 +268,14 @@ impl Scheduler {
             status,
             health,
             parallel,
+            batch_steps,
             engine_thread: std::sync::Mutex::new(Some(engine_thread)),
         }
+    }
+
+    /// Batched decode steps so far, by how many sequences each decoded.
+    pub fn batch_steps(&self) -> &BatchSteps {
+        &self.batch_steps
     }
 
     /// Requests that run together: `[limits] parallel` when the backend batches, else 1.
@@ -469,6 +478,37 @@ struct EngineShared {
     in_flight: Arc<AtomicUsize>,
     status: Arc<watch::Sender<Status>>,
     health: Arc<EngineHealth>,
+    batch_steps: Arc<BatchSteps>,
+}
+
+/// Decode steps run with continuous batching, by how many sequences each decoded: how full the
+/// batches are (for operators and metrics; the tests read it to see sequences run together).
+#[derive(Debug)]
+pub struct BatchSteps {
+    /// `counts[n]`: steps that decoded `n` sequences together (`n` up to 64, `parallel`'s most).
+    counts: [AtomicU64; 65],
+}
+
+impl Default for BatchSteps {
+    fn default() -> Self {
+        BatchSteps {
+            counts: std::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
+}
+
+impl BatchSteps {
+    fn add(&self, sequences: usize) {
+        self.counts[sequences.min(64)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Steps per number of sequences decoded together (index 0 unused).
+    pub fn counts(&self) -> Vec<u64> {
+        self.counts
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect()
+    }
 }
 
 impl EngineShared {
@@ -761,6 +801,11 @@ fn run_batched(
                 }
             })
         };
+        if let Ok(n) = step
+            && n > 0
+        {
+            shared.batch_steps.add(n);
+        }
         let failed = step.err().map(|e| e.to_string());
         let mut i = 0;
         while i < running.len() {

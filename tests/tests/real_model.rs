@@ -301,191 +301,23 @@ async fn property_reads_are_answered_while_a_long_prompt_is_tokenized() {
 /// (continuous batching on ONNX Runtime) on the real model with its default int8 activations:
 /// mixed lengths and sampling settings, one cancelled midway. Each answer is exactly the one
 /// the engine gives that request alone, and the `Running` property shows them running
-/// together.
+/// together ([`edgellm_tests::service::concurrent_requests_match_alone`]).
 #[cfg(feature = "ort")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_requests_over_dbus_and_mqtt_get_their_answers_alone() {
-    use edgellm::api::{Input, Request};
-    use edgellm_tests::service::{self, MqttClient};
-    use serde_json::json;
-    use std::time::Duration;
-    use zbus::OwnedVariant;
-
-    let pkg = package(4);
-    let cases = &golden().cases;
-    let messages = |i: usize| -> Vec<Message> {
-        cases[i]
-            .messages
-            .iter()
-            .map(|m| Message {
-                role: m.role.clone(),
-                content: m.content.clone(),
-            })
-            .collect()
-    };
-    // (case, max_tokens, temperature, top_k, seed)
-    let settings: [(usize, u32, f64, u32, u64); 5] = [
-        (0, 24, 0.0, 0, 0),
-        (1, 32, 0.8, 0, 5),
-        (2, 20, 0.7, 20, 9),
-        (3, 12, 0.0, 0, 0),
-        (4, 200, 0.0, 0, 0),
-    ];
-    // Alone, in-process, from the package's default sampling changed by the same options.
-    let model = Model::load(pkg).unwrap();
-    let loaded = edgellm::backend::load(
-        &model.package,
-        BackendChoice::Ort,
-        &BackendOptions {
-            max_length: 512,
-            threads: 1,
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    let defaults = model.default_sampling();
-    let mut engine = edgellm::engine::Engine::new(model, loaded.backend, 512);
-    let alone: Vec<String> = settings
+    let conversations: Vec<Vec<(String, String)>> = golden()
+        .cases
         .iter()
-        .map(|&(case, max, temp, top_k, seed)| {
-            let mut req = Request::new(Input::Messages(messages(case)));
-            req.sampling = defaults.clone();
-            req.sampling.temperature = temp as f32;
-            if top_k > 0 {
-                req.sampling.top_k = top_k as usize;
-            }
-            if seed > 0 {
-                req.sampling.seed = Some(seed);
-            }
-            req.max_tokens = Some(max as usize);
-            engine.forget_cache();
-            engine
-                .generate(&req, &mut |_| std::ops::ControlFlow::Continue(()))
-                .unwrap()
-                .text
+        .take(5)
+        .map(|c| {
+            c.messages
+                .iter()
+                .map(|m| (m.role.clone(), m.content.clone()))
+                .collect()
         })
         .collect();
-    drop(engine);
-
-    let bus_daemon = edgellm_tests::harness::DbusBus::start();
-    let broker = edgellm_tests::harness::Mosquitto::start();
-    let mut cfg = service::config(
-        "ort",
-        pkg,
-        Some(bus_daemon.address()),
-        Some(&broker.url()),
-        "rm",
-    );
-    cfg.model.max_length = 512;
-    cfg.limits.parallel = 4;
-    let daemon = service::Daemon::start(cfg).await;
-    let c = service::bus(bus_daemon.address()).await.unwrap();
-    assert_eq!(
-        u32::try_from(service::get_property(&c, "Parallel").await.unwrap()).unwrap(),
-        4
-    );
-    let mut mq = MqttClient::connect(&broker.url()).await;
-    mq.subscribe("replies/#").await;
-    let dbus_opts = |i: usize| {
-        let (_, max, temp, top_k, seed) = settings[i];
-        let mut o: Vec<(&str, OwnedVariant)> =
-            vec![("max_tokens", max.into()), ("temperature", temp.into())];
-        if top_k > 0 {
-            o.push(("top_k", top_k.into()));
-        }
-        if seed > 0 {
-            o.push(("seed", seed.into()));
-        }
-        service::opts(&o)
-    };
-    let pairs = |i: usize| -> Vec<(String, String)> {
-        messages(settings[i].0)
-            .into_iter()
-            .map(|m| (m.role, m.content))
-            .collect()
-    };
-
-    // The one cancelled midway (D-Bus StartChat), then two Chats and two MQTT requests.
-    let mut cancelled = service::start_chat(&c, &pairs(4), &dbus_opts(4))
-        .await
-        .unwrap();
-    let chats: Vec<_> = [0, 1]
-        .into_iter()
-        .map(|i| {
-            let (c, msgs, o) = (c.clone(), pairs(i), dbus_opts(i));
-            tokio::spawn(async move { service::chat(&c, &msgs, &o).await.unwrap().0 })
-        })
-        .collect();
-    for i in [2usize, 3] {
-        let (_, max, temp, top_k, seed) = settings[i];
-        let mut p = json!({
-            "id": format!("q{i}"),
-            "messages": pairs(i).iter().map(|(r, t)| json!({"role": r, "content": t})).collect::<Vec<_>>(),
-            "max_tokens": max,
-            "temperature": temp,
-            "stream": false,
-        });
-        if top_k > 0 {
-            p["top_k"] = json!(top_k);
-        }
-        if seed > 0 {
-            p["seed"] = json!(seed);
-        }
-        mq.request_v5("edgellm/rm/request", &p, &format!("replies/{i}"), b"c")
-            .await;
-    }
-    // Watch `Running` while they run; cancel the long one after three deltas.
-    let reader = service::bus(bus_daemon.address()).await.unwrap();
-    let watch = tokio::spawn(async move {
-        let mut most = 0;
-        for _ in 0..400 {
-            let n =
-                u32::try_from(service::get_property(&reader, "Running").await.unwrap()).unwrap();
-            most = most.max(n);
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        most
-    });
-    let mut deltas = Vec::new();
-    while deltas.len() < 3 {
-        match cancelled.next().await {
-            service::Signal::Delta(d) => deltas.push(d),
-            service::Signal::Finished(r, _) => panic!("the long request ended ({r}) too soon"),
-        }
-    }
-    cancelled.cancel(&c).await;
-    let (_, reason, _) = cancelled.finish().await;
-    assert_eq!(reason, "cancelled");
-    assert!(alone[4].starts_with(&deltas.concat()));
-
-    for (i, t) in chats.into_iter().enumerate() {
-        assert_eq!(
-            t.await.unwrap(),
-            alone[i],
-            "D-Bus request {i} differs from alone"
-        );
-    }
-    let mut mqtt_answers = std::collections::HashMap::new();
-    while mqtt_answers.len() < 2 {
-        let (_, fin) = mq.until_done().await;
-        mqtt_answers.insert(
-            fin.topic.clone(),
-            fin.json["text"].as_str().unwrap().to_string(),
-        );
-    }
-    for i in [2usize, 3] {
-        assert_eq!(
-            mqtt_answers[&format!("replies/{i}")],
-            alone[i],
-            "MQTT request {i} differs from alone"
-        );
-    }
-    let most = watch.await.unwrap();
-    assert!(
-        most >= 3,
-        "at most {most} requests were seen running at once"
-    );
-    daemon.stop().await;
+    edgellm_tests::service::concurrent_requests_match_alone(package(4), 512, &conversations, 3)
+        .await;
 }
 
 #[cfg(feature = "ort")]

@@ -387,21 +387,23 @@ impl Engine {
 
     /// One step of every sequence in a slot that is still running: their waiting tokens in
     /// one graph run, then each samples its next token and emits through `on_event(i, ..)`
-    /// (`i`: its index in `seqs`). Returns false when no sequence was running.
+    /// (`i`: its index in `seqs`). Returns how many sequences the step decoded (0: none was
+    /// running, nothing ran).
     pub fn decode_slots(
         &mut self,
         seqs: &mut [&mut Sequence],
         slots: usize,
         on_event: &mut dyn FnMut(usize, Event) -> Flow,
-    ) -> Result<bool, EngineError> {
+    ) -> Result<usize, EngineError> {
         let mut tokens = vec![None; slots];
         for s in seqs.iter() {
             if let (Some(slot), Some(next)) = (s.slot, s.next) {
                 tokens[slot] = Some(next);
             }
         }
-        if tokens.iter().all(Option::is_none) {
-            return Ok(false);
+        let decoded = tokens.iter().flatten().count();
+        if decoded == 0 {
+            return Ok(0);
         }
         let t = Instant::now();
         let vocab = self.model.package.config.model.vocab_size;
@@ -417,7 +419,7 @@ impl Engine {
                 )?;
             }
         }
-        Ok(true)
+        Ok(decoded)
     }
 
     /// Ends `seq`: its completion (held-back text flushed through `on_event` unless cancelled).
