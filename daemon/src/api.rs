@@ -100,3 +100,88 @@ pub struct Completion {
     pub finish_reason: FinishReason,
     pub usage: Usage,
 }
+
+// ------------------------------------------------------------------------------------------
+// What the service answers: errors, a request's events, and its status.
+
+/// Error codes of the wire protocols (DESIGN.md, "Transports").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    Busy,
+    InvalidRequest,
+    PromptTooLong,
+    ShuttingDown,
+    Internal,
+}
+
+impl ErrorCode {
+    /// The wire name (`busy`, `invalid_request`, ...), as both transports send it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::Busy => "busy",
+            ErrorCode::InvalidRequest => "invalid_request",
+            ErrorCode::PromptTooLong => "prompt_too_long",
+            ErrorCode::ShuttingDown => "shutting_down",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{code:?}: {message}")]
+pub struct ServiceError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl ServiceError {
+    pub(crate) fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        ServiceError {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// What a request's channel carries.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RequestEvent {
+    Event(Event),
+    /// Terminal: the request finished.
+    Done(Completion),
+    /// Terminal: the request failed.
+    Error(ServiceError),
+}
+
+/// What the service is doing, as the transports and systemd's STATUS= report it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    Loading,
+    Ready,
+    Busy,
+    Stopping,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Loading => "loading",
+            State::Ready => "ready",
+            State::Busy => "busy",
+            State::Stopping => "stopping",
+        }
+    }
+}
+
+/// A snapshot of the service, published on a `tokio::sync::watch` channel whenever it changes, so health
+/// and status are read without waiting behind inference.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Status {
+    pub state: State,
+    /// Requests waiting behind the running ones.
+    pub queue_length: usize,
+    /// Requests running (prefilling or decoding): at most [`crate::scheduler::Scheduler::parallel`].
+    pub running: usize,
+}

@@ -4,7 +4,8 @@
 //! `max_tokens`, the context length, or the caller's cancellation. The daemon runs it on its own
 //! OS thread, one request at a time ([`Engine::generate_with`]) or several in the backend's
 //! slots (continuous batching: [`Engine::prefill_step`] in the single cache, then
-//! [`Engine::store_slot`] and [`Engine::decode_slots`], driven by the scheduler).
+//! [`Engine::store_slot`] and [`Engine::decode_slots`]); the loop over the queue that drives
+//! them is `serve` (the engine thread).
 //!
 //! Prefix reuse: the engine remembers which tokens the backend's KV cache holds (the last
 //! request's prompt and the generated tokens it fed back). A new request whose prompt starts
@@ -22,10 +23,12 @@
 //! with one resumes from the copy.
 
 mod sequence;
+pub(crate) mod serve;
 
 use std::time::{Duration, Instant};
 
 pub use sequence::Sequence;
+pub use serve::{BatchSteps, EngineHealth};
 
 use crate::api::{Completion, Event, Request};
 use crate::backend::{Backend, BackendError, PREFILL_CHUNK};
