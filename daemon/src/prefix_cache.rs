@@ -47,17 +47,22 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// What identifies a package folder: the SHA-256 of its `SHA256SUMS` (hex); `None` when it has
+/// none (nothing would tell a changed package from the one a file was made from).
+pub fn package_digest(package_dir: &Path) -> Option<String> {
+    let sums = std::fs::read(package_dir.join("SHA256SUMS")).ok()?;
+    Some(hex(&Sha256::digest(&sums)))
+}
+
 impl Key {
-    /// The key for `ids` on a package folder (`None` when it has no `SHA256SUMS`: nothing
-    /// would tell a changed package from the one the file was made from).
-    pub fn new(package_dir: &Path, backend: &str, max_length: usize, ids: &[u32]) -> Option<Key> {
-        let sums = std::fs::read(package_dir.join("SHA256SUMS")).ok()?;
-        Some(Key {
-            package: hex(&Sha256::digest(&sums)),
+    /// The key for `ids` on the package whose [`package_digest`] is `package`.
+    pub fn new(package: &str, backend: &str, max_length: usize, ids: &[u32]) -> Key {
+        Key {
+            package: package.to_string(),
             backend: backend.to_string(),
             max_length,
             ids: ids.to_vec(),
-        })
+        }
     }
 
     /// The file for this key in `dir`.

@@ -75,28 +75,25 @@ fn load_engine(config: &Config) -> Result<(Engine, crate::backend::Reason), RunE
     let loaded =
         crate::backend::load(&model.package, choice, &opts).map_err(|e| fail(e.to_string()))?;
     let mut engine = Engine::new(model, loaded.backend, max_length);
+    // Saved prefixes need the package's identity, read once.
+    let dir = config.model.prefix_cache_dir.as_deref();
+    let package = dir.and(crate::prefix_cache::package_digest(&config.model.path));
+    if let (Some(dir), None, false) = (dir, &package, config.model.system_prompts.is_empty()) {
+        tracing::warn!(
+            "system prompts are not saved in {}: the package has no SHA256SUMS to tell it from \
+             a changed one",
+            dir.display()
+        );
+    }
     for (i, system) in config.model.system_prompts.iter().enumerate() {
         let what = |e: String| fail(format!("model.system_prompts[{i}]: {e}"));
         let ids = engine
             .model()
             .system_prefix_ids(system)
             .map_err(|e| what(e.to_string()))?;
-        let dir = config.model.prefix_cache_dir.as_deref();
-        let key = dir.and_then(|_| {
-            crate::prefix_cache::Key::new(
-                &config.model.path,
-                engine.backend_name(),
-                max_length,
-                &ids,
-            )
+        let key = package.as_deref().map(|package| {
+            crate::prefix_cache::Key::new(package, engine.backend_name(), max_length, &ids)
         });
-        if let (None, Some(dir)) = (&key, dir) {
-            tracing::warn!(
-                "system prompt {i} is not saved in {}: the package has no SHA256SUMS to tell \
-                 it from a changed one",
-                dir.display()
-            );
-        }
         if let (Some(key), Some(dir)) = (&key, dir) {
             match crate::prefix_cache::load(dir, key) {
                 Ok(Some(snapshot)) => {

@@ -70,6 +70,22 @@ fn environment_from(lib: &Path) -> Result<ort::environment::Environment, Backend
     Ok(env)
 }
 
+/// One zeroed KV buffer of `shape`, bound as both `past` and `present` (GroupQueryAttention
+/// then writes new positions in place).
+fn bind_kv(
+    binding: &mut ort::session::IoBinding,
+    allocator: &Allocator,
+    shape: [usize; 4],
+    past: &str,
+    present: &str,
+) -> Result<Tensor<f32>, BackendError> {
+    let mut t = Tensor::<f32>::new(allocator, shape).map_err(rt("allocating the KV cache"))?;
+    t.extract_tensor_mut().1.fill(0.0);
+    binding.bind_input(past, &t).map_err(rt(past))?;
+    binding.bind_output(present, &mut t).map_err(rt(present))?;
+    Ok(t)
+}
+
 fn rt(context: &str) -> impl FnOnce(ort::Error) -> BackendError + '_ {
     move |e| BackendError::Runtime {
         context: context.to_string(),
@@ -214,15 +230,8 @@ impl OrtBackend {
                     .replace("%d", &layer.to_string());
                 let present =
                     name(present, &format!("present.%d.{kind}")).replace("%d", &layer.to_string());
-                let mut t =
-                    Tensor::<f32>::new(&allocator, [1, layout.kv_heads, cap, layout.head_dim])
-                        .map_err(rt("allocating the KV cache"))?;
-                t.extract_tensor_mut().1.fill(0.0);
-                binding.bind_input(&past, &t).map_err(rt(&past))?;
-                binding
-                    .bind_output(&present, &mut t)
-                    .map_err(rt(&present))?;
-                kv.push(t);
+                let shape = [1, layout.kv_heads, cap, layout.head_dim];
+                kv.push(bind_kv(&mut binding, &allocator, shape, &past, &present)?);
                 kv_names.push((past, present));
             }
         }
@@ -424,18 +433,9 @@ impl Backend for OrtBackend {
             .map_err(|e| format!("creating an I/O binding for the slots: {e}"))?;
         let mut kv = Vec::with_capacity(self.kv_names.len());
         for (past, present) in &self.kv_names {
-            let mut t = Tensor::<f32>::new(
-                &allocator,
-                [n, self.layout.kv_heads, full, self.layout.head_dim],
-            )
-            .map_err(|e| format!("allocating {n} slots of KV cache: {e}"))?;
-            t.extract_tensor_mut().1.fill(0.0);
-            binding
-                .bind_input(past, &t)
-                .map_err(|e| format!("{past}: {e}"))?;
-            binding
-                .bind_output(present, &mut t)
-                .map_err(|e| format!("{present}: {e}"))?;
+            let shape = [n, self.layout.kv_heads, full, self.layout.head_dim];
+            let t = bind_kv(&mut binding, &allocator, shape, past, present)
+                .map_err(|e| format!("{n} slots of KV cache: {e}"))?;
             kv.push(t);
         }
         self.slots = Some(Slots {

@@ -83,6 +83,24 @@ pub(crate) struct Job {
     pub(crate) deadline: Instant,
 }
 
+impl Job {
+    /// Why the request must stop now, if it must: cancelled (or its receiver went away: the
+    /// caller disconnected), the service stopping, or its deadline passed.
+    fn cut_short(&self, root: &CancellationToken) -> Option<Why> {
+        if self.cancel.is_cancelled() || self.events.is_closed() {
+            Some(if root.is_cancelled() {
+                Why::Shutdown
+            } else {
+                Why::Cancelled
+            })
+        } else if Instant::now() >= self.deadline {
+            Some(Why::Deadline)
+        } else {
+            None
+        }
+    }
+}
+
 /// What the engine thread shares with the scheduler.
 pub(crate) struct EngineShared {
     pub(crate) root: CancellationToken,
@@ -239,17 +257,7 @@ impl Active {
         if self.why.is_some() || self.seq.finished().is_some() {
             return;
         }
-        self.why = if self.job.cancel.is_cancelled() || self.job.events.is_closed() {
-            Some(if root.is_cancelled() {
-                Why::Shutdown
-            } else {
-                Why::Cancelled
-            })
-        } else if Instant::now() >= self.job.deadline {
-            Some(Why::Deadline)
-        } else {
-            None
-        };
+        self.why = self.job.cut_short(root);
         if self.why.is_some() {
             self.seq.cancel();
         }
@@ -485,15 +493,8 @@ fn run_job(
     let why = std::cell::Cell::new(None);
     let check = || {
         health.tick();
-        if job.cancel.is_cancelled() || job.events.is_closed() {
-            // A receiver that went away (caller disconnected) cancels the request.
-            why.set(Some(if root.is_cancelled() {
-                Why::Shutdown
-            } else {
-                Why::Cancelled
-            }));
-        } else if Instant::now() >= job.deadline {
-            why.set(Some(Why::Deadline));
+        if why.get().is_none() {
+            why.set(job.cut_short(root));
         }
         why.get().is_none()
     };
