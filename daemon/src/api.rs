@@ -45,13 +45,25 @@ impl Request {
     }
 }
 
-/// Streamed while a request runs.
+/// Streamed while a request runs. The engine lends its text (`Event<&str>`: its buffers are
+/// reused, so a decode step allocates nothing); whoever keeps or sends it on owns a copy
+/// (`Event<String>`, the default, what [`RequestEvent`] carries to the transports).
 #[derive(Debug, Clone, PartialEq)]
-pub enum Event {
+pub enum Event<S = String> {
     /// Answer text, in order; concatenated they are the final text.
-    Delta(String),
+    Delta(S),
     /// gpt-oss analysis text, when asked for.
-    Reasoning(String),
+    Reasoning(S),
+}
+
+impl Event<&str> {
+    /// An owned copy, to keep or to send to another thread.
+    pub fn to_owned(&self) -> Event {
+        match *self {
+            Event::Delta(t) => Event::Delta(t.to_owned()),
+            Event::Reasoning(t) => Event::Reasoning(t.to_owned()),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]

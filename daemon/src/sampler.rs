@@ -101,8 +101,11 @@ impl SamplingParams {
     }
 }
 
-/// Picks tokens for one request. Owns its PRNG and scratch buffers: after the first call,
-/// [`Sampler::sample`] allocates nothing while the vocabulary size stays the same.
+/// Picks tokens for one request. Owns its PRNG and scratch buffers: after
+/// [`Sampler::reserve`] (or the first call), [`Sampler::sample`] allocates nothing while the
+/// vocabulary size stays the same. `top_k` up to [`HEAP_TOP_K`] (every usual setting: 40 in
+/// llama.cpp and Ollama, 50 in transformers) finds the k-th largest logit in a fixed-capacity
+/// heap in one pass; a larger k selects in a vocabulary-sized scratch buffer.
 #[derive(Debug, Clone)]
 pub struct Sampler {
     params: SamplingParams,
@@ -115,8 +118,46 @@ pub struct Sampler {
     /// (descending logit, ascending id) once top-p has sorted them. Draws never depend on the
     /// sort algorithm, so a seed's tokens survive std upgrades.
     cands: Vec<(f64, u32)>,
-    /// Scratch for finding the k-th largest logit.
+    /// Scratch for finding the k-th largest logit when `top_k` > [`HEAP_TOP_K`].
     kth: Vec<f64>,
+}
+
+/// The largest `top_k` whose candidates a fixed-capacity heap holds.
+pub const HEAP_TOP_K: usize = 128;
+
+/// A logit ordered by `f64::total_cmp`, for the top-k heap.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Key(f64);
+
+impl Eq for Key {}
+
+impl PartialOrd for Key {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Key {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.total_cmp(&other.0)
+    }
+}
+
+/// The `k`-th largest of `values` (1 <= k <= HEAP_TOP_K, k < their number), kept in a
+/// min-heap of the k largest seen so far.
+fn kth_largest(values: impl Iterator<Item = f64>, k: usize) -> f64 {
+    let mut heap: heapless::binary_heap::BinaryHeap<Key, heapless::binary_heap::Min, HEAP_TOP_K> =
+        heapless::binary_heap::BinaryHeap::new();
+    for v in values.map(Key) {
+        if heap.len() < k {
+            let _ = heap.push(v);
+        } else if let Some(mut least) = heap.peek_mut()
+            && v > *least
+        {
+            *least = v;
+        }
+    }
+    heap.peek().map_or(f64::NEG_INFINITY, |k| k.0)
 }
 
 impl Sampler {
@@ -131,6 +172,24 @@ impl Sampler {
             cands: Vec::new(),
             kth: Vec::new(),
         })
+    }
+
+    /// Sizes the scratch buffers for a `vocab`-entry vocabulary, so that no call allocates.
+    pub fn reserve(&mut self, vocab: usize) {
+        let filters = self.params.temperature > 0.0;
+        let penalty = self.params.repetition_penalty != 1.0;
+        if filters || penalty {
+            self.logits.reserve(vocab);
+        }
+        if penalty {
+            self.seen.resize(vocab, false);
+        }
+        if filters {
+            self.cands.reserve(vocab);
+            if self.params.top_k > HEAP_TOP_K {
+                self.kth.reserve(vocab);
+            }
+        }
     }
 
     /// Picks the next token from `logits` (len = vocab). `history`: prompt + generated ids so
@@ -200,9 +259,14 @@ impl Sampler {
         cands.extend(live.map(|(&l, id)| (f64::from(l) / t, id)));
 
         if top_k > 0 && top_k < cands.len() {
-            kth.clear();
-            kth.extend(cands.iter().map(|c| c.0));
-            let (_, &mut kth, _) = kth.select_nth_unstable_by(top_k - 1, |a, b| b.total_cmp(a));
+            let kth = if top_k <= HEAP_TOP_K {
+                kth_largest(cands.iter().map(|c| c.0), top_k)
+            } else {
+                kth.clear();
+                kth.extend(cands.iter().map(|c| c.0));
+                let (_, &mut k, _) = kth.select_nth_unstable_by(top_k - 1, |a, b| b.total_cmp(a));
+                k
+            };
             cands.retain(|c| c.0 >= kth); // ties with the k-th stay, as in transformers
         }
         if top_p < 1.0 && cands.len() > 1 {
@@ -317,54 +381,101 @@ impl Rng {
     }
 }
 
+/// Most stop strings a request may give (OpenAI allows 4; generous, but bounded).
+pub const MAX_STOPS: usize = 16;
+/// Most bytes of one stop string.
+pub const MAX_STOP_BYTES: usize = 256;
+
+/// A stop string held in place: the request's stops live in the matcher, not on the heap.
+type Stop = heapless::String<MAX_STOP_BYTES>;
+
 /// Finds stop strings in generated text across token boundaries, holding back only text that
 /// could still be the start of a stop string. Generation ends at the first stop string completed;
 /// if several complete in the same push, the one starting earliest in the text wins.
+///
+/// Allocation-free after [`StopMatcher::new`]: the stops are fixed-capacity strings, and the
+/// held-back text shares one buffer, sized for the longest stop plus the longest piece of text
+/// one token can add.
 #[derive(Debug, Clone, Default)]
 pub struct StopMatcher {
     /// Non-empty stop strings (an empty one would match before any text; it is ignored).
-    stops: Vec<String>,
+    stops: heapless::Vec<Stop, MAX_STOPS>,
     /// Longest stop in bytes: at most `longest - 1` bytes are ever held back.
     longest: usize,
-    /// Text received but not yet emitted; always a proper prefix of some stop string.
+    /// Text received but not yet emitted: after a push, always a proper prefix of some stop.
     held: String,
     stopped: bool,
 }
 
 impl StopMatcher {
-    pub fn new(stops: &[String]) -> Self {
-        let stops: Vec<String> = stops.iter().filter(|s| !s.is_empty()).cloned().collect();
-        let longest = stops.iter().map(String::len).max().unwrap_or(0);
-        Self {
-            stops,
-            longest,
-            held: String::new(),
-            stopped: false,
+    /// A matcher for `stops`; `max_piece`: the most text one push brings (so the buffer never
+    /// grows). More than [`MAX_STOPS`] strings or one longer than [`MAX_STOP_BYTES`] is an
+    /// error naming the `stop` field.
+    pub fn new(stops: &[String], max_piece: usize) -> Result<Self, SamplingError> {
+        let error = |reason: String| SamplingError {
+            field: "stop",
+            reason,
+        };
+        if stops.len() > MAX_STOPS {
+            return Err(error(format!(
+                "at most {MAX_STOPS} strings, got {}",
+                stops.len()
+            )));
         }
+        let mut kept = heapless::Vec::new();
+        for s in stops.iter().filter(|s| !s.is_empty()) {
+            let stop = Stop::try_from(s.as_str()).map_err(|_| {
+                error(format!(
+                    "each string at most {MAX_STOP_BYTES} bytes, got one of {}",
+                    s.len()
+                ))
+            })?;
+            // Cannot fail: there are at most MAX_STOPS.
+            let _ = kept.push(stop);
+        }
+        let longest = kept.iter().map(|s| s.len()).max().unwrap_or(0);
+        Ok(Self {
+            stops: kept,
+            longest,
+            held: String::with_capacity(longest + max_piece),
+            stopped: false,
+        })
     }
 
-    /// Feeds newly decoded text; returns the text that is now safe to emit, and whether a stop
-    /// string was hit (text up to, not including, the earliest stop string is emitted; nothing
-    /// after, and later pushes return nothing).
-    pub fn push(&mut self, text: &str) -> (String, bool) {
+    /// Feeds newly decoded text: passes the text now safe to emit (if any) to `emit`, and
+    /// returns its result and whether a stop string was hit (text up to, not including, the
+    /// earliest stop string is emitted; nothing after, and later pushes emit nothing).
+    pub fn push<R>(&mut self, text: &str, emit: impl FnOnce(&str) -> R) -> (Option<R>, bool) {
         if self.stopped {
-            return (String::new(), true);
+            return (None, true);
+        }
+        if self.stops.is_empty() {
+            return ((!text.is_empty()).then(|| emit(text)), false);
         }
         self.held.push_str(text);
-        let first = self.stops.iter().filter_map(|s| self.held.find(s)).min();
+        let first = self
+            .stops
+            .iter()
+            .filter_map(|s| self.held.find(s.as_str()))
+            .min();
         if let Some(at) = first {
-            self.held.truncate(at);
             self.stopped = true;
-            return (std::mem::take(&mut self.held), true);
+            let out = (at > 0).then(|| emit(&self.held[..at]));
+            self.held.clear();
+            return (out, true);
         }
         let safe = self.held.len() - self.partial_stop_len();
-        let rest = self.held.split_off(safe);
-        (std::mem::replace(&mut self.held, rest), false)
+        let out = (safe > 0).then(|| emit(&self.held[..safe]));
+        self.held.drain(..safe);
+        (out, false)
     }
 
-    /// End of generation without a stop: returns the held-back remainder.
-    pub fn finish(&mut self) -> String {
-        std::mem::take(&mut self.held)
+    /// End of generation without a stop: passes the held-back remainder (if any) to `emit`.
+    pub fn finish(&mut self, emit: impl FnOnce(&str)) {
+        if !self.held.is_empty() {
+            emit(&self.held);
+            self.held.clear();
+        }
     }
 
     /// Length in bytes of the longest suffix of `held` that starts a stop string; it always
@@ -564,7 +675,60 @@ mod tests {
     }
 
     fn matcher(stops: &[&str]) -> StopMatcher {
-        StopMatcher::new(&stops.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+        StopMatcher::new(&stops.iter().map(|s| s.to_string()).collect::<Vec<_>>(), 16).unwrap()
+    }
+
+    /// What a push emits (as one string) and whether it hit a stop.
+    fn push(m: &mut StopMatcher, text: &str) -> (String, bool) {
+        let (emitted, hit) = m.push(text, str::to_owned);
+        (emitted.unwrap_or_default(), hit)
+    }
+
+    fn finish(m: &mut StopMatcher) -> String {
+        let mut rest = String::new();
+        m.finish(|t| rest.push_str(t));
+        rest
+    }
+
+    /// The heap finds the same k-th largest as a full selection, ties and -inf included.
+    #[test]
+    fn the_top_k_heap_agrees_with_selection() {
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        for n in [2usize, 50, 300, 5000] {
+            let values: Vec<f64> = (0..n)
+                .map(|i| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    match i % 11 {
+                        0 => f64::NEG_INFINITY,
+                        1 => 1.5, // ties
+                        _ => (x % 1000) as f64 / 37.0 - 10.0,
+                    }
+                })
+                .collect();
+            for k in (1..n.min(HEAP_TOP_K + 1)).step_by(7) {
+                let mut sorted = values.clone();
+                let (_, &mut want, _) = sorted.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
+                assert_eq!(kth_largest(values.iter().copied(), k), want, "n {n}, k {k}");
+            }
+        }
+    }
+
+    #[test]
+    fn too_many_or_too_long_stops_are_refused() {
+        let many = vec!["x".to_string(); MAX_STOPS + 1];
+        let err = StopMatcher::new(&many, 16).unwrap_err();
+        assert_eq!(err.field, "stop");
+        assert!(err.reason.contains("at most 16"), "{err}");
+        let long = vec!["y".repeat(MAX_STOP_BYTES + 1)];
+        assert!(
+            StopMatcher::new(&long, 16)
+                .unwrap_err()
+                .reason
+                .contains("257")
+        );
+        assert!(StopMatcher::new(&["y".repeat(MAX_STOP_BYTES)], 16).is_ok());
     }
 
     fn out(text: &str, stopped: bool) -> (String, bool) {
@@ -574,58 +738,58 @@ mod tests {
     #[test]
     fn stop_inside_one_push_cuts_before_it_and_ends_the_stream() {
         let mut m = matcher(&["</s>"]);
-        assert_eq!(m.push("hello</s>world"), out("hello", true));
-        assert_eq!(m.push("more"), out("", true));
-        assert_eq!(m.finish(), "");
+        assert_eq!(push(&mut m, "hello</s>world"), out("hello", true));
+        assert_eq!(push(&mut m, "more"), out("", true));
+        assert_eq!(finish(&mut m), "");
     }
 
     #[test]
     fn stop_across_pushes_is_held_back_then_dropped() {
         let mut m = matcher(&["</s>"]);
-        assert_eq!(m.push("hel"), out("hel", false));
-        assert_eq!(m.push("lo<"), out("lo", false));
-        assert_eq!(m.push("/"), out("", false));
-        assert_eq!(m.push("s>x"), out("", true));
+        assert_eq!(push(&mut m, "hel"), out("hel", false));
+        assert_eq!(push(&mut m, "lo<"), out("lo", false));
+        assert_eq!(push(&mut m, "/"), out("", false));
+        assert_eq!(push(&mut m, "s>x"), out("", true));
     }
 
     #[test]
     fn prefix_that_is_not_a_stop_is_released() {
         let mut m = matcher(&["</s>"]);
-        assert_eq!(m.push("a<"), out("a", false));
-        assert_eq!(m.push("/b"), out("</b", false));
+        assert_eq!(push(&mut m, "a<"), out("a", false));
+        assert_eq!(push(&mut m, "/b"), out("</b", false));
     }
 
     #[test]
     fn multibyte_text_around_a_stop_never_splits_a_char() {
         let mut m = matcher(&["終わり"]);
-        assert_eq!(m.push("こんにちは終"), out("こんにちは", false));
-        assert_eq!(m.push("わ"), out("", false));
-        assert_eq!(m.push("り！"), out("", true));
+        assert_eq!(push(&mut m, "こんにちは終"), out("こんにちは", false));
+        assert_eq!(push(&mut m, "わ"), out("", false));
+        assert_eq!(push(&mut m, "り！"), out("", true));
         // "è" shares its first byte with the stop's "é": it is not a prefix, so it goes out.
         let mut m = matcher(&["éa"]);
-        assert_eq!(m.push("cafè"), out("cafè", false));
-        assert_eq!(m.push("é"), out("", false));
-        assert_eq!(m.push("b 🙂"), out("éb 🙂", false));
+        assert_eq!(push(&mut m, "cafè"), out("cafè", false));
+        assert_eq!(push(&mut m, "é"), out("", false));
+        assert_eq!(push(&mut m, "b 🙂"), out("éb 🙂", false));
     }
 
     #[test]
     fn overlapping_stops_cut_at_the_earliest() {
         let mut m = matcher(&["ab", "b"]);
-        assert_eq!(m.push("xa"), out("x", false));
-        assert_eq!(m.push("b"), out("", true));
-        assert_eq!(matcher(&["ab", "b"]).push("xb"), out("x", true));
+        assert_eq!(push(&mut m, "xa"), out("x", false));
+        assert_eq!(push(&mut m, "b"), out("", true));
+        assert_eq!(push(&mut matcher(&["ab", "b"]), "xb"), out("x", true));
         let mut m = matcher(&["abc", "bd"]);
-        assert_eq!(m.push("ab"), out("", false));
-        assert_eq!(m.push("d"), out("a", true));
+        assert_eq!(push(&mut m, "ab"), out("", false));
+        assert_eq!(push(&mut m, "d"), out("a", true));
     }
 
     #[test]
     fn finish_releases_held_text_and_no_stops_hold_nothing() {
         let mut m = matcher(&["</s>"]);
-        assert_eq!(m.push("end<"), out("end", false));
-        assert_eq!(m.finish(), "<");
+        assert_eq!(push(&mut m, "end<"), out("end", false));
+        assert_eq!(finish(&mut m), "<");
         let mut m = matcher(&["", ""]);
-        assert_eq!(m.push("a<"), out("a<", false));
-        assert_eq!(m.finish(), "");
+        assert_eq!(push(&mut m, "a<"), out("a<", false));
+        assert_eq!(finish(&mut m), "");
     }
 }

@@ -77,8 +77,8 @@ fn collect(engine: &mut Engine, req: &Request) -> (edgellm::api::Completion, Str
     let c = engine
         .generate(req, &mut |e| {
             match e {
-                Event::Delta(t) => text.push_str(&t),
-                Event::Reasoning(t) => reasoning.push_str(&t),
+                Event::Delta(t) => text.push_str(t),
+                Event::Reasoning(t) => reasoning.push_str(t),
             }
             ControlFlow::Continue(())
         })

@@ -358,14 +358,21 @@ enum State {
     Done,
 }
 
+/// The most tokens of a message header the parser keeps (role part and channel part each).
+pub const HEADER_TOKENS: usize = 64;
+
 /// Token-level streaming parser for the assistant's reply, starting right after the prompt's
 /// trailing `<|start|>assistant`.
 #[derive(Debug)]
 pub struct Parser {
     tokens: HarmonyTokens,
     state: State,
-    role_ids: Vec<u32>,
-    header_ids: Vec<u32>,
+    /// A header's tokens, in fixed-capacity buffers: real headers are a few tokens
+    /// (`assistant to=functions.get_weather`, `commentary <|constrain|>json`); past
+    /// [`HEADER_TOKENS`] the rest is dropped (such a header names no known channel anyway), so
+    /// a model that never ends its header cannot grow them.
+    role_ids: heapless::Vec<u32, HEADER_TOKENS>,
+    header_ids: heapless::Vec<u32, HEADER_TOKENS>,
     header: Header,
     channel: Channel,
 }
@@ -375,8 +382,8 @@ impl Parser {
         Parser {
             tokens,
             state: State::Role,
-            role_ids: Vec::new(),
-            header_ids: Vec::new(),
+            role_ids: heapless::Vec::new(),
+            header_ids: heapless::Vec::new(),
             header: Header::default(),
             channel: Channel::Other,
         }
@@ -409,11 +416,11 @@ impl Parser {
                 Event::None
             }
             State::Role => {
-                self.role_ids.push(id);
+                let _ = self.role_ids.push(id);
                 Event::None
             }
             State::Header => {
-                self.header_ids.push(id);
+                let _ = self.header_ids.push(id);
                 Event::None
             }
             State::Content if id == t.end || id == t.start => {

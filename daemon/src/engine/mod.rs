@@ -61,6 +61,19 @@ pub struct Engine {
     cached: Vec<u32>,
     /// Prefixes kept on purpose, with a copy of the cache at their end.
     kept: Vec<(Vec<u32>, crate::backend::KvSnapshot)>,
+    /// The token each slot decodes in a batched step (`None`: idle), reused every step.
+    slot_tokens: Vec<Option<u32>>,
+}
+
+/// Where a running sequence's events go.
+pub trait EventSink {
+    /// Takes one event (the text is lent: copy what is kept); `Break` cancels the sequence.
+    fn send(&self, event: Event<&str>) -> Flow;
+}
+
+/// A sequence running in a slot and its event sink, for [`Engine::decode_slots`].
+pub trait Slotted {
+    fn parts(&mut self) -> (&mut Sequence, &dyn EventSink);
 }
 
 /// Timing of the last request's decode phase, for benchmarks.
@@ -107,8 +120,10 @@ impl Engine {
             backend,
             max_length,
             stats: Stats::default(),
-            cached: Vec::new(),
+            // Never longer than the context: a step's push does not reallocate.
+            cached: Vec::with_capacity(max_length),
             kept: Vec::new(),
+            slot_tokens: Vec::new(),
         }
     }
 
@@ -300,7 +315,7 @@ impl Engine {
     pub fn generate(
         &mut self,
         req: &Request,
-        on_event: &mut dyn FnMut(Event) -> Flow,
+        on_event: &mut dyn FnMut(Event<&str>) -> Flow,
     ) -> Result<Completion, EngineError> {
         let prompt = self.prompt_ids(req)?;
         self.generate_from_ids(req, prompt, on_event)
@@ -310,7 +325,7 @@ impl Engine {
         &mut self,
         req: &Request,
         prompt: Vec<u32>,
-        on_event: &mut dyn FnMut(Event) -> Flow,
+        on_event: &mut dyn FnMut(Event<&str>) -> Flow,
     ) -> Result<Completion, EngineError> {
         self.generate_with(req, prompt, on_event, &|| true)
     }
@@ -321,7 +336,7 @@ impl Engine {
         &mut self,
         req: &Request,
         prompt: Vec<u32>,
-        on_event: &mut dyn FnMut(Event) -> Flow,
+        on_event: &mut dyn FnMut(Event<&str>) -> Flow,
         keep_going: &dyn Fn() -> bool,
     ) -> Result<Completion, EngineError> {
         let mut seq = self.begin(req, prompt)?;
@@ -355,7 +370,7 @@ impl Engine {
         &mut self,
         seq: &mut Sequence,
         chunk: usize,
-        on_event: &mut dyn FnMut(Event) -> Flow,
+        on_event: &mut dyn FnMut(Event<&str>) -> Flow,
     ) -> Result<bool, EngineError> {
         if seq.prefilled == 0 {
             seq.cached_tokens = self.resume(&seq.prompt);
@@ -378,7 +393,9 @@ impl Engine {
 
     /// Continuous batching: allocates `n` slots; the number there are, or why there are none.
     pub fn enable_slots(&mut self, n: usize) -> Result<usize, String> {
-        self.backend.enable_slots(n)
+        let slots = self.backend.enable_slots(n)?;
+        self.slot_tokens = vec![None; slots];
+        Ok(slots)
     }
 
     /// Moves a sequence whose prompt is done into `slot` (a copy of the single cache).
@@ -389,36 +406,36 @@ impl Engine {
     }
 
     /// One step of every sequence in a slot that is still running: their waiting tokens in
-    /// one graph run, then each samples its next token and emits through `on_event(i, ..)`
-    /// (`i`: its index in `seqs`). Returns how many sequences the step decoded (0: none was
-    /// running, nothing ran).
-    pub fn decode_slots(
-        &mut self,
-        seqs: &mut [&mut Sequence],
-        slots: usize,
-        on_event: &mut dyn FnMut(usize, Event) -> Flow,
-    ) -> Result<usize, EngineError> {
-        let mut tokens = vec![None; slots];
-        for s in seqs.iter() {
-            if let (Some(slot), Some(next)) = (s.slot, s.next) {
-                tokens[slot] = Some(next);
+    /// one graph run, then each samples its next token and emits through its sink. Returns how
+    /// many sequences the step decoded (0: none was running, nothing ran). Allocates nothing
+    /// outside the backend's forward pass.
+    pub fn decode_slots<T: Slotted>(&mut self, items: &mut [T]) -> Result<usize, EngineError> {
+        self.slot_tokens.fill(None);
+        let mut decoded = 0;
+        for item in items.iter_mut() {
+            let (s, _) = item.parts();
+            if let (Some(slot), Some(next)) = (s.slot, s.next)
+                && let Some(t) = self.slot_tokens.get_mut(slot)
+            {
+                *t = Some(next);
+                decoded += 1;
             }
         }
-        let decoded = tokens.iter().flatten().count();
         if decoded == 0 {
             return Ok(0);
         }
         let t = Instant::now();
         let vocab = self.model.package.config.model.vocab_size;
-        let rows = self.backend.decode_slots(&tokens)?;
+        let rows = self.backend.decode_slots(&self.slot_tokens)?;
         let took = t.elapsed();
-        for (i, s) in seqs.iter_mut().enumerate() {
+        for item in items.iter_mut() {
+            let (s, sink) = item.parts();
             if let (Some(slot), Some(_)) = (s.slot, s.next) {
                 s.forward += took;
                 s.accept(
                     &self.model,
                     &rows[slot * vocab..(slot + 1) * vocab],
-                    &mut |e| on_event(i, e),
+                    &mut |e| sink.send(e),
                 )?;
             }
         }
@@ -429,7 +446,7 @@ impl Engine {
     pub fn complete(
         &mut self,
         seq: Sequence,
-        on_event: &mut dyn FnMut(Event) -> Flow,
+        on_event: &mut dyn FnMut(Event<&str>) -> Flow,
     ) -> Result<Completion, EngineError> {
         let (completion, stats) = seq.complete(&self.model, on_event)?;
         self.stats = stats;
@@ -444,7 +461,10 @@ enum Step {
 }
 
 /// Turns generated ids into answer text: harmony channel parsing (gpt-oss), detokenization,
-/// end-of-sequence ids and stop strings.
+/// end-of-sequence ids and stop strings. Its buffers are sized when the request starts, so a
+/// step appends to them and allocates nothing; the answer text (`text`) is reserved for up to
+/// [`TEXT_RESERVE`] bytes and grows by doubling past that (a few times in a long answer, not
+/// per token). A gpt-oss message header is decoded with `tokenizers` once per message.
 struct Output {
     detok: Detokenizer,
     stops: StopMatcher,
@@ -454,45 +474,66 @@ struct Output {
     reasoning: Detokenizer,
     include_reasoning: bool,
     ignore_eos: bool,
+    /// The text this step decoded, lent to the caller's event.
+    piece: String,
     text: String,
 }
 
+/// Bytes of answer text reserved per request: 8 per token (English runs near 4) up to 8 KiB.
+const TEXT_RESERVE: usize = 8 << 10;
+
 impl Output {
-    fn new(model: &Model, req: &Request) -> Self {
-        Output {
-            detok: Detokenizer::new(),
-            stops: StopMatcher::new(&req.stop),
+    fn new(model: &Model, req: &Request, max_new: usize) -> Result<Self, SamplingError> {
+        let tok = &model.tokenizer;
+        let max_piece = tok.max_piece_text();
+        Ok(Output {
+            detok: Detokenizer::new(tok),
+            stops: StopMatcher::new(&req.stop, max_piece)?,
             harmony: model.harmony().map(harmony::Parser::new),
             channel: Channel::Other,
-            reasoning: Detokenizer::new(),
+            reasoning: Detokenizer::new(tok),
             include_reasoning: req.include_reasoning,
             ignore_eos: req.ignore_eos,
-            text: String::new(),
-        }
+            piece: String::with_capacity(max_piece),
+            text: String::with_capacity(max_new.saturating_mul(8).min(TEXT_RESERVE)),
+        })
     }
 
-    fn emit(&mut self, text: String, on_event: &mut dyn FnMut(Event) -> Flow) -> Step {
-        let (safe, hit) = self.stops.push(&text);
-        let flow = if safe.is_empty() {
-            Flow::Continue(())
-        } else {
-            self.text.push_str(&safe);
+    /// Passes `piece` through the stop matcher and emits what is safe.
+    fn emit(&mut self, on_event: &mut dyn FnMut(Event<&str>) -> Flow) -> Step {
+        let Output {
+            stops, text, piece, ..
+        } = self;
+        let (flow, hit) = stops.push(piece, |safe| {
+            text.push_str(safe);
             on_event(Event::Delta(safe))
-        };
+        });
+        piece.clear();
         if hit {
             Step::Stop
-        } else if flow.is_break() {
+        } else if flow.is_some_and(|f| f.is_break()) {
             Step::Cancelled
         } else {
             Step::Continue
         }
     }
 
+    /// Emits `piece` as reasoning (when asked for and it is analysis text); whether the
+    /// caller cancelled.
+    fn emit_reasoning(&mut self, on_event: &mut dyn FnMut(Event<&str>) -> Flow) -> bool {
+        let cancelled = self.include_reasoning
+            && self.channel == Channel::Analysis
+            && !self.piece.is_empty()
+            && on_event(Event::Reasoning(&self.piece)).is_break();
+        self.piece.clear();
+        cancelled
+    }
+
     fn push(
         &mut self,
         model: &Model,
         id: u32,
-        on_event: &mut dyn FnMut(Event) -> Flow,
+        on_event: &mut dyn FnMut(Event<&str>) -> Flow,
     ) -> Result<Step, EngineError> {
         let tok = &model.tokenizer;
         if let Some(parser) = &mut self.harmony {
@@ -504,31 +545,23 @@ impl Output {
                     id,
                 } => {
                     self.channel = Channel::Final;
-                    let text = self.detok.push(tok, id)?;
-                    self.emit(text, on_event)
+                    self.detok.push(tok, id, &mut self.piece)?;
+                    self.emit(on_event)
                 }
                 harmony::Event::Content { channel, id } => {
                     self.channel = channel;
-                    let text = self.reasoning.push(tok, id)?;
-                    if self.include_reasoning
-                        && channel == Channel::Analysis
-                        && !text.is_empty()
-                        && on_event(Event::Reasoning(text)).is_break()
-                    {
+                    self.reasoning.push(tok, id, &mut self.piece)?;
+                    if self.emit_reasoning(on_event) {
                         return Ok(Step::Cancelled);
                     }
                     Step::Continue
                 }
                 harmony::Event::MessageEnd => {
-                    let rest = self.reasoning.finish(tok)?;
-                    if self.include_reasoning
-                        && self.channel == Channel::Analysis
-                        && !rest.is_empty()
-                        && on_event(Event::Reasoning(rest)).is_break()
-                    {
+                    self.reasoning.finish(tok, &mut self.piece)?;
+                    self.reasoning.reset();
+                    if self.emit_reasoning(on_event) {
                         return Ok(Step::Cancelled);
                     }
-                    self.reasoning = Detokenizer::new();
                     Step::Continue
                 }
                 _ => Step::Continue,
@@ -537,25 +570,30 @@ impl Output {
         if !self.ignore_eos && model.eos.contains(&id) {
             return Ok(Step::Stop);
         }
-        let text = self.detok.push(tok, id)?;
-        Ok(self.emit(text, on_event))
+        self.detok.push(tok, id, &mut self.piece)?;
+        Ok(self.emit(on_event))
     }
 
     /// End of generation: release held-back text.
     fn flush(
         &mut self,
         model: &Model,
-        on_event: &mut dyn FnMut(Event) -> Flow,
+        on_event: &mut dyn FnMut(Event<&str>) -> Flow,
     ) -> Result<(), EngineError> {
-        let tail = self.detok.finish(&model.tokenizer)?;
-        let (safe, hit) = self.stops.push(&tail);
-        let mut rest = safe;
+        self.detok.finish(&model.tokenizer, &mut self.piece)?;
+        let Output {
+            stops, text, piece, ..
+        } = self;
+        let (_, hit) = stops.push(piece, |safe| {
+            text.push_str(safe);
+            let _ = on_event(Event::Delta(safe));
+        });
+        piece.clear();
         if !hit {
-            rest.push_str(&self.stops.finish());
-        }
-        if !rest.is_empty() {
-            self.text.push_str(&rest);
-            let _ = on_event(Event::Delta(rest));
+            stops.finish(|rest| {
+                text.push_str(rest);
+                let _ = on_event(Event::Delta(rest));
+            });
         }
         Ok(())
     }

@@ -1,6 +1,8 @@
 //! One request's state while the engine runs it: its prompt, sampler, history, output
 //! (detokenizer, stop matcher, harmony parser), timing, and its finish reason, decided once
-//! here. The single-sequence loop ([`super::Engine::generate_with`]) and continuous batching
+//! here. Everything a step touches is sized when the sequence begins (the history for prompt
+//! plus `max_new` tokens, the sampler's scratch for the vocabulary, fixed-capacity stops and
+//! UTF-8 bytes), so once it runs a decode step allocates nothing outside the backend. The single-sequence loop ([`super::Engine::generate_with`]) and continuous batching
 //! ([`super::Engine::prefill_step`], [`super::Engine::decode_slots`]) drive the same type.
 
 use std::time::{Duration, Instant};
@@ -39,14 +41,19 @@ impl Sequence {
         prompt: Vec<u32>,
         max_length: usize,
     ) -> Result<Self, EngineError> {
-        let sampler = Sampler::new(req.sampling.clone())?;
+        let mut sampler = Sampler::new(req.sampling.clone())?;
+        sampler.reserve(model.package.config.model.vocab_size);
         let room = max_length.saturating_sub(prompt.len());
+        let max_new = req.max_tokens.map_or(room, |m| m.min(room));
+        // Sized for the whole request: a step pushes without reallocating.
+        let mut history = Vec::with_capacity(prompt.len() + max_new);
+        history.extend_from_slice(&prompt);
         Ok(Sequence {
             sampler,
-            out: Output::new(model, req),
-            history: prompt.clone(),
-            generated: Vec::new(),
-            max_new: req.max_tokens.map_or(room, |m| m.min(room)),
+            out: Output::new(model, req, max_new)?,
+            history,
+            generated: Vec::with_capacity(max_new),
+            max_new,
             cached_tokens: 0,
             prefilled: 0,
             next: None,
@@ -71,7 +78,7 @@ impl Sequence {
         &mut self,
         model: &Model,
         logits: &[f32],
-        on_event: &mut dyn FnMut(Event) -> Flow,
+        on_event: &mut dyn FnMut(Event<&str>) -> Flow,
     ) -> Result<(), EngineError> {
         let token = self.sampler.sample(logits, &self.history);
         self.first_token_at.get_or_insert_with(Instant::now);
@@ -98,7 +105,7 @@ impl Sequence {
     pub fn complete(
         mut self,
         model: &Model,
-        on_event: &mut dyn FnMut(Event) -> Flow,
+        on_event: &mut dyn FnMut(Event<&str>) -> Flow,
     ) -> Result<(Completion, super::Stats), EngineError> {
         let finish = self.finish.unwrap_or(FinishReason::Length);
         if finish != FinishReason::Cancelled {

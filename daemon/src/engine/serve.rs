@@ -12,10 +12,21 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::{Engine, EngineError, Sequence};
+use super::{Engine, EngineError, EventSink, Flow, Sequence, Slotted};
 use crate::api::{
-    Completion, ErrorCode, FinishReason, Request, RequestEvent, ServiceError, State, Status,
+    Completion, ErrorCode, Event, FinishReason, Request, RequestEvent, ServiceError, State, Status,
 };
+
+/// A request's events go to its transport as owned copies (one allocation per event: the
+/// text crosses to the transport's thread); a receiver gone (the caller left) cancels.
+impl EventSink for mpsc::UnboundedSender<RequestEvent> {
+    fn send(&self, event: Event<&str>) -> Flow {
+        match mpsc::UnboundedSender::send(self, RequestEvent::Event(event.to_owned())) {
+            Ok(()) => ControlFlow::Continue(()),
+            Err(_) => ControlFlow::Break(()),
+        }
+    }
+}
 
 /// Liveness of the engine thread, readable at any time (the systemd watchdog's input).
 #[derive(Debug)]
@@ -271,12 +282,18 @@ impl Active {
         let events = self.job.events.clone();
         let result = result.and_then(|()| {
             engine.complete(self.seq, &mut |e| {
-                let _ = events.send(RequestEvent::Event(e));
+                let _ = events.send(RequestEvent::Event(e.to_owned()));
                 ControlFlow::Continue(())
             })
         });
         let why = self.why.take();
         (self.job, terminal_of(result, why))
+    }
+}
+
+impl Slotted for Active {
+    fn parts(&mut self) -> (&mut Sequence, &dyn EventSink) {
+        (&mut self.seq, &self.job.events)
     }
 }
 
@@ -362,17 +379,11 @@ fn run_batched(
             } else {
                 INTERLEAVED_CHUNK
             };
-            let events = a.job.events.clone();
             let step = if a.seq.finished().is_some() {
                 Ok(true)
             } else {
-                engine.prefill_step(&mut a.seq, chunk, &mut |e| {
-                    if events.send(RequestEvent::Event(e)).is_err() {
-                        ControlFlow::Break(())
-                    } else {
-                        ControlFlow::Continue(())
-                    }
-                })
+                let Active { seq, job, .. } = &mut a;
+                engine.prefill_step(seq, chunk, &mut |e| EventSink::send(&job.events, e))
             };
             match step {
                 Ok(false) => prefilling = Some(a),
@@ -400,17 +411,7 @@ fn run_batched(
         }
 
         // One decode step of every running sequence.
-        let step = {
-            let senders: Vec<_> = running.iter().map(|a| a.job.events.clone()).collect();
-            let mut seqs: Vec<&mut Sequence> = running.iter_mut().map(|a| &mut a.seq).collect();
-            engine.decode_slots(&mut seqs, slots, &mut |i, e| {
-                if senders[i].send(RequestEvent::Event(e)).is_err() {
-                    ControlFlow::Break(())
-                } else {
-                    ControlFlow::Continue(())
-                }
-            })
-        };
+        let step = engine.decode_slots(&mut running);
         if let Ok(n) = step
             && n > 0
         {
@@ -502,7 +503,7 @@ fn run_job(
         &job.req,
         job.prompt.clone(),
         &mut |event| {
-            if job.events.send(RequestEvent::Event(event)).is_err() || !check() {
+            if EventSink::send(&job.events, event).is_break() || !check() {
                 check();
                 ControlFlow::Break(())
             } else {

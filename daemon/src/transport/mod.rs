@@ -122,8 +122,7 @@ pub const OPTION_NAMES: &[&str] = &[
 /// Roles a chat message may have (OpenAI's, plus harmony's `developer`).
 pub const ROLES: &[&str] = &["system", "developer", "user", "assistant", "tool"];
 
-/// Most stop strings a request may give (OpenAI allows 4; generous, but bounded).
-const MAX_STOP: usize = 16;
+use crate::sampler::{MAX_STOP_BYTES, MAX_STOPS};
 
 pub(crate) fn invalid(msg: impl Into<String>) -> ServiceError {
     ServiceError {
@@ -208,14 +207,20 @@ pub fn parse_options(
                         )));
                     }
                 };
-                if req.stop.is_empty() || req.stop.len() > MAX_STOP {
+                if req.stop.is_empty() || req.stop.len() > MAX_STOPS {
                     return Err(invalid(format!(
-                        "stop: give 1 to {MAX_STOP} strings, got {}",
+                        "stop: give 1 to {MAX_STOPS} strings, got {}",
                         req.stop.len()
                     )));
                 }
                 if req.stop.iter().any(String::is_empty) {
                     return Err(invalid("stop: strings must not be empty"));
+                }
+                if let Some(long) = req.stop.iter().find(|s| s.len() > MAX_STOP_BYTES) {
+                    return Err(invalid(format!(
+                        "stop: each string at most {MAX_STOP_BYTES} bytes, got one of {}",
+                        long.len()
+                    )));
                 }
             }
             "reasoning_effort" => {
@@ -449,6 +454,8 @@ mod tests {
         assert!(e(r#"{"top_k":-1}"#).starts_with("top_k"));
         assert!(e(r#"{"seed":"x"}"#).starts_with("seed"));
         assert!(e(r#"{"stop":[1]}"#).starts_with("stop"));
+        let long = format!(r#"{{"stop":["{}"]}}"#, "z".repeat(300));
+        assert!(e(&long).starts_with("stop: each string at most 256 bytes, got one of 300"));
         assert!(e(r#"{"reasoning_effort":"max"}"#).starts_with("reasoning_effort"));
     }
 
