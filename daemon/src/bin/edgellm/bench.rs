@@ -67,27 +67,46 @@ fn concurrent_pass(
         };
         handles.push(s.submit_ids(r, p.clone())?);
     }
+    // Each request's events are read on a thread of its own, so that one request's first
+    // token is timed when it comes, not after the requests before it are done.
+    let results: Vec<anyhow::Result<(Instant, Instant, usize)>> = std::thread::scope(|scope| {
+        let readers: Vec<_> = handles
+            .into_iter()
+            .map(|mut h| {
+                scope.spawn(move || {
+                    let mut first = None;
+                    loop {
+                        match h.events.blocking_recv() {
+                            Some(RequestEvent::Event(_)) => {
+                                first.get_or_insert_with(Instant::now);
+                            }
+                            Some(RequestEvent::Done(c)) => {
+                                let end = Instant::now();
+                                let tokens = c.usage.completion_tokens.saturating_sub(1);
+                                return Ok((first.unwrap_or(end), end, tokens));
+                            }
+                            Some(RequestEvent::Error(e)) => anyhow::bail!("request failed: {e}"),
+                            None => anyhow::bail!("the engine thread stopped"),
+                        }
+                    }
+                })
+            })
+            .collect();
+        readers
+            .into_iter()
+            .map(|r| {
+                r.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a reader panicked")))
+            })
+            .collect()
+    });
     let mut ttft = Vec::new();
-    let (mut tokens, mut first_all, mut last) = (0usize, start, start);
-    for mut h in handles {
-        let mut first = None;
-        loop {
-            match h.events.blocking_recv() {
-                Some(RequestEvent::Event(_)) => {
-                    first.get_or_insert_with(Instant::now);
-                }
-                Some(RequestEvent::Done(c)) => {
-                    let f = first.unwrap_or_else(Instant::now);
-                    ttft.push((f - start).as_secs_f64() * 1e3);
-                    first_all = first_all.max(f);
-                    last = last.max(Instant::now());
-                    tokens += c.usage.completion_tokens.saturating_sub(1);
-                    break;
-                }
-                Some(RequestEvent::Error(e)) => anyhow::bail!("request failed: {e}"),
-                None => anyhow::bail!("the engine thread stopped"),
-            }
-        }
+    let (mut tokens, mut last) = (0usize, start);
+    for r in results {
+        let (first, end, n) = r?;
+        ttft.push((first - start).as_secs_f64() * 1e3);
+        last = last.max(end);
+        tokens += n;
     }
     ttft.sort_by(f64::total_cmp);
     let wall = (last - start).as_secs_f64();
