@@ -6,6 +6,9 @@ Each subcommand prints one JSON object on stdout; the Rust test asserts on it.
   basics BASE          chat and completions, streamed and not; models; usage
   auth BASE KEY        the right key, a wrong one, none; /health without a key
   busy BASE N          N long requests at once against a queue of one: statuses, Retry-After
+  malformed BASE       bodies that are not JSON, not UTF-8, of wrong types, unknown fields, too
+                       large; an unknown route: each status and error code
+  disconnect BASE      a stream and a whole request the client abandons: seconds until idle
   shutdown BASE        a long stream and a request queued behind it; prints "streaming", waits
                        for a line on stdin (the test stops the daemon), then a new request:
                        the queued and the new request's statuses, the stream's finish reason
@@ -14,6 +17,7 @@ Each subcommand prints one JSON object on stdout; the Rust test asserts on it.
 import json
 import sys
 import threading
+import time
 
 import httpx
 import openai
@@ -146,6 +150,58 @@ def shutdown(base):
     return out
 
 
+def malformed(base):
+    """Bodies the API must refuse with an error object: status and code of each."""
+    url = base + "/v1/chat/completions"
+    cases = {
+        "not_json": b"{not json",
+        "not_utf8": b'{"messages": "\xff"}',
+        "wrong_type": b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": "ten"}',
+        "unknown_field": b'{"messages": [{"role": "user", "content": "hi"}], "tools": []}',
+        "twice": b'{"messages": [], "messages": []}',
+        "too_large": b'{"messages": [{"role": "user", "content": "' + b"x" * 70000 + b'"}]}',
+    }
+    out = {}
+    for name, body in cases.items():
+        r = httpx.post(url, content=body, headers={"content-type": "application/json"})
+        out[name] = {"status": r.status_code, "code": r.json()["error"]["code"],
+                     "message": r.json()["error"]["message"]}
+    r = httpx.get(base + "/v2/nothing")
+    out["no_route"] = {"status": r.status_code, "code": r.json()["error"]["code"]}
+    return out
+
+
+def wait_idle(base, within):
+    """Seconds until /health shows nothing running or queued (None: not within `within`)."""
+    start = time.monotonic()
+    while time.monotonic() - start < within:
+        h = httpx.get(base + "/health").json()
+        if h["running"] == 0 and h["queue_length"] == 0:
+            return time.monotonic() - start
+        time.sleep(0.05)
+    return None
+
+
+def disconnect(base):
+    """A streamed and a whole request the client abandons: each must stop running."""
+    body = {"messages": [{"role": "user", "content": "a long story"}], "max_tokens": 900,
+            "temperature": 0}
+    out = {}
+    with httpx.stream("POST", base + "/v1/chat/completions", json={**body, "stream": True},
+                      timeout=120) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                break
+    out["stream_idle_after_s"] = wait_idle(base, 5)
+    try:
+        httpx.post(base + "/v1/chat/completions", json=body, timeout=2)
+        out["whole"] = "answered"
+    except httpx.TimeoutException:
+        out["whole"] = "gave up"
+    out["whole_idle_after_s"] = wait_idle(base, 5)
+    return out
+
+
 def main():
     cmd, base, *rest = sys.argv[1:]
     if cmd == "basics":
@@ -154,6 +210,10 @@ def main():
         out = auth(base, rest[0])
     elif cmd == "busy":
         out = busy(base, int(rest[0]))
+    elif cmd == "malformed":
+        out = malformed(base)
+    elif cmd == "disconnect":
+        out = disconnect(base)
     elif cmd == "shutdown":
         out = shutdown(base)
     else:

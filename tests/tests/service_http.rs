@@ -244,3 +244,47 @@ async fn shutdown_answers_503_and_ends_the_running_stream() {
     );
     d.exited(Duration::from_secs(30)).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_bodies_get_their_status_and_the_daemon_keeps_serving() {
+    let backend = edgellm_tests::backends()[0].as_str();
+    let (mut config, base) = http_config(backend, tiny_package());
+    config.http.max_body_bytes = 65536;
+    let d = start(config, &base).await;
+    let r = checks(&["malformed", &base]).await;
+    let expect = [
+        ("not_json", 400, "invalid_request", "not valid JSON"),
+        ("not_utf8", 400, "invalid_request", "not UTF-8"),
+        ("wrong_type", 400, "invalid_request", "max_tokens"),
+        ("unknown_field", 400, "invalid_request", "tools"),
+        ("twice", 400, "invalid_request", "twice"),
+        ("too_large", 413, "request_too_large", "max_body_bytes"),
+    ];
+    for (case, status, code, says) in expect {
+        assert_eq!(r[case]["status"], status, "{case}: {r}");
+        assert_eq!(r[case]["code"], code, "{case}: {r}");
+        assert!(
+            r[case]["message"].as_str().unwrap().contains(says),
+            "{case}: {r}"
+        );
+    }
+    assert_eq!(r["no_route"]["status"], 404);
+    // Still serving.
+    let b = checks(&["basics", &base]).await;
+    assert_eq!(b["chat"]["finish"], "length");
+    d.stop().await;
+}
+
+/// A 900-token answer takes the slow package ~18 s: a client that leaves after the first chunk
+/// (stream) or after 2 s (whole answer) must free the engine within 5 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_cancels_its_request() {
+    let backend = edgellm_tests::backends()[0].as_str();
+    let (config, base) = http_config(backend, slow_package());
+    let d = start(config, &base).await;
+    let r = checks(&["disconnect", &base]).await;
+    assert!(r["stream_idle_after_s"].as_f64().is_some(), "{r}");
+    assert_eq!(r["whole"], "gave up", "{r}");
+    assert!(r["whole_idle_after_s"].as_f64().is_some(), "{r}");
+    d.stop().await;
+}

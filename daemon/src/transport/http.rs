@@ -26,6 +26,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, Request as HttpRequest, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
@@ -574,16 +575,48 @@ fn text_prompt(v: Option<&Value>) -> Result<String, ApiError> {
     }
 }
 
-async fn chat_completions(State(s): State<Arc<Shared>>, body: Bytes) -> Response {
-    complete(s, Kind::Chat, &body)
-        .await
-        .unwrap_or_else(IntoResponse::into_response)
+/// The request body, or why it could not be read: over `max_body_bytes` is a 413.
+fn read_body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|e| {
+        let status = e.status();
+        if status == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                status,
+                "invalid_request_error",
+                "request_too_large",
+                "the body is larger than [http] max_body_bytes".into(),
+            )
+        } else {
+            ApiError::new(
+                status,
+                "invalid_request_error",
+                "invalid_request",
+                format!("reading the body: {}", e.body_text()),
+            )
+        }
+    })
 }
 
-async fn completions(State(s): State<Arc<Shared>>, body: Bytes) -> Response {
-    complete(s, Kind::Text, &body)
-        .await
-        .unwrap_or_else(IntoResponse::into_response)
+async fn chat_completions(
+    State(s): State<Arc<Shared>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    match read_body(body) {
+        Ok(body) => complete(s, Kind::Chat, &body).await,
+        Err(e) => Err(e),
+    }
+    .unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn completions(
+    State(s): State<Arc<Shared>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    match read_body(body) {
+        Ok(body) => complete(s, Kind::Text, &body).await,
+        Err(e) => Err(e),
+    }
+    .unwrap_or_else(IntoResponse::into_response)
 }
 
 /// What every chunk and answer of one request shares.
