@@ -29,6 +29,8 @@ pub struct Request {
     pub include_reasoning: bool,
     /// Keep going past end-of-sequence tokens (benchmarks).
     pub ignore_eos: bool,
+    /// The transport it came through (metrics).
+    pub origin: crate::metrics::Origin,
 }
 
 impl Request {
@@ -41,6 +43,7 @@ impl Request {
             reasoning_effort: None,
             include_reasoning: false,
             ignore_eos: false,
+            origin: crate::metrics::Origin::local,
         }
     }
 }

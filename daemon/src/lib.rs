@@ -12,7 +12,8 @@
 //! - [`backend`]: the small synchronous seam ([`backend::Backend`]) and its implementations
 //!   (`backend/ort.rs`: ONNX Runtime through `ort`, loaded at run time).
 //! - [`service`]: the daemon ([`run`]): start-up, systemd notifications and watchdog
-//!   ([`systemd`]), the transports ([`transport`]: D-Bus and MQTT, wire <-> [`api`]), shutdown.
+//!   ([`systemd`]), the transports ([`transport`]: D-Bus, MQTT and HTTP, wire <-> [`api`]),
+//!   shutdown; [`metrics`] counts what they serve (Prometheus text at `/metrics`).
 //! - [`sampler`]: logits -> next token (greedy, temperature, top-k/p, min-p, repetition
 //!   penalty, seeded), and stop strings.
 
@@ -21,6 +22,7 @@ pub mod backend;
 pub mod chat;
 pub mod config;
 pub mod engine;
+pub mod metrics;
 pub mod model;
 pub mod package;
 pub mod prefix_cache;

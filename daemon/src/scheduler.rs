@@ -27,6 +27,7 @@ pub use crate::api::{ErrorCode, RequestEvent, ServiceError, State, Status};
 use crate::engine::Engine;
 use crate::engine::serve::{AliveGuard, EngineShared, Job, Work, run_engine};
 pub use crate::engine::{BatchSteps, EngineHealth};
+use crate::metrics::Metrics;
 use crate::model::Model;
 
 /// Limits applied at admission (from `[limits]` of the configuration).
@@ -58,6 +59,7 @@ pub struct Scheduler {
     health: Arc<EngineHealth>,
     parallel: usize,
     batch_steps: Arc<BatchSteps>,
+    metrics: Arc<Metrics>,
     engine_thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
@@ -100,12 +102,14 @@ impl Scheduler {
         };
         let health = Arc::new(EngineHealth::new());
         let batch_steps = Arc::new(BatchSteps::default());
+        let metrics = Arc::new(Metrics::new());
         let shared = EngineShared {
             root: root.clone(),
             in_flight: in_flight.clone(),
             status: status.clone(),
             health: health.clone(),
             batch_steps: batch_steps.clone(),
+            metrics: metrics.clone(),
         };
         let engine_thread = std::thread::Builder::new()
             .name("edgellm-engine".into())
@@ -125,8 +129,14 @@ impl Scheduler {
             health,
             parallel,
             batch_steps,
+            metrics,
             engine_thread: std::sync::Mutex::new(Some(engine_thread)),
         }
+    }
+
+    /// What the service has served ([`Metrics`]).
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// Batched decode steps so far, by how many sequences each decoded.
@@ -179,7 +189,13 @@ impl Scheduler {
     }
 
     /// Validates, tokenizes and queues `req`.
-    pub fn submit(&self, mut req: Request) -> Result<Handle, ServiceError> {
+    pub fn submit(&self, req: Request) -> Result<Handle, ServiceError> {
+        let origin = req.origin;
+        self.submit_text(req)
+            .inspect_err(|e| self.metrics.refused(origin, e.code))
+    }
+
+    fn submit_text(&self, mut req: Request) -> Result<Handle, ServiceError> {
         self.admit(&mut req)?;
         // A prompt whose text alone could not fit is refused before tokenizing it (a 10 MB
         // prompt took seconds to tokenize just to be refused).
@@ -205,11 +221,15 @@ impl Scheduler {
     /// [`Scheduler::submit`] of a prompt already in token ids (`req.input` is not rendered):
     /// for tools and benchmarks.
     pub fn submit_ids(&self, mut req: Request, prompt: Vec<u32>) -> Result<Handle, ServiceError> {
-        self.admit(&mut req)?;
-        if prompt.is_empty() {
-            return Err(ServiceError::new(ErrorCode::InvalidRequest, "empty prompt"));
-        }
-        self.enqueue(req, prompt)
+        let origin = req.origin;
+        self.admit(&mut req)
+            .and_then(|()| {
+                if prompt.is_empty() {
+                    return Err(ServiceError::new(ErrorCode::InvalidRequest, "empty prompt"));
+                }
+                self.enqueue(req, prompt)
+            })
+            .inspect_err(|e| self.metrics.refused(origin, e.code))
     }
 
     /// The checks every request passes first: not shutting down, valid sampling, a positive

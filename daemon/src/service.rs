@@ -267,6 +267,7 @@ fn status_line(info: &Info, s: Status) -> String {
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunError> {
     config.validate()?;
     let notifier = Notifier::from_env();
+    let loading = std::time::Instant::now();
     notifier.notify("STATUS=loading the model");
     tracing::info!("loading {}", config.model.path.display());
 
@@ -296,6 +297,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         max_context: scheduler.max_length(),
         parallel: scheduler.parallel(),
     };
+    scheduler.metrics().loaded(
+        &info.model,
+        info.backend,
+        info.parallel,
+        loading.elapsed().as_secs_f64(),
+    );
     let tasks = TaskTracker::new();
     let svc = Arc::new(Inference::new(
         scheduler.clone(),

@@ -6,6 +6,8 @@ Each subcommand prints one JSON object on stdout; the Rust test asserts on it.
   basics BASE          chat and completions, streamed and not; models; usage
   auth BASE KEY        the right key, a wrong one, none; /health without a key
   busy BASE N          N long requests at once against a queue of one: statuses, Retry-After
+  metrics BASE         /metrics (OpenMetrics parser) before and after an answered and a refused
+                       request
   malformed BASE       bodies that are not JSON, not UTF-8, of wrong types, unknown fields, too
                        large; an unknown route: each status and error code
   disconnect BASE      a stream and a whole request the client abandons: seconds until idle
@@ -171,6 +173,34 @@ def malformed(base):
     return out
 
 
+def scrape(base):
+    """/metrics parsed by prometheus_client's OpenMetrics parser: {name{labels}: value}."""
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families
+
+    r = httpx.get(base + "/metrics")
+    assert r.headers["content-type"].startswith("application/openmetrics-text"), r.headers
+    out = {}
+    for family in text_string_to_metric_families(r.text):
+        for s in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+            out[f"{s.name}{{{labels}}}"] = s.value
+    return out
+
+
+def metrics(base):
+    """/metrics before and after one answered and one refused HTTP request."""
+    before = scrape(base)
+    c = client(base)
+    c.chat.completions.create(model="any", messages=[{"role": "user", "content": "hi"}],
+                              max_tokens=5, temperature=0)
+    try:
+        c.chat.completions.create(model="any", messages=[{"role": "user", "content": "hi"}],
+                                  top_p=7)
+    except openai.BadRequestError:
+        pass
+    return {"before": before, "after": scrape(base)}
+
+
 def wait_idle(base, within):
     """Seconds until /health shows nothing running or queued (None: not within `within`)."""
     start = time.monotonic()
@@ -210,6 +240,8 @@ def main():
         out = auth(base, rest[0])
     elif cmd == "busy":
         out = busy(base, int(rest[0]))
+    elif cmd == "metrics":
+        out = metrics(base)
     elif cmd == "malformed":
         out = malformed(base)
     elif cmd == "disconnect":

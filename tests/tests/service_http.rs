@@ -288,3 +288,67 @@ async fn a_client_that_leaves_cancels_its_request() {
     assert!(r["whole_idle_after_s"].as_f64().is_some(), "{r}");
     d.stop().await;
 }
+
+/// `/metrics`, read by `prometheus_client`'s OpenMetrics parser, counts each transport's
+/// requests by outcome, the tokens and the latencies, and shows the model and the process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_every_transport_and_parse_as_openmetrics() {
+    let backend = edgellm_tests::backends()[0].as_str();
+    let bus = edgellm_tests::harness::DbusBus::start();
+    let (mut config, base) = http_config(backend, tiny_package());
+    config.dbus.enabled = true;
+    config.dbus.address = bus.address().to_string();
+    let d = start(config, &base).await;
+    // One D-Bus chat first.
+    let c = edgellm_tests::service::bus(bus.address()).await.unwrap();
+    let options = opts(&[("max_tokens", zbus::OwnedVariant::from(3u32))]);
+    chat(&c, &user("hello"), &options).await.unwrap();
+    let r = checks(&["metrics", &base]).await;
+    let (before, after) = (&r["before"], &r["after"]);
+    let get = |m: &Value, key: &str| m[key].as_f64().unwrap_or(0.0);
+    let moved = |key: &str| get(after, key) - get(before, key);
+    assert_eq!(
+        get(
+            before,
+            "edgellm_requests_total{outcome=length,transport=dbus}"
+        ),
+        1.0,
+        "{r}"
+    );
+    assert_eq!(
+        moved("edgellm_requests_total{outcome=length,transport=http}"),
+        1.0,
+        "{r}"
+    );
+    assert_eq!(
+        moved("edgellm_requests_total{outcome=invalid_request,transport=http}"),
+        1.0,
+        "{r}"
+    );
+    assert_eq!(moved("edgellm_completion_tokens_total{}"), 5.0, "{r}");
+    assert!(moved("edgellm_prompt_tokens_total{}") > 0.0, "{r}");
+    assert_eq!(
+        moved("edgellm_time_to_first_token_seconds_count{}"),
+        1.0,
+        "{r}"
+    );
+    assert_eq!(
+        moved("edgellm_time_per_output_token_seconds_count{}"),
+        1.0,
+        "{r}"
+    );
+    let info = format!(
+        "edgellm_model_info{{backend={backend},model={}}}",
+        edgellm::service::model_name(tiny_package())
+    );
+    assert_eq!(get(after, &info), 1.0, "{r}");
+    assert!(
+        get(after, "edgellm_process_resident_memory_bytes{}") > 1e6,
+        "{r}"
+    );
+    assert_eq!(get(after, "edgellm_running_sequences{}"), 0.0, "{r}");
+    assert_eq!(get(after, "edgellm_queue_length{}"), 0.0, "{r}");
+    assert_eq!(get(after, "edgellm_parallel{}"), 1.0, "{r}");
+    assert!(get(after, "edgellm_model_load_seconds{}") > 0.0, "{r}");
+    d.stop().await;
+}

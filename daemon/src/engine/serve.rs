@@ -119,6 +119,7 @@ pub(crate) struct EngineShared {
     pub(crate) status: Arc<watch::Sender<Status>>,
     pub(crate) health: Arc<EngineHealth>,
     pub(crate) batch_steps: Arc<BatchSteps>,
+    pub(crate) metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Decode steps run with continuous batching, by how many sequences each decoded: how full the
@@ -175,6 +176,11 @@ impl EngineShared {
     }
 
     fn finish(&self, job: &Job, terminal: RequestEvent) {
+        match &terminal {
+            RequestEvent::Done(c) => self.metrics.finished(job.req.origin, Ok(c)),
+            RequestEvent::Error(e) => self.metrics.finished(job.req.origin, Err(e.code)),
+            RequestEvent::Event(_) => {}
+        }
         let _ = job.events.send(terminal);
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
     }

@@ -25,7 +25,7 @@ use zbus::names::{BusName, UniqueName};
 use zbus::object_server::SignalEmitter;
 use zbus::{Connection, OwnedObjectPath, OwnedVariant, Variant, interface};
 
-use super::{invalid, parse_options};
+use super::{Origin, invalid, parse_options};
 use crate::api::{Completion, Event, Request};
 use crate::chat::Message;
 use crate::config::DbusConfig;
@@ -131,6 +131,7 @@ fn request_with(
     options: &Options,
 ) -> Result<Request, ServiceError> {
     let mut req = svc.request(input);
+    req.origin = Origin::dbus;
     let mut map = Map::new();
     for (k, v) in &options.0 {
         if map.insert(k.clone(), variant_to_json(k, v)?).is_some() {
@@ -150,7 +151,20 @@ fn chat_request(
         .into_iter()
         .map(|(role, content)| Message { role, content })
         .collect();
-    Ok(request_with(svc, super::chat_input(messages)?, options)?)
+    counted(svc, super::chat_input(messages), options)
+}
+
+/// The request, or why it is refused (counted in the metrics as a D-Bus refusal).
+fn counted(
+    svc: &super::Inference,
+    input: Result<crate::api::Input, ServiceError>,
+    options: &Options,
+) -> Result<Request, Error> {
+    let req = input.and_then(|input| request_with(svc, input, options));
+    if let Err(e) = &req {
+        svc.refused(Origin::dbus, e);
+    }
+    Ok(req?)
 }
 
 /// `Finished`'s and the replies' stats dictionary.
@@ -230,7 +244,7 @@ impl Inference {
         prompt: String,
         options: Options,
     ) -> Result<(String, Stats), Error> {
-        let req = request_with(&self.svc, super::complete_input(prompt)?, &options)?;
+        let req = counted(&self.svc, super::complete_input(prompt), &options)?;
         self.run_to_end(conn, &hdr, req).await
     }
 

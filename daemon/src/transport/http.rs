@@ -38,8 +38,8 @@ use serde_json::{Map, Value, json};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{Inference, type_name};
-use crate::api::{Completion, Event, Input, RequestEvent, State as ServiceState};
+use super::{Inference, Origin, type_name};
+use crate::api::{Completion, Event, Input, Request, RequestEvent, State as ServiceState};
 use crate::chat::Message;
 use crate::config::{HttpConfig, Listen};
 use crate::scheduler::{ErrorCode, ServiceError};
@@ -179,6 +179,7 @@ fn router(shared: Arc<Shared>, max_body: usize) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(models))
         .route("/v1/models/{id}", get(model))
+        .route("/metrics", get(metrics))
         .route_layer(middleware::from_fn_with_state(shared.clone(), authorize));
     Router::new()
         .route("/health", get(health))
@@ -216,6 +217,21 @@ impl ApiError {
             "invalid_request",
             message.into(),
         )
+    }
+
+    /// The service's error code for it (the metrics count refusals by code).
+    fn service_error(&self) -> ServiceError {
+        let code = match self.status {
+            StatusCode::TOO_MANY_REQUESTS => ErrorCode::Busy,
+            StatusCode::SERVICE_UNAVAILABLE => ErrorCode::ShuttingDown,
+            s if s.is_server_error() => ErrorCode::Internal,
+            _ if self.code == "context_length_exceeded" => ErrorCode::PromptTooLong,
+            _ => ErrorCode::InvalidRequest,
+        };
+        ServiceError {
+            code,
+            message: self.message.clone(),
+        }
     }
 
     fn body(&self) -> Value {
@@ -597,26 +613,43 @@ fn read_body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
     })
 }
 
+async fn metrics(State(s): State<Arc<Shared>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        s.inference.metrics_text(),
+    )
+        .into_response()
+}
+
 async fn chat_completions(
     State(s): State<Arc<Shared>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    match read_body(body) {
-        Ok(body) => complete(s, Kind::Chat, &body).await,
-        Err(e) => Err(e),
-    }
-    .unwrap_or_else(IntoResponse::into_response)
+    answer(s, Kind::Chat, body).await
 }
 
 async fn completions(
     State(s): State<Arc<Shared>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    match read_body(body) {
-        Ok(body) => complete(s, Kind::Text, &body).await,
-        Err(e) => Err(e),
-    }
-    .unwrap_or_else(IntoResponse::into_response)
+    answer(s, Kind::Text, body).await
+}
+
+/// A completion route's response; a request refused before the scheduler saw it is counted.
+async fn answer(s: Arc<Shared>, kind: Kind, body: Result<Bytes, BytesRejection>) -> Response {
+    let body = match read_body(body) {
+        Ok(b) => b,
+        Err(e) => {
+            s.inference.refused(Origin::http, &e.service_error());
+            return e.into_response();
+        }
+    };
+    complete(s, kind, &body)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
 }
 
 /// What every chunk and answer of one request shares.
@@ -703,18 +736,9 @@ fn usage(c: &Completion) -> Value {
 }
 
 async fn complete(s: Arc<Shared>, kind: Kind, body: &[u8]) -> Result<Response, ApiError> {
-    let body = json_body(body)?;
-    let (opts, stream, include_usage) = options(&body, kind)?;
-    let input = match kind {
-        Kind::Chat => Input::Messages(chat_messages(body.get("messages"))?),
-        Kind::Text => super::complete_input(text_prompt(body.get("prompt"))?)?,
-    };
-    let mut req = s.inference.request(input);
-    // OpenAI's completions route answers 16 tokens unless told otherwise.
-    if kind == Kind::Text {
-        req.max_tokens = Some(16);
-    }
-    super::parse_options(&opts, &[], &mut req)?;
+    let (req, stream, include_usage) = build(&s, kind, body).inspect_err(|e| {
+        s.inference.refused(Origin::http, &e.service_error());
+    })?;
     let n = s.next_id.fetch_add(1, Ordering::Relaxed);
     let reply = Reply {
         kind,
@@ -745,6 +769,24 @@ async fn complete(s: Arc<Shared>, kind: Kind, body: &[u8]) -> Result<Response, A
             }
         }
     }
+}
+
+/// The request a body asks for, whether to stream it, and whether to send usage when streaming.
+fn build(s: &Shared, kind: Kind, body: &[u8]) -> Result<(Request, bool, bool), ApiError> {
+    let body = json_body(body)?;
+    let (opts, stream, include_usage) = options(&body, kind)?;
+    let input = match kind {
+        Kind::Chat => Input::Messages(chat_messages(body.get("messages"))?),
+        Kind::Text => super::complete_input(text_prompt(body.get("prompt"))?)?,
+    };
+    let mut req = s.inference.request(input);
+    req.origin = Origin::http;
+    // OpenAI's completions route answers 16 tokens unless told otherwise.
+    if kind == Kind::Text {
+        req.max_tokens = Some(16);
+    }
+    super::parse_options(&opts, &[], &mut req)?;
+    Ok((req, stream, include_usage))
 }
 
 /// The request's events as server-sent events: a chunk per piece of text, the finish reason,

@@ -18,6 +18,7 @@ use tokio_util::task::TaskTracker;
 use crate::api::{Input, Request, Usage};
 use crate::chat::Message;
 use crate::chat::harmony::ReasoningEffort;
+pub use crate::metrics::Origin;
 use crate::sampler::SamplingParams;
 use crate::scheduler::{ErrorCode, Handle, Scheduler, ServiceError, Status};
 
@@ -78,6 +79,19 @@ impl Inference {
         let mut req = Request::new(input);
         req.sampling = self.default_sampling();
         req
+    }
+
+    /// Counts a request the transport refused itself, before the scheduler saw it.
+    pub fn refused(&self, origin: Origin, e: &ServiceError) {
+        self.scheduler.metrics().refused(origin, e.code);
+    }
+
+    /// The metrics in the Prometheus text format, the present's gauges read now.
+    pub fn metrics_text(&self) -> String {
+        let status = *self.scheduler.status().borrow();
+        self.scheduler
+            .metrics()
+            .encode(status, self.scheduler.parallel() > 1)
     }
 
     /// Validates, tokenizes and queues `req` ([`Scheduler::submit_from_async`]).

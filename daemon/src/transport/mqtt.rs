@@ -30,7 +30,7 @@ use serde_json::{Map, Value, json};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{invalid, messages_from_json, parse_options, type_name, usage_json};
+use super::{Origin, invalid, messages_from_json, parse_options, type_name, usage_json};
 use crate::api::{Event as ApiEvent, Request};
 use crate::config::MqttConfig;
 use crate::scheduler::{ErrorCode, Handle, RequestEvent, ServiceError, Status};
@@ -612,12 +612,14 @@ impl MqttTransport {
             Ok(r) => r,
             Err(e) => {
                 tracing::info!("MQTT request {key} refused: {}", e.message);
+                self.svc.refused(Origin::mqtt, &e);
                 let _ = self.out_tx.send(route.error(&e));
                 return;
             }
         };
         if lock(&self.active).contains_key(&key) {
             let e = invalid(format!("id {key:?} is already in flight"));
+            self.svc.refused(Origin::mqtt, &e);
             let _ = self.out_tx.send(route.error(&e));
             return;
         }
@@ -677,6 +679,7 @@ fn build_request(
         (None, None) => return Err(invalid("missing messages (or prompt)")),
     };
     let mut req = Request::new(input);
+    req.origin = Origin::mqtt;
     req.sampling = defaults;
     parse_options(fields, ROUTING_FIELDS, &mut req)?;
     Ok(req)
