@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Create the Python venv the HTTP tests drive edgellmd with: the official `openai` client and
-# `prometheus_client` (its OpenMetrics parser reads /metrics), pinned. The tests
+# Create the Python venv the HTTP tests drive edgellmd with: the official `openai` and `ollama`
+# clients and `prometheus_client` (its OpenMetrics parser reads /metrics), pinned. The tests
 # find it through EDGELLM_TEST_PYTHON, which scripts/test.sh sets from this script's output.
 #
 # Usage: scripts/setup-test-venv.sh
@@ -24,6 +24,7 @@ esac
 
 pins=(
     "openai==3.57.0"
+    "ollama==0.6.3"
     "prometheus-client==0.26.0"
 )
 
@@ -38,6 +39,6 @@ if pins_satisfied; then
 fi
 command -v "$python" >/dev/null || { log "'$python' not found (set PYTHON=/path/to/python3)"; exit 1; }
 install_pins ""
-"$venv/bin/python" -c 'import openai, prometheus_client' || { log "import check failed"; exit 1; }
+"$venv/bin/python" -c 'import openai, ollama, prometheus_client' || { log "import check failed"; exit 1; }
 log "ready: $venv"
 echo "$venv/bin/python"

@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
-"""Drives a live edgellmd's HTTP API with the official `openai` client (and, for what that
-client does not expose, plain httpx, which it ships with) for tests/tests/service_http.rs.
+"""Drives a live edgellmd's HTTP API with the official `openai` and `ollama` clients (and, for
+what they do not expose, plain httpx, which they ship with) for tests/tests/service_http.rs.
 Each subcommand prints one JSON object on stdout; the Rust test asserts on it.
 
   basics BASE          chat and completions, streamed and not; models; usage
   auth BASE KEY        the right key, a wrong one, none; /health without a key
   busy BASE N          N long requests at once against a queue of one: statuses, Retry-After
+  ollama BASE          the Ollama routes through the `ollama` client
   metrics BASE         /metrics (OpenMetrics parser) before and after an answered and a refused
                        request
   malformed BASE       bodies that are not JSON, not UTF-8, of wrong types, unknown fields, too
@@ -173,6 +174,43 @@ def malformed(base):
     return out
 
 
+def ollama_checks(base):
+    """The Ollama routes through the `ollama` client: chat and generate, streamed and not; the
+    model listed by /api/tags and /api/ps; /api/version; a refused option."""
+    import ollama
+
+    c = ollama.Client(host=base)
+    msgs = [{"role": "user", "content": "Tell me about the sea"}]
+    opts = {"num_predict": 8, "temperature": 0}
+    r = c.chat(model="any", messages=msgs, options=opts, stream=False)
+    out = {"chat": {"content": r.message.content, "role": r.message.role, "done": r.done,
+                    "done_reason": r.done_reason, "eval_count": r.eval_count,
+                    "prompt_eval_count": r.prompt_eval_count}}
+    pieces, final = [], None
+    for part in c.chat(model="any", messages=msgs, options=opts, stream=True):
+        if part.done:
+            final = part
+        else:
+            pieces.append(part.message.content)
+    out["chat_stream"] = {"pieces": pieces, "done_reason": final.done_reason,
+                          "eval_count": final.eval_count}
+    gopts = {"num_predict": 6, "temperature": 0}
+    g = c.generate(model="any", prompt="The sea is", raw=True, options=gopts, stream=False)
+    out["generate"] = {"response": g.response, "done_reason": g.done_reason,
+                       "eval_count": g.eval_count}
+    out["generate_stream"] = [p.response for p in c.generate(
+        model="any", prompt="The sea is", raw=True, options=gopts, stream=True) if not p.done]
+    out["tags"] = [m.model for m in c.list().models]
+    out["ps"] = [m.model for m in c.ps().models]
+    out["version"] = httpx.get(base + "/api/version").json()["version"]
+    try:
+        c.chat(model="any", messages=msgs, options={"mirostat": 2}, stream=False)
+        out["bad"] = "accepted"
+    except ollama.ResponseError as e:
+        out["bad"] = {"status": e.status_code, "error": e.error}
+    return out
+
+
 def scrape(base):
     """/metrics parsed by prometheus_client's OpenMetrics parser: {name{labels}: value}."""
     from prometheus_client.openmetrics.parser import text_string_to_metric_families
@@ -240,6 +278,8 @@ def main():
         out = auth(base, rest[0])
     elif cmd == "busy":
         out = busy(base, int(rest[0]))
+    elif cmd == "ollama":
+        out = ollama_checks(base)
     elif cmd == "metrics":
         out = metrics(base)
     elif cmd == "malformed":

@@ -151,8 +151,6 @@ fn model_name(pkg: &std::path::Path) -> String {
     edgellm::service::model_name(pkg)
 }
 
-edgellm_tests::on_both_backends!(openai_client_chats_completes_and_lists_models);
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_keys_guard_every_route_but_health() {
     let backend = edgellm_tests::backends()[0].as_str();
@@ -352,3 +350,46 @@ async fn metrics_count_every_transport_and_parse_as_openmetrics() {
     assert!(get(after, "edgellm_model_load_seconds{}") > 0.0, "{r}");
     d.stop().await;
 }
+
+async fn ollama_client_chats_generates_and_lists_the_model(backend: &'static str) {
+    let (config, base) = http_config(backend, tiny_package());
+    let d = start(config, &base).await;
+    let r = checks(&["ollama", &base]).await;
+    let chat = &r["chat"];
+    assert_eq!(chat["role"], "assistant");
+    assert_eq!(chat["done"], true);
+    assert_eq!(chat["done_reason"], "length", "{r}");
+    assert_eq!(chat["eval_count"], 8);
+    assert!(chat["prompt_eval_count"].as_u64().unwrap() > 0);
+    let text = chat["content"].as_str().unwrap();
+    assert!(!text.is_empty());
+    let stream = &r["chat_stream"];
+    assert!(stream["pieces"].as_array().unwrap().len() > 1, "{r}");
+    assert_eq!(text_of(&stream["pieces"]), text);
+    assert_eq!(stream["done_reason"], "length");
+    assert_eq!(stream["eval_count"], 8);
+    let g = &r["generate"];
+    assert_eq!(g["eval_count"], 6);
+    assert_eq!(
+        text_of(&r["generate_stream"]),
+        g["response"].as_str().unwrap()
+    );
+    let name = model_name(tiny_package());
+    assert_eq!(r["tags"], serde_json::json!([name]));
+    assert_eq!(r["ps"], serde_json::json!([name]));
+    assert_eq!(r["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(r["bad"]["status"], 400, "{r}");
+    assert!(
+        r["bad"]["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("options.mirostat"),
+        "{r}"
+    );
+    d.stop().await;
+}
+
+edgellm_tests::on_both_backends!(
+    openai_client_chats_completes_and_lists_models,
+    ollama_client_chats_generates_and_lists_the_model,
+);

@@ -1,15 +1,18 @@
-//! The HTTP transport: an OpenAI-compatible API on axum (hyper, HTTP/1.1), a third face of the
-//! same scheduler as D-Bus and MQTT: the same request vocabulary and checks
+//! The HTTP transport: an OpenAI- and Ollama-compatible API on axum (hyper, HTTP/1.1), a third
+//! face of the same scheduler as D-Bus and MQTT: the same request vocabulary and checks
 //! ([`super::parse_options`]), the same errors, one terminal answer per accepted request.
 //!
 //! Routes: `POST /v1/chat/completions` and `POST /v1/completions` (streamed as server-sent
 //! events ending in `data: [DONE]`, or one JSON answer), `GET /v1/models`,
-//! `GET /v1/models/{id}`, and `GET /health` (200 while the engine makes progress and the service
+//! `GET /v1/models/{id}`; Ollama's `/api/chat`, `/api/generate`, `/api/tags`, `/api/ps` and
+//! `/api/version` ([`ollama`]); `GET /metrics` (Prometheus/OpenMetrics text,
+//! [`crate::metrics`]); and `GET /health` (200 while the engine makes progress and the service
 //! is not stopping, else 503). With `[http] api_key_file`, every route but `/health` needs
 //! `Authorization: Bearer <key>`. Errors are OpenAI error objects
-//! (`{"error": {"message", "type", "param", "code"}}`): 400 for a bad request (the message names
-//! the field), 401 for a missing or wrong key, 413 for a body over `max_body_bytes`, 429 with
-//! `Retry-After` when the queue is full, 503 while stopping.
+//! (`{"error": {"message", "type", "param", "code"}}`; Ollama's routes: `{"error": "..."}`):
+//! 400 for a bad request (the message names the field), 401 for a missing or wrong key, 413 for
+//! a body over `max_body_bytes`, 429 with `Retry-After` when the queue is full, 503 while
+//! stopping.
 //!
 //! A client that goes away cancels its request: the response (stream or future) owns the
 //! request's event receiver, and the engine stops a request whose receiver is gone.
@@ -18,6 +21,8 @@
 //! fields OpenAI defines that edgellm cannot honour (`logprobs`, `tools`, `response_format`,
 //! non-zero `frequency_penalty`/`presence_penalty`, ...) are refused by name rather than
 //! ignored. Our own sampling fields (`top_k`, `min_p`, `repetition_penalty`) are accepted too.
+
+mod ollama;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -180,6 +185,11 @@ fn router(shared: Arc<Shared>, max_body: usize) -> Router {
         .route("/v1/models", get(models))
         .route("/v1/models/{id}", get(model))
         .route("/metrics", get(metrics))
+        .route("/api/chat", post(ollama::chat))
+        .route("/api/generate", post(ollama::generate))
+        .route("/api/tags", get(ollama::tags))
+        .route("/api/ps", get(ollama::ps))
+        .route("/api/version", get(ollama::version))
         .route_layer(middleware::from_fn_with_state(shared.clone(), authorize));
     Router::new()
         .route("/health", get(health))
