@@ -7,6 +7,9 @@ Each subcommand prints one JSON object on stdout; the Rust test asserts on it.
   auth BASE KEY        the right key, a wrong one, none; /health without a key
   busy BASE N          N long requests at once against a queue of one: statuses, Retry-After
   ollama BASE          the Ollama routes through the `ollama` client
+  load BASE C N        C clients x N requests, some streams left midway: outcomes, streams that
+                       did not end exactly once, idle afterwards, /metrics' HTTP request count
+  abuse BASE           a body trickled byte by byte; 200 connections at once
   metrics BASE         /metrics (OpenMetrics parser) before and after an answered and a refused
                        request
   malformed BASE       bodies that are not JSON, not UTF-8, of wrong types, unknown fields, too
@@ -211,6 +214,117 @@ def ollama_checks(base):
     return out
 
 
+def sse_terminals(base, body, leave_early):
+    """A streamed chat read with httpx: ("left", None) when leaving after the first chunk, else
+    (finish reason, number of finish chunks + [DONE] lines: 2 when exactly one end came)."""
+    with httpx.stream("POST", base + "/v1/chat/completions", json={**body, "stream": True},
+                      timeout=120) as r:
+        if r.status_code != 200:
+            return f"status {r.status_code}", None
+        finish, ends = None, 0
+        for line in r.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            if leave_early:
+                return "left", None
+            data = line[len("data: "):]
+            if data == "[DONE]":
+                ends += 1
+                continue
+            chunk = json.loads(data)
+            if "error" in chunk:
+                return "error " + chunk["error"]["code"], ends + 2
+            if chunk["choices"] and chunk["choices"][0]["finish_reason"]:
+                finish = chunk["choices"][0]["finish_reason"]
+                ends += 1
+        return finish, ends
+
+
+def load(base, clients, each):
+    """`clients` threads x `each` requests (whole chats and completions, full streams, streams
+    left after the first chunk): every request's outcome, any stream that did not end exactly
+    once, seconds until idle afterwards, and the HTTP requests /metrics counted."""
+    outcomes, violations, lock = {}, [], threading.Lock()
+
+    def note(outcome):
+        with lock:
+            outcomes[outcome] = outcomes.get(outcome, 0) + 1
+
+    def worker(k):
+        c = client(base)
+        for i in range(each):
+            body = {"model": "any", "messages": [{"role": "user", "content": f"client {k} asks {i}"}],
+                    "max_tokens": 12 + (k + i) % 8, "temperature": 0.7, "seed": k * 100 + i}
+            kind = (k + i) % 4
+            try:
+                if kind == 0:
+                    r = c.chat.completions.create(**body)
+                    note("whole " + r.choices[0].finish_reason)
+                elif kind == 1:
+                    finish, ends = sse_terminals(base, body, False)
+                    if ends not in (2, None):
+                        with lock:
+                            violations.append({"client": k, "request": i, "ends": ends})
+                    note("stream " + str(finish))
+                elif kind == 2:
+                    finish, _ = sse_terminals(base, body, True)
+                    note("stream " + str(finish))
+                else:
+                    r = c.completions.create(model="any", prompt=f"client {k} text {i}",
+                                             max_tokens=10, temperature=0)
+                    note("text " + r.choices[0].finish_reason)
+            except openai.APIStatusError as e:
+                note(f"status {e.status_code}")
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    idle = wait_idle(base, 30)
+    counted = sum(v for k, v in scrape(base).items()
+                  if k.startswith("edgellm_requests_total{") and "transport=http" in k)
+    return {"outcomes": outcomes, "violations": violations, "idle_after_s": idle,
+            "metrics_http_requests": counted}
+
+
+def abuse(base):
+    """A body trickled byte by byte, and a flood of connections: each gets its answer."""
+    import socket
+
+    host, port = base[len("http://"):].split(":")
+    body = json.dumps({"model": "any", "messages": [{"role": "user", "content": "hi"}],
+                       "max_tokens": 3}).encode()
+    s = socket.create_connection((host, int(port)))
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode())
+    for b in body:
+        s.sendall(bytes([b]))
+        time.sleep(0.005)
+    reply = b""
+    while chunk := s.recv(65536):
+        reply += chunk
+    s.close()
+    out = {"trickled": int(reply.split(b" ")[1])}
+    # 200 connections at once, each asking /health and /v1/models.
+    statuses, lock = [], threading.Lock()
+
+    def one():
+        with httpx.Client(timeout=60) as h:
+            codes = [h.get(base + "/health").status_code, h.get(base + "/v1/models").status_code]
+        with lock:
+            statuses.extend(codes)
+
+    threads = [threading.Thread(target=one) for _ in range(200)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    out["flood"] = {str(c): statuses.count(c) for c in set(statuses)}
+    out["after"] = httpx.get(base + "/health").status_code
+    return out
+
+
 def scrape(base):
     """/metrics parsed by prometheus_client's OpenMetrics parser: {name{labels}: value}."""
     from prometheus_client.openmetrics.parser import text_string_to_metric_families
@@ -280,6 +394,10 @@ def main():
         out = busy(base, int(rest[0]))
     elif cmd == "ollama":
         out = ollama_checks(base)
+    elif cmd == "load":
+        out = load(base, int(rest[0]), int(rest[1]))
+    elif cmd == "abuse":
+        out = abuse(base)
     elif cmd == "metrics":
         out = metrics(base)
     elif cmd == "malformed":

@@ -393,3 +393,48 @@ edgellm_tests::on_both_backends!(
     openai_client_chats_completes_and_lists_models,
     ollama_client_chats_generates_and_lists_the_model,
 );
+
+/// 20 clients x 5 requests (whole answers, full streams, streams left after their first chunk)
+/// with `parallel` = 4: each request ends exactly once (one finish chunk and one `[DONE]` per
+/// full stream; /metrics counts 100 ended HTTP requests), nothing is left running, and the
+/// daemon goes on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_clients_times_five_requests_each_end_once() {
+    let backend = edgellm_tests::backends()[0].as_str();
+    let (mut config, base) = http_config(backend, tiny_package());
+    config.limits.parallel = 4;
+    config.limits.queue_depth = 8;
+    let d = start(config, &base).await;
+    let r = checks(&["load", &base, "20", "5"]).await;
+    let outcomes = r["outcomes"].as_object().unwrap();
+    let total: u64 = outcomes.values().map(|v| v.as_u64().unwrap()).sum();
+    assert_eq!(total, 100, "{r}");
+    assert_eq!(r["violations"], serde_json::json!([]), "{r}");
+    assert!(r["idle_after_s"].as_f64().is_some(), "{r}");
+    assert_eq!(r["metrics_http_requests"], 100.0, "{r}");
+    // Every outcome is an answer, a stream the client left, or a 429 (the queue was full).
+    for k in outcomes.keys() {
+        assert!(
+            k.ends_with("length")
+                || k.ends_with("stop")
+                || k == "stream left"
+                || k.ends_with("status 429"),
+            "unexpected outcome {k}: {r}"
+        );
+    }
+    let b = checks(&["basics", &base]).await;
+    assert_eq!(b["chat"]["finish"], "length");
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trickled_body_and_a_flood_of_connections_are_answered() {
+    let backend = edgellm_tests::backends()[0].as_str();
+    let (config, base) = http_config(backend, tiny_package());
+    let d = start(config, &base).await;
+    let r = checks(&["abuse", &base]).await;
+    assert_eq!(r["trickled"], 200, "{r}");
+    assert_eq!(r["flood"], serde_json::json!({"200": 400}), "{r}");
+    assert_eq!(r["after"], 200);
+    d.stop().await;
+}

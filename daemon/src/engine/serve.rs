@@ -325,6 +325,8 @@ fn run_batched(
         let work = if root.is_cancelled() {
             None
         } else if idle {
+            // Say so before waiting: the last sequence may just have left.
+            shared.publish(rx, 0);
             match rx.blocking_recv() {
                 Some(w) => Some(w),
                 None => break,
