@@ -7,6 +7,7 @@ Each subcommand prints one JSON object on stdout; the Rust test asserts on it.
   auth BASE KEY        the right key, a wrong one, none; /health without a key
   busy BASE N          N long requests at once against a queue of one: statuses, Retry-After
   ollama BASE          the Ollama routes through the `ollama` client
+  uds PATH             the API over a Unix socket (PATH instead of BASE)
   load BASE C N        C clients x N requests, some streams left midway: outcomes, streams that
                        did not end exactly once, idle afterwards, /metrics' HTTP request count
   abuse BASE           a body trickled byte by byte; 200 connections at once
@@ -325,6 +326,18 @@ def abuse(base):
     return out
 
 
+def uds(path):
+    """The API over a Unix socket: /health, and a chat through the openai client."""
+    transport = httpx.HTTPTransport(uds=path)
+    out = {"health": httpx.Client(transport=transport).get("http://edgellm/health").status_code}
+    c = openai.OpenAI(base_url="http://edgellm/v1", api_key="none", max_retries=0,
+                      http_client=httpx.Client(transport=httpx.HTTPTransport(uds=path)))
+    r = c.chat.completions.create(model="any", messages=[{"role": "user", "content": "hi"}],
+                                  max_tokens=3)
+    out["chat"] = r.choices[0].finish_reason
+    return out
+
+
 def scrape(base):
     """/metrics parsed by prometheus_client's OpenMetrics parser: {name{labels}: value}."""
     from prometheus_client.openmetrics.parser import text_string_to_metric_families
@@ -394,6 +407,8 @@ def main():
         out = busy(base, int(rest[0]))
     elif cmd == "ollama":
         out = ollama_checks(base)
+    elif cmd == "uds":
+        out = uds(base)
     elif cmd == "load":
         out = load(base, int(rest[0]), int(rest[1]))
     elif cmd == "abuse":

@@ -438,3 +438,34 @@ async fn a_trickled_body_and_a_flood_of_connections_are_answered() {
     assert_eq!(r["after"], 200);
     d.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_listens_on_a_unix_socket() {
+    use std::os::unix::fs::PermissionsExt;
+    let backend = edgellm_tests::backends()[0].as_str();
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("http.sock");
+    // A stale socket from a previous run is replaced.
+    drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
+    assert!(sock.exists());
+    let mut config = config(backend, tiny_package(), None, None, "uds");
+    config.http.enabled = true;
+    config.http.listen = Listen::Unix(sock.clone());
+    let d = Daemon::start(config).await;
+    for _ in 0..1200 {
+        if tokio::net::UnixStream::connect(&sock).await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o660);
+    let r = checks(&["uds", sock.to_str().unwrap()]).await;
+    assert_eq!(r["health"], 200, "{r}");
+    assert_eq!(r["chat"], "length", "{r}");
+    d.stop().await;
+    assert!(
+        !sock.exists(),
+        "the socket is removed when the daemon stops"
+    );
+}

@@ -87,7 +87,7 @@ pub struct HttpServer {
 }
 
 impl HttpServer {
-    /// Reads the API keys, binds `listen` (a stale Unix socket file is replaced) and serves in
+    /// Reads the API keys, binds `listen` (a stale Unix socket is replaced) and serves in
     /// a task until [`HttpServer::stop`].
     pub async fn start(inference: Arc<Inference>, config: &HttpConfig) -> Result<Self, HttpError> {
         let keys = match &config.api_key_file {
@@ -119,12 +119,26 @@ impl HttpServer {
                 })
             }
             Listen::Unix(path) => {
-                match std::fs::remove_file(path) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(bind_err(e)),
+                // A socket left by an earlier run is replaced; anything else there is not ours.
+                use std::os::unix::fs::FileTypeExt;
+                match std::fs::symlink_metadata(path) {
+                    Ok(m) if m.file_type().is_socket() => {
+                        std::fs::remove_file(path).map_err(bind_err)?;
+                    }
+                    Ok(_) => {
+                        return Err(bind_err(std::io::Error::new(
+                            std::io::ErrorKind::AlreadyExists,
+                            "a file that is not a socket is in the way",
+                        )));
+                    }
+                    Err(_) => {}
                 }
                 let l = tokio::net::UnixListener::bind(path).map_err(bind_err)?;
+                // The unit's UMask (0077) would leave the socket to edgellmd alone: its group
+                // may connect too.
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+                    .map_err(bind_err)?;
                 tokio::spawn(async move {
                     if let Err(e) = axum::serve(l, app).with_graceful_shutdown(signal).await {
                         tracing::error!("HTTP server: {e}");
