@@ -61,6 +61,8 @@ pub struct Metrics {
     info: Family<InfoLabels, Gauge>,
     load_seconds: Gauge<f64, AtomicU64>,
     rss: Gauge,
+    /// Requests ended, every transport and outcome together (the MQTT status, D-Bus).
+    ended: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -161,7 +163,17 @@ impl Metrics {
             info,
             load_seconds,
             rss,
+            ended: AtomicU64::new(0),
         }
+    }
+
+    /// Requests ended so far (any transport, any outcome) and tokens generated: what the MQTT
+    /// status and D-Bus's `RequestsTotal` and `CompletionTokensTotal` report.
+    pub fn totals(&self) -> (u64, u64) {
+        (
+            self.ended.load(std::sync::atomic::Ordering::Relaxed),
+            self.completion_tokens.get(),
+        )
     }
 
     /// The facts of the model served, once it is loaded.
@@ -201,6 +213,8 @@ impl Metrics {
     }
 
     fn count(&self, origin: Origin, outcome: &str) {
+        self.ended
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.requests
             .get_or_create(&RequestLabels {
                 transport: origin,
@@ -270,6 +284,7 @@ mod tests {
         m.finished(Origin::mqtt, Ok(&c));
         m.finished(Origin::dbus, Err(ErrorCode::Internal));
         assert_eq!(m.requests(Origin::mqtt, "length"), 1);
+        assert_eq!(m.totals(), (3, 3));
         let text = m.encode(
             Status {
                 state: State::Busy,

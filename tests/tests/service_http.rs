@@ -288,14 +288,18 @@ async fn a_client_that_leaves_cancels_its_request() {
 }
 
 /// `/metrics`, read by `prometheus_client`'s OpenMetrics parser, counts each transport's
-/// requests by outcome, the tokens and the latencies, and shows the model and the process.
+/// requests by outcome, the tokens and the latencies, and shows the model and the process; the
+/// same counters back D-Bus's `RequestsTotal`/`CompletionTokensTotal` and the MQTT status.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_every_transport_and_parse_as_openmetrics() {
     let backend = edgellm_tests::backends()[0].as_str();
     let bus = edgellm_tests::harness::DbusBus::start();
+    let broker = edgellm_tests::harness::Mosquitto::start();
     let (mut config, base) = http_config(backend, tiny_package());
     config.dbus.enabled = true;
     config.dbus.address = bus.address().to_string();
+    config.mqtt.enabled = true;
+    config.mqtt.url = broker.url();
     let d = start(config, &base).await;
     // One D-Bus chat first.
     let c = edgellm_tests::service::bus(bus.address()).await.unwrap();
@@ -348,6 +352,25 @@ async fn metrics_count_every_transport_and_parse_as_openmetrics() {
     assert_eq!(get(after, "edgellm_queue_length{}"), 0.0, "{r}");
     assert_eq!(get(after, "edgellm_parallel{}"), 1.0, "{r}");
     assert!(get(after, "edgellm_model_load_seconds{}") > 0.0, "{r}");
+
+    let property = |name: &'static str| {
+        let c = c.clone();
+        async move { u64::try_from(get_property(&c, name).await.unwrap()).unwrap() }
+    };
+    let tokens = get(after, "edgellm_completion_tokens_total{}") as u64;
+    assert_eq!(property("RequestsTotal").await, 3);
+    assert_eq!(property("CompletionTokensTotal").await, tokens);
+    // The retained status was published when the last answered request left (the refusal
+    // after it changed no status): two requests, every token.
+    let mut m = MqttClient::connect(&broker.url()).await;
+    m.subscribe("edgellm/http/status").await;
+    let status = m.recv(Duration::from_secs(30)).await;
+    assert_eq!(status.json["requests_total"], 2, "{}", status.json);
+    assert_eq!(
+        status.json["completion_tokens_total"], tokens,
+        "{}",
+        status.json
+    );
     d.stop().await;
 }
 

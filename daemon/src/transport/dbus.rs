@@ -329,6 +329,19 @@ impl Inference {
         self.svc.info().parallel as u32
     }
 
+    /// Requests ended since the daemon started, whatever their transport and outcome (the
+    /// `edgellm_requests_total` of `/metrics`, summed). Not signalled: read it when needed.
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn requests_total(&self) -> u64 {
+        self.svc.totals().0
+    }
+
+    /// Tokens generated since the daemon started. Not signalled.
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn completion_tokens_total(&self) -> u64 {
+        self.svc.totals().1
+    }
+
     /// Tokens of context: prompt plus answer (the configured `max_length`).
     #[zbus(property(emits_changed_signal = "const"))]
     fn max_context(&self) -> u32 {

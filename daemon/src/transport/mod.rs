@@ -86,6 +86,11 @@ impl Inference {
         self.scheduler.metrics().refused(origin, e.code);
     }
 
+    /// Requests ended so far and tokens generated ([`crate::metrics::Metrics::totals`]).
+    pub fn totals(&self) -> (u64, u64) {
+        self.scheduler.metrics().totals()
+    }
+
     /// The metrics in the Prometheus text format, the present's gauges read now.
     pub fn metrics_text(&self) -> String {
         let status = *self.scheduler.status().borrow();

@@ -335,6 +335,7 @@ impl MqttTransport {
     }
 
     fn status_msg(&self, s: Status) -> OutMsg {
+        let (requests, tokens) = self.svc.totals();
         OutMsg {
             topic: self.topics.status.clone(),
             payload: json!({
@@ -348,6 +349,8 @@ impl MqttTransport {
                 "queue_length": s.queue_length,
                 "running": s.running,
                 "parallel": self.svc.info().parallel,
+                "requests_total": requests,
+                "completion_tokens_total": tokens,
             })
             .to_string()
             .into_bytes(),
