@@ -47,6 +47,9 @@
 #                   process start or connection set-up is in it: per request overhead = total_ms
 #                   - in-daemon time, first-token overhead = first_token_ms - the engine's TTFT.
 #                   This is what a long-lived client (an application, a gateway) pays.
+#                   HTTP (edgellmd's [http], the OpenAI chat route): the same from the helper
+#                   itself on one keep-alive connection (stdlib http.client), whole answers and
+#                   streamed (SSE); the engine's timings come in the answers' `timings` field.
 # After the requests: edgellmd's CPU time over BENCH_IDLE_S idle seconds (utime + stime from
 # /proc/PID/stat), and its VmRSS less the weights (model.onnx + model.onnx.data) and the f32 KV
 # cache (layers x 2 x KV heads x head size x max_length x 4 bytes, from genai_config.json).
@@ -160,13 +163,15 @@ start_dbus
 
 config="$tmp/edgellm.toml"
 write_edgellmd_config "$config" "$package" "$max_length" "$ORT_DYLIB_PATH"
+http_addr="127.0.0.1:$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+printf '\n[http]\nenabled = true\nlisten = "%s"\n' "$http_addr" >>"$config"
 start_edgellmd "$bin" "$config"
 wait_edgellmd_ready "$ready_timeout_s" "$edgellm" ask
 
 # ---------------------------------------------------------------------------------------------
 step "Measuring: $reps repetitions x (run, D-Bus, MQTT) of $tokens tokens, prompt \"$prompt\""
 cat >"$tmp/measure.py" <<'PY'
-import json, os, statistics, subprocess, sys, time
+import http.client, json, os, statistics, subprocess, sys, time
 
 E = os.environ
 edgellm, pkg, prompt = E["B_EDGELLM"], E["B_PKG"], E["B_PROMPT"]
@@ -300,9 +305,49 @@ hdr2 = ("path", "overhead ms", "first-token overhead ms", "decode tok/s", "decod
 fmt2 = "{:<8} {:>11} {:>23} {:>12} {:>12}"
 print(fmt2.format(*hdr2))
 print(fmt2.format(*("-" * len(h) for h in hdr2)))
+def http_repeated(stream):
+    """The OpenAI chat route on one keep-alive connection (stdlib http.client), timed here like
+    `edgellm ask --repeat` times itself: {"client": {total_ms, first_token_ms}, "usage": {...}},
+    the engine's timings taken from the answers' `timings` extension field."""
+    host, port = E["B_HTTP"].split(":")
+    conn = http.client.HTTPConnection(host, int(port))
+    body = json.dumps({"model": "bench", "messages": [{"role": "user", "content": prompt}],
+                       "max_tokens": tokens, "temperature": 0, "stream": stream,
+                       "stream_options": {"include_usage": True} if stream else None}).encode()
+    out = []
+    for _ in range(reps + 1):
+        t0 = time.perf_counter_ns()
+        conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+        r = conn.getresponse()
+        if r.status != 200:
+            sys.exit(f"bench-transports: HTTP {r.status}: {r.read()[:200]!r}")
+        first, timing, n = None, None, None
+        if stream:
+            while line := r.readline():
+                if not line.startswith(b"data: {"):
+                    continue
+                chunk = json.loads(line[6:])
+                if first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                    first = time.perf_counter_ns()
+                timing = chunk.get("timings", timing)
+                if chunk.get("usage"):
+                    n = chunk["usage"]["completion_tokens"]
+        else:
+            answer = json.loads(r.read())
+            timing, n = answer["timings"], answer["usage"]["completion_tokens"]
+        t1 = time.perf_counter_ns()
+        out.append({"client": {"total_ms": (t1 - t0) / 1e6,
+                               "first_token_ms": ((first or t1) - t0) / 1e6},
+                    "usage": dict(timing, completion_tokens=n)})
+    return out[1:]
+
+
 persist = {}
-for name in ("D-Bus", "MQTT"):
-    whole, streamed = repeated(name, []), repeated(name, ["--stream"])
+for name in ("D-Bus", "MQTT", "HTTP"):
+    if name == "HTTP":
+        whole, streamed = http_repeated(False), http_repeated(True)
+    else:
+        whole, streamed = repeated(name, []), repeated(name, ["--stream"])
     over = [l["client"]["total_ms"] - in_daemon_ms(l["usage"]) for l in whole]
     first = [l["client"]["first_token_ms"] - l["usage"]["ttft_ms"] for l in streamed]
     dec = med([l["usage"]["decode_tok_s"] for l in whole + streamed])
@@ -330,6 +375,7 @@ print(f"         decode within 2% on one connection: "
 PY
 B_EDGELLM="$edgellm" B_PKG="$package" B_PROMPT="$prompt" B_TOKENS="$tokens" B_REPS="$reps" \
     B_MAXLEN="$max_length" B_TMP="$tmp" B_BUS="$bus_address" B_MQTT="$mqtt_url" B_NODE="$node" \
+    B_HTTP="$http_addr" \
     python3 "$tmp/measure.py"
 
 # ---------------------------------------------------------------------------------------------

@@ -109,9 +109,15 @@ impl HttpServer {
         let signal = stop.clone().cancelled_owned();
         let task = match &config.listen {
             Listen::Tcp(addr) => {
+                use axum::serve::ListenerExt;
+                // Nagle's algorithm would hold a stream's first small chunk back until the
+                // client's delayed ACK of the headers (~40 ms on Linux): tokens go out at once.
                 let l = tokio::net::TcpListener::bind(addr)
                     .await
-                    .map_err(bind_err)?;
+                    .map_err(bind_err)?
+                    .tap_io(|tcp| {
+                        let _ = tcp.set_nodelay(true);
+                    });
                 tokio::spawn(async move {
                     if let Err(e) = axum::serve(l, app).with_graceful_shutdown(signal).await {
                         tracing::error!("HTTP server: {e}");
@@ -717,7 +723,7 @@ impl Reply {
         self.envelope(true, json!([choice]))
     }
 
-    /// The streamed chunk that carries the finish reason.
+    /// The streamed chunk that carries the finish reason (and the engine's timings).
     fn last(&self, c: &Completion) -> Value {
         let reason = c.finish_reason.as_str();
         let choice = match self.kind {
@@ -726,7 +732,9 @@ impl Reply {
                 json!({"index": 0, "text": "", "logprobs": null, "finish_reason": reason})
             }
         };
-        self.envelope(true, json!([choice]))
+        let mut v = self.envelope(true, json!([choice]));
+        v["timings"] = timings(c);
+        v
     }
 
     /// The answer of a request not streamed.
@@ -745,8 +753,16 @@ impl Reply {
         };
         let mut v = self.envelope(false, json!([choice]));
         v["usage"] = usage(c);
+        v["timings"] = timings(c);
         v
     }
+}
+
+/// The engine's own timings of a request, as an extension field (`timings`, as llama.cpp's
+/// server adds one; OpenAI's clients ignore it): time to first token, prefill and decode rates.
+fn timings(c: &Completion) -> Value {
+    let u = &c.usage;
+    json!({"ttft_ms": u.ttft_ms, "prefill_tok_s": u.prefill_tok_s, "decode_tok_s": u.decode_tok_s})
 }
 
 fn usage(c: &Completion) -> Value {
