@@ -92,6 +92,11 @@ def auth(base, key):
     r = httpx.post(base + "/v1/chat/completions", json={"messages": []})
     out["none"] = {"status": r.status_code, "body": r.json()["error"]}
     out["health"] = httpx.get(base + "/health").status_code
+    r = httpx.get(base + "/api/tags")
+    out["ollama_none"] = {"status": r.status_code, "body": r.json()}
+    import ollama
+    out["ollama_right"] = [m.model for m in ollama.Client(
+        host=base, headers={"Authorization": f"Bearer {key}"}).list().models]
     return out
 
 

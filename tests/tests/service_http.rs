@@ -167,6 +167,13 @@ async fn api_keys_guard_every_route_but_health() {
         assert_eq!(r[refused]["body"]["code"], "invalid_api_key", "{r}");
     }
     assert_eq!(r["health"], 200);
+    // Ollama's routes too, in Ollama's error shape.
+    assert_eq!(r["ollama_none"]["status"], 401, "{r}");
+    assert!(r["ollama_none"]["body"]["error"].is_string(), "{r}");
+    assert_eq!(
+        r["ollama_right"],
+        serde_json::json!([model_name(tiny_package())])
+    );
     d.stop().await;
 }
 

@@ -336,13 +336,17 @@ async fn authorize(State(s): State<Arc<Shared>>, req: HttpRequest, next: Next) -
         Some(_) => "incorrect API key provided",
         None => "missing API key: send `Authorization: Bearer <key>`",
     };
-    ApiError::new(
+    let e = ApiError::new(
         StatusCode::UNAUTHORIZED,
         "invalid_request_error",
         "invalid_api_key",
         message.into(),
-    )
-    .into_response()
+    );
+    if req.uri().path().starts_with("/api/") {
+        // Ollama's routes answer Ollama's error shape.
+        return ollama::error_response(e);
+    }
+    e.into_response()
 }
 
 async fn health(State(s): State<Arc<Shared>>) -> Response {

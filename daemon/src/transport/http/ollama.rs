@@ -72,6 +72,11 @@ impl IntoResponse for OllamaError {
     }
 }
 
+/// `e` in Ollama's shape (`{"error": "..."}`), for the routes' shared checks.
+pub(super) fn error_response(e: ApiError) -> Response {
+    OllamaError(e).into_response()
+}
+
 fn bad(message: impl Into<String>) -> OllamaError {
     OllamaError(ApiError::bad_request(message))
 }
