@@ -6,14 +6,15 @@
 //!
 //! Start-up: load the package and build the backend (off the async threads), start the
 //! [`Scheduler`], run one forward pass through it (the heartbeat), then D-Bus (fatal if the bus
-//! cannot be reached: systemd restarts us) and MQTT (a broker that is down is retried with
-//! backoff, never fatal), then `READY=1`.
+//! cannot be reached: systemd restarts us), MQTT (a broker that is down is retried with
+//! backoff, never fatal) and HTTP when enabled (fatal if its address cannot be bound), then
+//! `READY=1`.
 //!
 //! Shutdown (the `shutdown` token, cancelled on SIGTERM by `edgellmd`): `STOPPING=1`; new
 //! requests get `shutting_down`; the running request ends with `shutdown` and queued ones with
-//! `shutting_down`; the transports deliver those terminal messages; MQTT publishes the retained
-//! `offline` status and disconnects; D-Bus releases its name. All within
-//! `limits.shutdown_grace_s`.
+//! `shutting_down`; the transports deliver those terminal messages; HTTP stops accepting and
+//! finishes its open answers; MQTT publishes the retained `offline` status and disconnects;
+//! D-Bus releases its name. All within `limits.shutdown_grace_s`.
 
 use std::path::Path;
 use std::sync::Arc;

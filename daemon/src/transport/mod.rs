@@ -1,6 +1,7 @@
-//! The transports: wire <-> [`crate::api`], nothing else. Both speak one request vocabulary
-//! (OpenAI chat field names, DESIGN.md "Transports"), parsed here once so D-Bus and MQTT accept
-//! exactly the same options and reject bad ones with the same messages, each naming the field.
+//! The transports: wire <-> [`crate::api`], nothing else. D-Bus, MQTT and HTTP speak one request
+//! vocabulary (OpenAI chat field names, DESIGN.md "Transports"), parsed here once so they accept
+//! exactly the same options and reject bad ones with the same messages, each naming the field
+//! (HTTP maps OpenAI's and Ollama's own field names onto it first: [`http`]).
 //!
 //! D-Bus options (`a{sv}`) are converted to JSON values first ([`dbus::variant_to_json`]), then
 //! go through [`parse_options`] like an MQTT payload's fields.

@@ -89,23 +89,7 @@ enum Kind {
 
 /// RFC 3339 UTC time, as Ollama's `created_at` and `modified_at`.
 fn rfc3339(unix: u64) -> String {
-    let (days, secs) = (unix / 86400, unix % 86400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        secs / 3600,
-        secs / 60 % 60,
-        secs % 60
-    )
+    crate::chat::strftime_utc("%Y-%m-%dT%H:%M:%SZ", unix as i64)
 }
 
 fn model_entry(s: &Shared) -> Value {
