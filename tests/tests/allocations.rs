@@ -380,10 +380,13 @@ fn each_transport_reports_its_allocations_per_token() {
                 ("temperature", zbus::OwnedVariant::from(0.0f64)),
             ])
         };
-        // (allocations, tokens) of one streamed request over each transport.
+        // (allocations, tokens) of one streamed request over each transport. A first request
+        // on each, not counted, takes the one-off costs (first runs, the MQTT session's
+        // set-up); then three rounds of a short and a long request, the median per-token
+        // figure of the three.
         let mut dbus_runs = Vec::new();
         let mut mqtt_runs = Vec::new();
-        for n in [8u32, 72] {
+        for (i, n) in [8u32, 8, 72, 8, 72, 8, 72].into_iter().enumerate() {
             let before = PROCESS.load(Ordering::Relaxed);
             let mut s = start_chat(&c, &user("Tell me about the sea"), &options(n))
                 .await
@@ -396,7 +399,7 @@ fn each_transport_reports_its_allocations_per_token() {
             let before = PROCESS.load(Ordering::Relaxed);
             mqtt.publish(
                 "edgellm/alloc/request",
-                json!({"id": format!("a{n}"), "prompt": "Tell me about the sea",
+                json!({"id": format!("a{i}"), "prompt": "Tell me about the sea",
                     "max_tokens": n, "temperature": 0, "stream": true})
                 .to_string(),
             )
@@ -408,12 +411,19 @@ fn each_transport_reports_its_allocations_per_token() {
             mqtt_runs.push((allocs, tokens));
         }
         let per_token = |runs: &[(u64, u32)]| {
-            let (a, b) = (runs[0], runs[1]);
-            assert!(
-                b.1 >= a.1 + 32,
-                "the long request must generate more tokens: {runs:?}"
-            );
-            (b.0 as f64 - a.0 as f64) / f64::from(b.1 - a.1)
+            let mut per: Vec<f64> = runs[1..]
+                .chunks_exact(2)
+                .map(|pair| {
+                    let (a, b) = (pair[0], pair[1]);
+                    assert!(
+                        b.1 >= a.1 + 32,
+                        "the long request must generate more tokens: {runs:?}"
+                    );
+                    (b.0 as f64 - a.0 as f64) / f64::from(b.1 - a.1)
+                })
+                .collect();
+            per.sort_by(f64::total_cmp);
+            per[per.len() / 2]
         };
         vec![
             (
