@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create the Python venv the HTTP tests drive edgellmd with: the official `openai` and `ollama`
-# clients and `prometheus_client` (its OpenMetrics parser reads /metrics), pinned. The tests
+# clients and `prometheus_client` (its OpenMetrics parser reads /metrics), and the reference
+# validators the structured-output tests check answers with (`jsonschema`, `lark`), pinned. The tests
 # find it through EDGELLM_TEST_PYTHON, which scripts/test.sh sets from this script's output.
 #
 # Usage: scripts/setup-test-venv.sh
@@ -26,6 +27,8 @@ pins=(
     "openai==3.57.0"
     "ollama==0.6.3"
     "prometheus-client==0.26.0"
+    "jsonschema==4.26.0"
+    "lark==1.3.1"
 )
 
 log() { echo "setup-test-venv: $*" >&2; }
@@ -39,6 +42,6 @@ if pins_satisfied; then
 fi
 command -v "$python" >/dev/null || { log "'$python' not found (set PYTHON=/path/to/python3)"; exit 1; }
 install_pins ""
-"$venv/bin/python" -c 'import openai, ollama, prometheus_client' || { log "import check failed"; exit 1; }
+"$venv/bin/python" -c 'import openai, ollama, prometheus_client, jsonschema, lark' || { log "import check failed"; exit 1; }
 log "ready: $venv"
 echo "$venv/bin/python"

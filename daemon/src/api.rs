@@ -31,6 +31,11 @@ pub struct Request {
     pub ignore_eos: bool,
     /// The transport it came through (metrics).
     pub origin: crate::metrics::Origin,
+    /// What the answer must match (`response_format`, `grammar`); `None`: free text.
+    pub format: Option<crate::grammar::Format>,
+    /// `format` compiled: the scheduler compiles it when it admits the request (so an invalid
+    /// one is refused before it is queued); left `None`, the engine compiles it.
+    pub grammar: Option<crate::grammar::Grammar>,
 }
 
 impl Request {
@@ -44,6 +49,8 @@ impl Request {
             include_reasoning: false,
             ignore_eos: false,
             origin: crate::metrics::Origin::local,
+            format: None,
+            grammar: None,
         }
     }
 }
@@ -104,6 +111,11 @@ pub struct Usage {
     pub prefill_tok_s: f64,
     /// Tokens after the first, per second of decoding.
     pub decode_tok_s: f64,
+    /// Structured output: time spent computing token masks and forced tokens (0 without
+    /// `response_format` or `grammar`).
+    pub grammar_ms: f64,
+    /// Structured output: completion tokens the grammar forced (taken without sampling).
+    pub forced_tokens: usize,
 }
 
 /// The result of a finished request.

@@ -22,6 +22,7 @@ pub mod backend;
 pub mod chat;
 pub mod config;
 pub mod engine;
+pub mod grammar;
 pub mod metrics;
 pub mod model;
 pub mod package;

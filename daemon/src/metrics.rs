@@ -279,6 +279,7 @@ mod tests {
                 ttft_ms: 40.0,
                 prefill_tok_s: 150.0,
                 decode_tok_s: 50.0,
+                ..Usage::default()
             },
         };
         m.finished(Origin::mqtt, Ok(&c));

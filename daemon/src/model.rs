@@ -7,6 +7,7 @@ use std::path::Path;
 use crate::api::Input;
 use crate::chat::harmony::{self, HarmonyTokens, ReasoningEffort, SystemOptions};
 use crate::chat::{ChatError, ChatTemplate, Message};
+use crate::grammar::{Format, Grammar, GrammarError, Grammars};
 use crate::package::{Package, PackageError};
 use crate::tokenizer::{Tokenizer, TokenizerError};
 
@@ -37,6 +38,9 @@ pub struct Model {
     prompter: Prompter,
     /// End-of-sequence ids (genai_config's list; for harmony, `<|return|>` and `<|call|>`).
     pub eos: Vec<u32>,
+    /// Structured output's token trie and parser factory, built on first use (a model that
+    /// never gets a constrained request does not pay for it).
+    grammars: std::sync::OnceLock<Result<Grammars, GrammarError>>,
 }
 
 impl Model {
@@ -72,6 +76,7 @@ impl Model {
             tokenizer,
             prompter,
             eos,
+            grammars: std::sync::OnceLock::new(),
         })
     }
 
@@ -95,6 +100,26 @@ impl Model {
                 ..SamplingParams::default()
             }
         }
+    }
+
+    /// Compiles a request's output format against this model's vocabulary (building the
+    /// token trie the first time).
+    pub fn compile(&self, format: &Format) -> Result<Grammar, GrammarError> {
+        self.grammars()?.compile(format)
+    }
+
+    /// The model's structured-output state, built the first time it is asked for.
+    pub fn grammars(&self) -> Result<&Grammars, GrammarError> {
+        self.grammars
+            .get_or_init(|| {
+                Grammars::new(
+                    &self.tokenizer,
+                    self.package.config.model.vocab_size,
+                    &self.eos,
+                )
+            })
+            .as_ref()
+            .map_err(Clone::clone)
     }
 
     pub fn harmony(&self) -> Option<HarmonyTokens> {

@@ -208,6 +208,38 @@ impl Sampler {
         self.draw()
     }
 
+    /// [`Sampler::sample`] among the tokens `allowed` lets through (a bit set: bit `id % 32` of
+    /// word `id / 32`; ids past it are not allowed), every other logit taken as `-inf` before
+    /// the penalty, temperature and filters. With nothing allowed, the argmax rule picks 0.
+    pub fn sample_masked(&mut self, logits: &[f32], history: &[u32], allowed: &[u32]) -> u32 {
+        let ok = |i: usize| {
+            allowed
+                .get(i / 32)
+                .is_some_and(|w| (w >> (i % 32)) & 1 == 1)
+        };
+        if self.params.temperature == 0.0 && self.params.repetition_penalty == 1.0 {
+            // Greedy: the best allowed logit, ties to the lowest id, no copy.
+            let mut best: Option<(f32, u32)> = None;
+            for (i, &l) in logits.iter().enumerate() {
+                if ok(i) && !l.is_nan() && best.is_none_or(|(b, _)| l > b) {
+                    best = Some((l, i as u32));
+                }
+            }
+            return best.map_or(0, |(_, i)| i);
+        }
+        self.penalize(logits, history);
+        for (i, l) in self.logits.iter_mut().enumerate() {
+            if !ok(i) {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+        if self.params.temperature == 0.0 {
+            return argmax(&self.logits);
+        }
+        self.filter();
+        self.draw()
+    }
+
     /// transformers' RepetitionPenaltyLogitsProcessor: once per distinct id in `history`,
     /// a negative logit is multiplied by the penalty and a positive one divided by it.
     fn penalize(&mut self, logits: &[f32], history: &[u32]) {

@@ -233,7 +233,7 @@ impl Scheduler {
     }
 
     /// The checks every request passes first: not shutting down, valid sampling, a positive
-    /// `max_tokens` (capped at `[limits] max_new_tokens`).
+    /// `max_tokens` (capped at `[limits] max_new_tokens`), an output format that compiles.
     fn admit(&self, req: &mut Request) -> Result<(), ServiceError> {
         if self.root.is_cancelled() {
             return Err(ServiceError::new(
@@ -253,6 +253,17 @@ impl Scheduler {
         req.max_tokens = Some(req.max_tokens.map_or(self.limits.max_new_tokens, |m| {
             m.min(self.limits.max_new_tokens)
         }));
+        // An invalid schema or grammar is refused here, before anything is queued; the
+        // engine clones the compiled parser.
+        if let Some(format) = &req.format
+            && req.grammar.is_none()
+        {
+            let grammar = self
+                .model
+                .compile(format)
+                .map_err(|e| ServiceError::new(ErrorCode::InvalidRequest, e.0))?;
+            req.grammar = Some(grammar);
+        }
         Ok(())
     }
 
@@ -278,7 +289,7 @@ impl Scheduler {
             deadline: Instant::now() + self.limits.request_timeout,
         };
         self.in_flight.fetch_add(1, Ordering::Relaxed);
-        match self.queue.try_send(Work::Run(job)) {
+        match self.queue.try_send(Work::Run(Box::new(job))) {
             Ok(()) => {
                 let waiting = self.limits.queue_depth.max(1) - self.queue.capacity();
                 self.status.send_if_modified(|s| {

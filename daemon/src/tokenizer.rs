@@ -30,7 +30,8 @@ pub enum TokenizerError {
 
 #[derive(Debug)]
 pub struct Tokenizer {
-    inner: tokenizers::Tokenizer,
+    /// Shared with the structured-output tokenizer environment ([`crate::grammar`]).
+    inner: std::sync::Arc<tokenizers::Tokenizer>,
     pub bos_token: Option<String>,
     pub eos_token: Option<String>,
     /// The model's Jinja chat template (`chat_template.jinja` wins over tokenizer_config.json).
@@ -221,8 +222,9 @@ impl Tokenizer {
         if !path.exists() {
             return Err(load_err(&path, "missing (a model package needs it)".into()));
         }
-        let inner =
-            tokenizers::Tokenizer::from_file(&path).map_err(|e| load_err(&path, e.to_string()))?;
+        let inner = std::sync::Arc::new(
+            tokenizers::Tokenizer::from_file(&path).map_err(|e| load_err(&path, e.to_string()))?,
+        );
         let cfg_path = dir.join("tokenizer_config.json");
         let cfg: Value = match std::fs::read_to_string(&cfg_path) {
             Ok(text) => {
@@ -342,6 +344,33 @@ impl Tokenizer {
     /// model's own tokenization, so what comes after one never merges with what came before.
     pub fn added_ids(&self) -> Vec<u32> {
         self.inner.get_added_tokens_decoder().into_keys().collect()
+    }
+
+    /// Every token's bytes (`ids` up to `vocab`, which may exceed the tokenizer's own
+    /// vocabulary: padded rows are empty), special tokens as llguidance marks them (`0xFF`
+    /// then their text, so no grammar's text can spell them); `None` when the decoder is not
+    /// one the byte table reproduces. For [`crate::grammar`]'s token trie.
+    pub fn token_bytes(&self, vocab: usize) -> Option<Vec<Vec<u8>>> {
+        let pieces = self.pieces.as_ref()?;
+        let mut words: Vec<Vec<u8>> = (0..vocab as u32)
+            .map(|id| pieces.get(id).to_vec())
+            .collect();
+        for (id, t) in self.inner.get_added_tokens_decoder() {
+            if let Some(w) = words.get_mut(id as usize)
+                && t.special
+            {
+                w.clear();
+                w.push(0xFF);
+                w.extend_from_slice(t.content.as_bytes());
+            }
+        }
+        Some(words)
+    }
+
+    /// The `tokenizers` tokenizer itself, shared (structured output tokenizes the text a
+    /// grammar forces with it).
+    pub(crate) fn shared(&self) -> std::sync::Arc<tokenizers::Tokenizer> {
+        self.inner.clone()
     }
 
     pub fn token_to_id(&self, token: &str) -> Option<u32> {

@@ -16,6 +16,9 @@ Each subcommand prints one JSON object on stdout; the Rust test asserts on it.
   malformed BASE       bodies that are not JSON, not UTF-8, of wrong types, unknown fields, too
                        large; an unknown route: each status and error code
   disconnect BASE      a stream and a whole request the client abandons: seconds until idle
+  structured BASE      response_format json_schema through the openai client (whole, and
+                       streamed: the pieces joined), `format` through the ollama client, and
+                       an invalid schema's error message
   shutdown BASE        a long stream and a request queued behind it; prints "streaming", waits
                        for a line on stdin (the test stops the daemon), then a new request:
                        the queued and the new request's statuses, the stream's finish reason
@@ -402,6 +405,45 @@ def disconnect(base):
     return out
 
 
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 40},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+    },
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}
+
+
+def structured(base):
+    """Structured output through the stock clients: the answers' text, and an invalid schema's
+    error message."""
+    import ollama
+
+    c = client(base)
+    msgs = [{"role": "user", "content": "Invent a person. Reply with JSON giving their name and age."}]
+    rf = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    r = c.chat.completions.create(model="any", messages=msgs, max_tokens=120, temperature=0, response_format=rf)
+    streamed = chat_stream(c, model="any", messages=msgs, max_tokens=120, temperature=0, response_format=rf)
+    if "".join(streamed["pieces"]) != r.choices[0].message.content or streamed["finish"] != "stop":
+        raise SystemExit(f"streamed {streamed} differs from whole {r.choices[0].message.content!r}")
+    try:
+        bad = {"type": "json_schema", "json_schema": {"name": "p", "schema": {"type": "strin"}}}
+        c.chat.completions.create(model="any", messages=msgs, max_tokens=5, response_format=bad)
+        invalid = None
+    except openai.BadRequestError as e:
+        invalid = e.body["message"] if isinstance(e.body, dict) else str(e)
+    o = ollama.Client(host=base, timeout=120)
+    g = o.chat(model="any", messages=msgs, format=PERSON, options={"temperature": 0, "num_predict": 120})
+    return {
+        "openai": r.choices[0].message.content,
+        "finish": r.choices[0].finish_reason,
+        "openai_invalid": invalid,
+        "ollama": g.message.content,
+    }
+
+
 def main():
     cmd, base, *rest = sys.argv[1:]
     if cmd == "basics":
@@ -426,6 +468,8 @@ def main():
         out = disconnect(base)
     elif cmd == "shutdown":
         out = shutdown(base)
+    elif cmd == "structured":
+        out = structured(base)
     else:
         sys.exit(f"unknown subcommand {cmd}")
     print(json.dumps(out))

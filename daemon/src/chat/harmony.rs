@@ -394,6 +394,12 @@ impl Parser {
         &self.header
     }
 
+    /// The channel of the message whose content the next id continues, if a header was
+    /// read and the message has not ended.
+    pub fn content_channel(&self) -> Option<Channel> {
+        (self.state == State::Content).then_some(self.channel)
+    }
+
     /// Feeds one generated id. `decode` turns header ids into text, special tokens included.
     pub fn push(&mut self, id: u32, decode: &dyn Fn(&[u32]) -> String) -> Event {
         let t = self.tokens;

@@ -47,6 +47,8 @@ pub enum EngineError {
     Sampling(#[from] SamplingError),
     #[error(transparent)]
     Tokenizer(#[from] TokenizerError),
+    #[error(transparent)]
+    Grammar(#[from] crate::grammar::GrammarError),
     #[error("prompt of {prompt} tokens leaves no room to generate (max_length {max_length})")]
     PromptTooLong { prompt: usize, max_length: usize },
 }
@@ -341,15 +343,16 @@ impl Engine {
     ) -> Result<Completion, EngineError> {
         let mut seq = self.begin(req, prompt)?;
         while !self.prefill_step(&mut seq, usize::MAX, on_event)? {}
-        while let Some(next) = seq.next {
+        while !seq.feed.is_empty() {
             if !keep_going() {
                 seq.cancel();
                 break;
             }
             let t = Instant::now();
-            // `cached` stays a prefix of what the backend holds, also when a step fails.
-            let logits = self.backend.forward(&[next])?;
-            self.cached.push(next);
+            // `cached` stays a prefix of what the backend holds, also when a step fails. The
+            // tokens a grammar forced go in the same pass as the sampled one.
+            let logits = self.backend.forward(&seq.feed)?;
+            self.cached.extend_from_slice(&seq.feed);
             seq.forward += t.elapsed();
             seq.accept(&self.model, logits, on_event)?;
         }
@@ -414,7 +417,7 @@ impl Engine {
         let mut decoded = 0;
         for item in items.iter_mut() {
             let (s, _) = item.parts();
-            if let (Some(slot), Some(next)) = (s.slot, s.next)
+            if let (Some(slot), Some(&next)) = (s.slot, s.feed.first())
                 && let Some(t) = self.slot_tokens.get_mut(slot)
             {
                 *t = Some(next);
@@ -430,8 +433,13 @@ impl Engine {
         let took = t.elapsed();
         for item in items.iter_mut() {
             let (s, sink) = item.parts();
-            if let (Some(slot), Some(_)) = (s.slot, s.next) {
+            if let (Some(slot), false) = (s.slot, s.feed.is_empty()) {
                 s.forward += took;
+                if s.feed.len() > 1 {
+                    // A token a grammar forced: fed one per step here, nothing to sample yet.
+                    s.feed.remove(0);
+                    continue;
+                }
                 s.accept(
                     &self.model,
                     &rows[slot * vocab..(slot + 1) * vocab],
@@ -497,6 +505,14 @@ impl Output {
             piece: String::with_capacity(max_piece),
             text: String::with_capacity(max_new.saturating_mul(8).min(TEXT_RESERVE)),
         })
+    }
+
+    /// Whether the next token is answer text a grammar constrains: always, but with harmony
+    /// only the `final` channel's content (reasoning stays free).
+    fn constrained_now(&self) -> bool {
+        self.harmony
+            .as_ref()
+            .is_none_or(|p| p.content_channel() == Some(Channel::Final))
     }
 
     /// Passes `piece` through the stop matcher and emits what is safe.

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use super::{EngineError, Flow, Output, Step};
 use crate::api::{Completion, Event, FinishReason, Request, Usage};
+use crate::grammar::Constraint;
 use crate::model::Model;
 use crate::sampler::Sampler;
 
@@ -23,8 +24,11 @@ pub struct Sequence {
     /// Prompt tokens reused from the cache, and prompt tokens computed so far (with them).
     pub(super) cached_tokens: usize,
     pub(super) prefilled: usize,
-    /// The last sampled token, not yet fed to the model.
-    pub(super) next: Option<u32>,
+    /// Tokens decided and not yet fed to the model: the last sampled one, then those a
+    /// grammar forced after it (empty once the sequence has finished).
+    pub(super) feed: Vec<u32>,
+    /// The request's `response_format` or `grammar`, while it constrains the answer.
+    constraint: Option<Constraint>,
     /// The batching slot holding this sequence's cache, once prefilled.
     pub slot: Option<usize>,
     start: Instant,
@@ -42,6 +46,11 @@ impl Sequence {
         max_length: usize,
     ) -> Result<Self, EngineError> {
         let mut sampler = Sampler::new(req.sampling.clone())?;
+        let constraint = match (&req.grammar, &req.format) {
+            (Some(g), _) => Some(Constraint::new(g)),
+            (None, Some(f)) => Some(Constraint::new(&model.compile(f)?)),
+            (None, None) => None,
+        };
         sampler.reserve(model.package.config.model.vocab_size);
         let room = max_length.saturating_sub(prompt.len());
         let max_new = req.max_tokens.map_or(room, |m| m.min(room));
@@ -56,7 +65,9 @@ impl Sequence {
             max_new,
             cached_tokens: 0,
             prefilled: 0,
-            next: None,
+            // One sampled token per step; forced tokens may add more (constrained only).
+            feed: Vec::with_capacity(1),
+            constraint,
             slot: None,
             start: Instant::now(),
             first_token_at: None,
@@ -71,17 +82,63 @@ impl Sequence {
         self.finish
     }
 
-    /// Samples the next token from `logits`, emits its text and decides whether the sequence
-    /// ends here (end of sequence or stop string, `max_tokens` or the context, the caller's
-    /// `Break`). Otherwise the token waits in `next` for the next forward pass.
+    /// Samples the next token from `logits` (among those the grammar allows, when one
+    /// constrains this part of the answer), emits its text and decides whether the sequence
+    /// ends here (end of sequence or stop string, a complete grammar, `max_tokens` or the
+    /// context, the caller's `Break`). Otherwise the token, and any the grammar forces after
+    /// it, wait in `feed` for the next forward pass.
     pub(super) fn accept(
         &mut self,
         model: &Model,
         logits: &[f32],
         on_event: &mut dyn FnMut(Event<&str>) -> Flow,
     ) -> Result<(), EngineError> {
-        let token = self.sampler.sample(logits, &self.history);
+        self.feed.clear();
+        let constraint = match &mut self.constraint {
+            Some(c) if self.out.constrained_now() => Some(c),
+            _ => None,
+        };
+        let token = match constraint {
+            Some(c) => {
+                let allowed = c.mask()?;
+                self.sampler.sample_masked(logits, &self.history, allowed)
+            }
+            None => self.sampler.sample(logits, &self.history),
+        };
         self.first_token_at.get_or_insert_with(Instant::now);
+        let constrained = self.constraint.is_some() && self.out.constrained_now();
+        self.take(model, token, on_event)?;
+        if constrained
+            && self.finish.is_none()
+            && let Some(c) = &mut self.constraint
+        {
+            let mut forced = Vec::new();
+            c.commit(token, &mut forced)?;
+            let complete = c.is_complete();
+            // The forced tokens are part of the answer even when they complete the grammar
+            // (a closing `"}` after the last value).
+            for f in forced {
+                if self.finish.is_some() {
+                    break;
+                }
+                self.take(model, f, on_event)?;
+            }
+            if complete && self.finish.is_none() {
+                self.finish = Some(FinishReason::Stop);
+                self.feed.clear();
+            }
+        }
+        Ok(())
+    }
+
+    /// Appends `token` to the answer (sampled or forced), emits its text and decides whether
+    /// the sequence ends with it; if not, it is to be fed to the model.
+    fn take(
+        &mut self,
+        model: &Model,
+        token: u32,
+        on_event: &mut dyn FnMut(Event<&str>) -> Flow,
+    ) -> Result<(), EngineError> {
         self.generated.push(token);
         self.history.push(token);
         self.finish = match self.out.push(model, token, on_event)? {
@@ -90,7 +147,11 @@ impl Sequence {
             Step::Continue if self.generated.len() >= self.max_new => Some(FinishReason::Length),
             Step::Continue => None,
         };
-        self.next = self.finish.is_none().then_some(token);
+        if self.finish.is_none() {
+            self.feed.push(token);
+        } else {
+            self.feed.clear();
+        }
         Ok(())
     }
 
@@ -98,7 +159,7 @@ impl Sequence {
     /// maps `Cancelled` to its reason).
     pub fn cancel(&mut self) {
         self.finish.get_or_insert(FinishReason::Cancelled);
-        self.next = None;
+        self.feed.clear();
     }
 
     /// The request's result: flushes held-back text (unless cancelled) and measures usage.
@@ -129,6 +190,11 @@ impl Sequence {
             } else {
                 0.0
             },
+            grammar_ms: self
+                .constraint
+                .as_ref()
+                .map_or(0.0, |c| c.time.as_secs_f64() * 1e3),
+            forced_tokens: self.constraint.as_ref().map_or(0, |c| c.forced),
         };
         let stats = super::Stats {
             decode,

@@ -78,7 +78,8 @@ impl Drop for AliveGuard {
 
 /// Work for the engine thread.
 pub(crate) enum Work {
-    Run(Job),
+    /// Boxed: a request (its format, its grammar) is large beside the other variants.
+    Run(Box<Job>),
     /// Run one forward pass and answer: the start-up heartbeat (READY=1 waits for it).
     Ping(oneshot::Sender<Result<(), String>>),
     /// Nothing to do: wakes an idle engine thread so it sees the shutdown.
@@ -215,7 +216,7 @@ fn run_one_at_a_time(mut engine: Engine, rx: &mut mpsc::Receiver<Work>, shared: 
             }
             Work::Wake if root.is_cancelled() => break,
             Work::Wake => continue,
-            Work::Run(job) => job,
+            Work::Run(job) => *job,
         };
         shared.publish(rx, 1);
         shared.health.tick();
@@ -344,6 +345,7 @@ fn run_batched(
             }
             Some(Work::Wake) | None => {}
             Some(Work::Run(job)) => {
+                let job = *job;
                 if job.cancel.is_cancelled() || job.events.is_closed() {
                     let done = RequestEvent::Done(cancelled_before_start(&job));
                     shared.finish(&job, done);

@@ -94,7 +94,8 @@ impl<'de> serde::Deserialize<'de> for Options {
 type Stats = HashMap<String, OwnedVariant>;
 
 /// A D-Bus value as JSON, so options go through the same parser as MQTT payloads. Integers,
-/// doubles, strings, booleans, and arrays of them are options' types; anything else is named.
+/// doubles, strings, booleans, arrays of them and string-keyed dictionaries (a nested
+/// `response_format` or `grammar`) are options' types; anything else is named.
 pub fn variant_to_json(key: &str, v: &Variant<'_>) -> Result<Value, ServiceError> {
     Ok(match v {
         Variant::Bool(b) => Value::Bool(*b),
@@ -116,6 +117,24 @@ pub fn variant_to_json(key: &str, v: &Variant<'_>) -> Result<Value, ServiceError
                 .map(|item| variant_to_json(key, item))
                 .collect::<Result<_, _>>()?,
         ),
+        // A nested dictionary (`response_format`, `grammar`): string keys only.
+        Variant::Dict(d) => {
+            let mut m = Map::new();
+            for (k, v) in d.iter() {
+                let Variant::Str(k) = k else {
+                    return Err(invalid(format!(
+                        "{key}: dictionary keys must be strings, got {}",
+                        k.value_signature()
+                    )));
+                };
+                if m.insert(k.as_str().to_string(), variant_to_json(key, v)?)
+                    .is_some()
+                {
+                    return Err(invalid(format!("{key}: {:?} is given twice", k.as_str())));
+                }
+            }
+            Value::Object(m)
+        }
         other => {
             return Err(invalid(format!(
                 "{key}: unsupported D-Bus type {}",
@@ -184,6 +203,8 @@ pub fn stats(c: &Completion) -> Stats {
     s.insert("ttft_ms".into(), u.ttft_ms.into());
     s.insert("prefill_tok_s".into(), u.prefill_tok_s.into());
     s.insert("decode_tok_s".into(), u.decode_tok_s.into());
+    s.insert("grammar_ms".into(), u.grammar_ms.into());
+    s.insert("forced_tokens".into(), (u.forced_tokens as u32).into());
     s
 }
 

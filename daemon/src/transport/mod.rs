@@ -19,6 +19,7 @@ use tokio_util::task::TaskTracker;
 use crate::api::{Input, Request, Usage};
 use crate::chat::Message;
 use crate::chat::harmony::ReasoningEffort;
+use crate::grammar::Format;
 pub use crate::metrics::Origin;
 use crate::sampler::SamplingParams;
 use crate::scheduler::{ErrorCode, Handle, Scheduler, ServiceError, Status};
@@ -143,6 +144,8 @@ pub const OPTION_NAMES: &[&str] = &[
     "seed",
     "stop",
     "reasoning_effort",
+    "response_format",
+    "grammar",
 ];
 
 /// Roles a chat message may have (OpenAI's, plus harmony's `developer`).
@@ -193,6 +196,11 @@ pub fn parse_options(
     skip: &[&str],
     req: &mut Request,
 ) -> Result<(), ServiceError> {
+    if fields.contains_key("response_format") && fields.contains_key("grammar") {
+        return Err(invalid(
+            "response_format and grammar: give one of them, not both",
+        ));
+    }
     for (key, v) in fields {
         let key = key.as_str();
         match key {
@@ -262,6 +270,14 @@ pub fn parse_options(
                     ))
                 })?);
             }
+            "response_format" => {
+                req.format =
+                    Format::from_response_format(&structured(key, v)?).map_err(|e| invalid(e.0))?;
+            }
+            "grammar" => {
+                req.format =
+                    Some(Format::from_grammar(&structured(key, v)?).map_err(|e| invalid(e.0))?);
+            }
             other => {
                 return Err(invalid(format!(
                     "unknown field {other:?} (known: {})",
@@ -274,6 +290,17 @@ pub fn parse_options(
         .validate()
         .map_err(|e| invalid(e.to_string()))?;
     Ok(())
+}
+
+/// A structured option's value: the object itself, or (for D-Bus callers, whose nested
+/// dictionaries are awkward for a JSON schema) a string holding it as JSON.
+fn structured(key: &str, v: &Value) -> Result<Value, ServiceError> {
+    match v {
+        Value::String(s) => {
+            parse_json(s).map_err(|e| invalid(format!("{key}: the string is not JSON: {e}")))
+        }
+        other => Ok(other.clone()),
+    }
 }
 
 /// Checks chat messages: at least one, known roles.
@@ -423,6 +450,8 @@ pub fn usage_json(u: &Usage) -> Value {
         "ttft_ms": u.ttft_ms,
         "prefill_tok_s": u.prefill_tok_s,
         "decode_tok_s": u.decode_tok_s,
+        "grammar_ms": u.grammar_ms,
+        "forced_tokens": u.forced_tokens,
     })
 }
 

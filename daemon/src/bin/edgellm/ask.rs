@@ -201,7 +201,13 @@ async fn dbus(args: &AskArgs) -> anyhow::Result<()> {
     };
     let conn = builder.build().await.context("connecting to D-Bus")?;
     let mut options = Dict::new();
-    for (k, v) in args.request.to_json() {
+    for (k, v) in args.request.to_json()? {
+        // A schema or grammar goes as a JSON string: its lists may mix types, which a D-Bus
+        // array cannot.
+        let v = match v {
+            v @ serde_json::Value::Object(_) => serde_json::Value::String(v.to_string()),
+            v => v,
+        };
         options.insert(k, to_variant(&v)?);
     }
     // Complete(s, a{sv}) for a raw prompt, else Chat / StartChat(a(ss), a{sv}).
@@ -332,7 +338,7 @@ async fn mqtt(args: &AskArgs) -> anyhow::Result<()> {
         Value::Object(m) => m,
         _ => Map::new(),
     };
-    fields.extend(args.request.to_json());
+    fields.extend(args.request.to_json()?);
     fields.insert("stream".into(), json!(args.stream));
     let request_topic = format!("{}/{node}/request", args.topic_prefix);
     // Request `n` (1-based) carries id and correlation data `<me>-<n>`.

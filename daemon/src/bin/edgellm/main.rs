@@ -36,7 +36,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Generate from a model package, streaming text to stdout.
-    Run(run::RunArgs),
+    Run(Box<run::RunArgs>),
     /// Ask a running edgellmd over D-Bus or MQTT.
     Ask(Box<ask::AskArgs>),
     /// Print the exact prompt text the model will see for a messages file.
@@ -222,11 +222,69 @@ pub struct RequestArgs {
     /// gpt-oss reasoning effort.
     #[arg(long, value_enum)]
     pub reasoning_effort: Option<Effort>,
+    /// Structured output: `json_object`, or OpenAI's whole `response_format` object as JSON
+    /// (`@FILE` reads it from a file).
+    #[arg(long, value_name = "FORMAT", group = "structured")]
+    pub response_format: Option<String>,
+    /// Structured output: the answer is JSON valid against this schema (a file).
+    #[arg(long, value_name = "FILE.json", group = "structured")]
+    pub json_schema: Option<std::path::PathBuf>,
+    /// Structured output: the answer matches this Lark grammar (a file; `start` is the start
+    /// rule).
+    #[arg(long, value_name = "FILE.lark", group = "structured")]
+    pub lark: Option<std::path::PathBuf>,
+    /// Structured output: the answer matches this regular expression.
+    #[arg(long, value_name = "REGEX", group = "structured")]
+    pub regex: Option<String>,
 }
 
 impl RequestArgs {
+    /// The structured-output option given, as its request field: `response_format` or
+    /// `grammar` and its JSON value.
+    pub fn format_field(&self) -> anyhow::Result<Option<(&'static str, serde_json::Value)>> {
+        use serde_json::json;
+        let read = |p: &std::path::Path| {
+            std::fs::read_to_string(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))
+        };
+        let parse = |what: &str, text: &str| -> anyhow::Result<serde_json::Value> {
+            serde_json::from_str(text).map_err(|e| anyhow::anyhow!("{what}: not JSON: {e}"))
+        };
+        Ok(if let Some(f) = &self.response_format {
+            let v = match f.as_str() {
+                "json_object" | "text" => json!({"type": f}),
+                _ => match f.strip_prefix('@') {
+                    Some(path) => parse(path, &read(std::path::Path::new(path))?)?,
+                    None => parse("--response-format", f)?,
+                },
+            };
+            Some(("response_format", v))
+        } else if let Some(path) = &self.json_schema {
+            let schema = parse(&path.display().to_string(), &read(path)?)?;
+            Some((
+                "response_format",
+                json!({"type": "json_schema", "json_schema": {"name": "schema", "schema": schema}}),
+            ))
+        } else if let Some(path) = &self.lark {
+            Some(("grammar", json!({"type": "lark", "value": read(path)?})))
+        } else {
+            self.regex
+                .as_ref()
+                .map(|r| ("grammar", json!({"type": "regex", "value": r})))
+        })
+    }
+
     /// Sets the given options on `req`, the package's defaults for the rest.
-    pub fn apply(&self, req: &mut edgellm::api::Request, defaults: SamplingParams) {
+    pub fn apply(
+        &self,
+        req: &mut edgellm::api::Request,
+        defaults: SamplingParams,
+    ) -> anyhow::Result<()> {
+        use edgellm::grammar::Format;
+        req.format = match self.format_field()? {
+            Some(("grammar", v)) => Some(Format::from_grammar(&v)?),
+            Some((_, v)) => Format::from_response_format(&v)?,
+            None => None,
+        };
         req.max_tokens = self.max_tokens;
         req.stop = self.stop.clone();
         req.reasoning_effort = self.reasoning_effort.map(Into::into);
@@ -240,11 +298,12 @@ impl RequestArgs {
                 .unwrap_or(defaults.repetition_penalty),
             seed: self.seed,
         };
+        Ok(())
     }
 
     /// The options given, as the transports' request fields (the daemon applies its package's
     /// defaults to the rest).
-    pub fn to_json(&self) -> serde_json::Map<String, serde_json::Value> {
+    pub fn to_json(&self) -> anyhow::Result<serde_json::Map<String, serde_json::Value>> {
         use serde_json::Value;
         let mut m = serde_json::Map::new();
         let mut put = |k: &str, v: Option<Value>| {
@@ -274,7 +333,10 @@ impl RequestArgs {
             self.reasoning_effort
                 .map(|e| Value::from(ReasoningEffort::from(e).as_str())),
         );
-        m
+        if let Some((k, v)) = self.format_field()? {
+            m.insert(k.to_string(), v);
+        }
+        Ok(m)
     }
 }
 

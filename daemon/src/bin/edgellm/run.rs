@@ -30,7 +30,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
     let input = args.input.input()?;
     let mut req = Request::new(input);
     args.request
-        .apply(&mut req, engine.model().default_sampling());
+        .apply(&mut req, engine.model().default_sampling())?;
     req.include_reasoning = args.show_reasoning;
 
     let mut stdout = std::io::stdout().lock();

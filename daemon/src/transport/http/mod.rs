@@ -18,9 +18,11 @@
 //! request's event receiver, and the engine stops a request whose receiver is gone.
 //!
 //! Request fields are OpenAI's; `max_completion_tokens` is `max_tokens`, `n` must be 1, and the
-//! fields OpenAI defines that edgellm cannot honour (`logprobs`, `tools`, `response_format`,
-//! non-zero `frequency_penalty`/`presence_penalty`, ...) are refused by name rather than
-//! ignored. Our own sampling fields (`top_k`, `min_p`, `repetition_penalty`) are accepted too.
+//! fields OpenAI defines that edgellm cannot honour (`logprobs`, `tools` (until tool calls
+//! land), non-zero `frequency_penalty`/`presence_penalty`, ...) are refused by name rather than
+//! ignored. `response_format` (JSON object or schema) constrains the answer
+//! ([`crate::grammar`]); our own fields (`grammar`, `top_k`, `min_p`, `repetition_penalty`)
+//! are accepted too.
 
 mod ollama;
 
@@ -421,7 +423,9 @@ const COMMON_FIELDS: &[&str] = &[
     "frequency_penalty",
     "presence_penalty",
     "logprobs",
+    "response_format",
     // ours (as on D-Bus and MQTT)
+    "grammar",
     "top_k",
     "min_p",
     "repetition_penalty",
@@ -763,10 +767,18 @@ impl Reply {
 }
 
 /// The engine's own timings of a request, as an extension field (`timings`, as llama.cpp's
-/// server adds one; OpenAI's clients ignore it): time to first token, prefill and decode rates.
+/// server adds one; OpenAI's clients ignore it): time to first token, prefill and decode rates,
+/// and with `response_format` or `grammar` the time spent on token masks and the tokens the
+/// grammar forced.
 fn timings(c: &Completion) -> Value {
     let u = &c.usage;
-    json!({"ttft_ms": u.ttft_ms, "prefill_tok_s": u.prefill_tok_s, "decode_tok_s": u.decode_tok_s})
+    json!({
+        "ttft_ms": u.ttft_ms,
+        "prefill_tok_s": u.prefill_tok_s,
+        "decode_tok_s": u.decode_tok_s,
+        "grammar_ms": u.grammar_ms,
+        "forced_tokens": u.forced_tokens,
+    })
 }
 
 fn usage(c: &Completion) -> Value {

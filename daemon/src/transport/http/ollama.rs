@@ -26,6 +26,7 @@ use tokio::sync::mpsc;
 use super::{ApiError, Origin, Shared, read_body, unix_now};
 use crate::api::{Completion, Event, Input, Request, RequestEvent};
 use crate::chat::Message;
+use crate::grammar::Format;
 use crate::scheduler::{ErrorCode, ServiceError};
 use crate::transport::{parse_options, type_name};
 
@@ -275,7 +276,7 @@ fn build(
             common.join(", ")
         )));
     }
-    for k in ["format", "tools", "think"] {
+    for k in ["tools", "think"] {
         match body.get(k) {
             None | Some(Value::Null) | Some(Value::Bool(false)) => {}
             Some(Value::Array(a)) if a.is_empty() => {}
@@ -299,6 +300,26 @@ fn build(
     let mut req = s.inference.request(input);
     req.origin = Origin::http;
     parse_options(&options(body.get("options"))?, &[], &mut req)?;
+    // Ollama's `format`: "json" (any JSON value, as Ollama's own grammar; here an object) or
+    // a JSON schema.
+    req.format = match body.get("format") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if s == "json" => Some(Format::JsonObject),
+        Some(Value::String(s)) if s.is_empty() => None,
+        Some(schema @ Value::Object(_)) => Some(Format::JsonSchema {
+            name: "format".into(),
+            schema: schema.clone(),
+        }),
+        Some(other) => {
+            return Err(bad(format!(
+                "format: expected \"json\" or a JSON schema object, got {}",
+                match other {
+                    Value::String(s) => format!("{s:?}"),
+                    v => type_name(v).to_string(),
+                }
+            )));
+        }
+    };
     Ok((req, stream))
 }
 
