@@ -31,6 +31,11 @@ pub struct Request {
     pub ignore_eos: bool,
     /// The transport it came through (metrics).
     pub origin: crate::metrics::Origin,
+    /// Whether the caller reads the text as it is generated ([`Event`]s on the request's
+    /// channel); `false` (a whole answer: D-Bus `Chat`, MQTT `"stream": false`, HTTP without
+    /// `stream`): only the completion is sent, and the engine thread wakes no transport task
+    /// per token.
+    pub stream: bool,
     /// What the answer must match (`response_format`, `grammar`); `None`: free text.
     pub format: Option<crate::grammar::Format>,
     /// `format` compiled: the scheduler compiles it when it admits the request (so an invalid
@@ -49,6 +54,7 @@ impl Request {
             include_reasoning: false,
             ignore_eos: false,
             origin: crate::metrics::Origin::local,
+            stream: true,
             format: None,
             grammar: None,
         }

@@ -18,12 +18,22 @@ use crate::api::{
 };
 
 /// A request's events go to its transport as owned copies (one allocation per event: the
-/// text crosses to the transport's thread); a receiver gone (the caller left) cancels.
-impl EventSink for mpsc::UnboundedSender<RequestEvent> {
+/// text crosses to the transport's thread); a receiver gone (the caller left) cancels. A
+/// request that is not streamed (`req.stream` false) gets only its completion: its events are
+/// not sent, so no transport task is woken per token on a small board's few cores.
+impl EventSink for Job {
     fn send(&self, event: Event<&str>) -> Flow {
-        match mpsc::UnboundedSender::send(self, RequestEvent::Event(event.to_owned())) {
-            Ok(()) => ControlFlow::Continue(()),
-            Err(_) => ControlFlow::Break(()),
+        let sent = if self.req.stream {
+            self.events
+                .send(RequestEvent::Event(event.to_owned()))
+                .is_ok()
+        } else {
+            !self.events.is_closed()
+        };
+        if sent {
+            ControlFlow::Continue(())
+        } else {
+            ControlFlow::Break(())
         }
     }
 }
@@ -286,10 +296,10 @@ impl Active {
         engine: &mut Engine,
         result: Result<(), EngineError>,
     ) -> (Job, RequestEvent) {
-        let events = self.job.events.clone();
+        let job = &self.job;
         let result = result.and_then(|()| {
             engine.complete(self.seq, &mut |e| {
-                let _ = events.send(RequestEvent::Event(e.to_owned()));
+                let _ = EventSink::send(job, e);
                 ControlFlow::Continue(())
             })
         });
@@ -300,7 +310,7 @@ impl Active {
 
 impl Slotted for Active {
     fn parts(&mut self) -> (&mut Sequence, &dyn EventSink) {
-        (&mut self.seq, &self.job.events)
+        (&mut self.seq, &self.job)
     }
 }
 
@@ -393,7 +403,7 @@ fn run_batched(
                 Ok(true)
             } else {
                 let Active { seq, job, .. } = &mut a;
-                engine.prefill_step(seq, chunk, &mut |e| EventSink::send(&job.events, e))
+                engine.prefill_step(seq, chunk, &mut |e| EventSink::send(&*job, e))
             };
             match step {
                 Ok(false) => prefilling = Some(a),
@@ -513,7 +523,7 @@ fn run_job(
         &job.req,
         job.prompt.clone(),
         &mut |event| {
-            if EventSink::send(&job.events, event).is_break() || !check() {
+            if EventSink::send(job, event).is_break() || !check() {
                 check();
                 ControlFlow::Break(())
             } else {

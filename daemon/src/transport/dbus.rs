@@ -220,8 +220,9 @@ impl Inference {
         &self,
         conn: &Connection,
         hdr: &Header<'_>,
-        req: Request,
+        mut req: Request,
     ) -> Result<(String, Stats), Error> {
+        req.stream = false;
         let Handle { mut events, cancel } = self.svc.submit(req)?;
         let _watch = watch_caller(conn, hdr.sender(), cancel);
         self.svc

@@ -608,7 +608,8 @@ impl MqttTransport {
                 Some(Value::Bool(b)) => *b,
                 Some(_) => return Err(invalid("stream: expected a boolean")),
             };
-            let req = build_request(&fields, self.svc.default_sampling())?;
+            let mut req = build_request(&fields, self.svc.default_sampling())?;
+            req.stream = stream;
             Ok((req, stream))
         });
         let (req, stream) = match checked {

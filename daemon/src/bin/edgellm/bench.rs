@@ -7,6 +7,9 @@
 //! same length) submitted at once to the scheduler with `parallel = N`, against the same N run
 //! one at a time in the same process: aggregate decode tok/s and time to first token (from
 //! submission: queueing included) of each.
+//! `--json-schema FILE --grammar-text TEXT` also measures structured output's cost on the
+//! package's vocabulary ([`grammar_walk`]): the token mask's time per step against the decode
+//! step measured in the same run, and the share of tokens the grammar forces.
 
 use std::ops::ControlFlow;
 
@@ -32,8 +35,78 @@ pub struct BenchArgs {
     /// N concurrent requests, batched (`[limits] parallel = N`) and one at a time.
     #[arg(long, default_value_t = 1)]
     parallel: usize,
+    /// Structured output's cost: a JSON schema, walked along `--grammar-text`.
+    #[arg(long, value_name = "FILE.json", requires = "grammar_text")]
+    json_schema: Option<std::path::PathBuf>,
+    /// A JSON text valid against `--json-schema`: the answer the walk follows.
+    #[arg(long, value_name = "TEXT", requires = "json_schema")]
+    grammar_text: Option<String>,
     #[arg(long)]
     json: bool,
+}
+
+/// Walks `text` through a fresh constraint as a model that wants to write it would: at each
+/// step the mask is computed (timed), then the allowed token that covers the most of what is
+/// left of the text is taken, and the tokens the grammar then forces are taken as they come.
+/// The walk is independent of the model's weights (a random-init package's vocabulary serves),
+/// and every mask is the one a real generation of this text would compute.
+/// Returns (mask times in microseconds, tokens taken by choice, tokens forced).
+fn grammar_walk(
+    model: &edgellm::model::Model,
+    schema: &serde_json::Value,
+    text: &str,
+) -> anyhow::Result<(Vec<f64>, usize, usize)> {
+    use edgellm::grammar::{Constraint, Format};
+    let vocab = model.package.config.model.vocab_size;
+    let words = model
+        .tokenizer
+        .token_bytes(vocab)
+        .ok_or_else(|| anyhow::anyhow!("this tokenizer has no byte table"))?;
+    let format = Format::JsonSchema {
+        name: "bench".into(),
+        schema: schema.clone(),
+    };
+    let grammar = model.compile(&format)?;
+    let mut c = Constraint::new(&grammar);
+    let (mut rest, mut times, mut chosen, mut forced) = (text.as_bytes(), Vec::new(), 0, 0);
+    while !rest.is_empty() && !c.is_complete() {
+        let t = std::time::Instant::now();
+        let mask = c.mask()?.to_vec();
+        times.push(t.elapsed().as_secs_f64() * 1e6);
+        let allowed = |i: usize| mask.get(i / 32).is_some_and(|w| (w >> (i % 32)) & 1 == 1);
+        let best = (0..vocab)
+            .filter(|&i| allowed(i) && !words[i].is_empty() && rest.starts_with(&words[i]))
+            .max_by_key(|&i| words[i].len())
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "the grammar allows no token that continues {:?}: is the text valid for \
+                     the schema, in its layout (`\", \"`, `\": \"`)?",
+                    String::from_utf8_lossy(rest)
+                )
+            })?;
+        rest = &rest[words[best].len()..];
+        chosen += 1;
+        let mut ff = Vec::new();
+        c.commit(best as u32, &mut ff)?;
+        for f in ff {
+            let w = &words[f as usize];
+            anyhow::ensure!(
+                rest.starts_with(w),
+                "the grammar forced {:?} where the text goes on with {:?}",
+                String::from_utf8_lossy(w),
+                String::from_utf8_lossy(rest)
+            );
+            rest = &rest[w.len()..];
+            forced += 1;
+        }
+    }
+    anyhow::ensure!(
+        rest.is_empty() && c.is_complete(),
+        "the walk ended early: {:?} left, grammar complete: {}",
+        String::from_utf8_lossy(rest),
+        c.is_complete()
+    );
+    Ok((times, chosen, forced))
 }
 
 /// One pass of `n` requests submitted at once: (aggregate tok/s over the generated tokens
@@ -268,7 +341,7 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         decode.push(c.usage.decode_tok_s);
         overhead.push(stats.decode_overhead_fraction() * 100.0);
     }
-    let result = serde_json::json!({
+    let mut result = serde_json::json!({
         "model": args.engine.model.display().to_string(),
         "backend": engine.backend_name(),
         "threads": args.engine.threads,
@@ -282,6 +355,29 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         "decode_overhead_pct": median(overhead),
         "peak_rss_mib": peak_rss_mib(),
     });
+    if let (Some(path), Some(text)) = (&args.json_schema, &args.grammar_text) {
+        let schema: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(path)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
+        )?;
+        let model = engine.model().clone();
+        let (mut times, chosen, forced) = grammar_walk(&model, &schema, text)?;
+        times.sort_by(f64::total_cmp);
+        let mean = times.iter().sum::<f64>() / times.len().max(1) as f64;
+        let step_us = 1e6 / result["decode_tok_s"].as_f64().unwrap_or(f64::INFINITY);
+        result["grammar"] = serde_json::json!({
+            "vocab": model.package.config.model.vocab_size,
+            "masked_steps": chosen,
+            "forced_tokens": forced,
+            "forced_share": forced as f64 / (chosen + forced).max(1) as f64,
+            "mask_us_mean": mean,
+            "mask_us_p50": percentile(&times, 0.5),
+            "mask_us_p99": percentile(&times, 0.99),
+            "mask_us_max": times.last().copied().unwrap_or(0.0),
+            "decode_step_us": step_us,
+            "mask_share_of_step": mean / step_us,
+        });
+    }
     if args.json {
         println!("{result}");
     } else {
@@ -313,6 +409,20 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
             "peak RSS:       {:.0} MiB",
             result["peak_rss_mib"].as_f64().unwrap_or(0.0)
         );
+        if let Some(g) = result.get("grammar") {
+            let f = |k: &str| g[k].as_f64().unwrap_or(0.0);
+            println!(
+                "grammar mask:   {:.1} us mean, {:.1} p99, {:.1} max = {:.2}% of a decode step \
+                 ({} masked steps, {} forced tokens, vocabulary {})",
+                f("mask_us_mean"),
+                f("mask_us_p99"),
+                f("mask_us_max"),
+                100.0 * f("mask_share_of_step"),
+                g["masked_steps"],
+                g["forced_tokens"],
+                g["vocab"]
+            );
+        }
     }
     Ok(())
 }

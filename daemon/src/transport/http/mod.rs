@@ -842,6 +842,7 @@ fn build(s: &Shared, kind: Kind, body: &[u8]) -> Result<(Request, bool, bool), A
         req.max_tokens = Some(16);
     }
     super::parse_options(&opts, &[], &mut req)?;
+    req.stream = stream;
     Ok((req, stream, include_usage))
 }
 

@@ -300,6 +300,7 @@ fn build(
     let mut req = s.inference.request(input);
     req.origin = Origin::http;
     parse_options(&options(body.get("options"))?, &[], &mut req)?;
+    req.stream = stream;
     // Ollama's `format`: "json" (any JSON value, as Ollama's own grammar; here an object) or
     // a JSON schema.
     req.format = match body.get("format") {
