@@ -161,12 +161,11 @@ async fn answer(s: Arc<Shared>, kind: Kind, body: Result<Bytes, BytesRejection>)
     if stream {
         return ndjson(kind, model, handle.events);
     }
+    // A whole answer: no events come (`req.stream` is false), only the completion.
     let mut events = handle.events;
-    let mut text = String::new();
     loop {
         match events.recv().await {
-            Some(RequestEvent::Event(Event::Delta(t))) => text.push_str(&t),
-            Some(RequestEvent::Event(Event::Reasoning(_))) => {}
+            Some(RequestEvent::Event(_)) => {}
             Some(RequestEvent::Done(c)) => {
                 return axum::Json(last(kind, &model, &c, &c.text)).into_response();
             }
