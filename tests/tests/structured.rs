@@ -592,6 +592,9 @@ fn harmony_reasoning_stays_free_and_the_final_channel_is_constrained() {
     });
     req.include_reasoning = true;
     req.max_tokens = Some(80);
+    // Greedy: the script's token wins every step (the default samples at temperature 1, and
+    // a 10-logit lead over 500 tokens loses now and then).
+    req.sampling.temperature = 0.0;
     req.format = Some(Format::Regex("(yes|no)".into()));
     let mut reasoning = String::new();
     let c = engine
