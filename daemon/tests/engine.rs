@@ -108,6 +108,36 @@ fn harmony_answer_is_the_final_channel_and_return_stops() {
     assert_eq!(c.finish_reason, FinishReason::Stop);
 }
 
+/// Structured output with harmony: the script reasons with text no grammar would allow
+/// (`{not json`), then opens the `final` channel and goes on with prose the grammar does not
+/// allow either. The reasoning comes through untouched, the final answer matches the grammar,
+/// and the sequence stops when the grammar is complete.
+#[test]
+fn harmony_reasoning_stays_free_and_the_final_channel_is_constrained() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pkg = harmony_package(tmp.path());
+    let completion = format!(
+        "<|channel|>analysis<|message|>Thinking {{not json<|end|><|start|>assistant\
+         <|channel|>final<|message|>{}",
+        "Hello there, this is not it. ".repeat(6)
+    );
+    let mut e = engine(&pkg, &completion);
+    let mut req = greedy(user("Is the sea salty?"));
+    req.include_reasoning = true;
+    req.max_tokens = Some(80);
+    req.format = Some(edgellm::grammar::Format::Regex("(yes|no)".into()));
+    let (c, text, reasoning) = collect(&mut e, &req);
+    assert_eq!(reasoning, "Thinking {not json");
+    assert!(
+        c.text == "yes" || c.text == "no",
+        "final answer {:?}",
+        c.text
+    );
+    assert_eq!(text, c.text);
+    assert_eq!(c.finish_reason, FinishReason::Stop);
+    assert!(c.usage.grammar_ms > 0.0);
+}
+
 #[test]
 fn harmony_prompt_is_rendered_for_gpt_oss() {
     let tmp = tempfile::tempdir().unwrap();

@@ -5,7 +5,9 @@
 //! tests/structured/validate.py in the venv of scripts/setup-test-venv.sh), ends with finish
 //! reason `stop` and reports its mask time and forced tokens; the same requests over D-Bus,
 //! MQTT and HTTP (the `openai` client's `response_format`, the `ollama` client's `format`),
-//! and invalid schemas and grammars refused on each with an error naming the problem.
+//! and invalid schemas and grammars refused on each with an error naming the problem. (Harmony,
+//! whose reasoning stays free while its final answer is constrained, is tested with the
+//! scripted model of daemon/tests/engine.rs.)
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
@@ -477,142 +479,6 @@ fn regex_full_match(re: &str, text: &str) -> bool {
         return false;
     };
     (3..=60).contains(&body.len()) && body.bytes().all(|b| b == b' ' || b.is_ascii_lowercase())
-}
-
-// ------------------------------------------------------------------------------------------
-// Harmony: the constraint applies to the `final` channel only
-
-/// A backend that scripts the model: after the prompt, the logits favour `script[k]` for the
-/// k-th answer token (every other token ties at 0), whatever was fed. A grammar's mask must
-/// then pick another token wherever the script breaks it.
-struct Scripted {
-    vocab: usize,
-    script: Vec<u32>,
-    /// Answer tokens fed so far (`None`: the prompt not yet).
-    fed: Option<usize>,
-    logits: Vec<f32>,
-}
-
-impl edgellm::backend::Backend for Scripted {
-    fn name(&self) -> &'static str {
-        "scripted"
-    }
-    fn reset(&mut self) {
-        self.fed = None;
-    }
-    fn rewind(&mut self, _len: usize) -> bool {
-        false
-    }
-    fn forward(&mut self, tokens: &[u32]) -> Result<&[f32], edgellm::backend::BackendError> {
-        let k = match self.fed {
-            None => 0,
-            Some(n) => n + tokens.len(),
-        };
-        self.fed = Some(k);
-        self.logits.clear();
-        self.logits.resize(self.vocab, 0.0);
-        if let Some(&t) = self.script.get(k) {
-            self.logits[t as usize] = 10.0;
-        }
-        Ok(&self.logits)
-    }
-}
-
-/// gpt-oss (its fixture's harmony tokenizer) scripted to reason with text no grammar would
-/// allow (`{not json`), then open the `final` channel and go on with text the grammar does not
-/// allow either: the reasoning comes through untouched, the final answer matches the grammar,
-/// and the sequence stops when the grammar is complete.
-#[test]
-fn harmony_reasoning_stays_free_and_the_final_channel_is_constrained() {
-    // The gpt-oss fixture's package with harmony's special tokens added to its tokenizer (its
-    // own tiny vocabulary has none): the scripted backend stands in for the graph.
-    let tmp = edgellm_tests::export_fixture("gptoss", edgellm_export::Precision::Fp32, false);
-    let pkg = tmp.path().join("pkg");
-    let harmony = [
-        "<|start|>",
-        "<|end|>",
-        "<|message|>",
-        "<|channel|>",
-        "<|return|>",
-        "<|call|>",
-    ];
-    let edit = |name: &str, f: &dyn Fn(&mut Value)| {
-        let path = pkg.join(name);
-        let mut v: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-        f(&mut v);
-        std::fs::write(&path, v.to_string()).unwrap();
-    };
-    let base = 512;
-    edit("tokenizer.json", &|t| {
-        let added = t["added_tokens"].as_array_mut().unwrap();
-        for (i, content) in harmony.iter().enumerate() {
-            added.push(
-                json!({"id": base + i, "content": content, "single_word": false,
-                "lstrip": false, "rstrip": false, "normalized": false, "special": true}),
-            );
-        }
-    });
-    edit("genai_config.json", &|c| {
-        c["model"]["vocab_size"] = json!(base + harmony.len());
-        c["model"]["eos_token_id"] = json!([base + 4, base + 5]);
-    });
-    // Edited on purpose: its checksums no longer hold (they are optional).
-    std::fs::remove_file(pkg.join("SHA256SUMS")).unwrap();
-    let model = Model::load(&pkg).unwrap();
-    assert!(
-        model.harmony().is_some(),
-        "the patched tokenizer speaks harmony"
-    );
-    let tok = &model.tokenizer;
-    let special = |t: &str| tok.token_to_id(t).unwrap();
-    let text = |t: &str| tok.encode(t, false).unwrap();
-    let mut script = vec![special("<|channel|>")];
-    script.extend(text("analysis"));
-    script.push(special("<|message|>"));
-    script.extend(text("Thinking {not json"));
-    script.push(special("<|end|>"));
-    script.push(special("<|start|>"));
-    script.extend(text("assistant"));
-    script.push(special("<|channel|>"));
-    script.extend(text("final"));
-    script.push(special("<|message|>"));
-    // The final answer the script wants is not of the grammar's language.
-    script.extend(text("Hello there, this is not it").iter().cycle().take(40));
-    let vocab = model.package.config.model.vocab_size;
-    let backend = Scripted {
-        vocab,
-        script,
-        fed: None,
-        logits: Vec::new(),
-    };
-    let mut engine = Engine::new(model, Box::new(backend), 256);
-    let mut req = Request::new(Input::Prompt {
-        text: "Is the sea salty?".into(),
-        raw: false,
-    });
-    req.include_reasoning = true;
-    req.max_tokens = Some(80);
-    // Greedy: the script's token wins every step (the default samples at temperature 1, and
-    // a 10-logit lead over 500 tokens loses now and then).
-    req.sampling.temperature = 0.0;
-    req.format = Some(Format::Regex("(yes|no)".into()));
-    let mut reasoning = String::new();
-    let c = engine
-        .generate(&req, &mut |e| {
-            if let edgellm::api::Event::Reasoning(t) = e {
-                reasoning.push_str(t);
-            }
-            std::ops::ControlFlow::Continue(())
-        })
-        .unwrap();
-    assert_eq!(reasoning, "Thinking {not json");
-    assert!(
-        c.text == "yes" || c.text == "no",
-        "final answer {:?}",
-        c.text
-    );
-    assert_eq!(c.finish_reason, FinishReason::Stop);
-    assert!(c.usage.grammar_ms > 0.0);
 }
 
 // ------------------------------------------------------------------------------------------

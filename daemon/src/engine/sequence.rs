@@ -94,19 +94,15 @@ impl Sequence {
         on_event: &mut dyn FnMut(Event<&str>) -> Flow,
     ) -> Result<(), EngineError> {
         self.feed.clear();
-        let constraint = match &mut self.constraint {
-            Some(c) if self.out.constrained_now() => Some(c),
-            _ => None,
-        };
-        let token = match constraint {
-            Some(c) => {
+        let constrained = self.constraint.is_some() && self.out.constrained_now();
+        let token = match &mut self.constraint {
+            Some(c) if constrained => {
                 let allowed = c.mask()?;
                 self.sampler.sample_masked(logits, &self.history, allowed)
             }
-            None => self.sampler.sample(logits, &self.history),
+            _ => self.sampler.sample(logits, &self.history),
         };
         self.first_token_at.get_or_insert_with(Instant::now);
-        let constrained = self.constraint.is_some() && self.out.constrained_now();
         self.take(model, token, on_event)?;
         if constrained
             && self.finish.is_none()
