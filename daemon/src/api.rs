@@ -38,9 +38,12 @@ pub struct Request {
     pub stream: bool,
     /// What the answer must match (`response_format`, `grammar`); `None`: free text.
     pub format: Option<crate::grammar::Format>,
-    /// `format` compiled: the scheduler compiles it when it admits the request (so an invalid
-    /// one is refused before it is queued); left `None`, the engine compiles it.
-    pub grammar: Option<crate::grammar::Grammar>,
+    /// `tools` and `tool_choice`; `None`: no tools.
+    pub tools: Option<std::sync::Arc<crate::tools::Tools>>,
+    /// `format` (and the tools' call grammar) compiled, and when it applies: the scheduler
+    /// compiles it when it admits the request (so an invalid one is refused before it is
+    /// queued); left `None`, the engine compiles it.
+    pub grammar: Option<(crate::grammar::Grammar, crate::tools::When)>,
 }
 
 impl Request {
@@ -56,6 +59,7 @@ impl Request {
             origin: crate::metrics::Origin::local,
             stream: true,
             format: None,
+            tools: None,
             grammar: None,
         }
     }
@@ -91,6 +95,8 @@ pub enum FinishReason {
     Length,
     Cancelled,
     Shutdown,
+    /// The answer is tool calls ([`Completion::tool_calls`]).
+    ToolCalls,
 }
 
 impl FinishReason {
@@ -100,6 +106,7 @@ impl FinishReason {
             Self::Length => "length",
             Self::Cancelled => "cancelled",
             Self::Shutdown => "shutdown",
+            Self::ToolCalls => "tool_calls",
         }
     }
 }
@@ -131,6 +138,8 @@ pub struct Completion {
     /// Generated ids only (an end-of-sequence token included when one ended the answer).
     pub token_ids: Vec<u32>,
     pub finish_reason: FinishReason,
+    /// The calls the model made (finish reason `tool_calls`); empty otherwise.
+    pub tool_calls: Vec<crate::tools::ToolCall>,
     pub usage: Usage,
 }
 

@@ -67,7 +67,7 @@ fn err(msg: impl Into<String>) -> GrammarError {
 }
 
 /// llguidance's JSON layout options, unless the schema brings its own (`x-guidance`).
-fn json_layout() -> Value {
+pub(crate) fn json_layout() -> Value {
     json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "})
 }
 
@@ -314,6 +314,18 @@ impl Grammars {
     }
 
     /// Tokens in the trie (the model's vocabulary, padding included).
+    /// Compiles a grammar edgellm wrote itself (tool calls); `field` names the request field
+    /// an error is about.
+    pub fn compile_lark(&self, lark: &str, field: &str) -> Result<Grammar, GrammarError> {
+        let parser = self
+            .factory
+            .create_parser(TopLevelGrammar::from_lark(lark.to_string()))
+            .map_err(|e| err(format!("{field}: {e}")))?;
+        Ok(Grammar {
+            parser: Arc::new(parser),
+        })
+    }
+
     pub fn vocab(&self) -> usize {
         self.factory.tok_env().tok_trie().vocab_size()
     }
@@ -372,8 +384,14 @@ impl Constraint {
     /// Takes the sampled `token` and appends to `forced` the tokens the grammar now forces
     /// (consumed as well: the caller emits them as if sampled).
     pub fn commit(&mut self, token: u32, forced: &mut Vec<u32>) -> Result<(), GrammarError> {
+        self.consume(&[token], forced)
+    }
+
+    /// Feeds tokens the model wrote before this grammar took over (the opening of a tool
+    /// call), and appends the tokens the grammar forces after them to `forced`.
+    pub fn consume(&mut self, tokens: &[u32], forced: &mut Vec<u32>) -> Result<(), GrammarError> {
         let t = Instant::now();
-        let result = self.matcher.consume_token(token).map(|()| {
+        let result = self.matcher.consume_tokens(tokens).map(|()| {
             if !self.matcher.is_stopped() {
                 let ff = self.matcher.consume_ff_tokens();
                 self.forced += ff.len();
@@ -388,7 +406,6 @@ impl Constraint {
         }
     }
 
-    /// Whether the grammar is complete: nothing may follow.
     pub fn is_complete(&self) -> bool {
         self.matcher.is_stopped()
     }

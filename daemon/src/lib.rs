@@ -32,6 +32,7 @@ pub mod scheduler;
 pub mod service;
 pub mod systemd;
 pub mod tokenizer;
+pub mod tools;
 pub mod transport;
 
 pub use service::run;

@@ -272,6 +272,7 @@ mod tests {
             text: "hi".into(),
             token_ids: vec![1, 2, 3],
             finish_reason: FinishReason::Length,
+            tool_calls: Vec::new(),
             usage: Usage {
                 prompt_tokens: 10,
                 cached_tokens: 4,

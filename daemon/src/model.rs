@@ -10,6 +10,7 @@ use crate::chat::{ChatError, ChatTemplate, Message};
 use crate::grammar::{Format, Grammar, GrammarError, Grammars};
 use crate::package::{Package, PackageError};
 use crate::tokenizer::{Tokenizer, TokenizerError};
+use crate::tools::{ToolFormat, Tools, When};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -135,9 +136,53 @@ impl Model {
         messages: &[Message],
         effort: Option<ReasoningEffort>,
     ) -> Result<String, ModelError> {
+        self.render_with_tools(messages, effort, None)
+    }
+
+    /// How this model writes tool calls: harmony for gpt-oss, otherwise what its chat
+    /// template's tool rendering speaks; `None`: it cannot be given tools.
+    pub fn tool_format(&self) -> Option<ToolFormat> {
+        match &self.prompter {
+            Prompter::Harmony(_) => Some(ToolFormat::Harmony),
+            Prompter::Template(_) => self
+                .tokenizer
+                .chat_template
+                .as_deref()
+                .and_then(ToolFormat::detect),
+            Prompter::None => None,
+        }
+    }
+
+    /// Checks that this model can be given `tools` (when they are to be shown).
+    fn check_tools(&self, tools: Option<&Tools>) -> Result<Option<ToolFormat>, GrammarError> {
+        match tools {
+            Some(t) if t.active() => self.tool_format().map(Some).ok_or_else(|| {
+                GrammarError(format!(
+                    "tools: the chat template of {} cannot express tools (it renders no \
+                     tool definitions in a format edgellm knows: harmony, <tool_call> or \
+                     Llama 3's JSON calls)",
+                    self.package.config.model.model_type
+                ))
+            }),
+            _ => Ok(None),
+        }
+    }
+
+    /// [`Model::render`] with the request's tools shown to the model (unless `tool_choice` is
+    /// `none`).
+    pub fn render_with_tools(
+        &self,
+        messages: &[Message],
+        effort: Option<ReasoningEffort>,
+        tools: Option<&Tools>,
+    ) -> Result<String, ModelError> {
         if messages.is_empty() {
             return Err(ModelError::Invalid("messages is empty".into()));
         }
+        let shown = self
+            .check_tools(tools)
+            .map_err(|e| ModelError::Invalid(e.0))?
+            .and(tools);
         match &self.prompter {
             Prompter::Harmony(_) => {
                 let sys = SystemOptions {
@@ -148,11 +193,54 @@ impl Model {
                     )),
                     ..SystemOptions::default()
                 };
-                Ok(harmony::render(messages, &sys)?)
+                let list = shown.map(|t| t.template_json());
+                let list = list
+                    .as_ref()
+                    .and_then(|v| v.as_array())
+                    .map_or(&[][..], |v| v);
+                Ok(harmony::render_with_tools(messages, &sys, list)?)
             }
-            Prompter::Template(t) => Ok(t.render(messages, true, None, &serde_json::Map::new())?),
+            Prompter::Template(t) => Ok(t.render(
+                &arguments_as_objects(messages),
+                true,
+                shown.map(Tools::template_json).as_ref(),
+                &serde_json::Map::new(),
+            )?),
             Prompter::None => Err(ChatError::NoTemplate.into()),
         }
+    }
+
+    /// Compiles what constrains a request's answer: its `response_format`/`grammar`, and with
+    /// tools the grammar of their calls (harmony: the whole reply, the final answer in
+    /// `format` if one is given; template models: the calls, `format` cannot be combined).
+    pub fn compile_request(
+        &self,
+        format: Option<&Format>,
+        tools: Option<&Tools>,
+    ) -> Result<Option<(Grammar, When)>, GrammarError> {
+        let Some((fmt, tools)) = self.check_tools(tools)?.zip(tools) else {
+            return format
+                .map(|f| Ok((self.compile(f)?, When::Answer)))
+                .transpose();
+        };
+        let final_schema = match (fmt, format) {
+            (_, None) => None,
+            (ToolFormat::Harmony, Some(Format::JsonObject)) => {
+                Some(serde_json::json!({"type": "object"}))
+            }
+            (ToolFormat::Harmony, Some(Format::JsonSchema { schema, .. })) => Some(schema.clone()),
+            (_, Some(f)) => {
+                return Err(GrammarError(format!(
+                    "{}: cannot be combined with tools for this model (give tool_choice \
+                     \"none\", or leave one out)",
+                    f.field()
+                )));
+            }
+        };
+        let constrain = self.tokenizer.token_to_id("<|constrain|>").is_some();
+        let (lark, when) = fmt.grammar(tools, final_schema.as_ref(), constrain);
+        let grammar = self.grammars()?.compile_lark(&lark, "tools")?;
+        Ok(Some((grammar, when)))
     }
 
     /// The token ids every chat with `system` as its system message starts with: the rendered
@@ -162,10 +250,7 @@ impl Model {
     /// (`[model] system_prompts`). Harmony's system turn carries the date: a prefix kept
     /// across midnight stops matching and is computed again per request.
     pub fn system_prefix_ids(&self, system: &str) -> Result<Vec<u32>, ModelError> {
-        let msg = [Message {
-            role: "system".into(),
-            content: system.to_string(),
-        }];
+        let msg = [Message::new("system", system.to_string())];
         let text = match &self.prompter {
             Prompter::Template(t) => t.render(&msg, false, None, &serde_json::Map::new())?,
             _ => self.render(&msg, None)?,
@@ -199,21 +284,69 @@ impl Model {
         input: &Input,
         effort: Option<ReasoningEffort>,
     ) -> Result<Vec<u32>, ModelError> {
+        self.prompt_ids_with_tools(input, effort, None)
+    }
+
+    /// Prompt token ids for a request: its input, reasoning effort and tools.
+    pub fn request_ids(&self, req: &crate::api::Request) -> Result<Vec<u32>, ModelError> {
+        self.prompt_ids_with_tools(&req.input, req.reasoning_effort, req.tools.as_deref())
+    }
+
+    fn prompt_ids_with_tools(
+        &self,
+        input: &Input,
+        effort: Option<ReasoningEffort>,
+        tools: Option<&Tools>,
+    ) -> Result<Vec<u32>, ModelError> {
+        if let (Input::Prompt { raw: true, .. }, Some(t)) = (input, tools)
+            && t.active()
+        {
+            return Err(ModelError::Invalid(
+                "tools: need chat messages (a raw prompt has no chat template to show them)".into(),
+            ));
+        }
         let ids = match input {
             Input::Prompt { text, raw: true } => self.tokenizer.encode(text, true)?,
             Input::Prompt { text, raw: false } => {
-                let msg = Message {
-                    role: "user".into(),
-                    content: text.clone(),
-                };
+                let msg = Message::new("user", text.clone());
                 self.tokenizer
-                    .encode(&self.render(&[msg], effort)?, false)?
+                    .encode(&self.render_with_tools(&[msg], effort, tools)?, false)?
             }
-            Input::Messages(m) => self.tokenizer.encode(&self.render(m, effort)?, false)?,
+            Input::Messages(m) => self
+                .tokenizer
+                .encode(&self.render_with_tools(m, effort, tools)?, false)?,
         };
         if ids.is_empty() {
             return Err(ModelError::Invalid("the prompt is empty".into()));
         }
         Ok(ids)
     }
+}
+
+/// OpenAI sends a call's `arguments` as a JSON string; chat templates such as Qwen2.5's write
+/// them with `tojson`, which would quote the string again. As vLLM and llama.cpp do, arguments
+/// that parse as a JSON object are given to the template as that object.
+fn arguments_as_objects(messages: &[Message]) -> std::borrow::Cow<'_, [Message]> {
+    let has_string_args = |m: &Message| {
+        m.tool_calls.iter().flatten().any(|c| {
+            c.pointer("/function/arguments")
+                .is_some_and(serde_json::Value::is_string)
+        })
+    };
+    if !messages.iter().any(has_string_args) {
+        return std::borrow::Cow::Borrowed(messages);
+    }
+    let mut out = messages.to_vec();
+    for call in out
+        .iter_mut()
+        .flat_map(|m| m.tool_calls.iter_mut().flatten())
+    {
+        if let Some(args) = call.pointer_mut("/function/arguments")
+            && let Some(text) = args.as_str()
+            && let Ok(v @ serde_json::Value::Object(_)) = serde_json::from_str(text)
+        {
+            *args = v;
+        }
+    }
+    std::borrow::Cow::Owned(out)
 }

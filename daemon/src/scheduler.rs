@@ -213,7 +213,7 @@ impl Scheduler {
         }
         let prompt = self
             .model
-            .prompt_ids(&req.input, req.reasoning_effort)
+            .request_ids(&req)
             .map_err(|e| ServiceError::new(ErrorCode::InvalidRequest, e.to_string()))?;
         self.enqueue(req, prompt)
     }
@@ -255,14 +255,11 @@ impl Scheduler {
         }));
         // An invalid schema or grammar is refused here, before anything is queued; the
         // engine clones the compiled parser.
-        if let Some(format) = &req.format
-            && req.grammar.is_none()
-        {
-            let grammar = self
+        if req.grammar.is_none() {
+            req.grammar = self
                 .model
-                .compile(format)
+                .compile_request(req.format.as_ref(), req.tools.as_deref())
                 .map_err(|e| ServiceError::new(ErrorCode::InvalidRequest, e.0))?;
-            req.grammar = Some(grammar);
         }
         Ok(())
     }

@@ -120,9 +120,8 @@ fn request_messages_map_to_harmony_as_gpt_oss_expects() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|m| edgellm::chat::Message {
-            role: m["role"].as_str().unwrap().into(),
-            content: m["content"].as_str().unwrap().into(),
+        .map(|m| {
+            edgellm::chat::Message::new(m["role"].as_str().unwrap(), m["content"].as_str().unwrap())
         })
         .collect();
     let sys: SystemOptions = serde_json::from_value(case["system"].clone()).unwrap();

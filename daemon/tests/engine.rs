@@ -8,49 +8,14 @@
 mod common;
 
 use std::ops::ControlFlow;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use edgellm::api::{Event, FinishReason, Input, Request};
 use edgellm::chat::Message;
 use edgellm::engine::Engine;
 use edgellm::model::Model;
 
-const HARMONY: &[&str] = &[
-    "<|start|>",
-    "<|end|>",
-    "<|message|>",
-    "<|channel|>",
-    "<|return|>",
-    "<|call|>",
-    "<|constrain|>",
-];
-const VOCAB: usize = 520;
-
-/// The gpt-oss fixture exported, with harmony's special tokens added to its tokenizer at ids
-/// 512.. (the tiny vocabulary has none).
-fn harmony_package(tmp: &Path) -> PathBuf {
-    let out = common::export("gptoss", tmp);
-    let tj = out.join("tokenizer.json");
-    let mut tok: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&tj).unwrap()).unwrap();
-    for (i, t) in HARMONY.iter().enumerate() {
-        tok["added_tokens"]
-            .as_array_mut()
-            .unwrap()
-            .push(serde_json::json!({
-                "id": 512 + i, "content": t, "single_word": false, "lstrip": false, "rstrip": false,
-                "normalized": false, "special": true
-            }));
-    }
-    std::fs::write(&tj, tok.to_string()).unwrap();
-    let gc = out.join("genai_config.json");
-    let mut cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&gc).unwrap()).unwrap();
-    cfg["model"]["vocab_size"] = VOCAB.into();
-    std::fs::write(&gc, cfg.to_string()).unwrap();
-    std::fs::remove_file(out.join("SHA256SUMS")).unwrap();
-    out
-}
+use common::{VOCAB, harmony_package};
 
 fn engine(pkg: &Path, completion: &str) -> Engine {
     let model = Model::load(pkg).unwrap();
@@ -66,10 +31,7 @@ fn greedy(input: Input) -> Request {
 }
 
 fn user(text: &str) -> Input {
-    Input::Messages(vec![Message {
-        role: "user".into(),
-        content: text.into(),
-    }])
+    Input::Messages(vec![Message::new("user", text)])
 }
 
 fn collect(engine: &mut Engine, req: &Request) -> (edgellm::api::Completion, String, String) {
@@ -144,14 +106,8 @@ fn harmony_prompt_is_rendered_for_gpt_oss() {
     let pkg = harmony_package(tmp.path());
     let model = Model::load(&pkg).unwrap();
     let msgs = [
-        Message {
-            role: "system".into(),
-            content: "Be brief.".into(),
-        },
-        Message {
-            role: "user".into(),
-            content: "Hi".into(),
-        },
+        Message::new("system", "Be brief."),
+        Message::new("user", "Hi"),
     ];
     let out = model
         .render(&msgs, Some(edgellm::chat::harmony::ReasoningEffort::High))

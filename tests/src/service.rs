@@ -505,10 +505,7 @@ pub async fn concurrent_requests_match_alone(
     let messages = |i: usize| -> Vec<Message> {
         conversations[i]
             .iter()
-            .map(|(role, content)| Message {
-                role: role.clone(),
-                content: content.clone(),
-            })
+            .map(|(role, content)| Message::new(role.clone(), content.clone()))
             .collect()
     };
     // (case, max_tokens, temperature, top_k, seed)

@@ -344,10 +344,7 @@ fn sentencepiece_vocabulary_tokenizes_as_llama_cpp() {
     let messages = spm
         .chat_messages
         .iter()
-        .map(|m| edgellm::chat::Message {
-            role: m.role.clone(),
-            content: m.content.clone(),
-        })
+        .map(|m| edgellm::chat::Message::new(m.role.clone(), m.content.clone()))
         .collect();
     let ids = model
         .prompt_ids(&edgellm::api::Input::Messages(messages), None)

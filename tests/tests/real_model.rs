@@ -128,10 +128,7 @@ fn prompts_render_to_transformers_ids() {
         let msgs: Vec<Message> = case
             .messages
             .iter()
-            .map(|m| Message {
-                role: m.role.clone(),
-                content: m.content.clone(),
-            })
+            .map(|m| Message::new(m.role.clone(), m.content.clone()))
             .collect();
         let ids = model
             .prompt_ids(&edgellm::api::Input::Messages(msgs), None)

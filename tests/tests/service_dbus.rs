@@ -14,10 +14,7 @@ use zbus::OwnedVariant;
 
 /// The same greedy request in-process, for comparison with what the wire returns.
 fn in_process(backend: &str, package: &std::path::Path, prompt: &str, max_tokens: usize) -> String {
-    let input = Input::Messages(vec![edgellm::chat::Message {
-        role: "user".into(),
-        content: prompt.into(),
-    }]);
+    let input = Input::Messages(vec![edgellm::chat::Message::new("user", prompt)]);
     in_process_with(backend, package, input, max_tokens, |s| s.temperature = 0.0)
 }
 

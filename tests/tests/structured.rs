@@ -166,10 +166,7 @@ fn schema_format(schema: &Value) -> Format {
 }
 
 fn chat_input(prompt: &str) -> Input {
-    Input::Messages(vec![Message {
-        role: "user".into(),
-        content: prompt.into(),
-    }])
+    Input::Messages(vec![Message::new("user", prompt)])
 }
 
 fn engine(choice: BackendChoice) -> Engine {

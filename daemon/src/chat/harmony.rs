@@ -103,6 +103,19 @@ pub struct Conversation<'a> {
 
 /// Renders a request's messages for completion.
 pub fn render(messages: &[Message], sys: &SystemOptions) -> Result<String, ChatError> {
+    render_with_tools(messages, sys, &[])
+}
+
+/// Renders a request's messages and function tools (OpenAI's `{"type": "function",
+/// "function": {...}}` or the bare function object) for completion. An assistant turn's
+/// `tool_calls` become messages to `functions.NAME` in the commentary channel (its text, if
+/// any, a commentary message before them); a `tool` turn becomes the function's answer, its
+/// name found from `tool_call_id` among the earlier calls (or its own `name`).
+pub fn render_with_tools(
+    messages: &[Message],
+    sys: &SystemOptions,
+    tools: &[Value],
+) -> Result<String, ChatError> {
     let instructions: Vec<&str> = messages
         .iter()
         .filter(|m| m.role == "system" || m.role == "developer")
@@ -110,28 +123,90 @@ pub fn render(messages: &[Message], sys: &SystemOptions) -> Result<String, ChatE
         .collect();
     let instructions = instructions.join("\n\n");
     let mut convo = Vec::new();
-    for m in messages {
-        let channel = match m.role.as_str() {
+    // (id, name) of the calls so far, for tool results that name their call by id.
+    let mut calls: Vec<(Option<String>, String)> = Vec::new();
+    for (i, m) in messages.iter().enumerate() {
+        match m.role.as_str() {
             "system" | "developer" => continue,
-            "user" => None,
-            "assistant" => Some("final".to_string()),
+            "user" => convo.push(HarmonyMessage {
+                role: m.role.clone(),
+                content: m.content.clone(),
+                ..HarmonyMessage::default()
+            }),
+            "assistant" if m.tool_calls.as_ref().is_some_and(|c| !c.is_empty()) => {
+                if !m.content.is_empty() {
+                    convo.push(HarmonyMessage {
+                        role: "assistant".into(),
+                        channel: Some("commentary".into()),
+                        content: m.content.clone(),
+                        ..HarmonyMessage::default()
+                    });
+                }
+                for (j, call) in m.tool_calls.iter().flatten().enumerate() {
+                    let f = call.get("function").unwrap_or(call);
+                    let name = f.get("name").and_then(Value::as_str).ok_or_else(|| {
+                        ChatError::Render(format!(
+                            "messages[{i}].tool_calls[{j}].function.name is missing"
+                        ))
+                    })?;
+                    let args = match f.get("arguments") {
+                        Some(Value::String(s)) => s.clone(),
+                        Some(v) => v.to_string(),
+                        None => "{}".into(),
+                    };
+                    calls.push((
+                        call.get("id").and_then(Value::as_str).map(str::to_string),
+                        name.to_string(),
+                    ));
+                    convo.push(HarmonyMessage {
+                        role: "assistant".into(),
+                        channel: Some("commentary".into()),
+                        recipient: Some(format!("functions.{name}")),
+                        content_type: Some("<|constrain|>json".into()),
+                        content: args,
+                        ..HarmonyMessage::default()
+                    });
+                }
+            }
+            "assistant" => convo.push(HarmonyMessage {
+                role: m.role.clone(),
+                channel: Some("final".into()),
+                content: m.content.clone(),
+                ..HarmonyMessage::default()
+            }),
+            "tool" => {
+                let by_id = m.tool_call_id.as_ref().and_then(|id| {
+                    calls
+                        .iter()
+                        .find(|(c, _)| c.as_ref() == Some(id))
+                        .map(|(_, n)| n.clone())
+                });
+                let name = by_id.or_else(|| m.name.clone()).ok_or_else(|| {
+                    ChatError::Render(format!(
+                        "messages[{i}]: a tool result needs the tool_call_id of an earlier call \
+                         (or the function's name)"
+                    ))
+                })?;
+                convo.push(HarmonyMessage {
+                    role: "tool".into(),
+                    name: Some(format!("functions.{name}")),
+                    recipient: Some("assistant".into()),
+                    channel: Some("commentary".into()),
+                    content: m.content.clone(),
+                    ..HarmonyMessage::default()
+                });
+            }
             other => {
                 return Err(ChatError::Render(format!(
-                    "role {other:?} is not supported for gpt-oss (system, developer, user, assistant)"
+                    "role {other:?} is not supported for gpt-oss (system, developer, user, assistant, tool)"
                 )));
             }
-        };
-        convo.push(HarmonyMessage {
-            role: m.role.clone(),
-            channel,
-            content: m.content.clone(),
-            ..HarmonyMessage::default()
-        });
+        }
     }
     Ok(render_conversation(&Conversation {
         system: Some(sys),
         developer: (!instructions.is_empty()).then_some(instructions.as_str()),
-        tools: &[],
+        tools,
         messages: &convo,
         auto_drop_analysis: true,
     }))

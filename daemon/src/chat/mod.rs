@@ -12,12 +12,39 @@ pub mod harmony;
 use minijinja::value::{Kwargs, Value};
 use minijinja::{Environment, Error, ErrorKind};
 
-/// One chat message (OpenAI field names).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+/// One chat message (OpenAI field names). Besides `role` and `content`, the fields of tool
+/// calling: an assistant turn's `tool_calls` (`[{"id", "type": "function", "function": {"name",
+/// "arguments"}}]`, kept as given: templates read them as they are) and a `tool` turn's
+/// `tool_call_id` (and optional `name`). Absent fields are left out of what templates see.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Message {
     pub role: String,
+    /// `null` in a request (an assistant turn that only calls tools) reads as empty.
+    #[serde(default, deserialize_with = "null_as_empty")]
     pub content: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<serde_json::Value>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+impl Message {
+    /// A message with only a role and text.
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Message {
+            role: role.into(),
+            content: content.into(),
+            ..Message::default()
+        }
+    }
+}
+
+fn null_as_empty<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    use serde::Deserialize;
+    Ok(Option::<String>::deserialize(d)?.unwrap_or_default())
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -358,10 +385,7 @@ mod tests {
     use super::*;
 
     fn msg() -> Message {
-        Message {
-            role: "user".into(),
-            content: "hi".into(),
-        }
+        Message::new("user", "hi")
     }
 
     #[test]

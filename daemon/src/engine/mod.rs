@@ -36,6 +36,7 @@ use crate::chat::harmony::{self, Channel};
 use crate::model::{Model, ModelError};
 use crate::sampler::{SamplingError, StopMatcher};
 use crate::tokenizer::{Detokenizer, TokenizerError};
+use crate::tools::{self, ToolFormat, Tools, When};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -302,7 +303,7 @@ impl Engine {
 
     /// Prompt ids for a request (render + tokenize), checked against the context length.
     pub fn prompt_ids(&self, req: &Request) -> Result<Vec<u32>, EngineError> {
-        let ids = self.model.prompt_ids(&req.input, req.reasoning_effort)?;
+        let ids = self.model.request_ids(req)?;
         if ids.len() >= self.max_length {
             return Err(EngineError::PromptTooLong {
                 prompt: ids.len(),
@@ -485,15 +486,69 @@ struct Output {
     /// The text this step decoded, lent to the caller's event.
     piece: String,
     text: String,
+    /// Tool calls being watched for and read (a request with tools).
+    calls: Option<Calls>,
+}
+
+/// A request's tool calls as the answer writes them. Calls are rare next to the tokens of a
+/// reply: what they hold is allocated as they come.
+struct Calls {
+    format: ToolFormat,
+    /// Template models, `tool_choice` auto: text that could open a call is held back.
+    watch: Option<tools::Watch>,
+    /// The call text has begun (from its opening, `<tool_call>` or `{"name"`).
+    calling: bool,
+    text: String,
+    /// The opening's text as the call grammar reads it, once seen: the sequence starts the
+    /// grammar with it.
+    opened: Option<String>,
+    /// Harmony: the calls made (name, arguments).
+    made: Vec<(String, String)>,
+}
+
+impl Calls {
+    fn new(format: ToolFormat, tools: &Tools, when: When) -> Self {
+        let forced = tools.forced() && format != ToolFormat::Harmony;
+        Calls {
+            format,
+            watch: match when {
+                When::After(t) => Some(tools::Watch::new(t)),
+                _ => None,
+            },
+            calling: forced,
+            text: String::new(),
+            opened: None,
+            made: Vec::new(),
+        }
+    }
+
+    /// The calls the answer made; `None` when it made none or its call text is not complete.
+    fn parsed(&self) -> Option<Vec<(String, String)>> {
+        match self.format {
+            ToolFormat::Harmony => (!self.made.is_empty()).then(|| self.made.clone()),
+            f if self.calling => f.parse_calls(&self.text),
+            _ => None,
+        }
+    }
 }
 
 /// Bytes of answer text reserved per request: 8 per token (English runs near 4) up to 8 KiB.
 const TEXT_RESERVE: usize = 8 << 10;
 
 impl Output {
-    fn new(model: &Model, req: &Request, max_new: usize) -> Result<Self, SamplingError> {
+    fn new(
+        model: &Model,
+        req: &Request,
+        max_new: usize,
+        when: When,
+    ) -> Result<Self, SamplingError> {
         let tok = &model.tokenizer;
         let max_piece = tok.max_piece_text();
+        let calls = req
+            .tools
+            .as_deref()
+            .filter(|t| t.active())
+            .and_then(|t| Some(Calls::new(model.tool_format()?, t, when)));
         Ok(Output {
             detok: Detokenizer::new(tok),
             stops: StopMatcher::new(&req.stop, max_piece)?,
@@ -504,7 +559,63 @@ impl Output {
             ignore_eos: req.ignore_eos,
             piece: String::with_capacity(max_piece),
             text: String::with_capacity(max_new.saturating_mul(8).min(TEXT_RESERVE)),
+            calls,
         })
+    }
+
+    /// The opening of a tool call the last token completed, as the call grammar reads it.
+    fn take_opened(&mut self) -> Option<String> {
+        self.calls.as_mut()?.opened.take()
+    }
+
+    /// Passes this step's text through the tool-call watch: a call's text is kept, not
+    /// emitted; answer text goes on to [`Output::emit`].
+    fn watch_calls(&mut self, on_event: &mut dyn FnMut(Event<&str>) -> Flow) -> Step {
+        let Some(calls) = &mut self.calls else {
+            return self.emit(on_event);
+        };
+        if calls.calling {
+            calls.text.push_str(&self.piece);
+            self.piece.clear();
+            return Step::Continue;
+        }
+        let Some(watch) = &mut calls.watch else {
+            return self.emit(on_event);
+        };
+        match watch.push(&self.piece) {
+            tools::Seen::Text(t) => {
+                self.piece.clear();
+                self.piece.push_str(&t);
+                self.emit(on_event)
+            }
+            tools::Seen::Call { before, call } => {
+                let trigger = watch.trigger();
+                calls.calling = true;
+                if !trigger.keep {
+                    calls.text.push_str(trigger.text);
+                }
+                calls.text.push_str(&call);
+                calls.opened = Some(call);
+                self.piece.clear();
+                self.piece.push_str(&before);
+                match self.emit(on_event) {
+                    Step::Continue => Step::Continue,
+                    // A stop string before the call: the answer ends there.
+                    other => {
+                        if let Some(c) = &mut self.calls {
+                            c.calling = false;
+                            c.opened = None;
+                        }
+                        other
+                    }
+                }
+            }
+        }
+    }
+
+    /// The calls the answer made, if it made complete ones.
+    fn tool_calls(&self) -> Option<Vec<(String, String)>> {
+        self.calls.as_ref()?.parsed()
     }
 
     /// Whether the next token is answer text a grammar constrains: always, but with harmony
@@ -555,7 +666,31 @@ impl Output {
         if let Some(parser) = &mut self.harmony {
             let decode = |ids: &[u32]| tok.decode(ids, false).unwrap_or_default();
             return Ok(match parser.push(id, &decode) {
-                harmony::Event::Stop { .. } if !self.ignore_eos => Step::Stop,
+                harmony::Event::Stop { call } if !self.ignore_eos => {
+                    if call && let Some(calls) = &mut self.calls {
+                        self.reasoning.finish(tok, &mut self.piece)?;
+                        self.reasoning.reset();
+                        calls.text.push_str(&self.piece);
+                        self.piece.clear();
+                        let name = parser.header().recipient.as_deref().unwrap_or_default();
+                        calls.made.push((
+                            name.strip_prefix("functions.").unwrap_or(name).to_string(),
+                            std::mem::take(&mut calls.text),
+                        ));
+                    }
+                    Step::Stop
+                }
+                harmony::Event::Content {
+                    channel: Channel::ToolCall,
+                    id,
+                } if self.calls.is_some() => {
+                    self.reasoning.push(tok, id, &mut self.piece)?;
+                    if let Some(calls) = &mut self.calls {
+                        calls.text.push_str(&self.piece);
+                    }
+                    self.piece.clear();
+                    Step::Continue
+                }
                 harmony::Event::Content {
                     channel: Channel::Final,
                     id,
@@ -587,7 +722,7 @@ impl Output {
             return Ok(Step::Stop);
         }
         self.detok.push(tok, id, &mut self.piece)?;
-        Ok(self.emit(on_event))
+        Ok(self.watch_calls(on_event))
     }
 
     /// End of generation: release held-back text.
@@ -597,6 +732,20 @@ impl Output {
         on_event: &mut dyn FnMut(Event<&str>) -> Flow,
     ) -> Result<(), EngineError> {
         self.detok.finish(&model.tokenizer, &mut self.piece)?;
+        if let Some(calls) = &mut self.calls {
+            if calls.calling {
+                calls.text.push_str(&self.piece);
+                self.piece.clear();
+                // A call cut short (max_tokens) is not a call: its text is the answer's, so
+                // nothing the model wrote is lost.
+                if calls.format != ToolFormat::Harmony && calls.parsed().is_none() {
+                    self.piece.push_str(&calls.text);
+                    calls.calling = false;
+                }
+            } else if let Some(w) = &mut calls.watch {
+                self.piece.insert_str(0, &w.finish());
+            }
+        }
         let Output {
             stops, text, piece, ..
         } = self;

@@ -9,9 +9,10 @@ use std::time::{Duration, Instant};
 
 use super::{EngineError, Flow, Output, Step};
 use crate::api::{Completion, Event, FinishReason, Request, Usage};
-use crate::grammar::Constraint;
+use crate::grammar::{Constraint, Grammar};
 use crate::model::Model;
 use crate::sampler::Sampler;
+use crate::tools::{ToolCall, When};
 
 pub struct Sequence {
     pub(super) prompt: Vec<u32>,
@@ -27,8 +28,13 @@ pub struct Sequence {
     /// Tokens decided and not yet fed to the model: the last sampled one, then those a
     /// grammar forced after it (empty once the sequence has finished).
     pub(super) feed: Vec<u32>,
-    /// The request's `response_format` or `grammar`, while it constrains the answer.
+    /// The request's `response_format` or `grammar` (or its tools' call grammar), while it
+    /// constrains the answer.
     constraint: Option<Constraint>,
+    /// Which tokens the constraint applies to.
+    when: When,
+    /// A tool-call grammar waiting for the call to open (`tool_choice` auto).
+    pending: Option<Grammar>,
     /// The batching slot holding this sequence's cache, once prefilled.
     pub slot: Option<usize>,
     start: Instant,
@@ -46,10 +52,14 @@ impl Sequence {
         max_length: usize,
     ) -> Result<Self, EngineError> {
         let mut sampler = Sampler::new(req.sampling.clone())?;
-        let constraint = match (&req.grammar, &req.format) {
-            (Some(g), _) => Some(Constraint::new(g)),
-            (None, Some(f)) => Some(Constraint::new(&model.compile(f)?)),
-            (None, None) => None,
+        let compiled = match &req.grammar {
+            Some(g) => Some(g.clone()),
+            None => model.compile_request(req.format.as_ref(), req.tools.as_deref())?,
+        };
+        let (constraint, pending, when) = match compiled {
+            Some((g, w @ When::After(_))) => (None, Some(g), w),
+            Some((g, w)) => (Some(Constraint::new(&g)), None, w),
+            None => (None, None, When::Answer),
         };
         sampler.reserve(model.package.config.model.vocab_size);
         let room = max_length.saturating_sub(prompt.len());
@@ -59,7 +69,7 @@ impl Sequence {
         history.extend_from_slice(&prompt);
         Ok(Sequence {
             sampler,
-            out: Output::new(model, req, max_new)?,
+            out: Output::new(model, req, max_new, when)?,
             history,
             generated: Vec::with_capacity(max_new),
             max_new,
@@ -68,6 +78,8 @@ impl Sequence {
             // One sampled token per step; forced tokens may add more (constrained only).
             feed: Vec::with_capacity(1),
             constraint,
+            when,
+            pending,
             slot: None,
             start: Instant::now(),
             first_token_at: None,
@@ -94,7 +106,8 @@ impl Sequence {
         on_event: &mut dyn FnMut(Event<&str>) -> Flow,
     ) -> Result<(), EngineError> {
         self.feed.clear();
-        let constrained = self.constraint.is_some() && self.out.constrained_now();
+        let constrained =
+            self.constraint.is_some() && (self.when != When::Answer || self.out.constrained_now());
         let token = match &mut self.constraint {
             Some(c) if constrained => {
                 let allowed = c.mask()?;
@@ -104,6 +117,23 @@ impl Sequence {
         };
         self.first_token_at.get_or_insert_with(Instant::now);
         self.take(model, token, on_event)?;
+        if let Some(opening) = self.out.take_opened()
+            && let Some(g) = self.pending.take()
+            && self.finish.is_none()
+        {
+            // A tool call opened: its grammar takes over from the text written so far.
+            let mut c = Constraint::new(&g);
+            let mut forced = Vec::new();
+            let ids = model.tokenizer.encode(&opening, false)?;
+            c.consume(&ids, &mut forced)?;
+            self.constraint = Some(c);
+            for f in forced {
+                if self.finish.is_some() {
+                    break;
+                }
+                self.take(model, f, on_event)?;
+            }
+        }
         if constrained
             && self.finish.is_none()
             && let Some(c) = &mut self.constraint
@@ -164,10 +194,24 @@ impl Sequence {
         model: &Model,
         on_event: &mut dyn FnMut(Event<&str>) -> Flow,
     ) -> Result<(Completion, super::Stats), EngineError> {
-        let finish = self.finish.unwrap_or(FinishReason::Length);
+        let mut finish = self.finish.unwrap_or(FinishReason::Length);
         if finish != FinishReason::Cancelled {
             self.out.flush(model, on_event)?;
         }
+        let tool_calls: Vec<ToolCall> = match self.out.tool_calls() {
+            Some(calls) if finish == FinishReason::Stop => {
+                finish = FinishReason::ToolCalls;
+                calls
+                    .into_iter()
+                    .map(|(name, arguments)| ToolCall {
+                        id: crate::tools::call_id(),
+                        name,
+                        arguments,
+                    })
+                    .collect()
+            }
+            _ => Vec::new(),
+        };
         let end = Instant::now();
         let ttft = self
             .first_token_at
@@ -201,6 +245,7 @@ impl Sequence {
                 text: self.out.text,
                 token_ids: self.generated,
                 finish_reason: finish,
+                tool_calls,
                 usage,
             },
             stats,

@@ -490,6 +490,7 @@ fn cancelled_before_start(job: &Job) -> Completion {
         text: String::new(),
         token_ids: Vec::new(),
         finish_reason: FinishReason::Cancelled,
+        tool_calls: Vec::new(),
         usage: crate::api::Usage {
             prompt_tokens: job.prompt.len(),
             ..Default::default()

@@ -168,7 +168,7 @@ fn chat_request(
 ) -> Result<Request, Error> {
     let messages = messages
         .into_iter()
-        .map(|(role, content)| Message { role, content })
+        .map(|(role, content)| Message::new(role, content))
         .collect();
     counted(svc, super::chat_input(messages), options)
 }

@@ -349,10 +349,7 @@ pub fn messages_from_json(v: &Value) -> Result<Vec<Message>, ServiceError> {
                 "messages[{i}]: unknown field {k:?} (known: role, content)"
             )));
         }
-        out.push(Message {
-            role: field("role")?,
-            content: field("content")?,
-        });
+        out.push(Message::new(field("role")?, field("content")?));
     }
     check_messages(&out)?;
     Ok(out)

@@ -50,6 +50,69 @@ impl Backend for Scripted {
     }
 }
 
+/// A model that "says" a text, whatever tokens it takes: after the prompt (the first
+/// forward), each forward puts the highest logit on the longest token that continues the
+/// script from what was fed so far (a shorter one next, and so on), so a grammar that masks
+/// the longest one, or forces tokens of its own, still gets the script's text. Past the end
+/// of the script, or once what was fed left it, it says `fallback`.
+pub struct ScriptedText {
+    pub script: Vec<u8>,
+    /// Each id's text, special tokens as written.
+    pub vocab: Vec<Vec<u8>>,
+    pub fed: Vec<u8>,
+    pub started: bool,
+    pub fallback: u32,
+    pub logits: Vec<f32>,
+}
+
+impl ScriptedText {
+    pub fn new(model: &edgellm::model::Model, script: &str, fallback: u32) -> Self {
+        let n = model.package.config.model.vocab_size;
+        let vocab = (0..n as u32)
+            .map(|id| model.tokenizer.decode(&[id], false).unwrap().into_bytes())
+            .collect();
+        ScriptedText {
+            script: script.as_bytes().to_vec(),
+            vocab,
+            fed: Vec::new(),
+            started: false,
+            fallback,
+            logits: vec![0.0; n],
+        }
+    }
+}
+
+impl Backend for ScriptedText {
+    fn name(&self) -> &'static str {
+        "scripted-text"
+    }
+    fn reset(&mut self) {
+        self.started = false;
+        self.fed.clear();
+    }
+    fn rewind(&mut self, _len: usize) -> bool {
+        false
+    }
+    fn forward(&mut self, tokens: &[u32]) -> Result<&[f32], BackendError> {
+        if self.started {
+            for &t in tokens {
+                self.fed.extend_from_slice(&self.vocab[t as usize]);
+            }
+        }
+        self.started = true;
+        self.logits.fill(0.0);
+        self.logits[self.fallback as usize] = 0.5;
+        if let Some(rest) = self.script.strip_prefix(self.fed.as_slice()) {
+            for (id, bytes) in self.vocab.iter().enumerate() {
+                if !bytes.is_empty() && rest.starts_with(bytes) {
+                    self.logits[id] = 1.0 + bytes.len() as f32;
+                }
+            }
+        }
+        Ok(&self.logits)
+    }
+}
+
 pub fn fixture_checkpoint(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../tests/fixtures")
@@ -117,4 +180,41 @@ pub fn small_step_engine(pkg: &Path, backend: &str) -> edgellm::engine::Engine {
         loaded.backend,
         256,
     )
+}
+
+pub const HARMONY: &[&str] = &[
+    "<|start|>",
+    "<|end|>",
+    "<|message|>",
+    "<|channel|>",
+    "<|return|>",
+    "<|call|>",
+    "<|constrain|>",
+];
+pub const VOCAB: usize = 520;
+
+/// The gpt-oss fixture exported, with harmony's special tokens added to its tokenizer at ids
+/// 512.. (the tiny vocabulary has none).
+pub fn harmony_package(tmp: &Path) -> PathBuf {
+    let out = export("gptoss", tmp);
+    let tj = out.join("tokenizer.json");
+    let mut tok: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&tj).unwrap()).unwrap();
+    for (i, t) in HARMONY.iter().enumerate() {
+        tok["added_tokens"]
+            .as_array_mut()
+            .unwrap()
+            .push(serde_json::json!({
+                "id": 512 + i, "content": t, "single_word": false, "lstrip": false, "rstrip": false,
+                "normalized": false, "special": true
+            }));
+    }
+    std::fs::write(&tj, tok.to_string()).unwrap();
+    let gc = out.join("genai_config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&gc).unwrap()).unwrap();
+    cfg["model"]["vocab_size"] = VOCAB.into();
+    std::fs::write(&gc, cfg.to_string()).unwrap();
+    std::fs::remove_file(out.join("SHA256SUMS")).unwrap();
+    out
 }

@@ -605,7 +605,7 @@ fn chat_messages(v: Option<&Value>) -> Result<Vec<Message>, ApiError> {
                 )));
             }
         };
-        out.push(Message { role, content });
+        out.push(Message::new(role, content));
     }
     super::check_messages(&out)?;
     Ok(out)

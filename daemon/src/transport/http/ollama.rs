@@ -365,15 +365,9 @@ fn generate_input(body: &Map<String, Value>) -> Result<Input, OllamaError> {
     }
     let mut messages = Vec::new();
     if let Some(system) = system {
-        messages.push(Message {
-            role: "system".into(),
-            content: system,
-        });
+        messages.push(Message::new("system", system));
     }
-    messages.push(Message {
-        role: "user".into(),
-        content: prompt,
-    });
+    messages.push(Message::new("user", prompt));
     Ok(crate::transport::chat_input(messages)?)
 }
 
@@ -409,10 +403,7 @@ fn messages(v: Option<&Value>) -> Result<Vec<Message>, OllamaError> {
             ))),
             None => Err(bad(format!("messages[{i}]: missing {name:?}"))),
         };
-        out.push(Message {
-            role: field("role")?,
-            content: field("content")?,
-        });
+        out.push(Message::new(field("role")?, field("content")?));
     }
     crate::transport::check_messages(&out)?;
     Ok(out)

@@ -1,0 +1,316 @@
+//! Tool calls end to end in the engine, on fixture packages with the vendors' chat templates:
+//! Qwen2.5's (`<tool_call>` JSON) and gpt-oss's harmony. The tiny random models cannot choose
+//! to call a tool, so a scripted backend "says" the text under test ([`common::ScriptedText`]:
+//! whatever tokens the grammar lets through, the script's text when it is allowed). A round
+//! trip is request with tools -> `tool_calls` -> request with the `tool` result -> answer.
+
+#![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
+
+mod common;
+
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use edgellm::api::{Completion, Event, FinishReason, Input, Request};
+use edgellm::chat::Message;
+use edgellm::engine::Engine;
+use edgellm::model::Model;
+use edgellm::tools::Tools;
+use serde_json::{Value, json};
+
+/// The qwen2 fixture exported with Qwen2.5-Instruct's chat template and its tool-call tokens
+/// (`<tool_call>`, `</tool_call>`: added, not special, as in Qwen's tokenizer) at 512, 513;
+/// `<|im_end|>` ends an answer, as in Qwen.
+fn qwen_package(tmp: &Path) -> PathBuf {
+    let out = common::export("qwen2", tmp);
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/chat_templates/templates/qwen2.5-instruct.jinja"),
+        out.join("chat_template.jinja"),
+    )
+    .unwrap();
+    let tj = out.join("tokenizer.json");
+    let mut tok: Value = serde_json::from_str(&std::fs::read_to_string(&tj).unwrap()).unwrap();
+    for (i, t) in ["<tool_call>", "</tool_call>"].iter().enumerate() {
+        tok["added_tokens"].as_array_mut().unwrap().push(json!({
+            "id": 512 + i, "content": t, "single_word": false, "lstrip": false, "rstrip": false,
+            "normalized": false, "special": false
+        }));
+    }
+    std::fs::write(&tj, tok.to_string()).unwrap();
+    let gc = out.join("genai_config.json");
+    let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(&gc).unwrap()).unwrap();
+    cfg["model"]["vocab_size"] = 514.into();
+    cfg["model"]["eos_token_id"] = json!([5]); // <|im_end|>
+    std::fs::write(&gc, cfg.to_string()).unwrap();
+    std::fs::remove_file(out.join("SHA256SUMS")).unwrap();
+    out
+}
+
+fn engine(pkg: &Path, says: &str) -> Engine {
+    let model = Model::load(pkg).unwrap();
+    let fallback = model.eos[0];
+    let backend = common::ScriptedText::new(&model, says, fallback);
+    // No real cache behind the script: room for the fixtures' long tool prompts.
+    Engine::new(model, Box::new(backend), 2048)
+}
+
+fn tools(choice: Value) -> Arc<Tools> {
+    let list = json!([
+        {"type": "function", "function": {
+            "name": "get_weather", "description": "Current weather in a city",
+            "parameters": {"type": "object", "properties": {
+                "city": {"type": "string", "maxLength": 20},
+                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+                "required": ["city"], "additionalProperties": false}}},
+        {"type": "function", "function": {
+            "name": "get_time", "parameters": {"type": "object",
+            "properties": {"tz": {"type": "string", "maxLength": 20}}, "required": ["tz"],
+            "additionalProperties": false}}}
+    ]);
+    Arc::new(Tools::parse(Some(&list), Some(&choice)).unwrap())
+}
+
+fn request(messages: Vec<Message>, choice: Value) -> Request {
+    let mut r = Request::new(Input::Messages(messages));
+    r.sampling.temperature = 0.0;
+    r.max_tokens = Some(120);
+    r.include_reasoning = true;
+    r.tools = Some(tools(choice));
+    r
+}
+
+fn run(e: &mut Engine, req: &Request) -> (Completion, String, String) {
+    let (mut text, mut reasoning) = (String::new(), String::new());
+    let c = e
+        .generate(req, &mut |ev| {
+            match ev {
+                Event::Delta(t) => text.push_str(t),
+                Event::Reasoning(t) => reasoning.push_str(t),
+            }
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+    (c, text, reasoning)
+}
+
+fn args(c: &Completion, i: usize) -> Value {
+    serde_json::from_str(&c.tool_calls[i].arguments).unwrap()
+}
+
+/// The history after a call: the user's question, the assistant's call, the tool's result.
+fn history(question: &str, call: &Completion, result: &str) -> Vec<Message> {
+    let calls: Vec<Value> = call.tool_calls.iter().map(|c| c.to_json()).collect();
+    let mut assistant = Message::new("assistant", call.text.clone());
+    assistant.tool_calls = Some(calls);
+    let mut tool = Message::new("tool", result);
+    tool.tool_call_id = Some(call.tool_calls[0].id.clone());
+    vec![Message::new("user", question), assistant, tool]
+}
+
+#[test]
+fn qwen_tool_call_round_trip() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pkg = qwen_package(tmp.path());
+    let says = "Let me check.<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\", \"unit\": \"celsius\"}}\n</tool_call><|im_end|>";
+    let mut e = engine(&pkg, says);
+    let q = "Weather in Paris?";
+    let (c, streamed, _) = run(
+        &mut e,
+        &request(vec![Message::new("user", q)], json!("auto")),
+    );
+    assert_eq!(c.finish_reason, FinishReason::ToolCalls, "{c:?}");
+    assert_eq!(c.text, "Let me check.");
+    assert_eq!(
+        streamed, c.text,
+        "the call's text is not streamed as answer text"
+    );
+    assert_eq!(c.tool_calls.len(), 1);
+    assert_eq!(c.tool_calls[0].name, "get_weather");
+    assert_eq!(
+        c.tool_calls[0].arguments,
+        r#"{"city": "Paris", "unit": "celsius"}"#
+    );
+    assert!(c.tool_calls[0].id.starts_with("call_"));
+
+    // The result goes back: the prompt shows the call and the result as Qwen's template
+    // does, and the model answers in prose.
+    let msgs = history(q, &c, r#"{"temp": 21}"#);
+    let model = Model::load(&pkg).unwrap();
+    let t = tools(json!("auto"));
+    let prompt = model.render_with_tools(&msgs, None, Some(&t)).unwrap();
+    assert!(
+        prompt
+            .contains("<tools>\n{\"type\": \"function\", \"function\": {\"name\": \"get_weather\""),
+        "{prompt}"
+    );
+    assert!(prompt.contains("<|im_start|>assistant\nLet me check.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\", \"unit\": \"celsius\"}}\n</tool_call><|im_end|>\n<|im_start|>user\n<tool_response>\n{\"temp\": 21}\n</tool_response><|im_end|>\n<|im_start|>assistant\n"), "{prompt}");
+    let mut e = engine(&pkg, "It is 21 degrees in Paris.<|im_end|>");
+    let (c, streamed, _) = run(&mut e, &request(msgs, json!("auto")));
+    assert_eq!(c.finish_reason, FinishReason::Stop);
+    assert_eq!(c.text, "It is 21 degrees in Paris.");
+    assert_eq!(streamed, c.text);
+    assert!(c.tool_calls.is_empty());
+}
+
+#[test]
+fn qwen_forced_calls_are_valid_whatever_the_model_says() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pkg = qwen_package(tmp.path());
+    let user = vec![Message::new("user", "Time in Tokyo?")];
+
+    // A named function: the model wants to chat, the answer is still one call to it.
+    let mut e = engine(&pkg, "I think it is noon.<|im_end|>");
+    let named = json!({"type": "function", "function": {"name": "get_time"}});
+    let (c, streamed, _) = run(&mut e, &request(user.clone(), named));
+    assert_eq!(c.finish_reason, FinishReason::ToolCalls, "{c:?}");
+    assert_eq!(streamed, "");
+    assert_eq!(c.tool_calls.len(), 1);
+    assert_eq!(c.tool_calls[0].name, "get_time");
+    assert!(args(&c, 0)["tz"].is_string(), "{:?}", c.tool_calls);
+
+    // Required: a call to a function that does not exist, with arguments of the wrong type,
+    // becomes a call to a real one whose arguments match its schema.
+    let mut e = engine(
+        &pkg,
+        "<tool_call>\n{\"name\": \"launch\", \"arguments\": {\"city\": 5}}\n</tool_call><|im_end|>",
+    );
+    let (c, _, _) = run(&mut e, &request(user.clone(), json!("required")));
+    assert_eq!(c.finish_reason, FinishReason::ToolCalls, "{c:?}");
+    let a = args(&c, 0);
+    match c.tool_calls[0].name.as_str() {
+        "get_weather" => assert!(a["city"].is_string(), "{a}"),
+        "get_time" => assert!(a["tz"].is_string(), "{a}"),
+        other => panic!("call to {other}"),
+    }
+
+    // Auto: prose stays prose; a call cut short by max_tokens is text, not a call.
+    let mut e = engine(&pkg, "Noon, I think.<|im_end|>");
+    let (c, _, _) = run(&mut e, &request(user.clone(), json!("auto")));
+    assert_eq!(
+        (c.text.as_str(), c.finish_reason),
+        ("Noon, I think.", FinishReason::Stop)
+    );
+    let mut e = engine(
+        &pkg,
+        "<tool_call>\n{\"name\": \"get_time\", \"arguments\": {\"tz\": \"Asia/Tokyo\"}}\n</tool_call><|im_end|>",
+    );
+    let mut req = request(user.clone(), json!("auto"));
+    req.max_tokens = Some(6);
+    let (c, _, _) = run(&mut e, &req);
+    assert_eq!(c.finish_reason, FinishReason::Length);
+    assert!(c.tool_calls.is_empty());
+    assert!(c.text.starts_with("<tool_call>\n{"), "{:?}", c.text);
+
+    // None: the tools are not shown and nothing is parsed.
+    let mut e = engine(&pkg, "<tool_call>\n{}<|im_end|>");
+    let (c, _, _) = run(&mut e, &request(user, json!("none")));
+    assert_eq!(c.finish_reason, FinishReason::Stop);
+    assert_eq!(c.text, "<tool_call>\n{}");
+}
+
+#[test]
+fn gpt_oss_tool_call_round_trip() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pkg = common::harmony_package(tmp.path());
+    let says = "<|channel|>analysis<|message|>Need the weather.<|end|><|start|>assistant<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{\"city\": \"Paris\"}<|call|>";
+    let mut e = engine(&pkg, says);
+    let q = "Weather in Paris?";
+    let (c, streamed, reasoning) = run(
+        &mut e,
+        &request(vec![Message::new("user", q)], json!("auto")),
+    );
+    assert_eq!(c.finish_reason, FinishReason::ToolCalls, "{c:?}");
+    assert_eq!((c.text.as_str(), streamed.as_str()), ("", ""));
+    assert_eq!(reasoning, "Need the weather.");
+    assert_eq!(c.tool_calls.len(), 1);
+    assert_eq!(c.tool_calls[0].name, "get_weather");
+    assert_eq!(c.tool_calls[0].arguments, r#"{"city": "Paris"}"#);
+
+    let msgs = history(q, &c, r#"{"temp": 21}"#);
+    let model = Model::load(&pkg).unwrap();
+    let prompt = model
+        .render_with_tools(&msgs, None, Some(&tools(json!("auto"))))
+        .unwrap();
+    assert!(prompt.contains("namespace functions {\n\n// Current weather in a city\ntype get_weather = (_: {\ncity: string,\nunit?: \"celsius\" | \"fahrenheit\",\n}) => any;"), "{prompt}");
+    assert!(prompt.ends_with("<|start|>user<|message|>Weather in Paris?<|end|><|start|>assistant to=functions.get_weather<|channel|>commentary <|constrain|>json<|message|>{\"city\": \"Paris\"}<|call|><|start|>functions.get_weather to=assistant<|channel|>commentary<|message|>{\"temp\": 21}<|end|><|start|>assistant"), "{prompt}");
+    let mut e = engine(
+        &pkg,
+        "<|channel|>analysis<|message|>21 degrees.<|end|><|start|>assistant<|channel|>final<|message|>Sunny, 21 degrees.<|return|>",
+    );
+    let (c, streamed, _) = run(&mut e, &request(msgs, json!("auto")));
+    assert_eq!(c.finish_reason, FinishReason::Stop, "{c:?}");
+    assert_eq!(
+        (c.text.as_str(), streamed.as_str()),
+        ("Sunny, 21 degrees.", "Sunny, 21 degrees.")
+    );
+    assert!(c.tool_calls.is_empty());
+}
+
+#[test]
+fn gpt_oss_calls_go_to_real_functions_with_valid_arguments() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pkg = common::harmony_package(tmp.path());
+    // A made-up function and a channel harmony does not have: the grammar keeps the reply to
+    // real channels and functions.
+    let says = "<|channel|>analysis<|message|>Hmm.<|end|><|start|>assistant<|channel|>commentary to=functions.launch_rocket <|constrain|>json<|message|>{\"when\": \"now\"}<|call|>";
+    let mut e = engine(&pkg, says);
+    let user = vec![Message::new("user", "Go")];
+    let (c, _, reasoning) = run(&mut e, &request(user.clone(), json!("required")));
+    assert_eq!(reasoning, "Hmm.");
+    assert_eq!(c.finish_reason, FinishReason::ToolCalls, "{c:?}");
+    assert!(["get_weather", "get_time"].contains(&c.tool_calls[0].name.as_str()));
+    assert!(args(&c, 0).is_object());
+
+    // Named: a model that wants to call another function calls this one.
+    let mut e = engine(
+        &pkg,
+        "<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{\"city\": \"Rome\"}<|call|>",
+    );
+    let named = json!({"type": "function", "function": {"name": "get_time"}});
+    let (c, _, _) = run(&mut e, &request(user, named));
+    assert_eq!(c.finish_reason, FinishReason::ToolCalls, "{c:?}");
+    assert_eq!(c.tool_calls[0].name, "get_time");
+    assert!(args(&c, 0)["tz"].is_string());
+}
+
+#[test]
+fn tools_that_cannot_be_expressed_or_combined_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    // The plain qwen2 fixture's ChatML template renders no tools.
+    let plain = common::export("qwen2", tmp.path());
+    let model = Model::load(&plain).unwrap();
+    let t = tools(json!("auto"));
+    let e = model.compile_request(None, Some(&t)).unwrap_err();
+    assert!(e.0.starts_with("tools: the chat template"), "{e}");
+    let e = model
+        .render_with_tools(&[Message::new("user", "x")], None, Some(&t))
+        .unwrap_err();
+    assert!(e.to_string().contains("cannot express tools"), "{e}");
+    // tool_choice none: nothing to express, the request is fine.
+    let none = tools(json!("none"));
+    assert!(model.compile_request(None, Some(&none)).unwrap().is_none());
+
+    let tmp2 = tempfile::tempdir().unwrap();
+    let qwen = Model::load(&qwen_package(tmp2.path())).unwrap();
+    let e = qwen
+        .compile_request(Some(&edgellm::grammar::Format::JsonObject), Some(&t))
+        .unwrap_err();
+    assert!(
+        e.0.starts_with("response_format: cannot be combined with tools"),
+        "{e}"
+    );
+    let raw = Input::Prompt {
+        text: "x".into(),
+        raw: true,
+    };
+    let mut req = Request::new(raw);
+    req.tools = Some(t);
+    assert!(
+        qwen.request_ids(&req)
+            .unwrap_err()
+            .to_string()
+            .contains("need chat messages")
+    );
+}
