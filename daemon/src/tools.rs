@@ -49,10 +49,13 @@ pub enum ToolChoice {
 }
 
 /// A request's tools and its choice among them.
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Tools {
     pub list: Vec<Tool>,
     pub choice: ToolChoice,
+    /// `parallel_tool_calls` (default true): with `auto`, whether one answer may make several
+    /// calls (a format that writes one call per answer makes one either way).
+    pub parallel: bool,
 }
 
 /// A call the model made.
@@ -170,7 +173,11 @@ impl Tools {
             }
             _ => {}
         }
-        Ok(Tools { list, choice })
+        Ok(Tools {
+            list,
+            choice,
+            parallel: true,
+        })
     }
 
     /// Whether the model is to see the tools (and may call them).
@@ -389,10 +396,17 @@ impl ToolFormat {
                 (g, When::Reply)
             }
             ToolFormat::Hermes => {
-                let (open, more) = if tools.forced() {
-                    (format!("{} ", lit("<tool_call>")), String::new())
+                // Forced: exactly one call, opened by the grammar. Auto: the watch saw the
+                // opening; more calls may follow unless parallel calls are off.
+                let open = if tools.forced() {
+                    format!("{} ", lit("<tool_call>"))
                 } else {
-                    (String::new(), format!(" ({} call)*", lit("\n<tool_call>")))
+                    String::new()
+                };
+                let more = if tools.forced() || !tools.parallel {
+                    String::new()
+                } else {
+                    format!(" ({} call)*", lit("\n<tool_call>"))
                 };
                 let g = format!(
                     "start: {open}call{more}\ncall: {} ({alts}) {}\n{}",

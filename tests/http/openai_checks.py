@@ -19,6 +19,9 @@ Each subcommand prints one JSON object on stdout; the Rust test asserts on it.
   structured BASE      response_format json_schema through the openai client (whole, and
                        streamed: the pieces joined), `format` through the ollama client, and
                        an invalid schema's error message
+  tools BASE           tool calls through the openai client (a named function, whole and
+                       streamed; the result sent back; an unknown tool_choice) and the ollama
+                       client (tools and a history with a call and its result)
   shutdown BASE        a long stream and a request queued behind it; prints "streaming", waits
                        for a line on stdin (the test stops the daemon), then a new request:
                        the queued and the new request's statuses, the stream's finish reason
@@ -444,6 +447,80 @@ def structured(base):
     }
 
 
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 20},
+                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+            },
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+def tools(base):
+    """Tool calls through the stock clients: the calls' names and arguments (text), finish
+    reasons, the answer after the result went back, and errors."""
+    import ollama
+
+    c = client(base)
+    msgs = [{"role": "user", "content": "What is the weather in Paris?"}]
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    r = c.chat.completions.create(model="any", messages=msgs, tools=[WEATHER], tool_choice=named,
+                                  max_tokens=100, temperature=0)
+    m = r.choices[0].message
+    calls = [{"id": t.id, "type": t.type, "name": t.function.name, "arguments": t.function.arguments}
+             for t in m.tool_calls or []]
+    # Streamed: the client's chunks carry the calls in delta.tool_calls.
+    streamed, finish = {}, None
+    for ch in c.chat.completions.create(model="any", messages=msgs, tools=[WEATHER], tool_choice=named,
+                                        max_tokens=100, temperature=0, stream=True):
+        if not ch.choices:
+            continue
+        for t in ch.choices[0].delta.tool_calls or []:
+            e = streamed.setdefault(t.index, {"name": "", "arguments": ""})
+            e["name"] += t.function.name or ""
+            e["arguments"] += t.function.arguments or ""
+        finish = ch.choices[0].finish_reason or finish
+    # The result goes back: the assistant's call and the tool's answer in the history.
+    history = msgs + [m.model_dump(exclude_none=True),
+                      {"role": "tool", "tool_call_id": m.tool_calls[0].id, "content": '{"temp": 21}'}]
+    after = c.chat.completions.create(model="any", messages=history, tools=[WEATHER],
+                                      max_tokens=10, temperature=0)
+    try:
+        c.chat.completions.create(model="any", messages=msgs, tools=[WEATHER], max_tokens=5,
+                                  tool_choice={"type": "function", "function": {"name": "launch"}})
+        unknown = None
+    except openai.BadRequestError as e:
+        unknown = e.body["message"] if isinstance(e.body, dict) else str(e)
+    o = ollama.Client(host=base, timeout=120)
+    args = json.loads(calls[0]["arguments"])
+    g = o.chat(model="any", tools=[WEATHER], options={"temperature": 0, "num_predict": 10}, messages=msgs + [
+        {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "get_weather", "arguments": args}}]},
+        {"role": "tool", "tool_name": "get_weather", "content": '{"temp": 21}'},
+    ])
+    return {
+        "calls": calls,
+        "finish": r.choices[0].finish_reason,
+        "content": m.content,
+        "streamed": [streamed[i] for i in sorted(streamed)],
+        "streamed_finish": finish,
+        "after_finish": after.choices[0].finish_reason,
+        "after_prompt_tokens": after.usage.prompt_tokens,
+        "first_prompt_tokens": r.usage.prompt_tokens,
+        "unknown": unknown,
+        "ollama_done": g.done_reason,
+        "ollama_prompt_tokens": g.prompt_eval_count,
+    }
+
+
 def main():
     cmd, base, *rest = sys.argv[1:]
     if cmd == "basics":
@@ -470,6 +547,8 @@ def main():
         out = shutdown(base)
     elif cmd == "structured":
         out = structured(base)
+    elif cmd == "tools":
+        out = tools(base)
     else:
         sys.exit(f"unknown subcommand {cmd}")
     print(json.dumps(out))

@@ -144,21 +144,51 @@ pub fn variant_to_json(key: &str, v: &Variant<'_>) -> Result<Value, ServiceError
     })
 }
 
-fn request_with(
-    svc: &super::Inference,
-    input: crate::api::Input,
-    options: &Options,
-) -> Result<Request, ServiceError> {
-    let mut req = svc.request(input);
-    req.origin = Origin::dbus;
+/// The options as JSON fields, each key once.
+fn options_json(options: &Options) -> Result<Map<String, Value>, ServiceError> {
     let mut map = Map::new();
     for (k, v) in &options.0 {
         if map.insert(k.clone(), variant_to_json(k, v)?).is_some() {
             return Err(invalid(format!("options: {k:?} is given twice")));
         }
     }
-    parse_options(&map, &[], &mut req)?;
+    Ok(map)
+}
+
+fn request_with(
+    svc: &super::Inference,
+    input: crate::api::Input,
+    map: &Map<String, Value>,
+) -> Result<Request, ServiceError> {
+    let mut req = svc.request(input);
+    req.origin = Origin::dbus;
+    parse_options(map, &["messages"], &mut req)?;
     Ok(req)
+}
+
+/// A chat's history: the `a(ss)` argument, or (for histories with tool calls, which `a(ss)`
+/// cannot carry) the `messages` option, OpenAI's message list as JSON or `aa{sv}`, when the
+/// argument is empty.
+fn chat_input(
+    messages: Vec<(String, String)>,
+    map: &Map<String, Value>,
+) -> Result<crate::api::Input, ServiceError> {
+    match map.get("messages") {
+        Some(_) if !messages.is_empty() => Err(invalid(
+            "messages: give the history as the a(ss) argument or as the messages option, not both",
+        )),
+        Some(Value::String(s)) => super::chat_input(super::messages_from_json(
+            &super::parse_json(s)
+                .map_err(|e| invalid(format!("messages: the string is not JSON: {e}")))?,
+        )?),
+        Some(v) => super::chat_input(super::messages_from_json(v)?),
+        None => super::chat_input(
+            messages
+                .into_iter()
+                .map(|(role, content)| Message::new(role, content))
+                .collect(),
+        ),
+    }
 }
 
 fn chat_request(
@@ -166,20 +196,17 @@ fn chat_request(
     messages: Vec<(String, String)>,
     options: &Options,
 ) -> Result<Request, Error> {
-    let messages = messages
-        .into_iter()
-        .map(|(role, content)| Message::new(role, content))
-        .collect();
-    counted(svc, super::chat_input(messages), options)
+    counted(svc, options, |map| chat_input(messages, map))
 }
 
 /// The request, or why it is refused (counted in the metrics as a D-Bus refusal).
 fn counted(
     svc: &super::Inference,
-    input: Result<crate::api::Input, ServiceError>,
     options: &Options,
+    input: impl FnOnce(&Map<String, Value>) -> Result<crate::api::Input, ServiceError>,
 ) -> Result<Request, Error> {
-    let req = input.and_then(|input| request_with(svc, input, options));
+    let req = options_json(options)
+        .and_then(|map| input(&map).and_then(|input| request_with(svc, input, &map)));
     if let Err(e) = &req {
         svc.refused(Origin::dbus, e);
     }
@@ -205,6 +232,16 @@ pub fn stats(c: &Completion) -> Stats {
     s.insert("decode_tok_s".into(), u.decode_tok_s.into());
     s.insert("grammar_ms".into(), u.grammar_ms.into());
     s.insert("forced_tokens".into(), (u.forced_tokens as u32).into());
+    if !c.tool_calls.is_empty() {
+        let calls: Vec<(String, String, String)> = c
+            .tool_calls
+            .iter()
+            .map(|t| (t.id.clone(), t.name.clone(), t.arguments.clone()))
+            .collect();
+        if let Ok(v) = OwnedVariant::try_from(Variant::from(calls)) {
+            s.insert("tool_calls".into(), v);
+        }
+    }
     s
 }
 
@@ -266,7 +303,12 @@ impl Inference {
         prompt: String,
         options: Options,
     ) -> Result<(String, Stats), Error> {
-        let req = counted(&self.svc, super::complete_input(prompt), &options)?;
+        let req = counted(&self.svc, &options, |map| {
+            if map.contains_key("messages") {
+                return Err(invalid("messages: Complete takes a prompt; use Chat"));
+            }
+            super::complete_input(prompt)
+        })?;
         self.run_to_end(conn, &hdr, req).await
     }
 

@@ -146,6 +146,9 @@ pub const OPTION_NAMES: &[&str] = &[
     "reasoning_effort",
     "response_format",
     "grammar",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
 ];
 
 /// Roles a chat message may have (OpenAI's, plus harmony's `developer`).
@@ -278,6 +281,8 @@ pub fn parse_options(
                 req.format =
                     Some(Format::from_grammar(&structured(key, v)?).map_err(|e| invalid(e.0))?);
             }
+            // Read together below.
+            "tools" | "tool_choice" | "parallel_tool_calls" => {}
             other => {
                 return Err(invalid(format!(
                     "unknown field {other:?} (known: {})",
@@ -286,10 +291,43 @@ pub fn parse_options(
             }
         }
     }
+    let tools = fields
+        .get("tools")
+        .map(|v| structured("tools", v))
+        .transpose()?;
+    let choice = match fields.get("tool_choice") {
+        Some(Value::String(s)) if ["auto", "none", "required"].contains(&s.as_str()) => {
+            Some(Value::String(s.clone()))
+        }
+        Some(v) => Some(structured("tool_choice", v)?),
+        None => None,
+    };
+    let parallel = match fields.get("parallel_tool_calls") {
+        None | Some(Value::Null) => true,
+        Some(Value::Bool(b)) => *b,
+        Some(other) => {
+            return Err(invalid(format!(
+                "parallel_tool_calls: expected a boolean, got {}",
+                type_name(other)
+            )));
+        }
+    };
+    if tools.is_some() || choice.is_some() {
+        let mut t = crate::tools::Tools::parse(tools.as_ref(), choice.as_ref())
+            .map_err(|e| invalid(e.0))?;
+        t.parallel = parallel;
+        req.tools = (!t.list.is_empty()).then(|| Arc::new(t));
+    }
     req.sampling
         .validate()
         .map_err(|e| invalid(e.to_string()))?;
     Ok(())
+}
+
+/// A completion's `tool_calls` in OpenAI's shape (`[{"id", "type": "function", "function":
+/// {"name", "arguments"}}]`), as MQTT and HTTP report them.
+pub fn tool_calls_json(c: &crate::api::Completion) -> Value {
+    Value::Array(c.tool_calls.iter().map(|t| t.to_json()).collect())
 }
 
 /// A structured option's value: the object itself, or (for D-Bus callers, whose nested
@@ -320,7 +358,56 @@ pub fn check_messages(messages: &[Message]) -> Result<(), ServiceError> {
     Ok(())
 }
 
-/// Parses `messages` from a JSON value: `[{"role": "...", "content": "..."}, ...]`.
+/// Fields a chat message may have (OpenAI's).
+pub const MESSAGE_FIELDS: &[&str] = &["role", "content", "name", "tool_calls", "tool_call_id"];
+
+/// An assistant turn's `tool_calls`: `[{"id", "type": "function", "function": {"name",
+/// "arguments"}}]`, `arguments` a JSON string or object.
+pub(crate) fn tool_calls_from_json(
+    i: usize,
+    role: &str,
+    v: &Value,
+) -> Result<Vec<Value>, ServiceError> {
+    if role != "assistant" {
+        return Err(invalid(format!(
+            "messages[{i}].tool_calls: only an assistant message makes calls"
+        )));
+    }
+    let calls = v.as_array().ok_or_else(|| {
+        invalid(format!(
+            "messages[{i}].tool_calls: expected a list, got {}",
+            type_name(v)
+        ))
+    })?;
+    for (j, c) in calls.iter().enumerate() {
+        let at = format!("messages[{i}].tool_calls[{j}]");
+        let f = c
+            .get("function")
+            .and_then(Value::as_object)
+            .ok_or_else(|| invalid(format!("{at}.function: expected an object")))?;
+        if !f.get("name").is_some_and(Value::is_string) {
+            return Err(invalid(format!("{at}.function.name: expected a string")));
+        }
+        match f.get("arguments") {
+            Some(Value::String(_) | Value::Object(_)) | None => {}
+            Some(other) => {
+                return Err(invalid(format!(
+                    "{at}.function.arguments: expected a JSON string or an object, got {}",
+                    type_name(other)
+                )));
+            }
+        }
+        if let Some(id) = c.get("id")
+            && !id.is_string()
+        {
+            return Err(invalid(format!("{at}.id: expected a string")));
+        }
+    }
+    Ok(calls.clone())
+}
+
+/// Parses `messages` from a JSON value: `[{"role": "...", "content": "..."}, ...]`, with
+/// OpenAI's tool fields (`tool_calls`, `tool_call_id`, `name`).
 pub fn messages_from_json(v: &Value) -> Result<Vec<Message>, ServiceError> {
     let items = v.as_array().ok_or_else(|| {
         invalid(format!(
@@ -336,20 +423,45 @@ pub fn messages_from_json(v: &Value) -> Result<Vec<Message>, ServiceError> {
                 type_name(item)
             ))
         })?;
-        let field = |name: &str| match obj.get(name) {
-            Some(Value::String(s)) => Ok(s.clone()),
+        let text = |name: &str| match obj.get(name) {
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            None => Ok(None),
             Some(other) => Err(invalid(format!(
                 "messages[{i}].{name}: expected a string, got {}",
                 type_name(other)
             ))),
-            None => Err(invalid(format!("messages[{i}]: missing {name:?}"))),
         };
-        if let Some(k) = obj.keys().find(|k| *k != "role" && *k != "content") {
+        if let Some(k) = obj.keys().find(|k| !MESSAGE_FIELDS.contains(&k.as_str())) {
             return Err(invalid(format!(
-                "messages[{i}]: unknown field {k:?} (known: role, content)"
+                "messages[{i}]: unknown field {k:?} (known: {})",
+                MESSAGE_FIELDS.join(", ")
             )));
         }
-        out.push(Message::new(field("role")?, field("content")?));
+        let role =
+            text("role")?.ok_or_else(|| invalid(format!("messages[{i}]: missing \"role\"")))?;
+        let tool_calls = match obj.get("tool_calls") {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(tool_calls_from_json(i, &role, v)?),
+        };
+        // An assistant turn that only calls tools may have no content (OpenAI sends null).
+        let content = match obj.get("content") {
+            Some(Value::Null) | None if tool_calls.is_some() => String::new(),
+            _ => text("content")?
+                .ok_or_else(|| invalid(format!("messages[{i}]: missing \"content\"")))?,
+        };
+        let tool_call_id = text("tool_call_id")?;
+        if tool_call_id.is_some() && role != "tool" {
+            return Err(invalid(format!(
+                "messages[{i}].tool_call_id: only a tool message answers a call"
+            )));
+        }
+        out.push(Message {
+            role,
+            content,
+            tool_calls,
+            tool_call_id,
+            name: text("name")?,
+        });
     }
     check_messages(&out)?;
     Ok(out)
@@ -522,7 +634,18 @@ mod tests {
         assert!(e(r#"[{"role":"wizard","content":"x"}]"#).starts_with("messages[0].role"));
         assert!(e(r#"[{"role":"user"}]"#).contains("missing \"content\""));
         assert!(e(r#"[{"role":"user","content":5}]"#).starts_with("messages[0].content"));
-        assert!(e(r#"[{"role":"user","content":"x","name":"a"}]"#).contains("\"name\""));
+        assert!(e(r#"[{"role":"user","content":"x","nom":"a"}]"#).contains("\"nom\""));
+        assert!(
+            e(r#"[{"role":"user","content":"x","tool_calls":[]}]"#).contains("only an assistant")
+        );
+        assert!(
+            e(r#"[{"role":"assistant","content":null,"tool_calls":[{"function":{"name":"f","arguments":3}}]}]"#)
+                .starts_with("messages[0].tool_calls[0].function.arguments")
+        );
+        let ok = messages_from_json(&serde_json::json!([
+            {"role":"assistant","content":null,"tool_calls":[{"id":"c1","type":"function","function":{"name":"f","arguments":"{}"}}]},
+            {"role":"tool","tool_call_id":"c1","content":"42"}])).unwrap();
+        assert_eq!(ok[1].tool_call_id.as_deref(), Some("c1"));
         assert!(e(r#"{"role":"user"}"#).starts_with("messages: expected a list"));
         let ok = messages_from_json(&serde_json::json!([{"role":"user","content":"hi"}])).unwrap();
         assert_eq!(ok[0].content, "hi");

@@ -710,18 +710,19 @@ async fn forward(
             }
             RequestEvent::Event(ApiEvent::Reasoning(_)) => {}
             RequestEvent::Done(c) => {
-                let _ = out.send(route.msg(
-                    json!({
-                        "id": route.id,
-                        "seq": seq,
-                        "done": true,
-                        "node": route.node,
-                        "text": c.text,
-                        "finish_reason": c.finish_reason.as_str(),
-                        "usage": usage_json(&c.usage),
-                    }),
-                    QoS::AtLeastOnce,
-                ));
+                let mut last = json!({
+                    "id": route.id,
+                    "seq": seq,
+                    "done": true,
+                    "node": route.node,
+                    "text": c.text,
+                    "finish_reason": c.finish_reason.as_str(),
+                    "usage": usage_json(&c.usage),
+                });
+                if !c.tool_calls.is_empty() {
+                    last["tool_calls"] = super::tool_calls_json(&c);
+                }
+                let _ = out.send(route.msg(last, QoS::AtLeastOnce));
                 return;
             }
             RequestEvent::Error(e) => {

@@ -119,17 +119,28 @@ fn finish(
     text: &str,
     finish_reason: &str,
     usage: Value,
+    tool_calls: Value,
 ) -> anyhow::Result<()> {
     let client = timing.json();
     let mut out = std::io::stdout().lock();
+    let calls = tool_calls.as_array().cloned().unwrap_or_default();
     if args.json {
-        let v =
+        let mut v =
             json!({"text": text, "finish_reason": finish_reason, "usage": usage, "client": client});
+        if !calls.is_empty() {
+            v["tool_calls"] = tool_calls;
+        }
         writeln!(out, "{v}")?;
-    } else if args.stream {
-        writeln!(out)?;
     } else {
-        writeln!(out, "{text}")?;
+        if args.stream {
+            writeln!(out)?;
+        } else {
+            writeln!(out, "{text}")?;
+        }
+        // Tool calls, one JSON object a line (OpenAI's shape).
+        for call in calls {
+            writeln!(out, "{call}")?;
+        }
     }
     Ok(())
 }
@@ -154,24 +165,45 @@ fn to_variant(v: &Value) -> anyhow::Result<zbus::OwnedVariant> {
         Value::Number(n) if n.is_u64() => n.as_u64().unwrap_or_default().into(),
         Value::Number(n) => n.as_f64().unwrap_or_default().into(),
         Value::String(s) => zbus::OwnedVariant::from(zbus::Str::from(s.clone())),
-        Value::Array(items) => {
+        Value::Array(items) if items.iter().all(Value::is_string) => {
             let strings: Vec<String> = items
                 .iter()
-                .map(|i| i.as_str().map(str::to_string))
-                .collect::<Option<_>>()
-                .context("only lists of strings are options")?;
+                .filter_map(|i| i.as_str().map(str::to_string))
+                .collect();
             zbus::OwnedVariant::try_from(zbus::Variant::from(strings))?
+        }
+        // Objects and lists of them (a schema, `tools`) go as JSON strings: their lists may
+        // mix types, which a D-Bus array cannot.
+        Value::Object(_) | Value::Array(_) => {
+            zbus::OwnedVariant::from(zbus::Str::from(v.to_string()))
         }
         other => bail!("{other} is not an option value"),
     })
 }
 
-fn stats_json(stats: &Dict) -> (String, Value) {
+/// The finish reason, the usage figures and the tool calls (`a(sss)`: id, name, arguments)
+/// of a stats dictionary.
+fn stats_json(stats: &Dict) -> (String, Value, Value) {
     let mut usage = Map::new();
     let mut reason = String::new();
+    let mut calls = Vec::new();
     for (k, v) in stats {
         match &**v {
             zbus::Variant::Str(s) if k == "finish_reason" => reason = s.to_string(),
+            zbus::Variant::Array(_) if k == "tool_calls" => {
+                let list: Vec<(String, String, String)> = v
+                    .try_clone()
+                    .ok()
+                    .and_then(|v| v.try_into().ok())
+                    .unwrap_or_default();
+                calls = list
+                    .into_iter()
+                    .map(|(id, name, arguments)| {
+                        json!({"id": id, "type": "function",
+                               "function": {"name": name, "arguments": arguments}})
+                    })
+                    .collect();
+            }
             zbus::Variant::U32(n) => {
                 usage.insert(k.clone(), json!(n));
             }
@@ -181,7 +213,7 @@ fn stats_json(stats: &Dict) -> (String, Value) {
             _ => {}
         }
     }
-    (reason, Value::Object(usage))
+    (reason, Value::Object(usage), Value::Array(calls))
 }
 
 fn dbus_error(e: zbus::Error) -> anyhow::Error {
@@ -202,18 +234,23 @@ async fn dbus(args: &AskArgs) -> anyhow::Result<()> {
     let conn = builder.build().await.context("connecting to D-Bus")?;
     let mut options = Dict::new();
     for (k, v) in args.request.to_json()? {
-        // A schema or grammar goes as a JSON string: its lists may mix types, which a D-Bus
-        // array cannot.
-        let v = match v {
-            v @ serde_json::Value::Object(_) => serde_json::Value::String(v.to_string()),
-            v => v,
-        };
         options.insert(k, to_variant(&v)?);
     }
-    // Complete(s, a{sv}) for a raw prompt, else Chat / StartChat(a(ss), a{sv}).
+    // Complete(s, a{sv}) for a raw prompt, else Chat / StartChat(a(ss), a{sv}); a history
+    // with tool calls, which a(ss) cannot carry, goes as the `messages` option.
     let (prompt, messages): (Option<String>, Vec<(String, String)>) = match args.input.input()? {
         Input::Prompt { text, raw: true } => (Some(text), Vec::new()),
         Input::Prompt { text, raw: false } => (None, vec![("user".into(), text)]),
+        Input::Messages(m)
+            if m.iter()
+                .any(|m| m.tool_calls.is_some() || m.tool_call_id.is_some()) =>
+        {
+            options.insert(
+                "messages".into(),
+                to_variant(&Value::String(serde_json::to_string(&m)?))?,
+            );
+            (None, Vec::new())
+        }
         Input::Messages(m) => (None, m.into_iter().map(|m| (m.role, m.content)).collect()),
     };
     let call = |method: &'static str| (BUS, PATH, Some(IFACE), method);
@@ -254,8 +291,8 @@ async fn dbus(args: &AskArgs) -> anyhow::Result<()> {
             }
             .map_err(dbus_error)?;
             let (text, stats): (String, Dict) = reply.body().deserialize()?;
-            let (reason, usage) = stats_json(&stats);
-            finish(args, &timing, &text, &reason, usage)?;
+            let (reason, usage, calls) = stats_json(&stats);
+            finish(args, &timing, &text, &reason, usage, calls)?;
             continue;
         };
         let (dest, path, iface, method) = call("StartChat");
@@ -299,8 +336,8 @@ async fn stream_answer(
                     };
                     bail!("{}: {}", get("error_code"), get("error_message"));
                 }
-                let (_, usage) = stats_json(&stats);
-                return finish(args, timing, &text, &reason, usage);
+                let (_, usage, calls) = stats_json(&stats);
+                return finish(args, timing, &text, &reason, usage, calls);
             }
             _ => {}
         }
@@ -393,6 +430,7 @@ async fn mqtt(args: &AskArgs) -> anyhow::Result<()> {
                         full,
                         msg["finish_reason"].as_str().unwrap_or_default(),
                         msg["usage"].clone(),
+                        msg.get("tool_calls").cloned().unwrap_or_default(),
                     )?;
                     if sent == args.repeat {
                         let _ = client.disconnect().await;

@@ -236,6 +236,13 @@ pub struct RequestArgs {
     /// Structured output: the answer matches this regular expression.
     #[arg(long, value_name = "REGEX", group = "structured")]
     pub regex: Option<String>,
+    /// Tools the model may call: a file with OpenAI's `tools` list (`[{"type": "function",
+    /// "function": {"name", "description", "parameters"}}]`).
+    #[arg(long, value_name = "FILE.json")]
+    pub tools: Option<std::path::PathBuf>,
+    /// `auto` (default), `none`, `required`, or a function's name.
+    #[arg(long, value_name = "CHOICE", requires = "tools")]
+    pub tool_choice: Option<String>,
 }
 
 impl RequestArgs {
@@ -273,6 +280,24 @@ impl RequestArgs {
         })
     }
 
+    /// `tools` and `tool_choice` as request fields.
+    pub fn tools_fields(&self) -> anyhow::Result<Option<(serde_json::Value, serde_json::Value)>> {
+        use serde_json::json;
+        let Some(path) = &self.tools else {
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let tools: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("{}: not JSON: {e}", path.display()))?;
+        let choice = match self.tool_choice.as_deref() {
+            None => json!("auto"),
+            Some(c @ ("auto" | "none" | "required")) => json!(c),
+            Some(name) => json!({"type": "function", "function": {"name": name}}),
+        };
+        Ok(Some((tools, choice)))
+    }
+
     /// Sets the given options on `req`, the package's defaults for the rest.
     pub fn apply(
         &self,
@@ -283,6 +308,13 @@ impl RequestArgs {
         req.format = match self.format_field()? {
             Some(("grammar", v)) => Some(Format::from_grammar(&v)?),
             Some((_, v)) => Format::from_response_format(&v)?,
+            None => None,
+        };
+        req.tools = match self.tools_fields()? {
+            Some((tools, choice)) => Some(std::sync::Arc::new(edgellm::tools::Tools::parse(
+                Some(&tools),
+                Some(&choice),
+            )?)),
             None => None,
         };
         req.max_tokens = self.max_tokens;
@@ -335,6 +367,10 @@ impl RequestArgs {
         );
         if let Some((k, v)) = self.format_field()? {
             m.insert(k.to_string(), v);
+        }
+        if let Some((tools, choice)) = self.tools_fields()? {
+            m.insert("tools".into(), tools);
+            m.insert("tool_choice".into(), choice);
         }
         Ok(m)
     }

@@ -56,5 +56,11 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
         serde_json::to_writer(&mut stdout, &completion)?;
     }
     writeln!(stdout)?;
+    if !json {
+        // Tool calls, one JSON object a line (OpenAI's shape).
+        for call in &completion.tool_calls {
+            writeln!(stdout, "{}", call.to_json())?;
+        }
+    }
     Ok(())
 }

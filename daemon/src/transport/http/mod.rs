@@ -18,11 +18,13 @@
 //! request's event receiver, and the engine stops a request whose receiver is gone.
 //!
 //! Request fields are OpenAI's; `max_completion_tokens` is `max_tokens`, `n` must be 1, and the
-//! fields OpenAI defines that edgellm cannot honour (`logprobs`, `tools` (until tool calls
-//! land), non-zero `frequency_penalty`/`presence_penalty`, ...) are refused by name rather than
-//! ignored. `response_format` (JSON object or schema) constrains the answer
-//! ([`crate::grammar`]); our own fields (`grammar`, `top_k`, `min_p`, `repetition_penalty`)
-//! are accepted too.
+//! fields OpenAI defines that edgellm cannot honour (`logprobs`, non-zero
+//! `frequency_penalty`/`presence_penalty`, ...) are refused by name rather than ignored.
+//! `response_format` (JSON object or schema) constrains the answer ([`crate::grammar`]);
+//! `tools`, `tool_choice` and `parallel_tool_calls` work as OpenAI's ([`crate::tools`]): calls
+//! come back as the message's `tool_calls` (streamed: one chunk with every call, before the
+//! finish reason `tool_calls`), and the history may hold assistant `tool_calls` and `tool`
+//! results. Our own fields (`grammar`, `top_k`, `min_p`, `repetition_penalty`) are accepted too.
 
 mod ollama;
 
@@ -454,7 +456,13 @@ fn options(
     kind: Kind,
 ) -> Result<(Map<String, Value>, bool, bool), ApiError> {
     let own: &[&str] = match kind {
-        Kind::Chat => &["messages", "reasoning_effort"],
+        Kind::Chat => &[
+            "messages",
+            "reasoning_effort",
+            "tools",
+            "tool_choice",
+            "parallel_tool_calls",
+        ],
         Kind::Text => &["prompt", "echo", "suffix"],
     };
     if let Some(k) = body
@@ -556,10 +564,11 @@ fn chat_messages(v: Option<&Value>) -> Result<Vec<Message>, ApiError> {
         })?;
         if let Some(k) = obj
             .keys()
-            .find(|k| !["role", "content", "name"].contains(&k.as_str()))
+            .find(|k| !super::MESSAGE_FIELDS.contains(&k.as_str()))
         {
             return Err(ApiError::bad_request(format!(
-                "messages[{i}]: unknown field {k:?} (known: role, content, name)"
+                "messages[{i}]: unknown field {k:?} (known: {})",
+                super::MESSAGE_FIELDS.join(", ")
             )));
         }
         let role = match obj.get("role") {
@@ -605,7 +614,24 @@ fn chat_messages(v: Option<&Value>) -> Result<Vec<Message>, ApiError> {
                 )));
             }
         };
-        out.push(Message::new(role, content));
+        let tool_calls = match obj.get("tool_calls") {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(super::tool_calls_from_json(i, &role, v)?),
+        };
+        let text = |k: &str| match obj.get(k) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(other) => Err(ApiError::bad_request(format!(
+                "messages[{i}].{k}: expected a string, got {}",
+                type_name(other)
+            ))),
+        };
+        out.push(Message {
+            tool_calls,
+            tool_call_id: text("tool_call_id")?,
+            name: text("name")?,
+            ..Message::new(role, content)
+        });
     }
     super::check_messages(&out)?;
     Ok(out)
@@ -731,6 +757,24 @@ impl Reply {
         self.envelope(true, json!([choice]))
     }
 
+    /// The streamed chunk with the calls the model made, each whole (`index` numbers them).
+    fn calls(&self, c: &Completion) -> Value {
+        let calls: Vec<Value> = c
+            .tool_calls
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let mut v = t.to_json();
+                v["index"] = json!(i);
+                v
+            })
+            .collect();
+        self.envelope(
+            true,
+            json!([{"index": 0, "delta": {"tool_calls": calls}, "finish_reason": null}]),
+        )
+    }
+
     /// The streamed chunk that carries the finish reason (and the engine's timings).
     fn last(&self, c: &Completion) -> Value {
         let reason = c.finish_reason.as_str();
@@ -749,12 +793,21 @@ impl Reply {
     fn whole(&self, c: &Completion) -> Value {
         let reason = c.finish_reason.as_str();
         let choice = match self.kind {
-            Kind::Chat => json!({
-                "index": 0,
-                "message": {"role": "assistant", "content": c.text},
-                "logprobs": null,
-                "finish_reason": reason,
-            }),
+            Kind::Chat => {
+                let mut message = json!({"role": "assistant", "content": c.text});
+                if !c.tool_calls.is_empty() {
+                    message["tool_calls"] = super::tool_calls_json(c);
+                    if c.text.is_empty() {
+                        message["content"] = Value::Null;
+                    }
+                }
+                json!({
+                    "index": 0,
+                    "message": message,
+                    "logprobs": null,
+                    "finish_reason": reason,
+                })
+            }
             Kind::Text => {
                 json!({"index": 0, "text": c.text, "logprobs": null, "finish_reason": reason})
             }
@@ -890,6 +943,9 @@ fn sse(
                     if st.first && st.reply.kind == Kind::Chat {
                         st.pending.push_back(data(st.reply.delta("", true)));
                     }
+                    if !c.tool_calls.is_empty() {
+                        st.pending.push_back(data(st.reply.calls(&c)));
+                    }
                     st.pending.push_back(data(st.reply.last(&c)));
                     if st.include_usage {
                         let mut u = st.reply.envelope(true, json!([]));
@@ -946,7 +1002,11 @@ mod tests {
             Ok(_) => panic!("{s} was accepted"),
         };
         assert!(
-            refused(r#"{"tools":[]}"#, Kind::Chat)
+            refused(r#"{"functions":[]}"#, Kind::Chat)
+                .starts_with("Unrecognized request argument supplied: functions")
+        );
+        assert!(
+            refused(r#"{"tools":[]}"#, Kind::Text)
                 .starts_with("Unrecognized request argument supplied: tools")
         );
         assert!(refused(r#"{"n":2}"#, Kind::Chat).starts_with("n:"));

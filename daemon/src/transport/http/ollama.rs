@@ -7,8 +7,12 @@
 //! `repeat_penalty` (-> `repetition_penalty`), `seed`, `stop`, `num_predict` (-> `max_tokens`;
 //! -1 and -2: as long as the context allows). Options about how Ollama loads a model
 //! (`num_ctx`, `num_thread`, `num_gpu`, ...) do not apply to a daemon whose model is loaded
-//! once and are ignored; any other option is refused by name, as are `format`, `tools`,
-//! `images` and `think` until edgellm serves them. `/api/generate` renders the prompt (and
+//! once and are ignored; any other option is refused by name, as are `images` and `think`
+//! until edgellm serves them. `format` ("json" or a schema) constrains the answer; `tools`
+//! (OpenAI's function definitions, as Ollama takes them) may be called: the calls come back as
+//! the message's `tool_calls` (`[{"id", "function": {"index", "name", "arguments": {...}}}]`,
+//! in the final object when streaming), and the history may hold an assistant's `tool_calls`
+//! and `tool` results (`tool_name` naming the function, as Ollama sends them). `/api/generate` renders the prompt (and
 //! `system`) with the chat template as Ollama does; `"raw": true` sends it as it is. Errors
 //! are Ollama's `{"error": "..."}` with the same statuses as the OpenAI routes.
 
@@ -203,7 +207,22 @@ fn last(kind: Kind, model: &str, c: &Completion, text: &str) -> Value {
     };
     let mut v = piece(kind, model, text);
     v["done"] = json!(true);
-    v["done_reason"] = json!(c.finish_reason.as_str());
+    // Ollama ends an answer that calls tools with "stop" too.
+    v["done_reason"] = json!(match c.finish_reason {
+        crate::api::FinishReason::ToolCalls => "stop",
+        other => other.as_str(),
+    });
+    if kind == Kind::Chat && !c.tool_calls.is_empty() {
+        v["message"]["tool_calls"] = c
+            .tool_calls
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let args: Value = serde_json::from_str(&t.arguments).unwrap_or_else(|_| json!({}));
+                json!({"id": t.id, "function": {"index": i, "name": t.name, "arguments": args}})
+            })
+            .collect();
+    }
     v["total_duration"] = json!(ns(ttft + decode));
     v["load_duration"] = json!(0);
     v["prompt_eval_count"] = json!(u.prompt_tokens);
@@ -275,12 +294,12 @@ fn build(
             common.join(", ")
         )));
     }
-    for k in ["tools", "think"] {
-        match body.get(k) {
-            None | Some(Value::Null) | Some(Value::Bool(false)) => {}
-            Some(Value::Array(a)) if a.is_empty() => {}
-            Some(_) => return Err(bad(format!("{k}: not supported by edgellm yet"))),
-        }
+    match body.get("think") {
+        None | Some(Value::Null) | Some(Value::Bool(false)) => {}
+        Some(_) => return Err(bad("think: not supported by edgellm yet")),
+    }
+    if kind == Kind::Generate && body.get("tools").is_some_and(|t| !t.is_null()) {
+        return Err(bad("tools: only /api/chat takes tools"));
     }
     let stream = match body.get("stream") {
         None | Some(Value::Null) => true,
@@ -298,7 +317,11 @@ fn build(
     };
     let mut req = s.inference.request(input);
     req.origin = Origin::http;
-    parse_options(&options(body.get("options"))?, &[], &mut req)?;
+    let mut opts = options(body.get("options"))?;
+    if let Some(t) = body.get("tools").filter(|t| !t.is_null()) {
+        opts.insert("tools".into(), t.clone());
+    }
+    parse_options(&opts, &[], &mut req)?;
     req.stream = stream;
     // Ollama's `format`: "json" (any JSON value, as Ollama's own grammar; here an object) or
     // a JSON schema.
@@ -383,8 +406,8 @@ fn messages(v: Option<&Value>) -> Result<Vec<Message>, OllamaError> {
             .ok_or_else(|| bad(format!("messages[{i}]: expected an object")))?;
         for (k, v) in obj {
             match k.as_str() {
-                "role" | "content" => {}
-                "images" | "tool_calls" | "thinking"
+                "role" | "content" | "tool_calls" | "tool_name" | "tool_call_id" => {}
+                "images" | "thinking"
                     if v.is_null()
                         || v.as_array().is_some_and(Vec::is_empty)
                         || v.as_str() == Some("") => {}
@@ -403,7 +426,23 @@ fn messages(v: Option<&Value>) -> Result<Vec<Message>, OllamaError> {
             ))),
             None => Err(bad(format!("messages[{i}]: missing {name:?}"))),
         };
-        out.push(Message::new(field("role")?, field("content")?));
+        let role = field("role")?;
+        let tool_calls = match obj.get("tool_calls") {
+            None | Some(Value::Null) => None,
+            Some(Value::Array(a)) if a.is_empty() => None,
+            Some(v) => Some(crate::transport::tool_calls_from_json(i, &role, v)?),
+        };
+        let content = match obj.get("content") {
+            None | Some(Value::Null) if tool_calls.is_some() => String::new(),
+            _ => field("content")?,
+        };
+        let text = |k: &str| obj.get(k).and_then(Value::as_str).map(str::to_string);
+        out.push(Message {
+            tool_calls,
+            tool_call_id: text("tool_call_id"),
+            name: text("tool_name"),
+            ..Message::new(role, content)
+        });
     }
     crate::transport::check_messages(&out)?;
     Ok(out)
