@@ -23,13 +23,7 @@ use serde_json::{Value, json};
 /// (`<tool_call>`, `</tool_call>`: added, not special, as in Qwen's tokenizer) at 512, 513;
 /// `<|im_end|>` ends an answer, as in Qwen.
 fn qwen_package(tmp: &Path) -> PathBuf {
-    let out = common::export("qwen2", tmp);
-    std::fs::copy(
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../tests/fixtures/chat_templates/templates/qwen2.5-instruct.jinja"),
-        out.join("chat_template.jinja"),
-    )
-    .unwrap();
+    let out = qwen_template_package(tmp);
     let tj = out.join("tokenizer.json");
     let mut tok: Value = serde_json::from_str(&std::fs::read_to_string(&tj).unwrap()).unwrap();
     for (i, t) in ["<tool_call>", "</tool_call>"].iter().enumerate() {
@@ -44,6 +38,24 @@ fn qwen_package(tmp: &Path) -> PathBuf {
     cfg["model"]["vocab_size"] = 514.into();
     cfg["model"]["eos_token_id"] = json!([5]); // <|im_end|>
     std::fs::write(&gc, cfg.to_string()).unwrap();
+    out
+}
+
+/// The qwen2 fixture exported with Qwen2.5-Instruct's chat template (its vocabulary as it is:
+/// the template and grammar write `<tool_call>` as text).
+fn qwen_template_package(tmp: &Path) -> PathBuf {
+    let out = tmp.join("qwen2");
+    let opts = edgellm_export::ExportOptions {
+        max_length: Some(1024),
+        ..Default::default()
+    };
+    edgellm_export::export(&common::fixture_checkpoint("qwen2"), &out, &opts).unwrap();
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/chat_templates/templates/qwen2.5-instruct.jinja"),
+        out.join("chat_template.jinja"),
+    )
+    .unwrap();
     std::fs::remove_file(out.join("SHA256SUMS")).unwrap();
     out
 }
@@ -210,6 +222,76 @@ fn qwen_forced_calls_are_valid_whatever_the_model_says() {
     assert_eq!(c.text, "<tool_call>\n{}");
 }
 
+/// The llama fixture exported with Llama 3.1-Instruct's chat template (JSON tool calls).
+fn llama_package(tmp: &Path) -> PathBuf {
+    let out = common::export("llama", tmp);
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/chat_templates/templates/llama-3.1-instruct.jinja"),
+        out.join("chat_template.jinja"),
+    )
+    .unwrap();
+    std::fs::remove_file(out.join("SHA256SUMS")).unwrap();
+    out
+}
+
+#[test]
+fn llama3_json_tool_call_round_trip() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pkg = llama_package(tmp.path());
+    let model = Model::load(&pkg).unwrap();
+    assert_eq!(
+        model.tool_format(),
+        Some(edgellm::tools::ToolFormat::Llama3)
+    );
+    let eos = model.tokenizer.decode(&[model.eos[0]], false).unwrap();
+    let says =
+        format!("{{\"name\": \"get_weather\", \"parameters\": {{\"city\": \"Oslo\"}}}}{eos}");
+    let mut e = engine(&pkg, &says);
+    let q = "Weather in Oslo?";
+    let (c, streamed, _) = run(
+        &mut e,
+        &request(vec![Message::new("user", q)], json!("auto")),
+    );
+    assert_eq!(c.finish_reason, FinishReason::ToolCalls, "{c:?}");
+    assert_eq!((c.text.as_str(), streamed.as_str()), ("", ""));
+    assert_eq!(c.tool_calls[0].name, "get_weather");
+    assert_eq!(c.tool_calls[0].arguments, r#"{"city": "Oslo"}"#);
+    // Prose that starts like JSON but is not a call stays prose.
+    let mut e = engine(&pkg, &format!("{{\"answer\": 1}}{eos}"));
+    let (c, streamed, _) = run(
+        &mut e,
+        &request(vec![Message::new("user", q)], json!("auto")),
+    );
+    assert_eq!(
+        (c.text.as_str(), c.finish_reason),
+        (r#"{"answer": 1}"#, FinishReason::Stop)
+    );
+    assert_eq!(streamed, c.text);
+
+    let msgs = history(q, &calls_of(&pkg, &says), r#"{"temp": 3}"#);
+    let prompt = model
+        .render_with_tools(&msgs, None, Some(&tools(json!("auto"))))
+        .unwrap();
+    assert!(prompt.contains("<|start_header_id|>assistant<|end_header_id|>\n\n{\"name\": \"get_weather\", \"parameters\": {\"city\": \"Oslo\"}}<|eot_id|><|start_header_id|>ipython<|end_header_id|>\n\n"), "{prompt}");
+    let mut e = engine(&pkg, &format!("Cold: 3 degrees.{eos}"));
+    let (c, _, _) = run(&mut e, &request(msgs, json!("auto")));
+    assert_eq!(
+        (c.text.as_str(), c.finish_reason),
+        ("Cold: 3 degrees.", FinishReason::Stop)
+    );
+}
+
+/// The completion of a request that makes the call `says` spells.
+fn calls_of(pkg: &Path, says: &str) -> Completion {
+    let mut e = engine(pkg, says);
+    run(
+        &mut e,
+        &request(vec![Message::new("user", "x")], json!("auto")),
+    )
+    .0
+}
+
 #[test]
 fn gpt_oss_tool_call_round_trip() {
     let tmp = tempfile::tempdir().unwrap();
@@ -313,4 +395,95 @@ fn tools_that_cannot_be_expressed_or_combined_are_refused() {
             .to_string()
             .contains("need chat messages")
     );
+}
+
+/// `edgellm run --tools`: a real backend (the fixture's random weights) made to call a named
+/// function prints the text, then the call as a JSON line; `--json` carries `tool_calls`.
+#[test]
+fn the_cli_calls_tools() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pkg = qwen_template_package(tmp.path());
+    let tools_file = tmp.path().join("tools.json");
+    std::fs::write(
+        &tools_file,
+        json!([{"type": "function", "function": {"name": "get_weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string",
+            "maxLength": 12}}, "required": ["city"], "additionalProperties": false}}}])
+        .to_string(),
+    )
+    .unwrap();
+    for backend in common::backends() {
+        let out = common::edgellm(&[
+            "run",
+            "--model",
+            pkg.to_str().unwrap(),
+            "--backend",
+            backend,
+            "--threads",
+            "1",
+            "--max-length",
+            "1024",
+            "--prompt",
+            "Weather in Paris?",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "200",
+            "--tools",
+            tools_file.to_str().unwrap(),
+            "--tool-choice",
+            "get_weather",
+        ]);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{backend}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let lines: Vec<&str> = stdout.lines().collect();
+        assert_eq!(lines.len(), 2, "{backend}: {stdout:?}");
+        assert_eq!(lines[0], "", "{backend}: no text before the call");
+        let call: Value = serde_json::from_str(lines[1]).unwrap();
+        assert_eq!(call["function"]["name"], "get_weather", "{backend}: {call}");
+        let args: Value =
+            serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+        let city = args["city"].as_str().unwrap();
+        assert!(city.chars().count() <= 12, "{backend}: {args}");
+        assert_eq!(args.as_object().unwrap().len(), 1, "{backend}: {args}");
+    }
+    let out = common::edgellm(&[
+        "run",
+        "--model",
+        pkg.to_str().unwrap(),
+        "--threads",
+        "1",
+        "--max-length",
+        "1024",
+        "--prompt",
+        "Weather?",
+        "--max-tokens",
+        "200",
+        "--tools",
+        tools_file.to_str().unwrap(),
+        "--tool-choice",
+        "required",
+        "--json",
+    ]);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["finish_reason"], "tool_calls", "{v}");
+    assert_eq!(v["tool_calls"][0]["name"], "get_weather", "{v}");
+    let out = common::edgellm(&[
+        "run",
+        "--model",
+        pkg.to_str().unwrap(),
+        "--prompt",
+        "x",
+        "--tools",
+        tools_file.to_str().unwrap(),
+        "--tool-choice",
+        "launch",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no function named \"launch\""), "{err}");
 }

@@ -175,7 +175,7 @@ def malformed(base):
         "not_json": b"{not json",
         "not_utf8": b'{"messages": "\xff"}',
         "wrong_type": b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": "ten"}',
-        "unknown_field": b'{"messages": [{"role": "user", "content": "hi"}], "tools": []}',
+        "unknown_field": b'{"messages": [{"role": "user", "content": "hi"}], "functions": []}',
         "twice": b'{"messages": [], "messages": []}',
         "too_large": b'{"messages": [{"role": "user", "content": "' + b"x" * 70000 + b'"}]}',
     }

@@ -261,7 +261,7 @@ async fn malformed_bodies_get_their_status_and_the_daemon_keeps_serving() {
         ("not_json", 400, "invalid_request", "not valid JSON"),
         ("not_utf8", 400, "invalid_request", "not UTF-8"),
         ("wrong_type", 400, "invalid_request", "max_tokens"),
-        ("unknown_field", 400, "invalid_request", "tools"),
+        ("unknown_field", 400, "invalid_request", "functions"),
         ("twice", 400, "invalid_request", "twice"),
         ("too_large", 413, "request_too_large", "max_body_bytes"),
     ];
