@@ -9,7 +9,10 @@
 //! submission: queueing included) of each.
 //! `--json-schema FILE --grammar-text TEXT` also measures structured output's cost on the
 //! package's vocabulary ([`grammar_walk`]): the token mask's time per step against the decode
-//! step measured in the same run, and the share of tokens the grammar forces.
+//! step measured in the same run, and the share of tokens the grammar forces; `--tools FILE
+//! --grammar-text REPLY` does the same for a harmony model's tool-call grammar, which masks
+//! every token of the reply (reasoning included); `--grammar-only` walks without loading the
+//! weights (a package too large for the machine).
 
 use std::ops::ControlFlow;
 
@@ -36,11 +39,31 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 1)]
     parallel: usize,
     /// Structured output's cost: a JSON schema, walked along `--grammar-text`.
-    #[arg(long, value_name = "FILE.json", requires = "grammar_text")]
+    #[arg(
+        long,
+        value_name = "FILE.json",
+        requires = "grammar_text",
+        group = "walked"
+    )]
     json_schema: Option<std::path::PathBuf>,
-    /// A JSON text valid against `--json-schema`: the answer the walk follows.
-    #[arg(long, value_name = "TEXT", requires = "json_schema")]
+    /// Tool calls' cost: OpenAI's `tools` list (`tool_choice` auto), walked along
+    /// `--grammar-text`, a reply that calls one (special tokens written as text, e.g.
+    /// harmony's `<|channel|>`).
+    #[arg(
+        long,
+        value_name = "FILE.json",
+        requires = "grammar_text",
+        group = "walked"
+    )]
+    tools: Option<std::path::PathBuf>,
+    /// The answer the walk follows: a JSON text valid against `--json-schema`, or a reply
+    /// that calls one of `--tools`.
+    #[arg(long, value_name = "TEXT", requires = "walked")]
     grammar_text: Option<String>,
+    /// Only the walk: load the package's tokenizer, not its weights, and report the mask's
+    /// times alone (no decode step to compare with): for packages too large for this machine.
+    #[arg(long, requires = "grammar_text")]
+    grammar_only: bool,
     #[arg(long)]
     json: bool,
 }
@@ -53,22 +76,40 @@ pub struct BenchArgs {
 /// Returns (mask times in microseconds, tokens taken by choice, tokens forced).
 fn grammar_walk(
     model: &edgellm::model::Model,
-    schema: &serde_json::Value,
+    grammar: &edgellm::grammar::Grammar,
     text: &str,
 ) -> anyhow::Result<(Vec<f64>, usize, usize)> {
-    use edgellm::grammar::{Constraint, Format};
+    use edgellm::grammar::Constraint;
     let vocab = model.package.config.model.vocab_size;
     let words = model
         .tokenizer
         .token_bytes(vocab)
         .ok_or_else(|| anyhow::anyhow!("this tokenizer has no byte table"))?;
-    let format = Format::JsonSchema {
-        name: "bench".into(),
-        schema: schema.clone(),
-    };
-    let grammar = model.compile(&format)?;
-    let mut c = Constraint::new(&grammar);
-    let (mut rest, mut times, mut chosen, mut forced) = (text.as_bytes(), Vec::new(), 0, 0);
+    // Special tokens are marked in the byte table (0xFF and their text): mark them so in the
+    // text too.
+    let mut text = text.as_bytes().to_vec();
+    let added = model.tokenizer.added_ids();
+    let specials = added
+        .iter()
+        .filter_map(|&id| words.get(id as usize))
+        .filter(|w| w.len() > 1 && w[0] == 0xFF);
+    for w in specials {
+        let name = &w[1..];
+        let mut out = Vec::with_capacity(text.len());
+        let mut i = 0;
+        while i < text.len() {
+            if text[i..].starts_with(name) && (i == 0 || text[i - 1] != 0xFF) {
+                out.extend_from_slice(w);
+                i += name.len();
+            } else {
+                out.push(text[i]);
+                i += 1;
+            }
+        }
+        text = out;
+    }
+    let mut c = Constraint::new(grammar);
+    let (mut rest, mut times, mut chosen, mut forced) = (&text[..], Vec::new(), 0, 0);
     while !rest.is_empty() && !c.is_complete() {
         let t = std::time::Instant::now();
         let mask = c.mask()?.to_vec();
@@ -276,7 +317,68 @@ fn peak_rss_mib() -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
+/// The mask's cost along `--grammar-text` ([`grammar_walk`]) for `--json-schema` or `--tools`,
+/// as a share of `step_us` (the decode step measured in the same run) when there is one.
+fn grammar_figures(
+    args: &BenchArgs,
+    model: &edgellm::model::Model,
+    step_us: Option<f64>,
+) -> anyhow::Result<serde_json::Value> {
+    let text = args.grammar_text.as_deref().unwrap_or_default();
+    let read = |path: &std::path::Path| -> anyhow::Result<serde_json::Value> {
+        Ok(serde_json::from_str(
+            &std::fs::read_to_string(path)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
+        )?)
+    };
+    let grammar = match (&args.json_schema, &args.tools) {
+        (Some(path), _) => model.compile(&edgellm::grammar::Format::JsonSchema {
+            name: "bench".into(),
+            schema: read(path)?,
+        })?,
+        (None, Some(path)) => {
+            let tools = edgellm::tools::Tools::parse(Some(&read(path)?), None)?;
+            let (grammar, when) = model
+                .compile_request(None, Some(&tools))?
+                .ok_or_else(|| anyhow::anyhow!("no tool grammar for this model"))?;
+            anyhow::ensure!(
+                when == edgellm::tools::When::Reply,
+                "--tools walks a whole reply: harmony models only (a template model's calls \
+                 are constrained from their opening only, as --json-schema measures)"
+            );
+            grammar
+        }
+        (None, None) => anyhow::bail!("--grammar-text needs --json-schema or --tools"),
+    };
+    let (mut times, chosen, forced) = grammar_walk(model, &grammar, text)?;
+    times.sort_by(f64::total_cmp);
+    let mean = times.iter().sum::<f64>() / times.len().max(1) as f64;
+    let mut g = serde_json::json!({
+        "vocab": model.package.config.model.vocab_size,
+        "masked_steps": chosen,
+        "forced_tokens": forced,
+        "forced_share": forced as f64 / (chosen + forced).max(1) as f64,
+        "mask_us_mean": mean,
+        "mask_us_p50": percentile(&times, 0.5),
+        "mask_us_p99": percentile(&times, 0.99),
+        "mask_us_max": times.last().copied().unwrap_or(0.0),
+    });
+    if let Some(step_us) = step_us {
+        g["decode_step_us"] = step_us.into();
+        g["mask_share_of_step"] = (mean / step_us).into();
+    }
+    Ok(g)
+}
+
 pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
+    if args.grammar_only {
+        // The package's vocabulary and tokenizer only: no weights are loaded.
+        let model = edgellm::model::Model::load(&args.engine.model)?;
+        let g = grammar_figures(args, &model, None)?;
+        let model = args.engine.model.display().to_string();
+        println!("{}", serde_json::json!({"model": model, "grammar": g}));
+        return Ok(());
+    }
     anyhow::ensure!(
         args.runs > 0 && args.prompt_tokens > 0 && args.gen_tokens > 0,
         "--runs, --prompt-tokens and --gen-tokens must be positive"
@@ -355,28 +457,9 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         "decode_overhead_pct": median(overhead),
         "peak_rss_mib": peak_rss_mib(),
     });
-    if let (Some(path), Some(text)) = (&args.json_schema, &args.grammar_text) {
-        let schema: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(path)
-                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
-        )?;
-        let model = engine.model().clone();
-        let (mut times, chosen, forced) = grammar_walk(&model, &schema, text)?;
-        times.sort_by(f64::total_cmp);
-        let mean = times.iter().sum::<f64>() / times.len().max(1) as f64;
+    if args.grammar_text.is_some() {
         let step_us = 1e6 / result["decode_tok_s"].as_f64().unwrap_or(f64::INFINITY);
-        result["grammar"] = serde_json::json!({
-            "vocab": model.package.config.model.vocab_size,
-            "masked_steps": chosen,
-            "forced_tokens": forced,
-            "forced_share": forced as f64 / (chosen + forced).max(1) as f64,
-            "mask_us_mean": mean,
-            "mask_us_p50": percentile(&times, 0.5),
-            "mask_us_p99": percentile(&times, 0.99),
-            "mask_us_max": times.last().copied().unwrap_or(0.0),
-            "decode_step_us": step_us,
-            "mask_share_of_step": mean / step_us,
-        });
+        result["grammar"] = grammar_figures(args, engine.model(), Some(step_us))?;
     }
     if args.json {
         println!("{result}");
