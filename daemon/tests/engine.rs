@@ -10,12 +10,12 @@ mod common;
 use std::ops::ControlFlow;
 use std::path::Path;
 
-use edgellm::api::{Event, FinishReason, Input, Request};
+use edgellm::api::{FinishReason, Input, Request};
 use edgellm::chat::Message;
 use edgellm::engine::Engine;
 use edgellm::model::Model;
 
-use common::{VOCAB, harmony_package};
+use common::{VOCAB, collect, harmony_package};
 
 fn engine(pkg: &Path, completion: &str) -> Engine {
     let model = Model::load(pkg).unwrap();
@@ -32,20 +32,6 @@ fn greedy(input: Input) -> Request {
 
 fn user(text: &str) -> Input {
     Input::Messages(vec![Message::new("user", text)])
-}
-
-fn collect(engine: &mut Engine, req: &Request) -> (edgellm::api::Completion, String, String) {
-    let (mut text, mut reasoning) = (String::new(), String::new());
-    let c = engine
-        .generate(req, &mut |e| {
-            match e {
-                Event::Delta(t) => text.push_str(t),
-                Event::Reasoning(t) => reasoning.push_str(t),
-            }
-            ControlFlow::Continue(())
-        })
-        .unwrap();
-    (c, text, reasoning)
 }
 
 #[test]

@@ -8,11 +8,12 @@
 
 mod common;
 
-use std::ops::ControlFlow;
+use common::collect;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use edgellm::api::{Completion, Event, FinishReason, Input, Request};
+use edgellm::api::{Completion, FinishReason, Input, Request};
 use edgellm::chat::Message;
 use edgellm::engine::Engine;
 use edgellm::model::Model;
@@ -93,20 +94,6 @@ fn request(messages: Vec<Message>, choice: Value) -> Request {
     r
 }
 
-fn run(e: &mut Engine, req: &Request) -> (Completion, String, String) {
-    let (mut text, mut reasoning) = (String::new(), String::new());
-    let c = e
-        .generate(req, &mut |ev| {
-            match ev {
-                Event::Delta(t) => text.push_str(t),
-                Event::Reasoning(t) => reasoning.push_str(t),
-            }
-            ControlFlow::Continue(())
-        })
-        .unwrap();
-    (c, text, reasoning)
-}
-
 fn args(c: &Completion, i: usize) -> Value {
     serde_json::from_str(&c.tool_calls[i].arguments).unwrap()
 }
@@ -128,7 +115,7 @@ fn qwen_tool_call_round_trip() {
     let says = "Let me check.<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\", \"unit\": \"celsius\"}}\n</tool_call><|im_end|>";
     let mut e = engine(&pkg, says);
     let q = "Weather in Paris?";
-    let (c, streamed, _) = run(
+    let (c, streamed, _) = collect(
         &mut e,
         &request(vec![Message::new("user", q)], json!("auto")),
     );
@@ -159,7 +146,7 @@ fn qwen_tool_call_round_trip() {
     );
     assert!(prompt.contains("<|im_start|>assistant\nLet me check.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\", \"unit\": \"celsius\"}}\n</tool_call><|im_end|>\n<|im_start|>user\n<tool_response>\n{\"temp\": 21}\n</tool_response><|im_end|>\n<|im_start|>assistant\n"), "{prompt}");
     let mut e = engine(&pkg, "It is 21 degrees in Paris.<|im_end|>");
-    let (c, streamed, _) = run(&mut e, &request(msgs, json!("auto")));
+    let (c, streamed, _) = collect(&mut e, &request(msgs, json!("auto")));
     assert_eq!(c.finish_reason, FinishReason::Stop);
     assert_eq!(c.text, "It is 21 degrees in Paris.");
     assert_eq!(streamed, c.text);
@@ -175,7 +162,7 @@ fn qwen_forced_calls_are_valid_whatever_the_model_says() {
     // A named function: the model wants to chat, the answer is still one call to it.
     let mut e = engine(&pkg, "I think it is noon.<|im_end|>");
     let named = json!({"type": "function", "function": {"name": "get_time"}});
-    let (c, streamed, _) = run(&mut e, &request(user.clone(), named));
+    let (c, streamed, _) = collect(&mut e, &request(user.clone(), named));
     assert_eq!(c.finish_reason, FinishReason::ToolCalls, "{c:?}");
     assert_eq!(streamed, "");
     assert_eq!(c.tool_calls.len(), 1);
@@ -188,7 +175,7 @@ fn qwen_forced_calls_are_valid_whatever_the_model_says() {
         &pkg,
         "<tool_call>\n{\"name\": \"launch\", \"arguments\": {\"city\": 5}}\n</tool_call><|im_end|>",
     );
-    let (c, _, _) = run(&mut e, &request(user.clone(), json!("required")));
+    let (c, _, _) = collect(&mut e, &request(user.clone(), json!("required")));
     assert_eq!(c.finish_reason, FinishReason::ToolCalls, "{c:?}");
     let a = args(&c, 0);
     match c.tool_calls[0].name.as_str() {
@@ -199,7 +186,7 @@ fn qwen_forced_calls_are_valid_whatever_the_model_says() {
 
     // Auto: prose stays prose; a call cut short by max_tokens is text, not a call.
     let mut e = engine(&pkg, "Noon, I think.<|im_end|>");
-    let (c, _, _) = run(&mut e, &request(user.clone(), json!("auto")));
+    let (c, _, _) = collect(&mut e, &request(user.clone(), json!("auto")));
     assert_eq!(
         (c.text.as_str(), c.finish_reason),
         ("Noon, I think.", FinishReason::Stop)
@@ -210,14 +197,14 @@ fn qwen_forced_calls_are_valid_whatever_the_model_says() {
     );
     let mut req = request(user.clone(), json!("auto"));
     req.max_tokens = Some(6);
-    let (c, _, _) = run(&mut e, &req);
+    let (c, _, _) = collect(&mut e, &req);
     assert_eq!(c.finish_reason, FinishReason::Length);
     assert!(c.tool_calls.is_empty());
     assert!(c.text.starts_with("<tool_call>\n{"), "{:?}", c.text);
 
     // None: the tools are not shown and nothing is parsed.
     let mut e = engine(&pkg, "<tool_call>\n{}<|im_end|>");
-    let (c, _, _) = run(&mut e, &request(user, json!("none")));
+    let (c, _, _) = collect(&mut e, &request(user, json!("none")));
     assert_eq!(c.finish_reason, FinishReason::Stop);
     assert_eq!(c.text, "<tool_call>\n{}");
 }
@@ -249,7 +236,7 @@ fn llama3_json_tool_call_round_trip() {
         format!("{{\"name\": \"get_weather\", \"parameters\": {{\"city\": \"Oslo\"}}}}{eos}");
     let mut e = engine(&pkg, &says);
     let q = "Weather in Oslo?";
-    let (c, streamed, _) = run(
+    let (c, streamed, _) = collect(
         &mut e,
         &request(vec![Message::new("user", q)], json!("auto")),
     );
@@ -259,7 +246,7 @@ fn llama3_json_tool_call_round_trip() {
     assert_eq!(c.tool_calls[0].arguments, r#"{"city": "Oslo"}"#);
     // Prose that starts like JSON but is not a call stays prose.
     let mut e = engine(&pkg, &format!("{{\"answer\": 1}}{eos}"));
-    let (c, streamed, _) = run(
+    let (c, streamed, _) = collect(
         &mut e,
         &request(vec![Message::new("user", q)], json!("auto")),
     );
@@ -275,7 +262,7 @@ fn llama3_json_tool_call_round_trip() {
         .unwrap();
     assert!(prompt.contains("<|start_header_id|>assistant<|end_header_id|>\n\n{\"name\": \"get_weather\", \"parameters\": {\"city\": \"Oslo\"}}<|eot_id|><|start_header_id|>ipython<|end_header_id|>\n\n"), "{prompt}");
     let mut e = engine(&pkg, &format!("Cold: 3 degrees.{eos}"));
-    let (c, _, _) = run(&mut e, &request(msgs, json!("auto")));
+    let (c, _, _) = collect(&mut e, &request(msgs, json!("auto")));
     assert_eq!(
         (c.text.as_str(), c.finish_reason),
         ("Cold: 3 degrees.", FinishReason::Stop)
@@ -285,7 +272,7 @@ fn llama3_json_tool_call_round_trip() {
 /// The completion of a request that makes the call `says` spells.
 fn calls_of(pkg: &Path, says: &str) -> Completion {
     let mut e = engine(pkg, says);
-    run(
+    collect(
         &mut e,
         &request(vec![Message::new("user", "x")], json!("auto")),
     )
@@ -299,7 +286,7 @@ fn gpt_oss_tool_call_round_trip() {
     let says = "<|channel|>analysis<|message|>Need the weather.<|end|><|start|>assistant<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{\"city\": \"Paris\"}<|call|>";
     let mut e = engine(&pkg, says);
     let q = "Weather in Paris?";
-    let (c, streamed, reasoning) = run(
+    let (c, streamed, reasoning) = collect(
         &mut e,
         &request(vec![Message::new("user", q)], json!("auto")),
     );
@@ -321,7 +308,7 @@ fn gpt_oss_tool_call_round_trip() {
         &pkg,
         "<|channel|>analysis<|message|>21 degrees.<|end|><|start|>assistant<|channel|>final<|message|>Sunny, 21 degrees.<|return|>",
     );
-    let (c, streamed, _) = run(&mut e, &request(msgs, json!("auto")));
+    let (c, streamed, _) = collect(&mut e, &request(msgs, json!("auto")));
     assert_eq!(c.finish_reason, FinishReason::Stop, "{c:?}");
     assert_eq!(
         (c.text.as_str(), streamed.as_str()),
@@ -339,7 +326,7 @@ fn gpt_oss_calls_go_to_real_functions_with_valid_arguments() {
     let says = "<|channel|>analysis<|message|>Hmm.<|end|><|start|>assistant<|channel|>commentary to=functions.launch_rocket <|constrain|>json<|message|>{\"when\": \"now\"}<|call|>";
     let mut e = engine(&pkg, says);
     let user = vec![Message::new("user", "Go")];
-    let (c, _, reasoning) = run(&mut e, &request(user.clone(), json!("required")));
+    let (c, _, reasoning) = collect(&mut e, &request(user.clone(), json!("required")));
     assert_eq!(reasoning, "Hmm.");
     assert_eq!(c.finish_reason, FinishReason::ToolCalls, "{c:?}");
     assert!(["get_weather", "get_time"].contains(&c.tool_calls[0].name.as_str()));
@@ -351,7 +338,7 @@ fn gpt_oss_calls_go_to_real_functions_with_valid_arguments() {
         "<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{\"city\": \"Rome\"}<|call|>",
     );
     let named = json!({"type": "function", "function": {"name": "get_time"}});
-    let (c, _, _) = run(&mut e, &request(user, named));
+    let (c, _, _) = collect(&mut e, &request(user, named));
     assert_eq!(c.finish_reason, FinishReason::ToolCalls, "{c:?}");
     assert_eq!(c.tool_calls[0].name, "get_time");
     assert!(args(&c, 0)["tz"].is_string());

@@ -669,3 +669,42 @@ pub async fn concurrent_requests_match_alone(
     );
     daemon.stop().await;
 }
+
+/// The Python of the test venv (scripts/setup-test-venv.sh: the `openai` and `ollama` clients,
+/// `jsonschema`, `lark`); scripts/test.sh sets `EDGELLM_TEST_PYTHON`.
+pub fn test_python() -> std::path::PathBuf {
+    std::env::var_os("EDGELLM_TEST_PYTHON")
+        .map(std::path::PathBuf::from)
+        .expect(
+            "EDGELLM_TEST_PYTHON is not set: the HTTP and structured-output tests need the venv \
+             of scripts/setup-test-venv.sh (it prints its python; scripts/test.sh sets this)",
+        )
+}
+
+/// tests/http/openai_checks.py, which drives the HTTP API with the stock clients.
+pub fn http_checks_script() -> std::path::PathBuf {
+    crate::repo_root().join("tests/http/openai_checks.py")
+}
+
+/// Runs a subcommand of tests/http/openai_checks.py to its end (at most 300 s) and returns the
+/// JSON object it prints last; a failure shows its output.
+pub async fn http_checks(args: &[&str]) -> Value {
+    let out = tokio::time::timeout(
+        Duration::from_secs(300),
+        tokio::process::Command::new(test_python())
+            .arg(http_checks_script())
+            .args(args)
+            .output(),
+    )
+    .await
+    .expect("the openai checks did not finish within 300 s")
+    .expect("run the openai checks");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "openai checks {args:?} failed: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(stdout.lines().last().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("checks {args:?} printed no JSON ({e}): {stdout}"))
+}

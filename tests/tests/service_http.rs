@@ -6,7 +6,6 @@
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
-use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -15,19 +14,6 @@ use edgellm_tests::harness::free_port;
 use edgellm_tests::service::*;
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-
-fn python() -> PathBuf {
-    std::env::var_os("EDGELLM_TEST_PYTHON")
-        .map(PathBuf::from)
-        .expect(
-            "EDGELLM_TEST_PYTHON is not set: the HTTP tests need the openai client's venv \
-         (scripts/setup-test-venv.sh prints its python; scripts/test.sh sets this)",
-        )
-}
-
-fn checks_script() -> PathBuf {
-    edgellm_tests::repo_root().join("tests/http/openai_checks.py")
-}
 
 /// A configuration serving `package` over HTTP only, on a free port; the base URL.
 fn http_config(backend: &str, package: &std::path::Path) -> (Config, String) {
@@ -64,28 +50,6 @@ async fn start(config: Config, base: &str) -> Daemon {
     panic!("the HTTP server did not come up within 120 s");
 }
 
-/// Runs a subcommand of the checks script to its end; its JSON answer.
-async fn checks(args: &[&str]) -> Value {
-    let out = tokio::time::timeout(
-        Duration::from_secs(300),
-        tokio::process::Command::new(python())
-            .arg(checks_script())
-            .args(args)
-            .output(),
-    )
-    .await
-    .expect("the openai checks did not finish within 300 s")
-    .expect("run the openai checks");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "openai checks {args:?} failed: {}\n{stdout}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_str(stdout.lines().last().unwrap_or_default())
-        .unwrap_or_else(|e| panic!("checks {args:?} printed no JSON ({e}): {stdout}"))
-}
-
 fn text_of(pieces: &Value) -> String {
     pieces
         .as_array()
@@ -98,7 +62,7 @@ fn text_of(pieces: &Value) -> String {
 async fn openai_client_chats_completes_and_lists_models(backend: &'static str) {
     let (config, base) = http_config(backend, tiny_package());
     let d = start(config, &base).await;
-    let r = checks(&["basics", &base]).await;
+    let r = http_checks(&["basics", &base]).await;
 
     let chat = &r["chat"];
     assert_eq!(chat["object"], "chat.completion");
@@ -160,7 +124,7 @@ async fn api_keys_guard_every_route_but_health() {
     let (mut config, base) = http_config(backend, tiny_package());
     config.http.api_key_file = Some(keys);
     let d = start(config, &base).await;
-    let r = checks(&["auth", &base, "sk-edge-2"]).await;
+    let r = http_checks(&["auth", &base, "sk-edge-2"]).await;
     assert_eq!(r["right"], "length", "{r}");
     for refused in ["wrong", "none"] {
         assert_eq!(r[refused]["status"], 401, "{r}");
@@ -183,7 +147,7 @@ async fn a_full_queue_answers_429_with_retry_after() {
     let (mut config, base) = http_config(backend, slow_package());
     config.limits.queue_depth = 1;
     let d = start(config, &base).await;
-    let r = checks(&["busy", &base, "4"]).await;
+    let r = http_checks(&["busy", &base, "4"]).await;
     let results = r["results"].as_array().unwrap();
     let ok = results.iter().filter(|x| x["status"] == 200).count();
     let busy: Vec<&Value> = results.iter().filter(|x| x["status"] == 429).collect();
@@ -202,8 +166,8 @@ async fn shutdown_answers_503_and_ends_the_running_stream() {
     let backend = edgellm_tests::backends()[0].as_str();
     let (config, base) = http_config(backend, slow_package());
     let d = start(config, &base).await;
-    let mut child = tokio::process::Command::new(python())
-        .arg(checks_script())
+    let mut child = tokio::process::Command::new(test_python())
+        .arg(http_checks_script())
         .args(["shutdown", &base])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -256,7 +220,7 @@ async fn malformed_bodies_get_their_status_and_the_daemon_keeps_serving() {
     let (mut config, base) = http_config(backend, tiny_package());
     config.http.max_body_bytes = 65536;
     let d = start(config, &base).await;
-    let r = checks(&["malformed", &base]).await;
+    let r = http_checks(&["malformed", &base]).await;
     let expect = [
         ("not_json", 400, "invalid_request", "not valid JSON"),
         ("not_utf8", 400, "invalid_request", "not UTF-8"),
@@ -275,7 +239,7 @@ async fn malformed_bodies_get_their_status_and_the_daemon_keeps_serving() {
     }
     assert_eq!(r["no_route"]["status"], 404);
     // Still serving.
-    let b = checks(&["basics", &base]).await;
+    let b = http_checks(&["basics", &base]).await;
     assert_eq!(b["chat"]["finish"], "length");
     d.stop().await;
 }
@@ -287,7 +251,7 @@ async fn a_client_that_leaves_cancels_its_request() {
     let backend = edgellm_tests::backends()[0].as_str();
     let (config, base) = http_config(backend, slow_package());
     let d = start(config, &base).await;
-    let r = checks(&["disconnect", &base]).await;
+    let r = http_checks(&["disconnect", &base]).await;
     assert!(r["stream_idle_after_s"].as_f64().is_some(), "{r}");
     assert_eq!(r["whole"], "gave up", "{r}");
     assert!(r["whole_idle_after_s"].as_f64().is_some(), "{r}");
@@ -312,7 +276,7 @@ async fn metrics_count_every_transport_and_parse_as_openmetrics() {
     let c = edgellm_tests::service::bus(bus.address()).await.unwrap();
     let options = opts(&[("max_tokens", zbus::OwnedVariant::from(3u32))]);
     chat(&c, &user("hello"), &options).await.unwrap();
-    let r = checks(&["metrics", &base]).await;
+    let r = http_checks(&["metrics", &base]).await;
     let (before, after) = (&r["before"], &r["after"]);
     let get = |m: &Value, key: &str| m[key].as_f64().unwrap_or(0.0);
     let moved = |key: &str| get(after, key) - get(before, key);
@@ -384,7 +348,7 @@ async fn metrics_count_every_transport_and_parse_as_openmetrics() {
 async fn ollama_client_chats_generates_and_lists_the_model(backend: &'static str) {
     let (config, base) = http_config(backend, tiny_package());
     let d = start(config, &base).await;
-    let r = checks(&["ollama", &base]).await;
+    let r = http_checks(&["ollama", &base]).await;
     let chat = &r["chat"];
     assert_eq!(chat["role"], "assistant");
     assert_eq!(chat["done"], true);
@@ -435,7 +399,7 @@ async fn twenty_clients_times_five_requests_each_end_once() {
     config.limits.parallel = 4;
     config.limits.queue_depth = 8;
     let d = start(config, &base).await;
-    let r = checks(&["load", &base, "20", "5"]).await;
+    let r = http_checks(&["load", &base, "20", "5"]).await;
     let outcomes = r["outcomes"].as_object().unwrap();
     let total: u64 = outcomes.values().map(|v| v.as_u64().unwrap()).sum();
     assert_eq!(total, 100, "{r}");
@@ -452,7 +416,7 @@ async fn twenty_clients_times_five_requests_each_end_once() {
             "unexpected outcome {k}: {r}"
         );
     }
-    let b = checks(&["basics", &base]).await;
+    let b = http_checks(&["basics", &base]).await;
     assert_eq!(b["chat"]["finish"], "length");
     d.stop().await;
 }
@@ -462,7 +426,7 @@ async fn a_trickled_body_and_a_flood_of_connections_are_answered() {
     let backend = edgellm_tests::backends()[0].as_str();
     let (config, base) = http_config(backend, tiny_package());
     let d = start(config, &base).await;
-    let r = checks(&["abuse", &base]).await;
+    let r = http_checks(&["abuse", &base]).await;
     assert_eq!(r["trickled"], 200, "{r}");
     assert_eq!(r["flood"], serde_json::json!({"200": 400}), "{r}");
     assert_eq!(r["after"], 200);
@@ -490,7 +454,7 @@ async fn the_api_listens_on_a_unix_socket() {
     }
     let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o660);
-    let r = checks(&["uds", sock.to_str().unwrap()]).await;
+    let r = http_checks(&["uds", sock.to_str().unwrap()]).await;
     assert_eq!(r["health"], 200, "{r}");
     assert_eq!(r["chat"], "length", "{r}");
     d.stop().await;

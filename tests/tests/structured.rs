@@ -11,7 +11,6 @@
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use edgellm::api::{FinishReason, Input, Request};
@@ -26,16 +25,6 @@ use edgellm_tests::service::*;
 use serde_json::{Value, json};
 
 const MAX_LENGTH: usize = 512;
-
-fn python() -> PathBuf {
-    std::env::var_os("EDGELLM_TEST_PYTHON")
-        .map(PathBuf::from)
-        .expect(
-            "EDGELLM_TEST_PYTHON is not set: the structured-output tests validate answers with \
-             jsonschema and lark from the venv of scripts/setup-test-venv.sh (scripts/test.sh \
-             sets it)",
-        )
-}
 
 fn package() -> &'static std::path::Path {
     edgellm_tests::smollm2_package(4, Some(MAX_LENGTH), false)
@@ -134,7 +123,7 @@ fn settings() -> Vec<(&'static str, SamplingParams)> {
 /// Runs tests/structured/validate.py on `items`; panics with its report if any fails.
 fn validate(items: &[Value]) {
     use std::io::Write;
-    let mut child = std::process::Command::new(python())
+    let mut child = std::process::Command::new(test_python())
         .arg(edgellm_tests::repo_root().join("tests/structured/validate.py"))
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
@@ -441,19 +430,7 @@ async fn every_transport_constrains_and_refuses_bad_formats() {
     );
 
     // HTTP: the openai and ollama clients (tests/http/openai_checks.py structured).
-    let out = tokio::process::Command::new(python())
-        .arg(edgellm_tests::repo_root().join("tests/http/openai_checks.py"))
-        .args(["structured", &base])
-        .output()
-        .await
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "structured HTTP checks failed: {}\n{stdout}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let r = http_checks(&["structured", &base]).await;
     check_person(r["openai"].as_str().unwrap(), "openai client");
     check_person(r["ollama"].as_str().unwrap(), "ollama client");
     let e = r["openai_invalid"].as_str().unwrap();

@@ -19,15 +19,6 @@ use edgellm_tests::harness::{DbusBus, Mosquitto, free_port};
 use edgellm_tests::service::*;
 use serde_json::{Value, json};
 
-fn python() -> PathBuf {
-    std::env::var_os("EDGELLM_TEST_PYTHON")
-        .map(PathBuf::from)
-        .expect(
-            "EDGELLM_TEST_PYTHON is not set: the HTTP tool-call checks run the openai and ollama \
-             clients from the venv of scripts/setup-test-venv.sh (scripts/test.sh sets it)",
-        )
-}
-
 /// The qwen2 fixture (fp32) with Qwen2.5-Instruct's chat template.
 fn qwen_tools_package(dir: &Path) -> PathBuf {
     let out = dir.join("qwen-tools");
@@ -197,19 +188,7 @@ async fn tool_calls_on_every_transport() {
     );
 
     // HTTP: the openai and ollama clients (tests/http/openai_checks.py tools).
-    let out = tokio::process::Command::new(python())
-        .arg(edgellm_tests::repo_root().join("tests/http/openai_checks.py"))
-        .args(["tools", &format!("http://127.0.0.1:{port}")])
-        .output()
-        .await
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "HTTP tool checks failed: {}\n{stdout}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let r = http_checks(&["tools", &format!("http://127.0.0.1:{port}")]).await;
     assert_eq!(r["finish"], "tool_calls", "{r}");
     assert_eq!(r["content"], Value::Null, "{r}");
     let call = &r["calls"][0];

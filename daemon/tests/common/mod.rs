@@ -113,6 +113,25 @@ impl Backend for ScriptedText {
     }
 }
 
+/// Runs `req` to its end: the completion, the streamed answer text and the streamed reasoning.
+pub fn collect(
+    engine: &mut edgellm::engine::Engine,
+    req: &edgellm::api::Request,
+) -> (edgellm::api::Completion, String, String) {
+    use edgellm::api::Event;
+    let (mut text, mut reasoning) = (String::new(), String::new());
+    let c = engine
+        .generate(req, &mut |e| {
+            match e {
+                Event::Delta(t) => text.push_str(t),
+                Event::Reasoning(t) => reasoning.push_str(t),
+            }
+            std::ops::ControlFlow::Continue(())
+        })
+        .unwrap();
+    (c, text, reasoning)
+}
+
 pub fn fixture_checkpoint(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../tests/fixtures")
