@@ -340,7 +340,7 @@ impl ToolFormat {
     }
 
     /// The Lark grammar (llguidance's dialect) of the calls `tools` allows, and when it
-    /// applies. `final_body`: harmony's final answer (free text, or `response_format`'s schema).
+    /// applies. `final_schema`: harmony's final answer (`None`: free text).
     /// `constrain`: whether the tokenizer has harmony's `<|constrain|>` token.
     pub fn grammar(
         self,

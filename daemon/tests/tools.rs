@@ -344,6 +344,25 @@ fn gpt_oss_calls_go_to_real_functions_with_valid_arguments() {
     assert!(args(&c, 0)["tz"].is_string());
 }
 
+/// The vendors' templates are read as the format their models write.
+#[test]
+fn tool_formats_are_found_from_the_templates() {
+    use edgellm::tools::ToolFormat;
+    let dir =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/chat_templates/templates");
+    for (file, format) in [
+        ("qwen2.5-instruct", Some(ToolFormat::Hermes)),
+        ("qwen3", Some(ToolFormat::Hermes)),
+        ("llama-3.1-instruct", Some(ToolFormat::Llama3)),
+        ("llama-3.2-instruct", Some(ToolFormat::Llama3)),
+        ("phi-3.5-mini-instruct", None),
+        ("fixture-chatml", None),
+    ] {
+        let src = std::fs::read_to_string(dir.join(format!("{file}.jinja"))).unwrap();
+        assert_eq!(ToolFormat::detect(&src), format, "{file}");
+    }
+}
+
 #[test]
 fn tools_that_cannot_be_expressed_or_combined_are_refused() {
     let tmp = tempfile::tempdir().unwrap();
@@ -370,6 +389,15 @@ fn tools_that_cannot_be_expressed_or_combined_are_refused() {
         e.0.starts_with("response_format: cannot be combined with tools"),
         "{e}"
     );
+    // A function whose parameters are not a schema llguidance can compile.
+    let bad = Tools::parse(
+        Some(&json!([{"type": "function", "function": {"name": "f",
+            "parameters": {"type": "object", "properties": {"x": {"type": "strin"}}}}}])),
+        None,
+    )
+    .unwrap();
+    let e = qwen.compile_request(None, Some(&bad)).unwrap_err();
+    assert!(e.0.starts_with("tools: ") && e.0.contains("strin"), "{e}");
     let raw = Input::Prompt {
         text: "x".into(),
         raw: true,

@@ -490,8 +490,9 @@ struct Output {
     calls: Option<Calls>,
 }
 
-/// A request's tool calls as the answer writes them. Calls are rare next to the tokens of a
-/// reply: what they hold is allocated as they come.
+/// A request's tool calls as the answer writes them. Unlike the rest of [`Output`], this
+/// allocates as it goes (the watch's text per token, the calls' text): a request with tools is
+/// not on the allocation-free decode path, as one with a grammar is not either (llguidance).
 struct Calls {
     format: ToolFormat,
     /// Template models, `tool_choice` auto: text that could open a call is held back.
