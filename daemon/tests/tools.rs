@@ -51,14 +51,21 @@ fn qwen_template_package(tmp: &Path) -> PathBuf {
         ..Default::default()
     };
     edgellm_export::export(&common::fixture_checkpoint("qwen2"), &out, &opts).unwrap();
+    with_template(out, "qwen2.5-instruct")
+}
+
+/// `pkg` with a vendor chat template from tests/fixtures/chat_templates (its checksums file
+/// dropped, as the package changed).
+fn with_template(pkg: PathBuf, template: &str) -> PathBuf {
     std::fs::copy(
         Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../tests/fixtures/chat_templates/templates/qwen2.5-instruct.jinja"),
-        out.join("chat_template.jinja"),
+            .join("../tests/fixtures/chat_templates/templates")
+            .join(format!("{template}.jinja")),
+        pkg.join("chat_template.jinja"),
     )
     .unwrap();
-    std::fs::remove_file(out.join("SHA256SUMS")).unwrap();
-    out
+    std::fs::remove_file(pkg.join("SHA256SUMS")).unwrap();
+    pkg
 }
 
 fn engine(pkg: &Path, says: &str) -> Engine {
@@ -211,15 +218,7 @@ fn qwen_forced_calls_are_valid_whatever_the_model_says() {
 
 /// The llama fixture exported with Llama 3.1-Instruct's chat template (JSON tool calls).
 fn llama_package(tmp: &Path) -> PathBuf {
-    let out = common::export("llama", tmp);
-    std::fs::copy(
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../tests/fixtures/chat_templates/templates/llama-3.1-instruct.jinja"),
-        out.join("chat_template.jinja"),
-    )
-    .unwrap();
-    std::fs::remove_file(out.join("SHA256SUMS")).unwrap();
-    out
+    with_template(common::export("llama", tmp), "llama-3.1-instruct")
 }
 
 #[test]

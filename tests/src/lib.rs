@@ -48,6 +48,16 @@ pub fn backends() -> Vec<edgellm::backend::BackendChoice> {
     v
 }
 
+/// The backend a single-backend daemon test serves with: ONNX Runtime when this build has it,
+/// else tract (the `[model] backend` name).
+pub fn preferred_backend() -> &'static str {
+    if cfg!(feature = "ort") {
+        "ort"
+    } else {
+        "tract"
+    }
+}
+
 /// Runs each listed `async fn name(backend: &'static str)` as a test on every backend this
 /// build has: `ort::name` and `tract::name`. One test body, two backends.
 #[macro_export]

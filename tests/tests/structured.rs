@@ -337,12 +337,7 @@ fn check_person(text: &str, via: &str) -> Value {
 async fn every_transport_constrains_and_refuses_bad_formats() {
     let dbus = DbusBus::start();
     let broker = Mosquitto::start();
-    // ONNX Runtime when this build has it, else tract.
-    let backend = if cfg!(feature = "ort") {
-        "ort"
-    } else {
-        "tract"
-    };
+    let backend = edgellm_tests::preferred_backend();
     let mut c = config(
         backend,
         package(),

@@ -67,11 +67,7 @@ async fn tool_calls_on_every_transport() {
     let broker = Mosquitto::start();
     let tmp = tempfile::tempdir().unwrap();
     let pkg = qwen_tools_package(tmp.path());
-    let backend = if cfg!(feature = "ort") {
-        "ort"
-    } else {
-        "tract"
-    };
+    let backend = edgellm_tests::preferred_backend();
     let mut c = config(
         backend,
         &pkg,
