@@ -3,7 +3,12 @@
 # `--target TRIPLE` (e.g. aarch64-unknown-linux-gnu, with a cross toolchain set up as
 # cargo-deb's README describes), and print its path.
 #
-#   scripts/build-deb.sh [--target TRIPLE]
+#   scripts/build-deb.sh [--target TRIPLE] [--profile PROFILE]
+#
+# `--profile dev` packages the binaries `cargo test` already built (target/debug): CI uses it to
+# check the packaging (contents, maintainer scripts, install and purge) without a second
+# 14-minute build of the whole dependency tree; what users install is the default, release.
+# (cargo-deb 3.8 warns that it may refuse dev profiles one day: it is pinned, see below.)
 #
 # Installs cargo-deb (pinned, from crates.io) when it is missing. The package holds edgellmd,
 # edgellm and edgellm-export (release, stripped) and systemd/ verbatim; its metadata is
@@ -13,18 +18,21 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 cargo_deb_version=3.8.0
 target_args=()
-if [[ "${1:-}" == "--target" ]]; then
-    target_args=(--target "${2:?--target needs a triple}")
-elif [[ $# -gt 0 ]]; then
-    echo "usage: scripts/build-deb.sh [--target TRIPLE]" >&2
-    exit 2
-fi
+profile=release
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+    --target) target_args=(--target "${2:?--target needs a triple}"); shift 2 ;;
+    --profile) profile="${2:?--profile needs a name}"; shift 2 ;;
+    *) echo "usage: scripts/build-deb.sh [--target TRIPLE] [--profile PROFILE]" >&2; exit 2 ;;
+    esac
+done
 
 if ! cargo deb --version 2>/dev/null | grep -q "$cargo_deb_version"; then
     cargo install cargo-deb --locked --version "$cargo_deb_version" >&2
 fi
 
 # The package's three binaries come from two crates: build both, then package without a rebuild.
-cargo build --release --locked "${target_args[@]}" -p edgellm -p edgellm-export >&2
-cargo deb -p edgellm --no-build --strip --no-separate-debug-symbols "${target_args[@]}" \
+cargo build --profile "$profile" --locked "${target_args[@]}" -p edgellm -p edgellm-export >&2
+cargo deb -p edgellm --no-build --profile "$profile" --strip --no-separate-debug-symbols \
+    "${target_args[@]}" \
     | tail -n 1
