@@ -165,6 +165,19 @@ impl KvLayout {
     }
 }
 
+/// `name` as a path inside `dir`, if it is a relative path of plain components (no `..`, no
+/// root): the files a package names (its graph, its checksum list's entries) must not reach
+/// outside it (a downloaded package is untrusted input; the `package_config` fuzz target
+/// checks it).
+fn file_in(dir: &Path, name: &str) -> Option<PathBuf> {
+    let rel = Path::new(name);
+    let plain = !name.is_empty()
+        && rel
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)));
+    plain.then(|| dir.join(rel))
+}
+
 #[derive(Debug, Clone)]
 pub struct Package {
     pub dir: PathBuf,
@@ -199,7 +212,15 @@ impl Package {
                 supported: SUPPORTED_TYPES,
             });
         }
-        let graph = dir.join(&config.model.decoder.filename);
+        let graph = file_in(dir, &config.model.decoder.filename).ok_or_else(|| {
+            PackageError::BadConfig {
+                path: path.clone(),
+                msg: format!(
+                    "model.decoder.filename {:?} is not a file name inside the package",
+                    config.model.decoder.filename
+                ),
+            }
+        })?;
         if !graph.exists() {
             return Err(PackageError::Missing { path: graph });
         }
@@ -228,7 +249,11 @@ impl Package {
                         path: sums.clone(),
                         msg: format!("malformed line {line:?}"),
                     })?;
-            let path = self.dir.join(name.trim_start_matches('*'));
+            let name = name.trim_start_matches('*');
+            let path = file_in(&self.dir, name).ok_or_else(|| PackageError::BadConfig {
+                path: sums.clone(),
+                msg: format!("{name:?} is not a file name inside the package"),
+            })?;
             let found = sha256_file(&path)?;
             if found != expected {
                 return Err(PackageError::Checksum {
@@ -284,4 +309,50 @@ fn sha256_file(path: &Path) -> Result<String, PackageError> {
         h.update(&buf[..n]);
     }
     Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A package whose genai_config.json names `graph` and whose SHA256SUMS lists `listed`.
+    fn package(graph: &str, listed: &str) -> (tempfile::TempDir, Result<Package, PackageError>) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../tests/fixtures/genai-qwen2/package/genai_config.json"),
+        )
+        .expect("the fixture's genai_config.json");
+        let mut cfg: serde_json::Value = serde_json::from_str(&cfg).expect("JSON");
+        cfg["model"]["decoder"]["filename"] = graph.into();
+        std::fs::write(dir.path().join("genai_config.json"), cfg.to_string()).expect("write");
+        std::fs::write(dir.path().join("model.onnx"), b"graph").expect("write");
+        let sum = sha256_file(&dir.path().join("model.onnx")).expect("hash");
+        std::fs::write(dir.path().join("SHA256SUMS"), format!("{sum}  {listed}\n")).expect("write");
+        let opened = Package::open(dir.path());
+        (dir, opened)
+    }
+
+    #[test]
+    fn files_a_package_names_stay_inside_it() {
+        let (_d, ok) = package("model.onnx", "model.onnx");
+        ok.expect("a plain package opens");
+        for graph in ["/etc/hostname", "../model.onnx", "", "a/../../model.onnx"] {
+            let e = package(graph, "model.onnx").1.expect_err(graph).to_string();
+            assert!(
+                e.contains("not a file name inside the package"),
+                "{graph}: {e}"
+            );
+        }
+        for listed in ["/etc/hostname", "../x", "*../x"] {
+            let e = package("model.onnx", listed)
+                .1
+                .expect_err(listed)
+                .to_string();
+            assert!(
+                e.contains("not a file name inside the package"),
+                "{listed}: {e}"
+            );
+        }
+    }
 }

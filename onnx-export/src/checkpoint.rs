@@ -90,7 +90,24 @@ impl Checkpoint {
                 .ok_or_else(|| ExportError::config(&index, "no \"weight_map\" object"))?;
             let unique: std::collections::BTreeSet<&str> =
                 map.values().filter_map(|f| f.as_str()).collect();
-            unique.into_iter().map(|f| dir.join(f)).collect()
+            // Shards are files of this folder: an index is downloaded, untrusted input, and
+            // must not make the exporter read `/etc/...` or `../...` (the `safetensors` fuzz
+            // target checks it).
+            unique
+                .into_iter()
+                .map(|f| {
+                    let plain = !f.is_empty()
+                        && Path::new(f)
+                            .components()
+                            .all(|c| matches!(c, std::path::Component::Normal(_)));
+                    plain.then(|| dir.join(f)).ok_or_else(|| {
+                        ExportError::config(
+                            &index,
+                            format!("weight_map names {f:?}, not a file inside the checkpoint"),
+                        )
+                    })
+                })
+                .collect::<Result<_>>()?
         } else {
             vec![dir.join("model.safetensors")]
         };
@@ -247,6 +264,11 @@ impl Checkpoint {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Every tensor's name, in no particular order.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(String::as_str)
     }
 
     pub fn contains(&self, name: &str) -> bool {

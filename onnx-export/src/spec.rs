@@ -144,6 +144,15 @@ fn ids(v: Option<&Value>) -> Vec<u32> {
     }
 }
 
+/// The largest value config.json may give a size: 2^24 for counts that scale a buffer
+/// (vocabulary, context, widths), 2^16 for the rest (layers, heads, experts).
+fn max_size(key: &str) -> u64 {
+    match key {
+        "vocab_size" | "max_position_embeddings" | "hidden_size" | "intermediate_size" => 1 << 24,
+        _ => 1 << 16,
+    }
+}
+
 impl ModelSpec {
     /// Reads `config.json` (and `generation_config.json` for token ids, as transformers'
     /// `generate` uses them) from a checkpoint folder.
@@ -173,6 +182,7 @@ impl ModelSpec {
         Ok(spec)
     }
 
+    /// Reads a parsed `config.json` (and `generation_config.json`); `path` names it in errors.
     pub fn from_json(cfg: &Value, gen_cfg: Option<&Value>, path: &Path) -> Result<Self> {
         let bad = |msg: String| ExportError::config(path, msg);
         let arch_name = get(cfg, "architectures")
@@ -183,26 +193,40 @@ impl ModelSpec {
             Arch::from_hf(arch_name).ok_or_else(|| ExportError::UnsupportedArchitecture {
                 found: arch_name.to_string(),
             })?;
+        // Every size is positive and bounded (far above any published model's), so that what
+        // is derived from them (q_dim, KV sizes, buffer lengths) cannot overflow: a config.json
+        // is downloaded, untrusted input (the `hf_config` fuzz target found a zero head count
+        // that divided by zero).
+        let in_range = |key: &str, v: u64| -> Result<usize> {
+            let max = max_size(key);
+            if v == 0 || v > max {
+                return Err(bad(format!("{key:?} is {v}: expected 1 to {max}")));
+            }
+            Ok(v as usize)
+        };
         let usize_of = |key: &str| -> Result<usize> {
+            let v = get(cfg, key)
+                .and_then(|v| v.as_u64())
+                .ok_or_else(|| bad(format!("missing or non-integer {key:?}")))?;
+            in_range(key, v)
+        };
+        let optional = |key: &str| -> Result<Option<usize>> {
             get(cfg, key)
                 .and_then(|v| v.as_u64())
-                .map(|v| v as usize)
-                .ok_or_else(|| bad(format!("missing or non-integer {key:?}")))
+                .map(|v| in_range(key, v))
+                .transpose()
         };
         let hidden = usize_of("hidden_size")?;
         let heads = usize_of("num_attention_heads")?;
         let layers = usize_of("num_hidden_layers")?;
         let vocab = usize_of("vocab_size")?;
         let intermediate = usize_of("intermediate_size")?;
-        let kv_heads = get(cfg, "num_key_value_heads")
-            .and_then(|v| v.as_u64())
-            .map(|v| v as usize)
-            .unwrap_or(heads);
-        let head_dim = get(cfg, "head_dim")
-            .and_then(|v| v.as_u64())
-            .map(|v| v as usize)
-            .unwrap_or(hidden / heads);
-        if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 {
+        let kv_heads = optional("num_key_value_heads")?.unwrap_or(heads);
+        let head_dim = match optional("head_dim")? {
+            Some(d) => d,
+            None => in_range("head_dim", (hidden / heads) as u64)?,
+        };
+        if heads % kv_heads != 0 {
             return Err(bad(format!(
                 "num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"
             )));
@@ -241,11 +265,13 @@ impl ModelSpec {
         let moe = if arch == Arch::GptOss {
             Some(Moe {
                 experts: usize_of("num_local_experts")?,
-                top_k: get(cfg, "num_experts_per_tok")
-                    .or_else(|| get(cfg, "experts_per_token"))
-                    .and_then(|v| v.as_u64())
-                    .ok_or_else(|| bad("missing \"num_experts_per_tok\"".into()))?
-                    as usize,
+                top_k: in_range(
+                    "num_experts_per_tok",
+                    get(cfg, "num_experts_per_tok")
+                        .or_else(|| get(cfg, "experts_per_token"))
+                        .and_then(|v| v.as_u64())
+                        .ok_or_else(|| bad("missing \"num_experts_per_tok\"".into()))?,
+                )?,
                 swiglu_limit: get(cfg, "swiglu_limit")
                     .and_then(|v| v.as_f64())
                     .unwrap_or(7.0) as f32,
@@ -485,4 +511,40 @@ fn windows_from_config(
         ));
     }
     Ok(vec![if enabled { window } else { None }; layers])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn llama() -> Value {
+        serde_json::from_str(include_str!(
+            "../../tests/fixtures/llama/checkpoint/config.json"
+        ))
+        .expect("the fixture's config.json")
+    }
+
+    /// Found by the `hf_config` fuzz target: `"num_attention_heads": 0` divided by zero (a
+    /// panic where the exporter should name the field); huge sizes would overflow later.
+    #[test]
+    fn zero_and_huge_sizes_are_refused_naming_the_field() {
+        let path = Path::new("config.json");
+        ModelSpec::from_json(&llama(), None, path).expect("the fixture parses");
+        for (key, v) in [
+            ("num_attention_heads", 0),
+            ("num_key_value_heads", 0),
+            ("hidden_size", 0),
+            ("num_hidden_layers", 0),
+            ("head_dim", 0),
+            ("vocab_size", 1 << 40),
+            ("max_position_embeddings", u64::MAX),
+        ] {
+            let mut cfg = llama();
+            cfg[key] = v.into();
+            let e = ModelSpec::from_json(&cfg, None, path)
+                .expect_err(key)
+                .to_string();
+            assert!(e.contains(key) && e.contains("expected 1 to"), "{key}: {e}");
+        }
+    }
 }

@@ -445,3 +445,29 @@ fn unsupported_gguf_architectures_and_types_are_named() {
         "{err}"
     );
 }
+
+/// A downloaded index is untrusted: a shard named outside the checkpoint's folder (an absolute
+/// path, `..`) is refused, naming it, instead of read.
+#[test]
+fn index_shards_outside_the_checkpoint_are_refused() {
+    for outside in ["/etc/hostname", "../model-00001-of-00003.safetensors"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let hf = copy_fixture("llama", tmp.path());
+        let p = hf.join("model.safetensors.index.json");
+        let mut idx: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+        let map = idx["weight_map"].as_object_mut().unwrap();
+        let first = map.keys().next().unwrap().clone();
+        map[&first] = outside.into();
+        std::fs::write(&p, idx.to_string()).unwrap();
+        assert_fails(
+            &hf,
+            tmp.path(),
+            &[
+                "weight_map names",
+                outside,
+                "not a file inside the checkpoint",
+            ],
+        );
+    }
+}

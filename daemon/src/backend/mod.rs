@@ -262,6 +262,7 @@ pub enum BackendError {
 
 /// Checks a step of `tokens` appended at `pos` against the KV capacity and the vocabulary;
 /// returns the sequence length after it. Shared by the backends.
+#[cfg_attr(not(any(feature = "ort", feature = "tract")), allow(dead_code))]
 pub(crate) fn check_step(
     pos: usize,
     tokens: &[u32],
@@ -283,6 +284,7 @@ pub(crate) fn check_step(
 
 /// [`Backend::forward`] for backends that run prompts in chunks of `chunk` tokens through
 /// `forward_all`: the last row of the last chunk's logits.
+#[cfg_attr(not(any(feature = "ort", feature = "tract")), allow(dead_code))]
 pub(crate) fn forward_in_chunks<'a, B: Backend + ?Sized>(
     backend: &'a mut B,
     tokens: &[u32],

@@ -29,6 +29,7 @@ use super::{Origin, invalid, parse_options};
 use crate::api::{Completion, Event, Request};
 use crate::chat::Message;
 use crate::config::DbusConfig;
+use crate::sampler::SamplingParams;
 use crate::scheduler::{ErrorCode, Handle, RequestEvent, ServiceError};
 
 pub const BUS_NAME: &str = "org.edgellm.Inference1";
@@ -61,7 +62,7 @@ impl From<ServiceError> for Error {
 }
 
 /// A request's `a{sv}` options in the order they came, every entry kept: a dictionary that names
-/// a key twice is refused by [`request_with`] (a `HashMap` would silently keep the last).
+/// a key twice is refused by [`chat_request_from`] (a `HashMap` would silently keep the last).
 #[derive(Debug, Default)]
 pub struct Options(Vec<(String, OwnedVariant)>);
 
@@ -156,14 +157,40 @@ fn options_json(options: &Options) -> Result<Map<String, Value>, ServiceError> {
 }
 
 fn request_with(
-    svc: &super::Inference,
+    defaults: SamplingParams,
     input: crate::api::Input,
     map: &Map<String, Value>,
 ) -> Result<Request, ServiceError> {
-    let mut req = svc.request(input);
+    let mut req = Request::new(input);
+    req.sampling = defaults;
     req.origin = Origin::dbus;
     parse_options(map, &["messages"], &mut req)?;
     Ok(req)
+}
+
+/// `Chat`'s and `StartChat`'s arguments as a request (over `defaults`, the package's sampling),
+/// or why they are refused. Pure: the `dbus_options` fuzz target calls it on arbitrary
+/// D-Bus-encoded arguments.
+pub fn chat_request_from(
+    messages: Vec<(String, String)>,
+    options: &Options,
+    defaults: SamplingParams,
+) -> Result<Request, ServiceError> {
+    let map = options_json(options)?;
+    request_with(defaults, chat_input(messages, &map)?, &map)
+}
+
+/// `Complete`'s arguments as a request, or why they are refused.
+pub fn complete_request_from(
+    prompt: String,
+    options: &Options,
+    defaults: SamplingParams,
+) -> Result<Request, ServiceError> {
+    let map = options_json(options)?;
+    if map.contains_key("messages") {
+        return Err(invalid("messages: Complete takes a prompt; use Chat"));
+    }
+    request_with(defaults, super::complete_input(prompt)?, &map)
 }
 
 /// A chat's history: the `a(ss)` argument, or (for histories with tool calls, which `a(ss)`
@@ -191,22 +218,8 @@ fn chat_input(
     }
 }
 
-fn chat_request(
-    svc: &super::Inference,
-    messages: Vec<(String, String)>,
-    options: &Options,
-) -> Result<Request, Error> {
-    counted(svc, options, |map| chat_input(messages, map))
-}
-
 /// The request, or why it is refused (counted in the metrics as a D-Bus refusal).
-fn counted(
-    svc: &super::Inference,
-    options: &Options,
-    input: impl FnOnce(&Map<String, Value>) -> Result<crate::api::Input, ServiceError>,
-) -> Result<Request, Error> {
-    let req = options_json(options)
-        .and_then(|map| input(&map).and_then(|input| request_with(svc, input, &map)));
+fn counted(svc: &super::Inference, req: Result<Request, ServiceError>) -> Result<Request, Error> {
     if let Err(e) = &req {
         svc.refused(Origin::dbus, e);
     }
@@ -290,7 +303,10 @@ impl Inference {
         messages: Vec<(String, String)>,
         options: Options,
     ) -> Result<(String, Stats), Error> {
-        let req = chat_request(&self.svc, messages, &options)?;
+        let req = counted(
+            &self.svc,
+            chat_request_from(messages, &options, self.svc.default_sampling()),
+        )?;
         self.run_to_end(conn, &hdr, req).await
     }
 
@@ -303,12 +319,10 @@ impl Inference {
         prompt: String,
         options: Options,
     ) -> Result<(String, Stats), Error> {
-        let req = counted(&self.svc, &options, |map| {
-            if map.contains_key("messages") {
-                return Err(invalid("messages: Complete takes a prompt; use Chat"));
-            }
-            super::complete_input(prompt)
-        })?;
+        let req = counted(
+            &self.svc,
+            complete_request_from(prompt, &options, self.svc.default_sampling()),
+        )?;
         self.run_to_end(conn, &hdr, req).await
     }
 
@@ -323,7 +337,10 @@ impl Inference {
         messages: Vec<(String, String)>,
         options: Options,
     ) -> Result<OwnedObjectPath, Error> {
-        let req = chat_request(&self.svc, messages, &options)?;
+        let req = counted(
+            &self.svc,
+            chat_request_from(messages, &options, self.svc.default_sampling()),
+        )?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let path =
             OwnedObjectPath::try_from(format!("{OBJECT_PATH}/request/{}", unguessable_name(id)))

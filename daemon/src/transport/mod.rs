@@ -12,7 +12,7 @@ pub mod mqtt;
 
 use std::sync::Arc;
 
-use serde_json::{Map, Value};
+use serde_json::{Map, Value, json};
 use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
 
@@ -322,6 +322,74 @@ pub fn parse_options(
         .validate()
         .map_err(|e| invalid(e.to_string()))?;
     Ok(())
+}
+
+/// A request as the JSON fields the transports read (`messages` or `prompt`, then the options
+/// of [`parse_options`]): the inverse of parsing, so that parsing these fields gives the same
+/// request again. The sampling values are written whether or not they are the defaults (the
+/// fields stand alone); f32 values widen exactly. The fuzz targets `mqtt_request` and
+/// `dbus_options` check the round trip on every request they parse.
+pub fn request_fields(req: &Request) -> Map<String, Value> {
+    use crate::tools::ToolChoice;
+    let mut m = Map::new();
+    match &req.input {
+        Input::Messages(msgs) => {
+            let msgs = serde_json::to_value(msgs).expect("messages serialize to JSON");
+            m.insert("messages".into(), msgs);
+        }
+        Input::Prompt { text, .. } => {
+            m.insert("prompt".into(), text.clone().into());
+        }
+    }
+    if let Some(n) = req.max_tokens {
+        m.insert("max_tokens".into(), n.into());
+    }
+    let s = &req.sampling;
+    let float = |f: f32| Value::from(f64::from(f));
+    m.insert("temperature".into(), float(s.temperature));
+    m.insert("top_p".into(), float(s.top_p));
+    m.insert("min_p".into(), float(s.min_p));
+    m.insert("repetition_penalty".into(), float(s.repetition_penalty));
+    m.insert("top_k".into(), s.top_k.into());
+    if let Some(seed) = s.seed {
+        m.insert("seed".into(), seed.into());
+    }
+    if !req.stop.is_empty() {
+        m.insert("stop".into(), req.stop.clone().into());
+    }
+    if let Some(e) = req.reasoning_effort {
+        m.insert("reasoning_effort".into(), e.as_str().into());
+    }
+    match &req.format {
+        None => {}
+        Some(Format::JsonObject) => {
+            m.insert("response_format".into(), json!({"type": "json_object"}));
+        }
+        Some(Format::JsonSchema { name, schema }) => {
+            m.insert(
+                "response_format".into(),
+                json!({"type": "json_schema", "json_schema": {"name": name, "schema": schema}}),
+            );
+        }
+        Some(Format::Lark(g)) => {
+            m.insert("grammar".into(), json!({"type": "lark", "value": g}));
+        }
+        Some(Format::Regex(r)) => {
+            m.insert("grammar".into(), json!({"type": "regex", "value": r}));
+        }
+    }
+    if let Some(t) = &req.tools {
+        m.insert("tools".into(), t.template_json());
+        let choice = match &t.choice {
+            ToolChoice::Auto => json!("auto"),
+            ToolChoice::None => json!("none"),
+            ToolChoice::Required => json!("required"),
+            ToolChoice::Function(name) => json!({"type": "function", "function": {"name": name}}),
+        };
+        m.insert("tool_choice".into(), choice);
+        m.insert("parallel_tool_calls".into(), t.parallel.into());
+    }
+    m
 }
 
 /// A completion's `tool_calls` in OpenAI's shape (`[{"id", "type": "function", "function":

@@ -529,24 +529,7 @@ impl MqttTransport {
     /// Parses, routes and submits one request; every outcome ends in a reply.
     fn on_request(&mut self, p: Publish) {
         let props = p.properties.unwrap_or_default();
-        let parsed: Result<Map<String, Value>, ServiceError> = std::str::from_utf8(&p.payload)
-            .map_err(|e| {
-                invalid(format!(
-                    "payload is not valid UTF-8 (at byte {})",
-                    e.valid_up_to()
-                ))
-            })
-            .and_then(|text| {
-                super::parse_json(text)
-                    .map_err(|e| invalid(format!("payload is not valid JSON: {e}")))
-            })
-            .and_then(|v| match v {
-                Value::Object(m) => Ok(m),
-                other => Err(invalid(format!(
-                    "payload must be a JSON object, got {}",
-                    type_name(&other)
-                ))),
-            });
+        let parsed = payload_fields(&p.payload);
         let empty = Map::new();
         let fields = parsed.as_ref().unwrap_or(&empty);
 
@@ -567,7 +550,6 @@ impl MqttTransport {
             .and_then(Value::as_str)
             .map(str::to_string);
         let reply_to = reply_to.as_deref();
-        let valid_topic = |t: &str| !t.is_empty() && !t.contains(['+', '#']);
         let topic = match (&props.response_topic, reply_to) {
             (Some(t), _) if valid_topic(t) => t.clone(),
             (_, Some(t)) if valid_topic(t) => t.to_string(),
@@ -582,35 +564,12 @@ impl MqttTransport {
         };
 
         let checked = parsed.and_then(|fields| {
-            if p.payload.len() > self.cfg.max_payload_bytes {
-                return Err(invalid(format!(
-                    "payload of {} bytes exceeds the limit of {} (mqtt.max_payload_bytes)",
-                    p.payload.len(),
-                    self.cfg.max_payload_bytes
-                )));
-            }
-            if let Some(v) = id_field
-                && id_key(v).is_none()
-            {
-                return Err(invalid(
-                    "id: expected an integer or a string of 1 to 256 characters without + or #",
-                ));
-            }
-            if let Some(v) = fields.get("reply_to")
-                && !v.as_str().is_some_and(valid_topic)
-            {
-                return Err(invalid(
-                    "reply_to: expected a topic name (a non-empty string without + or #)",
-                ));
-            }
-            let stream = match fields.get("stream") {
-                None => true,
-                Some(Value::Bool(b)) => *b,
-                Some(_) => return Err(invalid("stream: expected a boolean")),
-            };
-            let mut req = build_request(&fields, self.svc.default_sampling())?;
-            req.stream = stream;
-            Ok((req, stream))
+            request_from_fields(
+                &fields,
+                p.payload.len(),
+                self.cfg.max_payload_bytes,
+                self.svc.default_sampling(),
+            )
         });
         let (req, stream) = match checked {
             Ok(r) => r,
@@ -669,6 +628,67 @@ fn id_key(v: &Value) -> Option<String> {
 }
 
 /// The request a payload asks for; `defaults` are the package's sampling settings.
+/// Whether `t` can be a reply topic: not empty, no wildcards.
+fn valid_topic(t: &str) -> bool {
+    !t.is_empty() && !t.contains(['+', '#'])
+}
+
+/// A request payload's fields: the JSON object it must be, or why it is not one.
+pub fn payload_fields(payload: &[u8]) -> Result<Map<String, Value>, ServiceError> {
+    let text = std::str::from_utf8(payload).map_err(|e| {
+        invalid(format!(
+            "payload is not valid UTF-8 (at byte {})",
+            e.valid_up_to()
+        ))
+    })?;
+    match super::parse_json(text).map_err(|e| invalid(format!("payload is not valid JSON: {e}")))? {
+        Value::Object(m) => Ok(m),
+        other => Err(invalid(format!(
+            "payload must be a JSON object, got {}",
+            type_name(&other)
+        ))),
+    }
+}
+
+/// The request a payload's fields ask for (over `defaults`, the package's sampling) and
+/// whether it streams, or why it is refused. Pure: the `mqtt_request` fuzz target calls it
+/// (with [`payload_fields`]) on arbitrary payloads.
+pub fn request_from_fields(
+    fields: &Map<String, Value>,
+    payload_len: usize,
+    max_payload_bytes: usize,
+    defaults: crate::sampler::SamplingParams,
+) -> Result<(Request, bool), ServiceError> {
+    if payload_len > max_payload_bytes {
+        return Err(invalid(format!(
+            "payload of {payload_len} bytes exceeds the limit of {max_payload_bytes} \
+             (mqtt.max_payload_bytes)"
+        )));
+    }
+    if let Some(v) = fields.get("id")
+        && id_key(v).is_none()
+    {
+        return Err(invalid(
+            "id: expected an integer or a string of 1 to 256 characters without + or #",
+        ));
+    }
+    if let Some(v) = fields.get("reply_to")
+        && !v.as_str().is_some_and(valid_topic)
+    {
+        return Err(invalid(
+            "reply_to: expected a topic name (a non-empty string without + or #)",
+        ));
+    }
+    let stream = match fields.get("stream") {
+        None => true,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(invalid("stream: expected a boolean")),
+    };
+    let mut req = build_request(fields, defaults)?;
+    req.stream = stream;
+    Ok((req, stream))
+}
+
 fn build_request(
     fields: &Map<String, Value>,
     defaults: crate::sampler::SamplingParams,
