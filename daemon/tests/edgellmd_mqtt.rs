@@ -46,11 +46,24 @@ fn spawn(
     node: &str,
     library: &str,
 ) -> Child {
+    spawn_with(dir, pkg, port, node, library, "", &[])
+}
+
+/// [`spawn`] with more configuration (`extra`: TOML lines for `[limits]`) and environment.
+fn spawn_with(
+    dir: &std::path::Path,
+    pkg: &std::path::Path,
+    port: u16,
+    node: &str,
+    library: &str,
+    limits: &str,
+    env: &[(&str, &std::ffi::OsStr)],
+) -> Child {
     let cfg = dir.join(format!("{node}.toml"));
     std::fs::write(
         &cfg,
         format!(
-            "[model]\npath = {:?}\nmax_length = 1024\n[onnxruntime]\nlibrary = {library:?}\n[dbus]\nenabled = false\n[mqtt]\nurl = \"mqtt://127.0.0.1:{port}\"\nnode_id = \"{node}\"\n",
+            "[model]\npath = {:?}\nmax_length = 1024\n[onnxruntime]\nlibrary = {library:?}\n[dbus]\nenabled = false\n[mqtt]\nurl = \"mqtt://127.0.0.1:{port}\"\nnode_id = \"{node}\"\n[limits]\n{limits}\n",
             pkg.display().to_string()
         ),
     )
@@ -59,6 +72,7 @@ fn spawn(
         .arg("--config")
         .arg(&cfg)
         .env_remove("NOTIFY_SOCKET")
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -340,4 +354,106 @@ async fn a_weights_file_truncated_under_the_daemon_is_a_named_failure() {
         stderr.contains("SIGBUS: a mapped file of the model package could not be read"),
         "{stderr}"
     );
+}
+
+/// Clock jumps (issue 17 §3: a device that boots without the time and gets it from NTP later):
+/// edgellmd runs under libfaketime (Debian's `faketime`), whose wall clock the test moves while
+/// the monotonic clock runs on. Deadlines are monotonic: a jump two days forward does not expire
+/// a request (it runs to its max_tokens), a jump a day back does not extend one (it still ends
+/// at its 6 s `request_timeout_s`, with `length` and part of its tokens).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wall_clock_jumps_neither_expire_nor_extend_requests() {
+    let lib = ["x86_64-linux-gnu", "aarch64-linux-gnu"]
+        .iter()
+        .map(|a| {
+            Path::new("/usr/lib")
+                .join(a)
+                .join("faketime/libfaketime.so.1")
+        })
+        .find(|p| p.exists())
+        .expect("libfaketime is missing: apt-get install faketime (.ci/run installs it)");
+    let tmp = tempfile::tempdir().unwrap();
+    let pkg = slow_package(tmp.path());
+    let broker = Mosquitto::start();
+    let (client, mut rx) =
+        subscriber(broker.port(), &["edgellm/+/status", "edgellm/+/response/#"]).await;
+    let clock = tmp.path().join("faketime");
+    std::fs::write(&clock, "+0\n").unwrap();
+    let env: [(&str, &std::ffi::OsStr); 4] = [
+        ("LD_PRELOAD", lib.as_os_str()),
+        ("FAKETIME_TIMESTAMP_FILE", clock.as_os_str()),
+        ("FAKETIME_CACHE_DURATION", "1".as_ref()),
+        ("DONT_FAKE_MONOTONIC", "1".as_ref()),
+    ];
+    let mut d = spawn_with(
+        tmp.path(),
+        &pkg,
+        broker.port(),
+        "clock",
+        "",
+        "request_timeout_s = 6",
+        &env,
+    );
+    until(&mut rx, |t, v| {
+        t == "edgellm/clock/status" && v["state"] == "online"
+    })
+    .await;
+
+    let ask = |id: &str, max_tokens: u32| {
+        let payload = json!({"id": id, "prompt": "Once upon a time", "max_tokens": max_tokens,
+                             "temperature": 0});
+        let client = client.clone();
+        async move {
+            client
+                .publish(
+                    "edgellm/clock/request",
+                    QoS::AtLeastOnce,
+                    false,
+                    payload.to_string(),
+                )
+                .await
+                .unwrap();
+        }
+    };
+    // Forward: after the first piece, the wall clock jumps two days ahead.
+    ask("fwd", 40).await;
+    until(&mut rx, |t, v| {
+        t == "edgellm/clock/response/fwd" && v["seq"] == 0
+    })
+    .await;
+    std::fs::write(&clock, "+2d\n").unwrap();
+    let (_, fin) = until(&mut rx, |t, v| {
+        t == "edgellm/clock/response/fwd" && v["done"] == true
+    })
+    .await;
+    let tokens = fin["usage"]["completion_tokens"].as_u64().unwrap();
+    assert!(
+        fin["finish_reason"] == "stop" || tokens == 40,
+        "a forward jump expired the request: {fin}"
+    );
+
+    // Back: a request that would take ~20 s; the wall clock falls a day behind.
+    std::fs::write(&clock, "-1d\n").unwrap();
+    let started = std::time::Instant::now();
+    ask("back", 1000).await;
+    until(&mut rx, |t, v| {
+        t == "edgellm/clock/response/back" && v["seq"] == 0
+    })
+    .await;
+    let (_, fin) = until(&mut rx, |t, v| {
+        t == "edgellm/clock/response/back" && v["done"] == true
+    })
+    .await;
+    let took = started.elapsed();
+    assert_eq!(fin["finish_reason"], "length", "{fin}");
+    assert!(
+        fin["usage"]["completion_tokens"].as_u64().unwrap() < 1000,
+        "the deadline did not end it: {fin}"
+    );
+    assert!(
+        took >= Duration::from_secs(5) && took < Duration::from_secs(30),
+        "a 6 s deadline ended the request after {took:?}"
+    );
+    d.kill().unwrap();
+    d.wait().unwrap();
 }

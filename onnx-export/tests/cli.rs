@@ -471,3 +471,68 @@ fn index_shards_outside_the_checkpoint_are_refused() {
         );
     }
 }
+
+/// Disk full while exporting (issue 17 §3): `--force` over a package on a tmpfs too small for
+/// the new one, mounted in a private mount namespace (it needs root: CI runs as root; elsewhere
+/// `sudo -E scripts/test.sh`). The export fails with the cause named once, leaves nothing
+/// behind, and the package it would have replaced is intact, byte for byte.
+#[test]
+fn disk_full_while_exporting_fails_cleanly_and_keeps_the_old_package() {
+    let uid = Command::new("id").arg("-u").output().expect("id -u");
+    assert_eq!(
+        String::from_utf8_lossy(&uid.stdout).trim(),
+        "0",
+        "this test mounts a small tmpfs and needs root: run `sudo -E scripts/test.sh` (CI runs \
+         as root)"
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let (mnt, out) = (tmp.path().join("mnt"), tmp.path().join("out"));
+    std::fs::create_dir_all(&mnt).unwrap();
+    std::fs::create_dir_all(&out).unwrap();
+    // An int4 package of the qwen2 fixture takes ~0.9 MB, its fp32 one ~2.3 MB: 1600 KiB holds
+    // the first and not the second beside it.
+    let script = r#"set -e
+mount -t tmpfs -o size=1600k edgellm-disk-full "$1"
+"$2" --hf "$3" --out "$1/pkg" --precision int4 >/dev/null 2>&1
+(cd "$1/pkg" && sha256sum -- *) > "$4/before"
+set +e
+"$2" --hf "$3" --out "$1/pkg" --precision fp32 --force > /dev/null 2> "$4/stderr"
+echo $? > "$4/rc"
+(cd "$1/pkg" && sha256sum -- *) > "$4/after"
+ls -A "$1" > "$4/entries"
+"#;
+    let o = Command::new("unshare")
+        .args([
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            script,
+            "sh",
+        ])
+        .arg(&mnt)
+        .arg(env!("CARGO_BIN_EXE_edgellm-export"))
+        .arg(fixture("qwen2"))
+        .arg(&out)
+        .output()
+        .expect("unshare (util-linux) runs");
+    assert!(
+        o.status.success(),
+        "the namespace script failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let read = |f: &str| std::fs::read_to_string(out.join(f)).unwrap();
+    let stderr = read("stderr");
+    assert_eq!(read("rc").trim(), "1", "{stderr}");
+    assert_eq!(
+        stderr.matches("No space left on device").count(),
+        1,
+        "the cause, named once: {stderr}"
+    );
+    assert!(stderr.contains("edgellm-export: error:"), "{stderr}");
+    assert!(read("before").lines().count() >= 8, "{}", read("before"));
+    assert_eq!(read("before"), read("after"), "the old package changed");
+    assert_eq!(read("entries").trim(), "pkg", "something was left behind");
+    eprintln!("refused as: {stderr}");
+}
