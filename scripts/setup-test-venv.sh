@@ -29,6 +29,9 @@ pins=(
     "prometheus-client==0.26.0"
     "jsonschema==4.26.0"
     "lark==1.3.1"
+    # scripts/soak.sh: its MQTT clients and its RSS plot.
+    "paho-mqtt==2.2.0"
+    "matplotlib==3.10.9"
 )
 
 log() { echo "setup-test-venv: $*" >&2; }
@@ -42,6 +45,6 @@ if pins_satisfied; then
 fi
 command -v "$python" >/dev/null || { log "'$python' not found (set PYTHON=/path/to/python3)"; exit 1; }
 install_pins ""
-"$venv/bin/python" -c 'import openai, ollama, prometheus_client, jsonschema, lark' || { log "import check failed"; exit 1; }
+"$venv/bin/python" -c 'import openai, ollama, prometheus_client, jsonschema, lark, paho.mqtt, matplotlib' || { log "import check failed"; exit 1; }
 log "ready: $venv"
 echo "$venv/bin/python"
