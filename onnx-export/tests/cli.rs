@@ -68,11 +68,22 @@ fn assert_fails(hf: &Path, tmp: &Path, expected: &[&str]) {
 }
 
 fn edit_config(dir: &Path, f: impl FnOnce(&mut serde_json::Value)) {
-    let p = dir.join("config.json");
+    edit_json(&dir.join("config.json"), f);
+}
+
+/// Rewrites the JSON file `p` through `f`.
+fn edit_json(p: &Path, f: impl FnOnce(&mut serde_json::Value)) {
     let mut v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
     f(&mut v);
-    std::fs::write(&p, serde_json::to_string(&v).unwrap()).unwrap();
+    std::fs::write(p, serde_json::to_string(&v).unwrap()).unwrap();
+}
+
+/// Rewrites the checkpoint's `model.safetensors.index.json` weight map through `f`.
+fn edit_weight_map(dir: &Path, f: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>)) {
+    edit_json(&dir.join("model.safetensors.index.json"), |idx| {
+        f(idx["weight_map"].as_object_mut().unwrap())
+    });
 }
 
 #[test]
@@ -165,18 +176,15 @@ fn missing_tensor_is_named() {
     let tmp = tempfile::tempdir().unwrap();
     let hf = copy_fixture("llama", tmp.path());
     // Drop the last shard from the index: its tensors disappear from the checkpoint.
-    let p = hf.join("model.safetensors.index.json");
-    let mut idx: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
-    let map = idx["weight_map"].as_object_mut().unwrap();
-    let last = map
-        .values()
-        .filter_map(|v| v.as_str())
-        .max()
-        .unwrap()
-        .to_string();
-    map.retain(|_, f| f.as_str() != Some(last.as_str()));
-    std::fs::write(&p, idx.to_string()).unwrap();
+    edit_weight_map(&hf, |map| {
+        let last = map
+            .values()
+            .filter_map(|v| v.as_str())
+            .max()
+            .unwrap()
+            .to_string();
+        map.retain(|_, f| f.as_str() != Some(last.as_str()));
+    });
     assert_fails(
         &hf,
         tmp.path(),
@@ -453,13 +461,10 @@ fn index_shards_outside_the_checkpoint_are_refused() {
     for outside in ["/etc/hostname", "../model-00001-of-00003.safetensors"] {
         let tmp = tempfile::tempdir().unwrap();
         let hf = copy_fixture("llama", tmp.path());
-        let p = hf.join("model.safetensors.index.json");
-        let mut idx: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
-        let map = idx["weight_map"].as_object_mut().unwrap();
-        let first = map.keys().next().unwrap().clone();
-        map[&first] = outside.into();
-        std::fs::write(&p, idx.to_string()).unwrap();
+        edit_weight_map(&hf, |map| {
+            let first = map.keys().next().unwrap().clone();
+            map[&first] = outside.into();
+        });
         assert_fails(
             &hf,
             tmp.path(),
