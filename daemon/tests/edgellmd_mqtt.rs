@@ -416,6 +416,7 @@ async fn wall_clock_jumps_neither_expire_nor_extend_requests() {
         }
     };
     // Forward: after the first piece, the wall clock jumps two days ahead.
+    let started = std::time::Instant::now();
     ask("fwd", 40).await;
     until(&mut rx, |t, v| {
         t == "edgellm/clock/response/fwd" && v["seq"] == 0
@@ -426,10 +427,14 @@ async fn wall_clock_jumps_neither_expire_nor_extend_requests() {
         t == "edgellm/clock/response/fwd" && v["done"] == true
     })
     .await;
+    let took = started.elapsed();
     let tokens = fin["usage"]["completion_tokens"].as_u64().unwrap();
+    // On a loaded machine (CI runs this file's tests side by side) 40 tokens may take longer
+    // than the 6 s deadline: ending then, by the monotonic clock, is the deadline working. An
+    // expiry caused by the jump comes within a second or two of the first piece.
     assert!(
-        fin["finish_reason"] == "stop" || tokens == 40,
-        "a forward jump expired the request: {fin}"
+        fin["finish_reason"] == "stop" || tokens == 40 || took >= Duration::from_secs(6),
+        "a forward jump expired the request after {took:?}: {fin}"
     );
 
     // Back: a request that would take ~20 s; the wall clock falls a day behind.
