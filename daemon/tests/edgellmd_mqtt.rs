@@ -127,6 +127,30 @@ async fn until(
     }
 }
 
+/// Asks `node` for a greedy 12-token completion; its text.
+async fn ask(
+    client: &AsyncClient,
+    rx: &mut mpsc::UnboundedReceiver<(String, Value)>,
+    node: &str,
+    id: &str,
+) -> String {
+    let payload = json!({"id": id, "prompt": "Once upon a time", "max_tokens": 12,
+                         "temperature": 0});
+    client
+        .publish(
+            format!("edgellm/{node}/request"),
+            QoS::AtLeastOnce,
+            false,
+            payload.to_string(),
+        )
+        .await
+        .unwrap();
+    let topic = format!("edgellm/{node}/response/{id}");
+    let (_, fin) = until(rx, |t, v| t == topic && v["done"] == true).await;
+    assert!(fin["error"].is_null(), "{fin}");
+    fin["text"].as_str().unwrap().to_owned()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_mid_generation_and_the_last_will() {
     let tmp = tempfile::tempdir().unwrap();
@@ -354,6 +378,98 @@ async fn a_weights_file_truncated_under_the_daemon_is_a_named_failure() {
         stderr.contains("SIGBUS: a mapped file of the model package could not be read"),
         "{stderr}"
     );
+}
+
+/// A package replaced under a running daemon the way docs/model-package.md says (the new package
+/// in a folder of its own, the configured path switched to it atomically: here the `default`
+/// symlink renamed over; the old folder then deleted, as an update tool would): edgellmd keeps
+/// answering from the package it loaded, since its files stay open and mapped until it exits, and
+/// nothing is read from the path again while it runs; after a restart it serves the new one.
+/// (The ONNX Runtime backend, which maps the weights; tract copies them at load.)
+#[cfg(feature = "ort")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_package_replaced_under_the_daemon_serves_the_old_one_until_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
+    let export = |name: &str| {
+        let out = tmp.path().join(name);
+        edgellm_export::export(
+            &fixtures.join(name).join("checkpoint"),
+            &out,
+            &edgellm_export::ExportOptions {
+                max_length: Some(256),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        out
+    };
+    let (old, new) = (export("qwen2"), export("llama"));
+    let link = tmp.path().join("default");
+    std::os::unix::fs::symlink(&old, &link).unwrap();
+    let broker = Mosquitto::start();
+    let (client, mut rx) =
+        subscriber(broker.port(), &["edgellm/+/status", "edgellm/+/response/#"]).await;
+    let cfg = tmp.path().join("swap.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[model]\npath = {:?}\nbackend = \"ort\"\nmax_length = 256\n[dbus]\nenabled = false\n\
+             [mqtt]\nurl = \"mqtt://127.0.0.1:{}\"\nnode_id = \"swap\"\n",
+            link.display().to_string(),
+            broker.port()
+        ),
+    )
+    .unwrap();
+    let start = || {
+        Command::new(env!("CARGO_BIN_EXE_edgellmd"))
+            .arg("--config")
+            .arg(&cfg)
+            .env_remove("NOTIFY_SOCKET")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut d = start();
+    until(&mut rx, |t, v| {
+        t == "edgellm/swap/status" && v["state"] == "online"
+    })
+    .await;
+    let before = ask(&client, &mut rx, "swap", "before").await;
+    let next = tmp.path().join("default.next");
+    std::os::unix::fs::symlink(&new, &next).unwrap();
+    std::fs::rename(&next, &link).unwrap();
+    std::fs::remove_dir_all(&old).unwrap();
+    let during = ask(&client, &mut rx, "swap", "during").await;
+    assert_eq!(
+        during, before,
+        "the running daemon read the replaced package's path again"
+    );
+    assert!(d.try_wait().unwrap().is_none(), "edgellmd exited");
+
+    let kill = Command::new("kill")
+        .args(["-TERM", &d.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    assert!(d.wait().unwrap().success());
+    until(&mut rx, |t, v| {
+        t == "edgellm/swap/status" && v["state"] == "offline"
+    })
+    .await;
+    let mut d = start();
+    until(&mut rx, |t, v| {
+        t == "edgellm/swap/status" && v["state"] == "online"
+    })
+    .await;
+    let after = ask(&client, &mut rx, "swap", "after").await;
+    assert_ne!(
+        after, before,
+        "the restarted daemon still served the old package"
+    );
+    d.kill().unwrap();
+    d.wait().unwrap();
 }
 
 /// Clock jumps (issue 17 §3: a device that boots without the time and gets it from NTP later):
