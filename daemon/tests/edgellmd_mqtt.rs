@@ -128,6 +128,7 @@ async fn until(
 }
 
 /// Asks `node` for a greedy 12-token completion; its text.
+#[cfg(feature = "ort")]
 async fn ask(
     client: &AsyncClient,
     rx: &mut mpsc::UnboundedReceiver<(String, Value)>,

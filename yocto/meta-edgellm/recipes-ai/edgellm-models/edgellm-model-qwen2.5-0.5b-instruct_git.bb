@@ -10,15 +10,14 @@ SECTION = "ai"
 LICENSE = "Apache-2.0"
 LIC_FILES_CHKSUM = "file://${COMMON_LICENSE_DIR}/Apache-2.0;md5=89aea4e17d99a7cacdbeed46a0096b10"
 
-DEPENDS += "edgellm-export-native git-lfs-native"
+DEPENDS += "edgellm-export-native"
 
-# The checkpoint, with its weights (git LFS). Pin SRCREV to the commit you validated.
+# The checkpoint, with its weights (git LFS). Pin SRCREV to the commit you validated. bitbake's
+# git fetcher runs the build host's git-lfs (OE-core links it from HOSTTOOLS_NONFATAL; no recipe
+# provides a native one): install git-lfs on the build host.
 PV = "1.0+git"
 SRC_URI = "git://huggingface.co/Qwen/Qwen2.5-0.5B-Instruct;protocol=https;branch=main;lfs=1"
 SRCREV ?= "${AUTOREV}"
-
-UNPACKDIR ??= "${WORKDIR}"
-S = "${UNPACKDIR}/git"
 
 inherit allarch
 

@@ -13,9 +13,6 @@ PV = "0.1.0+git"
 SRC_URI = "${EDGELLM_GIT_URI}"
 SRCREV ?= "${AUTOREV}"
 
-UNPACKDIR ??= "${WORKDIR}"
-S = "${UNPACKDIR}/git"
-
 inherit cargo cargo-update-recipe-crates
 
 # The same Cargo.lock, so the same crate list as edgellm.

@@ -11,4 +11,3 @@ EDGELLM_MODEL_PACKAGE ?= "edgellm-model-qwen2.5-0.5b-instruct"
 
 RDEPENDS:${PN} = "dbus edgellm"
 RDEPENDS:${PN} += "${EDGELLM_MODEL_PACKAGE}"
-RRECOMMENDS:${PN} = "mosquitto-clients"
