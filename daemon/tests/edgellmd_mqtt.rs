@@ -127,6 +127,23 @@ async fn until(
     }
 }
 
+/// A configuration (`DIR/NODE.toml`) serving `pkg` on ONNX Runtime (which maps the weights) over
+/// MQTT only, `max_length` 256.
+#[cfg(feature = "ort")]
+fn ort_config(dir: &Path, pkg: &Path, port: u16, node: &str) -> std::path::PathBuf {
+    let cfg = dir.join(format!("{node}.toml"));
+    std::fs::write(
+        &cfg,
+        format!(
+            "[model]\npath = {:?}\nbackend = \"ort\"\nmax_length = 256\n[dbus]\nenabled = false\n\
+             [mqtt]\nurl = \"mqtt://127.0.0.1:{port}\"\nnode_id = \"{node}\"\n",
+            pkg.display().to_string()
+        ),
+    )
+    .unwrap();
+    cfg
+}
+
 /// Asks `node` for a greedy 12-token completion; its text.
 #[cfg(feature = "ort")]
 async fn ask(
@@ -319,17 +336,7 @@ async fn a_weights_file_truncated_under_the_daemon_is_a_named_failure() {
     .unwrap();
     let broker = Mosquitto::start();
     let (client, mut rx) = subscriber(broker.port(), &["edgellm/+/status"]).await;
-    let cfg = tmp.path().join("bus.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[model]\npath = {:?}\nbackend = \"ort\"\nmax_length = 256\n[dbus]\nenabled = false\n\
-             [mqtt]\nurl = \"mqtt://127.0.0.1:{}\"\nnode_id = \"bus\"\n",
-            pkg.display().to_string(),
-            broker.port()
-        ),
-    )
-    .unwrap();
+    let cfg = ort_config(tmp.path(), &pkg, broker.port(), "bus");
     let d = Command::new(env!("CARGO_BIN_EXE_edgellmd"))
         .arg("--config")
         .arg(&cfg)
@@ -411,17 +418,7 @@ async fn a_package_replaced_under_the_daemon_serves_the_old_one_until_restart() 
     let broker = Mosquitto::start();
     let (client, mut rx) =
         subscriber(broker.port(), &["edgellm/+/status", "edgellm/+/response/#"]).await;
-    let cfg = tmp.path().join("swap.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[model]\npath = {:?}\nbackend = \"ort\"\nmax_length = 256\n[dbus]\nenabled = false\n\
-             [mqtt]\nurl = \"mqtt://127.0.0.1:{}\"\nnode_id = \"swap\"\n",
-            link.display().to_string(),
-            broker.port()
-        ),
-    )
-    .unwrap();
+    let cfg = ort_config(tmp.path(), &link, broker.port(), "swap");
     let start = || {
         Command::new(env!("CARGO_BIN_EXE_edgellmd"))
             .arg("--config")
