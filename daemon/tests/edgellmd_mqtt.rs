@@ -127,6 +127,25 @@ async fn until(
     }
 }
 
+/// The fixture checkpoint `name` (tests/fixtures) exported with `max_length` 256 to `DIR/NAME`.
+#[cfg(feature = "ort")]
+fn fixture_package(dir: &Path, name: &str) -> std::path::PathBuf {
+    let out = dir.join(name);
+    edgellm_export::export(
+        &Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures")
+            .join(name)
+            .join("checkpoint"),
+        &out,
+        &edgellm_export::ExportOptions {
+            max_length: Some(256),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    out
+}
+
 /// A configuration (`DIR/NODE.toml`) serving `pkg` on ONNX Runtime (which maps the weights) over
 /// MQTT only, `max_length` 256.
 #[cfg(feature = "ort")]
@@ -324,16 +343,7 @@ async fn ask_repeat_uses_one_connection_and_times_each_request() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_weights_file_truncated_under_the_daemon_is_a_named_failure() {
     let tmp = tempfile::tempdir().unwrap();
-    let pkg = tmp.path().join("pkg");
-    edgellm_export::export(
-        &Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/qwen2/checkpoint"),
-        &pkg,
-        &edgellm_export::ExportOptions {
-            max_length: Some(256),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let pkg = fixture_package(tmp.path(), "qwen2");
     let broker = Mosquitto::start();
     let (client, mut rx) = subscriber(broker.port(), &["edgellm/+/status"]).await;
     let cfg = ort_config(tmp.path(), &pkg, broker.port(), "bus");
@@ -398,21 +408,10 @@ async fn a_weights_file_truncated_under_the_daemon_is_a_named_failure() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_package_replaced_under_the_daemon_serves_the_old_one_until_restart() {
     let tmp = tempfile::tempdir().unwrap();
-    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
-    let export = |name: &str| {
-        let out = tmp.path().join(name);
-        edgellm_export::export(
-            &fixtures.join(name).join("checkpoint"),
-            &out,
-            &edgellm_export::ExportOptions {
-                max_length: Some(256),
-                ..Default::default()
-            },
-        )
-        .unwrap();
-        out
-    };
-    let (old, new) = (export("qwen2"), export("llama"));
+    let (old, new) = (
+        fixture_package(tmp.path(), "qwen2"),
+        fixture_package(tmp.path(), "llama"),
+    );
     let link = tmp.path().join("default");
     std::os::unix::fs::symlink(&old, &link).unwrap();
     let broker = Mosquitto::start();
