@@ -229,10 +229,16 @@ fn int4_embeddings_stay_close(name: &str, choice: BackendChoice) {
 #[cfg(all(feature = "ort", feature = "tract"))]
 fn int4_tract_agrees_with_ort(name: &str) {
     // scripts/test.sh runs this file once more with EDGELLM_TRACT_PORTABLE=1: the portable
-    // kernels (what aarch64 runs) must then be the ones compared.
+    // kernels (what a CPU without AVX2 or NEON runs) must then be the ones compared.
     let want = match std::env::var_os("EDGELLM_TRACT_PORTABLE") {
         Some(_) => "portable",
-        None if cfg!(target_arch = "x86_64") && std::is_x86_feature_detected!("avx2") => "avx2",
+        #[cfg(target_arch = "x86_64")]
+        None if std::is_x86_feature_detected!("avx2") => "avx2",
+        #[cfg(target_arch = "aarch64")]
+        None if std::arch::is_aarch64_feature_detected!("dotprod") => "neon-dotprod",
+        #[cfg(target_arch = "aarch64")]
+        None => "neon",
+        #[cfg(not(target_arch = "aarch64"))]
         None => "portable",
     };
     assert_eq!(edgellm::backend::tract::int_kernels(), want);

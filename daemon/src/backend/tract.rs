@@ -43,10 +43,10 @@ use tract_onnx::prelude::*;
 use super::{Backend, BackendError, BackendOptions, KvSnapshot};
 use crate::package::Package;
 
-/// The integer kernels `MatMulNBits` runs here: `"avx2"` or `"portable"` (aarch64, x86
-/// without AVX2, or `EDGELLM_TRACT_PORTABLE` set).
+/// The integer kernels `MatMulNBits` runs here: `"avx2"`, `"neon-dotprod"`, `"neon"` or
+/// `"portable"` (another CPU, or `EDGELLM_TRACT_PORTABLE` set).
 pub fn int_kernels() -> &'static str {
-    if matmul::avx2() { "avx2" } else { "portable" }
+    edgellm_kernels::kernel().name()
 }
 
 fn rt(context: impl Into<String>) -> impl FnOnce(TractError) -> BackendError {
@@ -212,6 +212,10 @@ impl std::fmt::Debug for TractBackend {
 impl TractBackend {
     pub fn load(pkg: &Package, opts: &BackendOptions) -> Result<Self, BackendError> {
         set_executor(opts.threads);
+        tracing::info!(
+            int_kernels = int_kernels(),
+            "tract: MatMulNBits integer kernels"
+        );
         let graph = pkg.graph_path();
         let ctx = format!("loading {} with tract", graph.display());
         let d = &pkg.config.model.decoder;

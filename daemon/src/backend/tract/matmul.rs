@@ -15,8 +15,9 @@
 //! The product quantizes each activation row to int8 in sub-blocks of 32 (one f32 scale per
 //! sub-block, round to nearest), which the packages' `accuracy_level = 4` allows and ONNX Runtime
 //! does as well (it uses one scale per weight block), and accumulates int8 x code dot products
-//! in i32: AVX2 on x86-64 when the CPU has it, portable code (auto-vectorized, NEON on aarch64)
-//! otherwise. A node with `accuracy_level` 0 or absent (ONNX Runtime's default: f32
+//! in i32: AVX2 on x86-64 when the CPU has it; on aarch64 NEON, with `sdot` when the CPU has
+//! the dot-product extension (chosen at run time: the `edgellm-kernels` crate, `kernels/`);
+//! portable code otherwise. A node with `accuracy_level` 0 or absent (ONNX Runtime's default: f32
 //! activations) is computed like ONNX Runtime does it then: each weight row dequantized to f32
 //! and multiplied with the f32 activations (slower; reference comparisons use it). Output rows
 //! are split across the backend's thread pool.
@@ -44,6 +45,8 @@ use rayon::prelude::*;
 use tract_onnx::model::{ParsingContext, optional_inputs};
 use tract_onnx::pb::NodeProto;
 use tract_onnx::tract_hir::internal::*;
+
+use edgellm_kernels::{QuantRow, dot4, dot8, kernel, quantize, row_dot};
 
 use super::common::{POOL, konst, konst_f32_vec, output};
 
@@ -272,255 +275,6 @@ impl TypedOp for NBitsMatMul {
     as_op!();
 }
 
-/// One activation row quantized to int8 in sub-blocks of 32, zero-padded to the weights' padded
-/// K (rounded up to 32). For 4-bit weights each sub-block is reordered to
-/// `[even positions | odd positions]` to meet the low and high nibbles of 16 weight bytes; for
-/// 8-bit weights it keeps its order.
-struct QuantRow {
-    q: Vec<i8>,
-    /// Per sub-block: the scale.
-    scale: Vec<f32>,
-    /// Per weight block: sum of scale x int8 values, what the zero points multiply.
-    block_sums: Vec<f32>,
-}
-
-/// Quantizes `x` (K values) for weights of `bits` in blocks of `block`, padded to `padded`
-/// values (`ceil(K/block) * block`).
-fn quantize(x: &[f32], bits: usize, block: usize, padded: usize) -> QuantRow {
-    let subs = padded.div_ceil(32);
-    let mut q = vec![0i8; subs * 32];
-    let mut scale = Vec::with_capacity(subs);
-    // Scaled sums per 16 values for block 16, else per sub-block.
-    let mut sums = Vec::with_capacity(if block == 16 { 2 * subs } else { subs });
-    let mut padded_tail = [0f32; 32];
-    for j in 0..subs {
-        let xs = &x[(32 * j).min(x.len())..(32 * j + 32).min(x.len())];
-        let xs: &[f32] = if xs.len() == 32 {
-            xs
-        } else {
-            padded_tail.fill(0.0);
-            padded_tail[..xs.len()].copy_from_slice(xs);
-            &padded_tail
-        };
-        let max = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let s = max / 127.0;
-        let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
-        let out = &mut q[j * 32..(j + 1) * 32];
-        // Sums of the first and the last 16 positions.
-        let (mut s0, mut s1) = (0i32, 0i32);
-        if bits == 4 {
-            for i in 0..16 {
-                let (e, o) = (
-                    (xs[2 * i] * inv).round() as i8,
-                    (xs[2 * i + 1] * inv).round() as i8,
-                );
-                out[i] = e;
-                out[16 + i] = o;
-                if i < 8 {
-                    s0 += e as i32 + o as i32;
-                } else {
-                    s1 += e as i32 + o as i32;
-                }
-            }
-        } else {
-            for i in 0..32 {
-                let v = (xs[i] * inv).round() as i8;
-                out[i] = v;
-                if i < 16 {
-                    s0 += v as i32;
-                } else {
-                    s1 += v as i32;
-                }
-            }
-        }
-        scale.push(s);
-        if block == 16 {
-            sums.push(s * s0 as f32);
-            sums.push(s * s1 as f32);
-        } else {
-            sums.push(s * (s0 + s1) as f32);
-        }
-    }
-    let per_block = if block == 16 { 1 } else { block / 32 };
-    let blocks = padded / block;
-    QuantRow {
-        q,
-        scale,
-        block_sums: sums
-            .chunks(per_block)
-            .take(blocks)
-            .map(|c| c.iter().sum())
-            .collect(),
-    }
-}
-
-/// One 4-bit sub-block's dot product over bytes `range` (of 16): raw nibbles x reordered int8.
-#[inline(always)]
-fn dot4(wb: &[u8], xb: &[i8], range: std::ops::Range<usize>) -> i32 {
-    let mut d = 0i32;
-    for i in range {
-        d += (wb[i] & 0x0f) as i32 * xb[i] as i32 + (wb[i] >> 4) as i32 * xb[16 + i] as i32;
-    }
-    d
-}
-
-/// One 8-bit sub-block's dot product over positions `range` (of 32): `(code - 128)` x int8.
-#[inline(always)]
-fn dot8(wb: &[u8], xb: &[i8], range: std::ops::Range<usize>) -> i32 {
-    let mut d = 0i32;
-    for i in range {
-        d += (wb[i] as i32 - 128) * xb[i] as i32;
-    }
-    d
-}
-
-/// One row's `sum over the first subs 32-value sub-blocks j` of weight scale x `xs[j]` x the
-/// int dot product, on the codes as [`dot4`]/[`dot8`] see them (the zero points are applied by
-/// the caller). `w`: the row's bytes; `ws`: its block scales; `xs`: x's sub-block scales;
-/// `shift`: log2 of the sub-blocks per weight block (block >= 32). `B16`: block 16, two weight
-/// blocks per sub-block.
-#[inline]
-fn row_dot_portable<const BITS: usize, const B16: bool>(
-    w: &[u8],
-    q: &[i8],
-    ws: &[f32],
-    xs: &[f32],
-    shift: u32,
-    subs: usize,
-) -> f32 {
-    let bytes = 4 * BITS;
-    let mut acc = 0f32;
-    for (j, (wb, xb)) in w
-        .chunks_exact(bytes)
-        .zip(q.chunks_exact(32))
-        .take(subs)
-        .enumerate()
-    {
-        if B16 {
-            let (d0, d1) = if BITS == 4 {
-                (dot4(wb, xb, 0..8), dot4(wb, xb, 8..16))
-            } else {
-                (dot8(wb, xb, 0..16), dot8(wb, xb, 16..32))
-            };
-            acc += xs[j] * (ws[2 * j] * d0 as f32 + ws[2 * j + 1] * d1 as f32);
-        } else {
-            let d = if BITS == 4 {
-                dot4(wb, xb, 0..16)
-            } else {
-                dot8(wb, xb, 0..32)
-            };
-            acc += ws[j >> shift] * xs[j] * d as f32;
-        }
-    }
-    acc
-}
-
-/// [`row_dot_portable`] with AVX2.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn row_dot_avx2<const BITS: usize, const B16: bool>(
-    w: &[u8],
-    q: &[i8],
-    ws: &[f32],
-    xs: &[f32],
-    shift: u32,
-    subs: usize,
-) -> f32 {
-    use std::arch::x86_64::*;
-    let bytes = 4 * BITS;
-    assert!(w.len() >= subs * bytes && q.len() >= subs * 32 && xs.len() >= subs);
-    if B16 {
-        assert!(ws.len() >= 2 * subs);
-    } else {
-        assert!(ws.len() << shift >= subs);
-    }
-    let low = _mm_set1_epi8(0x0f);
-    let flip = _mm256_set1_epi8(-128);
-    let ones = _mm256_set1_epi16(1);
-    let mut acc = _mm256_setzero_ps();
-    for j in 0..subs {
-        // SAFETY: j < subs, so the 32 values at q[j * 32] are in bounds (asserted above).
-        let x = unsafe { _mm256_loadu_si256(q.as_ptr().add(j * 32) as *const __m256i) };
-        // i32 lanes: 4 bits, lanes 0-1 and 4-5 hold positions 0..16 (low and high nibbles of
-        // bytes 0..8), lanes 2-3 and 6-7 positions 16..32; 8 bits, lanes 0-3 positions 0..16.
-        let p = if BITS == 4 {
-            // SAFETY: the 16 bytes at w[j * 16] are in bounds (asserted above).
-            let v = unsafe { _mm_loadu_si128(w.as_ptr().add(j * 16) as *const __m128i) };
-            let lo = _mm_and_si128(v, low);
-            let hi = _mm_and_si128(_mm_srli_epi16(v, 4), low);
-            let wv = _mm256_set_m128i(hi, lo);
-            // u8 (0..15) x i8 pairs summed to i16 (|sum| <= 2 * 15 * 128), then to i32.
-            _mm256_madd_epi16(_mm256_maddubs_epi16(wv, x), ones)
-        } else {
-            // SAFETY: the 32 bytes at w[j * 32] are in bounds (asserted above).
-            let v = unsafe { _mm256_loadu_si256(w.as_ptr().add(j * 32) as *const __m256i) };
-            // code - 128 as i8; |c| (u8, <= 128) x sign-adjusted x (|x| <= 127) pairs fit i16.
-            let c = _mm256_xor_si256(v, flip);
-            let p = _mm256_maddubs_epi16(_mm256_sign_epi8(c, c), _mm256_sign_epi8(x, c));
-            _mm256_madd_epi16(p, ones)
-        };
-        let scale = if B16 {
-            // SAFETY: 2 * j + 1 < ws.len() (asserted above); an unaligned 8-byte load.
-            let pair = unsafe { _mm_castpd_ps(_mm_load_sd(ws.as_ptr().add(2 * j) as *const f64)) };
-            let s = _mm_mul_ps(pair, _mm_set1_ps(xs[j]));
-            if BITS == 4 {
-                let s = _mm_unpacklo_ps(s, s);
-                _mm256_set_m128(s, s)
-            } else {
-                _mm256_set_m128(_mm_shuffle_ps(s, s, 0x55), _mm_shuffle_ps(s, s, 0))
-            }
-        } else {
-            _mm256_set1_ps(ws[j >> shift] * xs[j])
-        };
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scale, acc);
-    }
-    let s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-    _mm_cvtss_f32(s)
-}
-
-/// Whether the AVX2 kernels run: the CPU has AVX2 and FMA, and `EDGELLM_TRACT_PORTABLE` is
-/// not set (`scripts/test.sh` sets it for one pass of the package tests, so x86 CI also runs
-/// the portable code an aarch64 board runs).
-pub(super) fn avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static HAS: OnceLock<bool> = OnceLock::new();
-        *HAS.get_or_init(|| {
-            std::env::var_os("EDGELLM_TRACT_PORTABLE").is_none()
-                && is_x86_feature_detected!("avx2")
-                && is_x86_feature_detected!("fma")
-        })
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
-}
-
-/// One row's dot product over `subs` full sub-blocks: AVX2 when `use_avx2` (the CPU has it,
-/// [`avx2`]), else portable.
-#[inline(always)]
-fn row_dot<const BITS: usize, const B16: bool>(
-    use_avx2: bool,
-    w: &[u8],
-    x: &QuantRow,
-    ws: &[f32],
-    shift: u32,
-    subs: usize,
-) -> f32 {
-    if use_avx2 {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: the CPU has AVX2 and FMA (checked at run time by the caller).
-        unsafe {
-            row_dot_avx2::<BITS, B16>(w, &x.q, ws, &x.scale, shift, subs)
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        unreachable!()
-    } else {
-        row_dot_portable::<BITS, B16>(w, &x.q, ws, &x.scale, shift, subs)
-    }
-}
-
 impl NBitsMatMul {
     fn blocks(&self) -> usize {
         self.k.div_ceil(self.block)
@@ -602,7 +356,7 @@ impl NBitsMatMul {
         // What the dot product's codes are measured from: raw nibbles (4 bits) or code - 128.
         let center = if BITS == 4 { 0.0 } else { 128.0 };
         let default_zp = (1u32 << (BITS - 1)) as f32 - center;
-        let use_avx2 = avx2();
+        let kernel = kernel();
         let weights = self
             .weights
             .try_as_plain_ram()
@@ -633,7 +387,7 @@ impl NBitsMatMul {
                         }
                     }
                 };
-                let mut dot = row_dot::<BITS, B16>(use_avx2, w, x, ws, shift, subs);
+                let mut dot = row_dot::<BITS, B16>(kernel, w, x, ws, shift, subs);
                 if half {
                     // The last weight block fills only the first half of the last sub-block.
                     let xb = &x.q[subs * 32..subs * 32 + 32];

@@ -1,10 +1,10 @@
 //! [`super`]'s tests: every layout through a one-node graph against an f64 reference (and ONNX
-//! Runtime when a library is found), the portable loops against AVX2, and a timing of each layout.
+//! Runtime when a library is found), and a timing of each layout. The kernels against each
+//! other: the `edgellm-kernels` crate's tests.
 
 use edgellm_export::onnx::Attr;
 
 use super::super::test_graph::{Arg, Init, Input, Model, Rng, run_state};
-use super::*;
 
 /// A MatMulNBits layout and its random contents.
 struct Case {
@@ -405,57 +405,6 @@ fn explicit_default_zero_points_change_nothing() {
         let default = if bits == 4 { 0x88 } else { 0x80 };
         case.zero_points = Some(Zp::Packed(vec![default; case.n * per_row]));
         assert_eq!(case.check(), plain, "bits {bits} block {block}");
-    }
-}
-
-/// The portable loops give what the AVX2 ones give (the graph tests run AVX2 when the CPU
-/// has it), on every layout.
-#[test]
-fn portable_and_avx2_dot_products_agree() {
-    if !avx2() {
-        // aarch64, or the EDGELLM_TRACT_PORTABLE pass of scripts/test.sh: every other test
-        // of this file ran the portable code against ONNX Runtime and the reference.
-        eprintln!("AVX2 off: the graph tests ran the portable code");
-        return;
-    }
-    let mut rng = Rng::new(70);
-    for (bits, block, k) in [
-        (4, 32, 256),
-        (4, 64, 256),
-        (4, 16, 256),
-        (8, 32, 256),
-        (8, 128, 256),
-        (8, 16, 256),
-    ] {
-        let blocks = k / block;
-        let w = rng.u8s(k * bits / 8);
-        let ws = rng.f32s(blocks);
-        let x = quantize(&rng.f32s(k), bits, block, k);
-        let shift = (block / 32).max(1).trailing_zeros();
-        let subs = k / 32;
-        let (p, v) = match (bits, block == 16) {
-            (4, false) => (
-                row_dot_portable::<4, false>(&w, &x.q, &ws, &x.scale, shift, subs),
-                row_dot::<4, false>(true, &w, &x, &ws, shift, subs),
-            ),
-            (4, true) => (
-                row_dot_portable::<4, true>(&w, &x.q, &ws, &x.scale, shift, subs),
-                row_dot::<4, true>(true, &w, &x, &ws, shift, subs),
-            ),
-            (_, false) => (
-                row_dot_portable::<8, false>(&w, &x.q, &ws, &x.scale, shift, subs),
-                row_dot::<8, false>(true, &w, &x, &ws, shift, subs),
-            ),
-            (_, true) => (
-                row_dot_portable::<8, true>(&w, &x.q, &ws, &x.scale, shift, subs),
-                row_dot::<8, true>(true, &w, &x, &ws, shift, subs),
-            ),
-        };
-        let scale: f32 = ws.iter().map(|s| s.abs()).sum::<f32>() * 255.0;
-        assert!(
-            (p - v).abs() <= 1e-5 * scale,
-            "bits {bits} block {block}: portable {p}, AVX2 {v}"
-        );
     }
 }
 
