@@ -3,7 +3,10 @@
 # `--target TRIPLE` (e.g. aarch64-unknown-linux-gnu, with a cross toolchain set up as
 # cargo-deb's README describes), and print its path.
 #
-#   scripts/build-deb.sh [--target TRIPLE] [--profile PROFILE]
+#   scripts/build-deb.sh [--target TRIPLE] [--profile PROFILE] [--no-build]
+#
+# `--no-build` packages binaries already built (scripts/build-aarch64.sh cross-builds them in a
+# Debian sid chroot, since rustup cannot fetch an aarch64 standard library here).
 #
 # `--profile dev` packages the binaries `cargo test` already built (target/debug): CI uses it to
 # check the packaging (contents, maintainer scripts, install and purge) without a second
@@ -19,11 +22,13 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 cargo_deb_version=3.8.0
 target_args=()
 profile=release
+build=1
 while [[ $# -gt 0 ]]; do
     case "$1" in
     --target) target_args=(--target "${2:?--target needs a triple}"); shift 2 ;;
     --profile) profile="${2:?--profile needs a name}"; shift 2 ;;
-    *) echo "usage: scripts/build-deb.sh [--target TRIPLE] [--profile PROFILE]" >&2; exit 2 ;;
+    --no-build) build=0; shift ;;
+    *) echo "usage: scripts/build-deb.sh [--target TRIPLE] [--profile PROFILE] [--no-build]" >&2; exit 2 ;;
     esac
 done
 
@@ -32,7 +37,7 @@ if ! cargo deb --version 2>/dev/null | grep -q "$cargo_deb_version"; then
 fi
 
 # The package's three binaries come from two crates: build both, then package without a rebuild.
-cargo build --profile "$profile" --locked "${target_args[@]}" -p edgellm -p edgellm-export >&2
+((build == 0)) || cargo build --profile "$profile" --locked "${target_args[@]}" -p edgellm -p edgellm-export >&2
 cargo deb -p edgellm --no-build --profile "$profile" --strip --no-separate-debug-symbols \
     "${target_args[@]}" \
     | tail -n 1

@@ -8,23 +8,26 @@
 # Idempotent: a second run finds the library and prints its path without network access.
 #
 # Usage: scripts/fetch-onnxruntime.sh [VERSION]   (default 1.31.1; env ORT_VERSION also works)
+# Env ORT_ARCH=aarch64 fetches another architecture's library (for qemu-user runs,
+# scripts/test-aarch64-qemu.sh) into .onnxruntime/<version>-<arch>/.
 set -euo pipefail
 
 version="${1:-${ORT_VERSION:-1.31.1}}"
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+arch="${ORT_ARCH:-$(uname -m)}"
+case "$arch" in
+    x86_64 | amd64) plat=manylinux_2_27_x86_64 arch=x86_64 ;;
+    aarch64 | arm64) plat=manylinux_2_27_aarch64 arch=aarch64 ;;
+    *) echo "fetch-onnxruntime: unsupported architecture $arch" >&2; exit 1 ;;
+esac
 dest="$root/.onnxruntime/$version"
+[[ "$arch" == "$(uname -m)" ]] || dest="$dest-$arch"
 lib="$dest/libonnxruntime.so"
 
 if [[ -e "$lib" ]]; then
     echo "$lib"
     exit 0
 fi
-
-case "$(uname -m)" in
-    x86_64 | amd64) plat=manylinux_2_27_x86_64 ;;
-    aarch64 | arm64) plat=manylinux_2_27_aarch64 ;;
-    *) echo "fetch-onnxruntime: unsupported architecture $(uname -m)" >&2; exit 1 ;;
-esac
 
 python=python3
 command -v "$python" >/dev/null || { echo "fetch-onnxruntime: python3 (with pip) is required" >&2; exit 1; }
