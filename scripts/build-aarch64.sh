@@ -166,4 +166,4 @@ done
 ((deb)) || exit 0
 command -v aarch64-linux-gnu-strip >/dev/null ||
     fail "apt-get install binutils-aarch64-linux-gnu (cargo-deb strips with it)"
-scripts/build-deb.sh --target "$triple" --no-build
+scripts/build-deb.sh --target "$triple" --no-build --variant cross-arm64
