@@ -165,6 +165,26 @@ fn row_dot_portable<const BITS: usize, const B16: bool>(
     acc
 }
 
+/// The bounds the SIMD kernels' unchecked loads rely on: `subs` sub-blocks of weights, int8
+/// activations and their scales, and the weight scales they reach.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+#[inline(always)]
+fn check_bounds<const BITS: usize, const B16: bool>(
+    w: &[u8],
+    q: &[i8],
+    ws: &[f32],
+    xs: &[f32],
+    shift: u32,
+    subs: usize,
+) {
+    assert!(w.len() >= subs * 4 * BITS && q.len() >= subs * 32 && xs.len() >= subs);
+    if B16 {
+        assert!(ws.len() >= 2 * subs);
+    } else {
+        assert!(ws.len() << shift >= subs);
+    }
+}
+
 /// [`row_dot_portable`] with AVX2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
@@ -177,13 +197,7 @@ unsafe fn row_dot_avx2<const BITS: usize, const B16: bool>(
     subs: usize,
 ) -> f32 {
     use std::arch::x86_64::*;
-    let bytes = 4 * BITS;
-    assert!(w.len() >= subs * bytes && q.len() >= subs * 32 && xs.len() >= subs);
-    if B16 {
-        assert!(ws.len() >= 2 * subs);
-    } else {
-        assert!(ws.len() << shift >= subs);
-    }
+    check_bounds::<BITS, B16>(w, q, ws, xs, shift, subs);
     let low = _mm_set1_epi8(0x0f);
     let flip = _mm256_set1_epi8(-128);
     let ones = _mm256_set1_epi16(1);
@@ -322,13 +336,7 @@ unsafe fn row_dot_neon<const BITS: usize, const B16: bool, const DOT: bool>(
     subs: usize,
 ) -> f32 {
     use std::arch::aarch64::*;
-    let bytes = 4 * BITS;
-    assert!(w.len() >= subs * bytes && q.len() >= subs * 32 && xs.len() >= subs);
-    if B16 {
-        assert!(ws.len() >= 2 * subs);
-    } else {
-        assert!(ws.len() << shift >= subs);
-    }
+    check_bounds::<BITS, B16>(w, q, ws, xs, shift, subs);
     let mut acc = 0f32;
     for j in 0..subs {
         // SAFETY: j < subs: the 32 bytes of q and the `bytes` bytes of w at sub-block j are in
