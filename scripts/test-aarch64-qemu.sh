@@ -224,8 +224,8 @@ for fx in "${fixtures[@]}"; do
                     continue
                 fi
                 # int4: the teacher-forced mean NLL (256 positions) within 0.1 nats of x86_64's,
-                # and the greedy tokens compared. ONNX Runtime's int4 kernels differ per ISA:
-                # with dotprod on aarch64 its activations are quantized otherwise than on x86_64
+                # and the greedy tokens compared. ONNX Runtime's int4 kernels differ per ISA and
+                # round otherwise: with dotprod on aarch64 they move the mean NLL from x86_64's
                 # (measured: |delta| up to ~0.04 nats there, against < 0.005 on tract, whose
                 # NEON kernels equal the portable ones), while a wrong nibble order, scale or
                 # layout moves it by nats (the x86 tests: KL above 1 nat). On a random-weight
