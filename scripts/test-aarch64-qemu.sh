@@ -96,7 +96,8 @@ make_root() { # CPU
             "$i" "$features" "$variant" "$part"
     done >"$r/proc/cpuinfo"
 }
-for cpu in "${cpus[@]}" cortex-a76; do make_root "$cpu"; done
+# (cortex-a76 also runs edgellmd, max also runs the exporter.)
+for cpu in "${cpus[@]}" cortex-a76 max; do make_root "$cpu"; done
 
 # An aarch64 binary under qemu on CPU model $1.
 on_arm() {
@@ -154,6 +155,7 @@ golden() { # FIXTURE FIELD -> the field as JSON
     python3 -c 'import json, sys; print(json.dumps(json.load(open(sys.argv[1]))[sys.argv[2]]))' \
         "tests/fixtures/$1/golden.json" "$2"
 }
+prompt_of() { python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["prompt_text"], end="")' "tests/fixtures/$1/golden.json"; }
 ids_of() { python3 -c 'import json, sys; print(json.dumps(json.load(sys.stdin)["token_ids"]))'; }
 
 # Teacher-forced mean NLL per token of package $2 on backend $3 over $text (`edgellm
@@ -172,7 +174,7 @@ mean_nll() {
 runs=0 parted=0
 start=$SECONDS
 for fx in "${fixtures[@]}"; do
-    prompt="$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["prompt_text"], end="")' "tests/fixtures/$fx/golden.json")"
+    prompt="$(prompt_of "$fx")"
     want="$(golden "$fx" greedy_ids)"
     n="$(python3 -c 'import json, sys; print(len(json.loads(sys.argv[1])))' "$want")"
     for precision in fp32 int4; do
@@ -262,7 +264,7 @@ for b in edgellmd edgellm; do
 done
 pkg="$tmp/llama-int4-arm"
 fx=llama
-prompt="$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["prompt_text"], end="")' "tests/fixtures/$fx/golden.json")"
+prompt="$(prompt_of "$fx")"
 config="$tmp/edgellmd.toml"
 write_edgellmd_config "$config" "$pkg" 256 "$ort_a64"
 start_edgellmd "$bin" "$config"
