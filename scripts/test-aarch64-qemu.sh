@@ -8,8 +8,8 @@
 #   max         every feature qemu emulates (dotprod, i8mm, SVE2, ...)
 #
 # 0. The int4/int8 dot-product kernels (edgellm-kernels' unit tests): each kernel the CPU model
-#    has (portable, neon, neon-dotprod) equals the portable one bit for bit on every layout and at
-#    the extremes, and the fastest is the one the model calls for. With --unit-tests built, the
+#    has (portable, neon, neon-dotprod, neon-i8mm) equals the portable one bit for bit on every
+#    layout and at the extremes, and the fastest is the one the model calls for. With --unit-tests built, the
 #    whole edgellm library's unit tests too (ONNX Runtime's aarch64 library for those that use
 #    it).
 # 1. For each fixture architecture (tests/fixtures), the aarch64 edgellm-export writes fp32 and
@@ -17,7 +17,8 @@
 # 2. `edgellm run` greedy on the golden prompt, on both backends, fp32 and int4, on each CPU
 #    model: the tokens must equal x86_64's on the same package, and for fp32 transformers'
 #    greedy tokens (golden.json). The tract backend's integer kernel is read from its log
-#    (neon on cortex-a53, neon-dotprod on the others) and must be the one the CPU calls for.
+#    (neon on cortex-a53, neon-dotprod on cortex-a76, neon-i8mm on max) and must be the one the
+#    CPU calls for.
 # 3. edgellmd (aarch64, cortex-a76) on the llama int4 package with a private dbus-daemon and
 #    mosquitto: it answers over D-Bus and MQTT (aarch64 `edgellm ask`), the answers are the
 #    tokens `edgellm run` gave, and SIGTERM stops it with status 0.
@@ -110,6 +111,7 @@ on_arm() {
 kernel_for() {
     case "$1" in
         cortex-a53 | cortex-a57 | cortex-a72) echo neon ;;
+        max) echo neon-i8mm ;;
         *) echo neon-dotprod ;;
     esac
 }

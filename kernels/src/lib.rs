@@ -322,6 +322,170 @@ unsafe fn sdot(
     acc
 }
 
+/// Sub-block `j`'s 32 int8 activations as two registers (positions 0..16 and 16..32 of the
+/// row's order, see [`QuantRow`]). Safety: `q` holds `32 * (j + 1)` values.
+#[cfg(target_arch = "aarch64")]
+#[inline(always)]
+unsafe fn activations_neon(
+    q: &[i8],
+    j: usize,
+) -> (std::arch::aarch64::int8x16_t, std::arch::aarch64::int8x16_t) {
+    use std::arch::aarch64::*;
+    // SAFETY: the caller keeps j within q (see above).
+    unsafe {
+        (
+            vld1q_s8(q.as_ptr().add(j * 32)),
+            vld1q_s8(q.as_ptr().add(j * 32 + 16)),
+        )
+    }
+}
+
+/// Sub-block `j`'s weight codes as signed bytes, in the two registers the activations of
+/// [`activations_neon`] meet: 4 bits, the low and the high nibbles of its 16 bytes; 8 bits,
+/// `code - 128` of its first and last 16 bytes. Safety: `w` holds `4 * BITS * (j + 1)` bytes.
+#[cfg(target_arch = "aarch64")]
+#[inline(always)]
+unsafe fn codes_neon<const BITS: usize>(
+    w: &[u8],
+    j: usize,
+) -> (std::arch::aarch64::int8x16_t, std::arch::aarch64::int8x16_t) {
+    use std::arch::aarch64::*;
+    // SAFETY: the caller keeps j within w (see above).
+    unsafe {
+        if BITS == 4 {
+            let v = vld1q_u8(w.as_ptr().add(j * 16));
+            (
+                vreinterpretq_s8_u8(vandq_u8(v, vdupq_n_u8(0x0f))),
+                vreinterpretq_s8_u8(vshrq_n_u8::<4>(v)),
+            )
+        } else {
+            let flip = vdupq_n_u8(0x80);
+            (
+                vreinterpretq_s8_u8(veorq_u8(vld1q_u8(w.as_ptr().add(j * 32)), flip)),
+                vreinterpretq_s8_u8(veorq_u8(vld1q_u8(w.as_ptr().add(j * 32 + 16)), flip)),
+            )
+        }
+    }
+}
+
+/// `acc + smmla(a, b)`: `a` and `b` hold two 8-byte rows each; the i32 lanes get the 2 x 2
+/// products `[a0.b0, a0.b1, a1.b0, a1.b1]`. Inline assembly, as the `vmmlaq_s32` intrinsic is
+/// not stable in the Rust we support.
+#[cfg(target_arch = "aarch64")]
+#[inline(always)]
+unsafe fn smmla(
+    acc: std::arch::aarch64::int32x4_t,
+    a: std::arch::aarch64::int8x16_t,
+    b: std::arch::aarch64::int8x16_t,
+) -> std::arch::aarch64::int32x4_t {
+    let mut acc = acc;
+    // SAFETY: only reached on CPUs with i8mm (see `Kernel::NeonI8mm`); registers only.
+    unsafe {
+        std::arch::asm!(
+            ".arch_extension i8mm",
+            "smmla {acc:v}.4s, {a:v}.16b, {b:v}.16b",
+            acc = inout(vreg) acc,
+            a = in(vreg) a,
+            b = in(vreg) b,
+            options(pure, nomem, nostack, preserves_flags),
+        );
+    }
+    acc
+}
+
+/// Two registers' 8-byte halves paired for [`smmla`]: (`[a.lo, b.lo]`, `[a.hi, b.hi]`).
+#[cfg(target_arch = "aarch64")]
+#[inline(always)]
+fn pair_halves(
+    a: std::arch::aarch64::int8x16_t,
+    b: std::arch::aarch64::int8x16_t,
+) -> (std::arch::aarch64::int8x16_t, std::arch::aarch64::int8x16_t) {
+    use std::arch::aarch64::*;
+    // SAFETY: NEON is part of aarch64; register moves only.
+    unsafe {
+        let (a, b) = (vreinterpretq_s64_s8(a), vreinterpretq_s64_s8(b));
+        (
+            vreinterpretq_s8_s64(vzip1q_s64(a, b)),
+            vreinterpretq_s8_s64(vzip2q_s64(a, b)),
+        )
+    }
+}
+
+/// Two activation rows by two weight rows with `smmla` (i8mm): the 2 x 2 integer sums per
+/// sub-block half as [`row_dot_portable`] gets them, then its float arithmetic per product in
+/// the same order (four lanes of one vector, multiplies and adds kept apart: no fused
+/// multiply-add), so each product is bit for bit the portable one. Returns
+/// `[x0.w0, x0.w1, x1.w0, x1.w1]`.
+#[cfg(target_arch = "aarch64")]
+#[cfg_attr(not(test), inline)]
+unsafe fn rows_dot_i8mm<const BITS: usize, const B16: bool>(
+    w: [&[u8]; 2],
+    q: [&[i8]; 2],
+    ws: [&[f32]; 2],
+    xs: [&[f32]; 2],
+    shift: u32,
+    subs: usize,
+) -> [f32; 4] {
+    use std::arch::aarch64::*;
+    for i in 0..2 {
+        check_bounds::<BITS, B16>(w[i], q[i], ws[i], xs[i], shift, subs);
+    }
+    // SAFETY (the block): loads within the bounds checked above; smmla only on i8mm CPUs.
+    unsafe {
+        let mut acc = vdupq_n_f32(0.0);
+        for j in 0..subs {
+            let (xa0, xa1) = activations_neon(q[0], j);
+            let (xb0, xb1) = activations_neon(q[1], j);
+            let (ca0, ca1) = codes_neon::<BITS>(w[0], j);
+            let (cb0, cb1) = codes_neon::<BITS>(w[1], j);
+            let (x0l, x0h) = pair_halves(xa0, xb0);
+            let (x1l, x1h) = pair_halves(xa1, xb1);
+            let (c0l, c0h) = pair_halves(ca0, cb0);
+            let (c1l, c1h) = pair_halves(ca1, cb1);
+            let z = vdupq_n_s32(0);
+            // The sums over the sub-block's two 16-position halves (see `halves_neon`), 2 x 2
+            // each: 4 bits, bytes 0..8 (low nibbles x x0, high x x1) and bytes 8..16;
+            // 8 bits, positions 0..16 (c0 x x0) and 16..32 (c1 x x1).
+            let (d0, d1) = if BITS == 4 {
+                (
+                    smmla(smmla(z, x0l, c0l), x1l, c1l),
+                    smmla(smmla(z, x0h, c0h), x1h, c1h),
+                )
+            } else {
+                (
+                    smmla(smmla(z, x0l, c0l), x0h, c0h),
+                    smmla(smmla(z, x1l, c1l), x1h, c1h),
+                )
+            };
+            // Lanes: [x0.w0, x0.w1, x1.w0, x1.w1].
+            let xv = [xs[0][j], xs[0][j], xs[1][j], xs[1][j]];
+            let xv = vld1q_f32(xv.as_ptr());
+            if B16 {
+                let w0 = [ws[0][2 * j], ws[1][2 * j], ws[0][2 * j], ws[1][2 * j]];
+                let w1 = [
+                    ws[0][2 * j + 1],
+                    ws[1][2 * j + 1],
+                    ws[0][2 * j + 1],
+                    ws[1][2 * j + 1],
+                ];
+                let t = vaddq_f32(
+                    vmulq_f32(vld1q_f32(w0.as_ptr()), vcvtq_f32_s32(d0)),
+                    vmulq_f32(vld1q_f32(w1.as_ptr()), vcvtq_f32_s32(d1)),
+                );
+                acc = vaddq_f32(acc, vmulq_f32(xv, t));
+            } else {
+                let k = j >> shift;
+                let wv = [ws[0][k], ws[1][k], ws[0][k], ws[1][k]];
+                let p = vmulq_f32(vld1q_f32(wv.as_ptr()), xv);
+                acc = vaddq_f32(acc, vmulq_f32(p, vcvtq_f32_s32(vaddq_s32(d0, d1))));
+            }
+        }
+        let mut out = [0f32; 4];
+        vst1q_f32(out.as_mut_ptr(), acc);
+        out
+    }
+}
+
 /// [`row_dot_portable`] with NEON (`DOT`: and `sdot`): the same integer sums per sub-block half,
 /// then the same float arithmetic in the same order, so the result is bit for bit the portable
 /// one.
@@ -335,28 +499,14 @@ unsafe fn row_dot_neon<const BITS: usize, const B16: bool, const DOT: bool>(
     shift: u32,
     subs: usize,
 ) -> f32 {
-    use std::arch::aarch64::*;
     check_bounds::<BITS, B16>(w, q, ws, xs, shift, subs);
     let mut acc = 0f32;
     for j in 0..subs {
         // SAFETY: j < subs: the 32 bytes of q and the `bytes` bytes of w at sub-block j are in
         // bounds (asserted above); NEON is part of aarch64.
         let (d0, d1) = unsafe {
-            let x0 = vld1q_s8(q.as_ptr().add(j * 32));
-            let x1 = vld1q_s8(q.as_ptr().add(j * 32 + 16));
-            let (c0, c1) = if BITS == 4 {
-                let v = vld1q_u8(w.as_ptr().add(j * 16));
-                (
-                    vreinterpretq_s8_u8(vandq_u8(v, vdupq_n_u8(0x0f))),
-                    vreinterpretq_s8_u8(vshrq_n_u8::<4>(v)),
-                )
-            } else {
-                let flip = vdupq_n_u8(0x80);
-                (
-                    vreinterpretq_s8_u8(veorq_u8(vld1q_u8(w.as_ptr().add(j * 32)), flip)),
-                    vreinterpretq_s8_u8(veorq_u8(vld1q_u8(w.as_ptr().add(j * 32 + 16)), flip)),
-                )
-            };
+            let (x0, x1) = activations_neon(q, j);
+            let (c0, c1) = codes_neon::<BITS>(w, j);
             halves_neon::<BITS, DOT>(c0, c1, x0, x1)
         };
         if B16 {
@@ -384,6 +534,11 @@ pub enum Kernel {
     /// aarch64 with dotprod (Armv8.2+: Cortex-A76 of a Pi 5, A78AE of a Jetson Orin): `sdot`.
     #[cfg_attr(not(target_arch = "aarch64"), allow(dead_code))]
     NeonDot,
+    /// aarch64 with dotprod and i8mm (Armv8.6+: Cortex-A510/A710/X2 on, Neoverse V1/N2):
+    /// `smmla` for two activation rows by two weight rows ([`rows_dot_2x2`], prefill), `sdot`
+    /// for one row.
+    #[cfg_attr(not(target_arch = "aarch64"), allow(dead_code))]
+    NeonI8mm,
 }
 
 impl Kernel {
@@ -394,6 +549,7 @@ impl Kernel {
             Kernel::Avx2 => "avx2",
             Kernel::Neon => "neon",
             Kernel::NeonDot => "neon-dotprod",
+            Kernel::NeonI8mm => "neon-i8mm",
         }
     }
 }
@@ -410,6 +566,9 @@ pub fn kernels_here() -> Vec<Kernel> {
         k.push(Kernel::Neon);
         if std::arch::is_aarch64_feature_detected!("dotprod") {
             k.push(Kernel::NeonDot);
+            if std::arch::is_aarch64_feature_detected!("i8mm") {
+                k.push(Kernel::NeonI8mm);
+            }
         }
     }
     k
@@ -452,12 +611,42 @@ pub fn row_dot<const BITS: usize, const B16: bool>(
             row_dot_neon::<BITS, B16, false>(w, &x.q, ws, &x.scale, shift, subs)
         },
         #[cfg(target_arch = "aarch64")]
-        // SAFETY: the CPU has dotprod (Kernel::NeonDot is chosen only then).
-        Kernel::NeonDot => unsafe {
+        // SAFETY: the CPU has dotprod (Kernel::NeonDot and NeonI8mm are chosen only then).
+        Kernel::NeonDot | Kernel::NeonI8mm => unsafe {
             row_dot_neon::<BITS, B16, true>(w, &x.q, ws, &x.scale, shift, subs)
         },
         _ => row_dot_portable::<BITS, B16>(w, &x.q, ws, &x.scale, shift, subs),
     }
+}
+
+/// Two activation rows by two weight rows: `[x0.w0, x0.w1, x1.w0, x1.w1]`, each what
+/// [`row_dot`] gives on `kernel` (bit for bit on the NEON kernels). [`Kernel::NeonI8mm`] does
+/// the four with `smmla`; the other kernels call [`row_dot`] four times.
+#[inline(always)]
+pub fn rows_dot_2x2<const BITS: usize, const B16: bool>(
+    kernel: Kernel,
+    w: [&[u8]; 2],
+    x: [&QuantRow; 2],
+    ws: [&[f32]; 2],
+    shift: u32,
+    subs: usize,
+) -> [f32; 4] {
+    #[cfg(target_arch = "aarch64")]
+    if kernel == Kernel::NeonI8mm {
+        // SAFETY: the CPU has i8mm (Kernel::NeonI8mm is chosen only then).
+        return unsafe {
+            rows_dot_i8mm::<BITS, B16>(
+                w,
+                [&x[0].q, &x[1].q],
+                ws,
+                [&x[0].scale, &x[1].scale],
+                shift,
+                subs,
+            )
+        };
+    }
+    let d = |m: usize, n: usize| row_dot::<BITS, B16>(kernel, w[n], x[m], ws[n], shift, subs);
+    [d(0, 0), d(0, 1), d(1, 0), d(1, 1)]
 }
 
 #[cfg(test)]

@@ -71,8 +71,8 @@ fn check_all_kernels(bits: usize, block: usize, k: usize, w: &[u8], x: &QuantRow
 }
 
 /// Which kernels run here, by name: under qemu-aarch64 the CPU model decides (cortex-a53:
-/// neon; cortex-a76, max: neon-dotprod). `EDGELLM_EXPECT_KERNEL` (set by
-/// scripts/test-aarch64-kernels.sh) names the one the CPU must pick.
+/// neon; cortex-a76: neon-dotprod; max: neon-i8mm). `EDGELLM_EXPECT_KERNEL` (set by
+/// scripts/test-aarch64-qemu.sh) names the one the CPU must pick.
 #[test]
 fn the_fastest_kernel_here_is_the_one_expected() {
     let here = kernels_here();
@@ -185,5 +185,71 @@ fn quantize_layouts() {
             };
             pos < 40 || v == 0
         }));
+    }
+}
+
+/// Two activation rows by two weight rows ([`rows_dot_2x2`]: `smmla` on i8mm CPUs, four
+/// [`row_dot`] calls elsewhere): each product equals the portable single-row one, bit for bit on
+/// the NEON kernels, on every layout and at the extremes.
+#[test]
+fn two_by_two_products_equal_single_rows() {
+    let mut rng = Rng::new(71);
+    for (bits, block) in [(4, 16), (4, 32), (4, 128), (8, 16), (8, 32), (8, 256)] {
+        for k in [256, 4096] {
+            for case in 0..12 {
+                let (w0, w1, x0, x1) = if case < 10 {
+                    (
+                        rng.u8s(k * bits / 8),
+                        rng.u8s(k * bits / 8),
+                        rng.f32s(k),
+                        rng.f32s(k),
+                    )
+                } else {
+                    // Extremes: all codes 15 / 255 and 0, activations at +-127.
+                    let hi = vec![0xffu8; k * bits / 8];
+                    let lo = vec![0u8; k * bits / 8];
+                    let sign = if case == 10 { 1.0 } else { -1.0 };
+                    (hi, lo, vec![sign; k], vec![-sign; k])
+                };
+                let (ws0, ws1) = (rng.f32s(k / block), rng.f32s(k / block));
+                let (x0, x1) = (quantize(&x0, bits, block, k), quantize(&x1, bits, block, k));
+                let shift = (block / 32).max(1).trailing_zeros();
+                let subs = k / 32;
+                let want: Vec<f32> = [
+                    (&x0, &w0, &ws0),
+                    (&x0, &w1, &ws1),
+                    (&x1, &w0, &ws0),
+                    (&x1, &w1, &ws1),
+                ]
+                .iter()
+                .map(|&(x, w, ws)| dot_on(Kernel::Portable, bits, block, k, w, x, ws))
+                .collect();
+                for kernel in kernels_here() {
+                    let (w, x, ws) = ([&w0[..], &w1[..]], [&x0, &x1], [&ws0[..], &ws1[..]]);
+                    let got = match (bits, block == 16) {
+                        (4, false) => rows_dot_2x2::<4, false>(kernel, w, x, ws, shift, subs),
+                        (4, true) => rows_dot_2x2::<4, true>(kernel, w, x, ws, shift, subs),
+                        (_, false) => rows_dot_2x2::<8, false>(kernel, w, x, ws, shift, subs),
+                        (_, true) => rows_dot_2x2::<8, true>(kernel, w, x, ws, shift, subs),
+                    };
+                    for (i, (&g, &p)) in got.iter().zip(&want).enumerate() {
+                        if kernel == Kernel::Avx2 {
+                            let scale =
+                                ws0.iter().chain(&ws1).map(|s| s.abs()).sum::<f32>() * 255.0;
+                            assert!(
+                                (g - p).abs() <= 1e-5 * scale,
+                                "bits {bits} block {block} k {k} #{i}: {p}, AVX2 {g}"
+                            );
+                        } else {
+                            assert_eq!(
+                                g.to_bits(),
+                                p.to_bits(),
+                                "bits {bits} block {block} k {k} case {case} product {i}: portable {p}, {kernel:?} {g}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
     }
 }

@@ -235,6 +235,12 @@ fn int4_tract_agrees_with_ort(name: &str) {
         #[cfg(target_arch = "x86_64")]
         None if std::is_x86_feature_detected!("avx2") => "avx2",
         #[cfg(target_arch = "aarch64")]
+        None if std::arch::is_aarch64_feature_detected!("dotprod")
+            && std::arch::is_aarch64_feature_detected!("i8mm") =>
+        {
+            "neon-i8mm"
+        }
+        #[cfg(target_arch = "aarch64")]
         None if std::arch::is_aarch64_feature_detected!("dotprod") => "neon-dotprod",
         #[cfg(target_arch = "aarch64")]
         None => "neon",

@@ -43,8 +43,8 @@ use tract_onnx::prelude::*;
 use super::{Backend, BackendError, BackendOptions, KvSnapshot};
 use crate::package::Package;
 
-/// The integer kernels `MatMulNBits` runs here: `"avx2"`, `"neon-dotprod"`, `"neon"` or
-/// `"portable"` (another CPU, or `EDGELLM_TRACT_PORTABLE` set).
+/// The integer kernels `MatMulNBits` runs here: `"avx2"`, `"neon-i8mm"`, `"neon-dotprod"`,
+/// `"neon"` or `"portable"` (another CPU, or `EDGELLM_TRACT_PORTABLE` set).
 pub fn int_kernels() -> &'static str {
     edgellm_kernels::kernel().name()
 }

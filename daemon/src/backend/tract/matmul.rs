@@ -46,7 +46,7 @@ use tract_onnx::model::{ParsingContext, optional_inputs};
 use tract_onnx::pb::NodeProto;
 use tract_onnx::tract_hir::internal::*;
 
-use edgellm_kernels::{QuantRow, dot4, dot8, kernel, quantize, row_dot};
+use edgellm_kernels::{Kernel, QuantRow, dot4, dot8, kernel, quantize, row_dot, rows_dot_2x2};
 
 use super::common::{POOL, konst, konst_f32_vec, output};
 
@@ -362,46 +362,96 @@ impl NBitsMatMul {
             .try_as_plain_ram()
             .expect("constant weights are plain memory");
         let weights = weights.as_slice::<u8>().expect("uint8 weights");
-        for r in 0..width {
+        // Weight row r of the tile: its codes and scales.
+        let row = |r: usize| {
             let n = n0 + r;
-            let w = &weights[n * row_bytes..(n + 1) * row_bytes];
-            let ws = &self.scales[n * blocks..(n + 1) * blocks];
-            for (m, x) in rows.iter().enumerate() {
-                // The zero points: sum over blocks of scale x (zp - center) x sum(x).
-                let sums = &x.block_sums;
-                let correction: f32 = match &self.zero_points {
-                    None if default_zp == 0.0 => 0.0,
-                    None => default_zp * ws.iter().zip(sums).map(|(s, x)| s * x).sum::<f32>(),
-                    Some(z) => {
-                        let range = n * blocks..(n + 1) * blocks;
-                        let scaled = ws.iter().zip(sums);
-                        match &**z {
-                            ZeroPoints::Codes(z) => scaled
-                                .zip(&z[range])
-                                .map(|((s, x), &z)| s * x * (z as f32 - center))
-                                .sum(),
-                            ZeroPoints::Float(z) => scaled
-                                .zip(&z[range])
-                                .map(|((s, x), &z)| s * x * (z - center))
-                                .sum(),
-                        }
+            (
+                &weights[n * row_bytes..(n + 1) * row_bytes],
+                &self.scales[n * blocks..(n + 1) * blocks],
+            )
+        };
+        // Output (m, r) from the full sub-blocks' dot product of activation row x and weight
+        // row r: plus the last half sub-block (block 16), minus the zero points, plus the bias.
+        let value = |r: usize, x: &QuantRow, mut dot: f32| -> f32 {
+            let n = n0 + r;
+            let (w, ws) = row(r);
+            // The zero points: sum over blocks of scale x (zp - center) x sum(x).
+            let sums = &x.block_sums;
+            let correction: f32 = match &self.zero_points {
+                None if default_zp == 0.0 => 0.0,
+                None => default_zp * ws.iter().zip(sums).map(|(s, x)| s * x).sum::<f32>(),
+                Some(z) => {
+                    let range = n * blocks..(n + 1) * blocks;
+                    let scaled = ws.iter().zip(sums);
+                    match &**z {
+                        ZeroPoints::Codes(z) => scaled
+                            .zip(&z[range])
+                            .map(|((s, x), &z)| s * x * (z as f32 - center))
+                            .sum(),
+                        ZeroPoints::Float(z) => scaled
+                            .zip(&z[range])
+                            .map(|((s, x), &z)| s * x * (z - center))
+                            .sum(),
                     }
-                };
-                let mut dot = row_dot::<BITS, B16>(kernel, w, x, ws, shift, subs);
-                if half {
-                    // The last weight block fills only the first half of the last sub-block.
-                    let xb = &x.q[subs * 32..subs * 32 + 32];
-                    let wb = &w[subs * BITS * 4..];
-                    let d = if BITS == 4 {
-                        dot4(wb, xb, 0..8)
-                    } else {
-                        dot8(wb, xb, 0..16)
-                    };
-                    dot += ws[blocks - 1] * x.scale[subs] * d as f32;
                 }
-                let bias = self.bias.as_ref().map_or(0.0, |b| b[n]);
-                out[m * width + r] = dot - correction + bias;
+            };
+            if half {
+                // The last weight block fills only the first half of the last sub-block.
+                let xb = &x.q[subs * 32..subs * 32 + 32];
+                let wb = &w[subs * BITS * 4..];
+                let d = if BITS == 4 {
+                    dot4(wb, xb, 0..8)
+                } else {
+                    dot8(wb, xb, 0..16)
+                };
+                dot += ws[blocks - 1] * x.scale[subs] * d as f32;
             }
+            let bias = self.bias.as_ref().map_or(0.0, |b| b[n]);
+            dot - correction + bias
+        };
+        // With i8mm, two activation rows (prefill) meet two weight rows at once; the products
+        // are bit for bit the single-row ones.
+        let pairs = kernel == Kernel::NeonI8mm && rows.len() > 1;
+        let mut r = 0;
+        while r < width {
+            let (w, ws) = row(r);
+            let mut m = 0;
+            if pairs && r + 1 < width {
+                let (w1, ws1) = row(r + 1);
+                while m + 1 < rows.len() {
+                    let (x0, x1) = (&rows[m], &rows[m + 1]);
+                    let d = rows_dot_2x2::<BITS, B16>(
+                        kernel,
+                        [w, w1],
+                        [x0, x1],
+                        [ws, ws1],
+                        shift,
+                        subs,
+                    );
+                    out[m * width + r] = value(r, x0, d[0]);
+                    out[m * width + r + 1] = value(r + 1, x0, d[1]);
+                    out[(m + 1) * width + r] = value(r, x1, d[2]);
+                    out[(m + 1) * width + r + 1] = value(r + 1, x1, d[3]);
+                    m += 2;
+                }
+                // An odd last activation row meets both weight rows singly.
+                if let Some(x) = rows.get(m) {
+                    out[m * width + r] =
+                        value(r, x, row_dot::<BITS, B16>(kernel, w, x, ws, shift, subs));
+                    out[m * width + r + 1] = value(
+                        r + 1,
+                        x,
+                        row_dot::<BITS, B16>(kernel, w1, x, ws1, shift, subs),
+                    );
+                }
+                r += 2;
+                continue;
+            }
+            for (m, x) in rows.iter().enumerate() {
+                out[m * width + r] =
+                    value(r, x, row_dot::<BITS, B16>(kernel, w, x, ws, shift, subs));
+            }
+            r += 1;
         }
     }
 }
