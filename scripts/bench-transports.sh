@@ -54,6 +54,15 @@
 # /proc/PID/stat), and its VmRSS less the weights (model.onnx + model.onnx.data) and the f32 KV
 # cache (layers x 2 x KV heads x head size x max_length x 4 bytes, from genai_config.json).
 #
+# Decode, paired (BENCH_PAIRS): each HTTP request (streamed, whole) next to a warm in-process run
+# of the same work (`edgellm bench --runs 1`), in a random order, the ratio taken within the pair;
+# the median ratio and its bootstrap 95% interval (single medians of runs minutes apart cannot
+# see 2% on a shared 2-core VM; adjacent pairs narrow it). Beside it, a CPU account of those
+# requests, which noise does not blur: edgellmd's CPU per token by thread name
+# (/proc/PID/task/*/schedstat: edgellm-engine and edgellm-backend, ONNX Runtime's threads; the
+# transports' edgellmd-io) and the client helper's own, the transport + client share against
+# the decode time per token being what streaming can take from decode where the engine fills
+# every core.
 # Targets: overhead < 2 ms per request; decode tok/s through the daemon within 2% of in-process;
 # idle CPU ~0. Note that a stock mosquitto leaves Nagle's algorithm on for its sockets
 # (`set_tcp_nodelay false`): its small reply packets then wait for the client's delayed ACK,
@@ -63,6 +72,8 @@
 # Environment:
 #   BENCH_TOKENS   new tokens per request (default 64, at least 2)
 #   BENCH_REPS     repetitions per path, medians reported (default 5)
+#   BENCH_PAIRS    pairs of (HTTP request, warm in-process run) per HTTP mode for the paired
+#                  decode comparison (default 16; 0 leaves it out)
 #   BENCH_IDLE_S   idle seconds for edgellmd's CPU measure (default 30)
 #   BENCH_PROMPT   the prompt (default: a sentence)
 #   BENCH_PROFILE  cargo profile of the binaries: release (default, as scripts/bench-lib.sh) or
@@ -85,6 +96,7 @@ node=bench
 ready_timeout_s=60
 tokens="${BENCH_TOKENS:-64}"
 reps="${BENCH_REPS:-5}"
+pairs="${BENCH_PAIRS:-16}"
 idle_s="${BENCH_IDLE_S:-30}"
 prompt="${BENCH_PROMPT:-Explain in one sentence why the sky looks blue on a clear afternoon.}"
 profile="${BENCH_PROFILE:-release}"
@@ -99,6 +111,7 @@ for v in tokens reps idle_s; do
         die "$v must be a positive integer (got '${!v}')"
     fi
 done
+[[ $pairs =~ ^[0-9]+$ ]] || die "BENCH_PAIRS must be a non-negative integer (got '$pairs')"
 ((tokens >= 2)) || die "BENCH_TOKENS must be at least 2 (decode speed needs a second token)"
 [[ -n $prompt ]] || die "BENCH_PROMPT must not be empty"
 case "$profile" in
@@ -305,41 +318,46 @@ hdr2 = ("path", "overhead ms", "first-token overhead ms", "decode tok/s", "decod
 fmt2 = "{:<8} {:>11} {:>23} {:>12} {:>12}"
 print(fmt2.format(*hdr2))
 print(fmt2.format(*("-" * len(h) for h in hdr2)))
-def http_repeated(stream):
-    """The OpenAI chat route on one keep-alive connection (stdlib http.client), timed here like
+def http_request(conn, stream):
+    """One request on the OpenAI chat route over `conn` (stdlib http.client), timed here like
     `edgellm ask --repeat` times itself: {"client": {total_ms, first_token_ms}, "usage": {...}},
-    the engine's timings taken from the answers' `timings` extension field."""
-    host, port = E["B_HTTP"].split(":")
-    conn = http.client.HTTPConnection(host, int(port))
+    the engine's timings taken from the answer's `timings` extension field."""
     body = json.dumps({"model": "bench", "messages": [{"role": "user", "content": prompt}],
                        "max_tokens": tokens, "temperature": 0, "stream": stream,
                        "stream_options": {"include_usage": True} if stream else None}).encode()
-    out = []
-    for _ in range(reps + 1):
-        t0 = time.perf_counter_ns()
-        conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
-        r = conn.getresponse()
-        if r.status != 200:
-            sys.exit(f"bench-transports: HTTP {r.status}: {r.read()[:200]!r}")
-        first, timing, n = None, None, None
-        if stream:
-            while line := r.readline():
-                if not line.startswith(b"data: {"):
-                    continue
-                chunk = json.loads(line[6:])
-                if first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                    first = time.perf_counter_ns()
-                timing = chunk.get("timings", timing)
-                if chunk.get("usage"):
-                    n = chunk["usage"]["completion_tokens"]
-        else:
-            answer = json.loads(r.read())
-            timing, n = answer["timings"], answer["usage"]["completion_tokens"]
-        t1 = time.perf_counter_ns()
-        out.append({"client": {"total_ms": (t1 - t0) / 1e6,
-                               "first_token_ms": ((first or t1) - t0) / 1e6},
-                    "usage": dict(timing, completion_tokens=n)})
-    return out[1:]
+    t0 = time.perf_counter_ns()
+    conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+    r = conn.getresponse()
+    if r.status != 200:
+        sys.exit(f"bench-transports: HTTP {r.status}: {r.read()[:200]!r}")
+    first, timing, n = None, None, None
+    if stream:
+        while line := r.readline():
+            if not line.startswith(b"data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                first = time.perf_counter_ns()
+            timing = chunk.get("timings", timing)
+            if chunk.get("usage"):
+                n = chunk["usage"]["completion_tokens"]
+    else:
+        answer = json.loads(r.read())
+        timing, n = answer["timings"], answer["usage"]["completion_tokens"]
+    t1 = time.perf_counter_ns()
+    return {"client": {"total_ms": (t1 - t0) / 1e6, "first_token_ms": ((first or t1) - t0) / 1e6},
+            "usage": dict(timing, completion_tokens=n)}
+
+
+def http_connection():
+    host, port = E["B_HTTP"].split(":")
+    return http.client.HTTPConnection(host, int(port))
+
+
+def http_repeated(stream):
+    """reps + 1 requests on one keep-alive connection, the first (a warm-up) dropped."""
+    conn = http_connection()
+    return [http_request(conn, stream) for _ in range(reps + 1)][1:]
 
 
 persist = {}
@@ -372,10 +390,91 @@ print(f"         overhead < 2 ms per request on one connection: "
 print(f"         decode within 2% on one connection: "
       + ", ".join(f"{k} {(v[2] / base_dec - 1) * 100:+.1f}% "
                   f"{'ok' if v[2] / base_dec - 1 >= -0.02 else 'MISSED'}" for k, v in persist.items()))
+
+# Decode through HTTP against in-process, paired: this machine's run-to-run noise (about +-10%
+# between runs minutes apart on the 2-core VM) is five times the 2% aim, so each HTTP request
+# (streamed and whole, one keep-alive connection) is put next to a warm in-process run of the same
+# work (`edgellm bench --runs 1`: a warm-up run, then one measured run; prompt tokens and new
+# tokens as the chat request's), in a random order per pair, and the ratio is taken within the
+# pair. Reported: the median of the pairs' ratios with a bootstrap 95% interval.
+pairs = int(E["B_PAIRS"])
+if pairs:
+    import random
+    rng = random.Random(16)
+    conn = http_connection()
+    http_request(conn, True)  # warm-up
+    bench_cmd = [edgellm, "bench", "--model", pkg] + engine + [
+        "--prompt-tokens", str(prompt_tokens), "--gen-tokens", str(tokens), "--runs", "1", "--json"]
+    ratios = {"HTTP streamed": [], "HTTP whole": []}
+    cpu = {k: {} for k in ratios}
+
+    def thread_cpu():
+        """edgellmd's CPU seconds by thread name (/proc/PID/task/TID/schedstat's run time, in ns):
+        its engine thread and ONNX Runtime's threads (edgellm-engine, edgellm-backend), the
+        transports' tokio threads (edgellmd-io)."""
+        out, base = {}, f"/proc/{E['B_PID']}/task"
+        for t in os.listdir(base):
+            try:
+                comm = open(f"{base}/{t}/comm").read().strip()
+                ns = int(open(f"{base}/{t}/schedstat").read().split()[0])
+            except OSError:
+                continue
+            out[comm] = out.get(comm, 0.0) + ns / 1e9
+        return out
+    for i in range(pairs):
+        for name in rng.sample(sorted(ratios), 2):
+            work = [("in", None), ("http", name)]
+            rng.shuffle(work)
+            got = {}
+            for kind, _ in work:
+                if kind == "in":
+                    got["in"] = json.loads(launch(bench_cmd)[0])["decode_tok_s"]
+                else:
+                    before, c0 = thread_cpu(), time.process_time()
+                    l = http_request(conn, name == "HTTP streamed")
+                    c1, after = time.process_time(), thread_cpu()
+                    n = l["usage"]["completion_tokens"]
+                    if n != tokens:
+                        sys.exit(f"bench-transports: the HTTP answer has {n} tokens, not {tokens}")
+                    acct = cpu[name]
+                    for group in set(before) | set(after):
+                        acct[group] = acct.get(group, 0.0) + (after.get(group, 0.0) - before.get(group, 0.0))
+                    acct["client"] = acct.get("client", 0.0) + (c1 - c0)
+                    acct["tokens"] = acct.get("tokens", 0) + n
+                    acct["decode_s"] = acct.get("decode_s", 0.0) + (n - 1) / l["usage"]["decode_tok_s"]
+                    got["http"] = l["usage"]["decode_tok_s"]
+            ratios[name].append(got["http"] / got["in"])
+        print(f"  pair {i + 1}/{pairs}: " + ", ".join(f"{k} {v[-1]:.4f}" for k, v in ratios.items()),
+              flush=True)
+
+    def interval(xs, k=4000):
+        meds = sorted(med(rng.choices(xs, k=len(xs))) for _ in range(k))
+        return meds[int(0.025 * k)], meds[int(0.975 * k) - 1]
+
+    print(f"\ndecode, paired with a warm in-process run ({pairs} pairs each, {tokens} new tokens):")
+    for name, xs in ratios.items():
+        lo, hi = interval(xs)
+        m = med(xs)
+        print(f"  {name:<14} median ratio {m:.4f} (95% interval {lo:.4f}-{hi:.4f}; "
+              f"mean {statistics.fmean(xs):.4f}, {sum(x >= 1 for x in xs)}/{len(xs)} pairs >= 1): "
+              f"{(m - 1) * 100:+.1f}% {'ok' if m >= 0.98 else 'MISSED'}")
+    # What the transport and its client spend per token, against the time a token takes: the
+    # most that serving over HTTP can take from decode on a machine whose cores the engine
+    # fills (precise where the ratios above are noisy: CPU time, not wall time). The whole
+    # request's CPU is counted (its prefill and reply too) against its decode time alone.
+    print("\nCPU per generated token during those HTTP requests, ms (edgellmd's threads by name;"
+          " client: this helper), and transport + client as a share of decode time:")
+    for name, a in cpu.items():
+        n, decode_s = a.pop("tokens"), a.pop("decode_s")
+        parts = {k: v / n * 1e3 for k, v in sorted(a.items())}
+        share = (a.get("edgellmd-io", 0.0) + a["client"]) / decode_s
+        print(f"  {name:<14} " + ", ".join(f"{k} {v:.3f}" for k, v in parts.items())
+              + f"; decode {decode_s / n * 1e3:.2f} ms per token; transport + client "
+              f"{share * 100:.2f}% {'ok' if share < 0.02 else 'MISSED'}")
 PY
 B_EDGELLM="$edgellm" B_PKG="$package" B_PROMPT="$prompt" B_TOKENS="$tokens" B_REPS="$reps" \
     B_MAXLEN="$max_length" B_TMP="$tmp" B_BUS="$bus_address" B_MQTT="$mqtt_url" B_NODE="$node" \
-    B_HTTP="$http_addr" \
+    B_HTTP="$http_addr" B_PAIRS="$pairs" B_PID="$edgellmd_pid" \
     python3 "$tmp/measure.py"
 
 # ---------------------------------------------------------------------------------------------

@@ -275,12 +275,22 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     let (engine, backend_reason) = {
         let config = config.clone();
         let path = config.model.path.display().to_string();
-        tokio::task::spawn_blocking(move || load_engine(&config))
-            .await
-            .map_err(|e| RunError::Load {
-                path,
-                msg: format!("the loading thread failed: {e}"),
-            })??
+        // A thread of its own, named for what it leaves behind: ONNX Runtime's intra-op
+        // threads are started while the session is made and inherit the creating thread's name,
+        // so `top -H` (and scripts/bench-transports.sh's CPU account) tells them, as
+        // "edgellm-backend", from the transports' "edgellmd-io" threads.
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let spawned = std::thread::Builder::new()
+            .name("edgellm-backend".into())
+            .spawn(move || {
+                let _ = tx.send(load_engine(&config));
+            });
+        let failed = |e: &dyn std::fmt::Display| RunError::Load {
+            path: path.clone(),
+            msg: format!("the loading thread failed: {e}"),
+        };
+        spawned.map_err(|e| failed(&e))?;
+        rx.await.map_err(|e| failed(&e))??
     };
     let backend = engine.backend_name();
     let limits = Limits {
