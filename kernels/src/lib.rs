@@ -298,29 +298,44 @@ unsafe fn halves_neon<const BITS: usize, const DOT: bool>(
     }
 }
 
-/// `acc + sdot(a, b)`: per i32 lane, the sum of its four i8 x i8 products. Inline assembly, as
-/// the `vdotq_s32` intrinsic is not stable in the Rust we support (stabilized upstream in 2026).
+/// `acc + INSN(a, b)` for an int8 multiply-accumulate instruction of an extension the Rust we
+/// support has no stable intrinsic for (`vdotq_s32`, `vmmlaq_s32`: stabilized upstream in 2026):
+/// inline assembly, registers only. Safety: only reached on CPUs with the extension.
 #[cfg(target_arch = "aarch64")]
-#[inline(always)]
-unsafe fn sdot(
-    acc: std::arch::aarch64::int32x4_t,
-    a: std::arch::aarch64::int8x16_t,
-    b: std::arch::aarch64::int8x16_t,
-) -> std::arch::aarch64::int32x4_t {
-    let mut acc = acc;
-    // SAFETY: only reached on CPUs with dotprod (see `Kernel::NeonDot`); registers only.
-    unsafe {
-        std::arch::asm!(
-            ".arch_extension dotprod",
-            "sdot {acc:v}.4s, {a:v}.16b, {b:v}.16b",
-            acc = inout(vreg) acc,
-            a = in(vreg) a,
-            b = in(vreg) b,
-            options(pure, nomem, nostack, preserves_flags),
-        );
-    }
-    acc
+macro_rules! int8_mla {
+    ($(#[$doc:meta])* $name:ident, $ext:literal, $insn:literal) => {
+        $(#[$doc])*
+        #[inline(always)]
+        unsafe fn $name(
+            acc: std::arch::aarch64::int32x4_t,
+            a: std::arch::aarch64::int8x16_t,
+            b: std::arch::aarch64::int8x16_t,
+        ) -> std::arch::aarch64::int32x4_t {
+            let mut acc = acc;
+            // SAFETY: the caller runs on a CPU with the extension; registers only.
+            unsafe {
+                std::arch::asm!(
+                    concat!(".arch_extension ", $ext),
+                    concat!($insn, " {acc:v}.4s, {a:v}.16b, {b:v}.16b"),
+                    acc = inout(vreg) acc,
+                    a = in(vreg) a,
+                    b = in(vreg) b,
+                    options(pure, nomem, nostack, preserves_flags),
+                );
+            }
+            acc
+        }
+    };
 }
+
+#[cfg(target_arch = "aarch64")]
+int8_mla!(
+    /// `acc + sdot(a, b)`: per i32 lane, the sum of its four i8 x i8 products (dotprod; only
+    /// reached on such CPUs, see `Kernel::NeonDot`).
+    sdot,
+    "dotprod",
+    "sdot"
+);
 
 /// Sub-block `j`'s 32 int8 activations as two registers (positions 0..16 and 16..32 of the
 /// row's order, see [`QuantRow`]). Safety: `q` holds `32 * (j + 1)` values.
@@ -368,30 +383,15 @@ unsafe fn codes_neon<const BITS: usize>(
     }
 }
 
-/// `acc + smmla(a, b)`: `a` and `b` hold two 8-byte rows each; the i32 lanes get the 2 x 2
-/// products `[a0.b0, a0.b1, a1.b0, a1.b1]`. Inline assembly, as the `vmmlaq_s32` intrinsic is
-/// not stable in the Rust we support.
 #[cfg(target_arch = "aarch64")]
-#[inline(always)]
-unsafe fn smmla(
-    acc: std::arch::aarch64::int32x4_t,
-    a: std::arch::aarch64::int8x16_t,
-    b: std::arch::aarch64::int8x16_t,
-) -> std::arch::aarch64::int32x4_t {
-    let mut acc = acc;
-    // SAFETY: only reached on CPUs with i8mm (see `Kernel::NeonI8mm`); registers only.
-    unsafe {
-        std::arch::asm!(
-            ".arch_extension i8mm",
-            "smmla {acc:v}.4s, {a:v}.16b, {b:v}.16b",
-            acc = inout(vreg) acc,
-            a = in(vreg) a,
-            b = in(vreg) b,
-            options(pure, nomem, nostack, preserves_flags),
-        );
-    }
-    acc
-}
+int8_mla!(
+    /// `acc + smmla(a, b)`: `a` and `b` hold two 8-byte rows each; the i32 lanes get the 2 x 2
+    /// products `[a0.b0, a0.b1, a1.b0, a1.b1]` (i8mm; only reached on such CPUs, see
+    /// `Kernel::NeonI8mm`).
+    smmla,
+    "i8mm",
+    "smmla"
+);
 
 /// Two registers' 8-byte halves paired for [`smmla`]: (`[a.lo, b.lo]`, `[a.hi, b.hi]`).
 #[cfg(target_arch = "aarch64")]
