@@ -285,12 +285,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
             .spawn(move || {
                 let _ = tx.send(load_engine(&config));
             });
-        let failed = |e: &dyn std::fmt::Display| RunError::Load {
+        let failed = |msg: String| RunError::Load {
             path: path.clone(),
-            msg: format!("the loading thread failed: {e}"),
+            msg,
         };
-        spawned.map_err(|e| failed(&e))?;
-        rx.await.map_err(|e| failed(&e))??
+        spawned.map_err(|e| failed(format!("starting the loading thread: {e}")))?;
+        rx.await.map_err(|_| {
+            failed("the loading thread ended without a result (it panicked; see above)".into())
+        })??
     };
     let backend = engine.backend_name();
     let limits = Limits {
