@@ -9,9 +9,9 @@
 #
 # 0. The int4/int8 dot-product kernels (edgellm-kernels' unit tests): each kernel the CPU model
 #    has (portable, neon, neon-dotprod, neon-i8mm) equals the portable one bit for bit on every
-#    layout and at the extremes, and the fastest is the one the model calls for. With --unit-tests built, the
-#    whole edgellm library's unit tests too (ONNX Runtime's aarch64 library for those that use
-#    it).
+#    layout and at the extremes, and the fastest is the one the model calls for. With
+#    --unit-tests built, the whole edgellm library's unit tests too (ONNX Runtime's aarch64
+#    library for those that use it).
 # 1. For each fixture architecture (tests/fixtures), the aarch64 edgellm-export writes fp32 and
 #    int4 packages and they must be byte for byte the x86_64 exporter's (SHA256SUMS compared).
 # 2. `edgellm run` greedy on the golden prompt, on both backends, fp32 and int4, on each CPU

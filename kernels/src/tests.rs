@@ -47,6 +47,31 @@ fn dot_on(
     }
 }
 
+/// `got` (from `kernel`) against the portable kernel's `p`: AVX2 within float rounding of
+/// `scale` (it sums in another order), the others bit for bit.
+fn assert_matches_portable(
+    kernel: Kernel,
+    p: f32,
+    got: f32,
+    scale: f32,
+    what: impl Fn() -> String,
+) {
+    if kernel == Kernel::Avx2 {
+        assert!(
+            (p - got).abs() <= 1e-5 * scale,
+            "{}: portable {p}, AVX2 {got}",
+            what()
+        );
+    } else {
+        assert_eq!(
+            p.to_bits(),
+            got.to_bits(),
+            "{}: portable {p}, {kernel:?} {got}",
+            what()
+        );
+    }
+}
+
 /// Compares every kernel this CPU has with the portable one: AVX2 within float rounding (it
 /// sums in another order), NEON bit for bit (the same integer sums, then the same float
 /// arithmetic).
@@ -55,18 +80,9 @@ fn check_all_kernels(bits: usize, block: usize, k: usize, w: &[u8], x: &QuantRow
     let scale: f32 = ws.iter().map(|s| s.abs()).sum::<f32>() * 255.0;
     for kernel in kernels_here() {
         let v = dot_on(kernel, bits, block, k, w, x, ws);
-        if kernel == Kernel::Avx2 {
-            assert!(
-                (p - v).abs() <= 1e-5 * scale,
-                "bits {bits} block {block} k {k}: portable {p}, AVX2 {v}"
-            );
-        } else {
-            assert_eq!(
-                p.to_bits(),
-                v.to_bits(),
-                "bits {bits} block {block} k {k}: portable {p}, {kernel:?} {v}"
-            );
-        }
+        assert_matches_portable(kernel, p, v, scale, || {
+            format!("bits {bits} block {block} k {k}")
+        });
     }
 }
 
@@ -232,21 +248,11 @@ fn two_by_two_products_equal_single_rows() {
                         (_, false) => rows_dot_2x2::<8, false>(kernel, w, x, ws, shift, subs),
                         (_, true) => rows_dot_2x2::<8, true>(kernel, w, x, ws, shift, subs),
                     };
+                    let scale = ws0.iter().chain(&ws1).map(|s| s.abs()).sum::<f32>() * 255.0;
                     for (i, (&g, &p)) in got.iter().zip(&want).enumerate() {
-                        if kernel == Kernel::Avx2 {
-                            let scale =
-                                ws0.iter().chain(&ws1).map(|s| s.abs()).sum::<f32>() * 255.0;
-                            assert!(
-                                (g - p).abs() <= 1e-5 * scale,
-                                "bits {bits} block {block} k {k} #{i}: {p}, AVX2 {g}"
-                            );
-                        } else {
-                            assert_eq!(
-                                g.to_bits(),
-                                p.to_bits(),
-                                "bits {bits} block {block} k {k} case {case} product {i}: portable {p}, {kernel:?} {g}"
-                            );
-                        }
+                        assert_matches_portable(kernel, p, g, scale, || {
+                            format!("bits {bits} block {block} k {k} case {case} product {i}")
+                        });
                     }
                 }
             }
