@@ -57,7 +57,8 @@
 # Decode, paired (BENCH_PAIRS): each HTTP request (streamed, whole) next to a warm in-process run
 # of the same work (`edgellm bench --runs 1`), in a random order, the ratio taken within the pair;
 # the median ratio and its bootstrap 95% interval (single medians of runs minutes apart cannot
-# see 2% on a shared 2-core VM; adjacent pairs narrow it). Beside it, a CPU account of those
+# see 2% on a shared 2-core VM; adjacent pairs narrow it), and the streamed request against the
+# whole one of the same pair (what streaming itself costs decode). Beside it, a CPU account of those
 # requests, which noise does not blur: edgellmd's CPU per token by thread name
 # (/proc/PID/task/*/schedstat: edgellm-engine and edgellm-backend, ONNX Runtime's threads; the
 # transports' edgellmd-io) and the client helper's own, the transport + client share against
@@ -332,12 +333,20 @@ def http_request(conn, stream):
         sys.exit(f"bench-transports: HTTP {r.status}: {r.read()[:200]!r}")
     first, timing, n = None, None, None
     if stream:
-        while line := r.readline():
+        # Read as the bytes come and parse once at the end: this helper shares the two cores
+        # with the engine, and parsing each chunk as it came (readline, json.loads) cost 0.28 ms
+        # of CPU per token, more than the daemon's side (a client on another machine costs
+        # nothing here). The daemon sends a chunk only once a token has text, so the first
+        # bytes of the body are the first token.
+        body = []
+        while data := r.read1(65536):
+            if first is None:
+                first = time.perf_counter_ns()
+            body.append(data)
+        for line in b"".join(body).split(b"\n"):
             if not line.startswith(b"data: {"):
                 continue
             chunk = json.loads(line[6:])
-            if first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                first = time.perf_counter_ns()
             timing = chunk.get("timings", timing)
             if chunk.get("usage"):
                 n = chunk["usage"]["completion_tokens"]
@@ -421,7 +430,12 @@ if pairs:
                 continue
             out[comm] = out.get(comm, 0.0) + ns / 1e9
         return out
+    # Streamed against whole, the two HTTP requests of the same pair: what streaming itself
+    # costs decode (a whole answer does no per-token transport work), free of whatever sets
+    # edgellmd's engine apart from a fresh in-process run.
+    streamed_vs_whole = []
     for i in range(pairs):
+        http_tok = {}
         for name in rng.sample(sorted(ratios), 2):
             work = [("in", None), ("http", name)]
             rng.shuffle(work)
@@ -444,8 +458,10 @@ if pairs:
                     acct["decode_s"] = acct.get("decode_s", 0.0) + (n - 1) / l["usage"]["decode_tok_s"]
                     got["http"] = l["usage"]["decode_tok_s"]
             ratios[name].append(got["http"] / got["in"])
-        print(f"  pair {i + 1}/{pairs}: " + ", ".join(f"{k} {v[-1]:.4f}" for k, v in ratios.items()),
-              flush=True)
+            http_tok[name] = got["http"]
+        streamed_vs_whole.append(http_tok["HTTP streamed"] / http_tok["HTTP whole"])
+        print(f"  pair {i + 1}/{pairs}: " + ", ".join(f"{k} {v[-1]:.4f}" for k, v in ratios.items())
+              + f", streamed/whole {streamed_vs_whole[-1]:.4f}", flush=True)
 
     def interval(xs, k=4000):
         meds = sorted(med(rng.choices(xs, k=len(xs))) for _ in range(k))
@@ -458,6 +474,11 @@ if pairs:
         print(f"  {name:<14} median ratio {m:.4f} (95% interval {lo:.4f}-{hi:.4f}; "
               f"mean {statistics.fmean(xs):.4f}, {sum(x >= 1 for x in xs)}/{len(xs)} pairs >= 1): "
               f"{(m - 1) * 100:+.1f}% {'ok' if m >= 0.98 else 'MISSED'}")
+    lo, hi = interval(streamed_vs_whole)
+    m = med(streamed_vs_whole)
+    print(f"  {'streamed/whole':<14} median ratio {m:.4f} (95% interval {lo:.4f}-{hi:.4f}; "
+          f"{sum(x >= 1 for x in streamed_vs_whole)}/{pairs} pairs >= 1): what streaming costs "
+          f"decode, {(m - 1) * 100:+.1f}%")
     # What the transport and its client spend per token, against the time a token takes: the
     # most that serving over HTTP can take from decode on a machine whose cores the engine
     # fills (precise where the ratios above are noisy: CPU time, not wall time). The whole

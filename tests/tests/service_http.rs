@@ -392,7 +392,8 @@ edgellm_tests::on_both_backends!(
 /// with `parallel` = 4: each request ends exactly once (one finish chunk and one `[DONE]` per
 /// full stream; /metrics counts 100 ended HTTP requests), nothing is left running, and the
 /// daemon goes on serving.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+// One worker, as edgellmd runs its transports: load and abuse must not stall it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
 async fn twenty_clients_times_five_requests_each_end_once() {
     let backend = edgellm_tests::backends()[0].as_str();
     let (mut config, base) = http_config(backend, tiny_package());
@@ -421,7 +422,8 @@ async fn twenty_clients_times_five_requests_each_end_once() {
     d.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+// One worker, as edgellmd runs its transports: load and abuse must not stall it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
 async fn a_trickled_body_and_a_flood_of_connections_are_answered() {
     let backend = edgellm_tests::backends()[0].as_str();
     let (config, base) = http_config(backend, tiny_package());
