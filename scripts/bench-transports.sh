@@ -338,12 +338,12 @@ def http_request(conn, stream):
         # of CPU per token, more than the daemon's side (a client on another machine costs
         # nothing here). The daemon sends a chunk only once a token has text, so the first
         # bytes of the body are the first token.
-        body = []
+        received = []
         while data := r.read1(65536):
             if first is None:
                 first = time.perf_counter_ns()
-            body.append(data)
-        for line in b"".join(body).split(b"\n"):
+            received.append(data)
+        for line in b"".join(received).split(b"\n"):
             if not line.startswith(b"data: {"):
                 continue
             chunk = json.loads(line[6:])
