@@ -55,15 +55,15 @@
 # cache (layers x 2 x KV heads x head size x max_length x 4 bytes, from genai_config.json).
 #
 # Decode, paired (BENCH_PAIRS): each HTTP request (streamed, whole) next to a warm in-process run
-# of the same work (`edgellm bench --runs 1`), in a random order, the ratio taken within the pair;
-# the median ratio and its bootstrap 95% interval (single medians of runs minutes apart cannot
-# see 2% on a shared 2-core VM; adjacent pairs narrow it), and the streamed request against the
-# whole one of the same pair (what streaming itself costs decode). Beside it, a CPU account of those
-# requests, which noise does not blur: edgellmd's CPU per token by thread name
-# (/proc/PID/task/*/schedstat: edgellm-engine and edgellm-backend, ONNX Runtime's threads; the
-# transports' edgellmd-io) and the client helper's own, the transport + client share against
-# the decode time per token being what streaming can take from decode where the engine fills
-# every core.
+# of the same work (`edgellm bench --paced`: one long-lived process, one run per request), in a
+# random order, the ratio taken within the pair; the median ratio and its bootstrap 95% interval
+# (single medians of runs minutes apart cannot see 2% on a shared 2-core VM; adjacent pairs
+# narrow it), and the streamed request against the whole one of the same pair (what streaming
+# itself costs decode). Beside it, a CPU account of those requests, which noise does not blur:
+# edgellmd's CPU per token by thread name (/proc/PID/task/*/schedstat: edgellm-engine and
+# edgellm-backend, ONNX Runtime's threads; the transports' edgellmd-io) and the client helper's
+# own, the transport + client share against the decode time per token being what streaming can
+# take from decode where the engine fills every core.
 # Targets: overhead < 2 ms per request; decode tok/s through the daemon within 2% of in-process;
 # idle CPU ~0. Note that a stock mosquitto leaves Nagle's algorithm on for its sockets
 # (`set_tcp_nodelay false`): its small reply packets then wait for the client's delayed ACK,
@@ -403,9 +403,13 @@ print(f"         decode within 2% on one connection: "
 # Decode through HTTP against in-process, paired: this machine's run-to-run noise (about +-10%
 # between runs minutes apart on the 2-core VM) is five times the 2% aim, so each HTTP request
 # (streamed and whole, one keep-alive connection) is put next to a warm in-process run of the same
-# work (`edgellm bench --runs 1`: a warm-up run, then one measured run; prompt tokens and new
-# tokens as the chat request's), in a random order per pair, and the ratio is taken within the
-# pair. Reported: the median of the pairs' ratios with a bootstrap 95% interval.
+# work, in a random order per pair, and the ratio is taken within the pair. The in-process runs
+# come from one long-lived `edgellm bench --paced` process given the same chat prompt (a warm-up
+# run, then one run per line it reads: the same template, tokens and greedy answer as the HTTP
+# request, the prefix kept between runs as edgellmd keeps it), so the two halves of a pair are
+# seconds apart with no process start or model load between them (a fresh `edgellm bench` per
+# pair put ~5 s of loading between them). Reported: the median of the pairs' ratios with a
+# bootstrap 95% interval.
 pairs = int(E["B_PAIRS"])
 if pairs:
     import random
@@ -413,7 +417,28 @@ if pairs:
     conn = http_connection()
     http_request(conn, True)  # warm-up
     bench_cmd = [edgellm, "bench", "--model", pkg] + engine + [
-        "--prompt-tokens", str(prompt_tokens), "--gen-tokens", str(tokens), "--runs", "1", "--json"]
+        "--prompt-tokens", str(prompt_tokens), "--gen-tokens", str(tokens),
+        "--runs", str(4 * pairs), "--paced", "--json"]
+    if "\n" in prompt or "\r" in prompt:
+        sys.exit("bench-transports: the paired comparison needs a one-line BENCH_PROMPT")
+    paced = subprocess.Popen(bench_cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=open(os.path.join(tmp, "paced.err"), "wb"))
+
+    def in_process_run():
+        """One warm in-process run of the paced bench process, the HTTP requests' chat prompt
+        (same template, same tokens; the engine keeps its cache between runs as edgellmd's
+        does): its decode tok/s."""
+        paced.stdin.write(prompt.encode() + b"\n")
+        paced.stdin.flush()
+        line = paced.stdout.readline()
+        if not line:
+            sys.exit(f"bench-transports: `edgellm bench --paced` ended (rc {paced.wait()}): "
+                     + open(os.path.join(tmp, "paced.err"), errors="replace").read()[-2000:])
+        run = json.loads(line)
+        if run["gen_tokens"] != tokens:
+            sys.exit(f"bench-transports: the in-process run has {run['gen_tokens']} tokens, "
+                     f"not {tokens}")
+        return run["decode_tok_s"]
     ratios = {"HTTP streamed": [], "HTTP whole": []}
     cpu = {k: {} for k in ratios}
 
@@ -442,7 +467,7 @@ if pairs:
             got = {}
             for kind, _ in work:
                 if kind == "in":
-                    got["in"] = json.loads(launch(bench_cmd)[0])["decode_tok_s"]
+                    got["in"] = in_process_run()
                 else:
                     before, c0 = thread_cpu(), time.process_time()
                     l = http_request(conn, name == "HTTP streamed")
@@ -462,6 +487,10 @@ if pairs:
         streamed_vs_whole.append(http_tok["HTTP streamed"] / http_tok["HTTP whole"])
         print(f"  pair {i + 1}/{pairs}: " + ", ".join(f"{k} {v[-1]:.4f}" for k, v in ratios.items())
               + f", streamed/whole {streamed_vs_whole[-1]:.4f}", flush=True)
+
+    paced.stdin.close()
+    if paced.wait() != 0:
+        sys.exit("bench-transports: `edgellm bench --paced` failed")
 
     def interval(xs, k=4000):
         meds = sorted(med(rng.choices(xs, k=len(xs))) for _ in range(k))

@@ -13,6 +13,9 @@
 //! --grammar-text REPLY` does the same for a harmony model's tool-call grammar, which masks
 //! every token of the reply (reasoning included); `--grammar-only` walks without loading the
 //! weights (a package too large for the machine).
+//! `--paced` keeps the engine loaded and runs once per line read on stdin, printing each run's
+//! figures as it ends: a driver alternates these warm in-process runs with requests to edgellmd
+//! to compare the two seconds apart (`scripts/bench-transports.sh`).
 
 use std::ops::ControlFlow;
 
@@ -64,6 +67,15 @@ pub struct BenchArgs {
     /// times alone (no decode step to compare with): for packages too large for this machine.
     #[arg(long, requires = "grammar_text")]
     grammar_only: bool,
+    /// After the warm-up run, each run waits for a line on stdin and then prints its own
+    /// figures as one JSON line (EOF ends): for a driver that alternates these in-process runs
+    /// with requests to edgellmd, seconds apart, with no process start or model load between
+    /// them (`scripts/bench-transports.sh`'s paired decode comparison). An empty line runs the
+    /// synthetic prompt; a line of text runs it as a chat request as edgellmd would (one user
+    /// message through the chat template, the model's sampling defaults at temperature 0,
+    /// `--gen-tokens` at most, the engine's cache kept from the run before).
+    #[arg(long, conflicts_with_all = ["parallel", "walked", "grammar_only", "cached_prefix"])]
+    paced: bool,
     #[arg(long)]
     json: bool,
 }
@@ -370,6 +382,60 @@ fn grammar_figures(
     Ok(g)
 }
 
+/// `--paced`: a warm-up run (the synthetic prompt), then up to `--runs` runs, each when a line
+/// arrives on stdin (empty: the synthetic prompt; text: a chat request), each answered with one
+/// JSON line on stdout (flushed).
+fn bench_paced(
+    args: &BenchArgs,
+    engine: &mut edgellm::engine::Engine,
+    prompt: &[u32],
+    req: &Request,
+) -> anyhow::Result<()> {
+    use std::io::{BufRead, Write};
+    let mut stdin = std::io::stdin().lock();
+    let mut stdout = std::io::stdout().lock();
+    let mut line = String::new();
+    for run in 0..=args.runs {
+        if run > 0 {
+            line.clear();
+            if stdin.read_line(&mut line)? == 0 {
+                break;
+            }
+        }
+        let text = line.trim_end_matches(['\r', '\n']);
+        let c = if text.is_empty() {
+            engine.forget_cache();
+            engine.generate_from_ids(req, prompt.to_vec(), &mut |_| ControlFlow::Continue(()))?
+        } else {
+            let mut chat = Request::new(Input::Prompt {
+                text: text.to_string(),
+                raw: false,
+            });
+            chat.max_tokens = Some(args.gen_tokens);
+            chat.sampling = SamplingParams {
+                temperature: 0.0,
+                ..engine.model().default_sampling()
+            };
+            engine.generate(&chat, &mut |_| ControlFlow::Continue(()))?
+        };
+        if run == 0 {
+            continue; // warm-up
+        }
+        let result = serde_json::json!({
+            "run": run,
+            "prompt_tokens": c.usage.prompt_tokens,
+            "cached_tokens": c.usage.cached_tokens,
+            "gen_tokens": c.usage.completion_tokens,
+            "prefill_tok_s": c.usage.prefill_tok_s,
+            "decode_tok_s": c.usage.decode_tok_s,
+            "ttft_ms": c.usage.ttft_ms,
+        });
+        writeln!(stdout, "{result}")?;
+        stdout.flush()?;
+    }
+    Ok(())
+}
+
 pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
     if args.grammar_only {
         // The package's vocabulary and tokenizer only: no weights are loaded.
@@ -423,6 +489,10 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
     }
     if args.cached_prefix > 0 {
         engine.keep_prefix(&prompt[..args.cached_prefix])?;
+    }
+
+    if args.paced {
+        return bench_paced(args, &mut engine, &prompt, &req);
     }
 
     let (mut ttft, mut prefill, mut decode, mut overhead) =
