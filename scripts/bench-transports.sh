@@ -416,11 +416,12 @@ if pairs:
     rng = random.Random(16)
     conn = http_connection()
     http_request(conn, True)  # warm-up
-    bench_cmd = [edgellm, "bench", "--model", pkg] + engine + [
-        "--prompt-tokens", str(prompt_tokens), "--gen-tokens", str(tokens),
-        "--runs", str(4 * pairs), "--paced", "--json"]
     if "\n" in prompt or "\r" in prompt:
         sys.exit("bench-transports: the paired comparison needs a one-line BENCH_PROMPT")
+    # Two in-process runs per pair (one beside each HTTP mode).
+    bench_cmd = [edgellm, "bench", "--model", pkg] + engine + [
+        "--prompt-tokens", str(prompt_tokens), "--gen-tokens", str(tokens),
+        "--runs", str(2 * pairs), "--paced", "--json"]
     paced = subprocess.Popen(bench_cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                              stderr=open(os.path.join(tmp, "paced.err"), "wb"))
 
