@@ -58,8 +58,10 @@
 # of the same work (`edgellm bench --paced`: one long-lived process, one run per request), in a
 # random order, the ratio taken within the pair; the median ratio and its bootstrap 95% interval
 # (single medians of runs minutes apart cannot see 2% on a shared 2-core VM; adjacent pairs
-# narrow it), and the streamed request against the whole one of the same pair (what streaming
-# itself costs decode). Beside it, a CPU account of those requests, which noise does not blur:
+# narrow it), the streamed request against the whole one of the same pair (what streaming
+# itself costs decode), and a control: a second, identical paced process run once per pair beside
+# the same in-process run as one of the HTTP requests (an A/A ratio: what the method reads between
+# two processes doing the same work, its bias and spread). Beside it, a CPU account of those requests, which noise does not blur:
 # edgellmd's CPU per token by thread name (/proc/PID/task/*/schedstat: edgellm-engine and
 # edgellm-backend, ONNX Runtime's threads; the transports' edgellmd-io) and the client helper's
 # own, the transport + client share against the decode time per token being what streaming can
@@ -75,6 +77,10 @@
 #   BENCH_REPS     repetitions per path, medians reported (default 5)
 #   BENCH_PAIRS    pairs of (HTTP request, warm in-process run) per HTTP mode for the paired
 #                  decode comparison (default 16; 0 leaves it out)
+#   BENCH_CLIENT_IDLE  1: in the paired comparison, the helper sends each HTTP request under
+#                  SCHED_IDLE (Linux; switching back needs root or RLIMIT_NICE), so the client takes
+#                  no core from the engine: what edgellmd's own work costs decode, as with a client
+#                  on another machine (default 0: the client competes, as a local one does)
 #   BENCH_IDLE_S   idle seconds for edgellmd's CPU measure (default 30)
 #   BENCH_PROMPT   the prompt (default: a sentence)
 #   BENCH_PROFILE  cargo profile of the binaries: release (default, as scripts/bench-lib.sh) or
@@ -113,6 +119,7 @@ for v in tokens reps idle_s; do
     fi
 done
 [[ $pairs =~ ^[0-9]+$ ]] || die "BENCH_PAIRS must be a non-negative integer (got '$pairs')"
+[[ ${BENCH_CLIENT_IDLE:-0} =~ ^[01]$ ]] || die "BENCH_CLIENT_IDLE must be 0 or 1 (got '${BENCH_CLIENT_IDLE}')"
 ((tokens >= 2)) || die "BENCH_TOKENS must be at least 2 (decode speed needs a second token)"
 [[ -n $prompt ]] || die "BENCH_PROMPT must not be empty"
 case "$profile" in
@@ -409,7 +416,7 @@ print(f"         decode within 2% on one connection: "
 # request, the prefix kept between runs as edgellmd keeps it), so the two halves of a pair are
 # seconds apart with no process start or model load between them (a fresh `edgellm bench` per
 # pair put ~5 s of loading between them). Reported: the median of the pairs' ratios with a
-# bootstrap 95% interval.
+# bootstrap 95% interval, and the same for the A/A control.
 pairs = int(E["B_PAIRS"])
 if pairs:
     import random
@@ -422,25 +429,43 @@ if pairs:
     bench_cmd = [edgellm, "bench", "--model", pkg] + engine + [
         "--prompt-tokens", str(prompt_tokens), "--gen-tokens", str(tokens),
         "--runs", str(2 * pairs), "--paced", "--json"]
-    paced = subprocess.Popen(bench_cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                             stderr=open(os.path.join(tmp, "paced.err"), "wb"))
+    # The control (A/A): a second, identical paced process, run once per pair beside the same
+    # in-process run as one of the HTTP requests (which one, at random). Its ratio is what the
+    # method reads between two processes doing the same work: the bias and spread a difference
+    # between edgellmd and in-process must stand out from.
+    paced = {}
+    for which in ("in", "control"):
+        bench_cmd[bench_cmd.index("--runs") + 1] = str(2 * pairs if which == "in" else pairs)
+        paced[which] = subprocess.Popen(
+            bench_cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=open(os.path.join(tmp, f"paced-{which}.err"), "wb"))
 
-    def in_process_run():
-        """One warm in-process run of the paced bench process, the HTTP requests' chat prompt
+    def in_process_run(which="in"):
+        """One warm in-process run of a paced bench process, the HTTP requests' chat prompt
         (same template, same tokens; the engine keeps its cache between runs as edgellmd's
         does): its decode tok/s."""
-        paced.stdin.write(prompt.encode() + b"\n")
-        paced.stdin.flush()
-        line = paced.stdout.readline()
+        p = paced[which]
+        p.stdin.write(prompt.encode() + b"\n")
+        p.stdin.flush()
+        line = p.stdout.readline()
         if not line:
-            sys.exit(f"bench-transports: `edgellm bench --paced` ended (rc {paced.wait()}): "
-                     + open(os.path.join(tmp, "paced.err"), errors="replace").read()[-2000:])
+            sys.exit(f"bench-transports: `edgellm bench --paced` ({which}) ended (rc {p.wait()}): "
+                     + open(os.path.join(tmp, f"paced-{which}.err"), errors="replace").read()[-2000:])
         run = json.loads(line)
         if run["gen_tokens"] != tokens:
             sys.exit(f"bench-transports: the in-process run has {run['gen_tokens']} tokens, "
                      f"not {tokens}")
         return run["decode_tok_s"]
     ratios = {"HTTP streamed": [], "HTTP whole": []}
+    control = []
+    # BENCH_CLIENT_IDLE=1: this helper makes its HTTP requests under SCHED_IDLE, so it reads the
+    # answer only when a core is free (during a decode, in practice, at its end: the chunks wait
+    # in the socket buffer); edgellmd itself keeps its priority. The ratios then show what
+    # edgellmd's own transport work costs decode, as with a client on another machine; by
+    # default the client competes with the engine for the cores, as a local client does.
+    client_idle = E.get("B_CLIENT_IDLE") == "1"
+    if client_idle:
+        print("the HTTP client runs under SCHED_IDLE (BENCH_CLIENT_IDLE=1)")
     cpu = {k: {} for k in ratios}
 
     def thread_cpu():
@@ -462,16 +487,21 @@ if pairs:
     streamed_vs_whole = []
     for i in range(pairs):
         http_tok = {}
+        with_control = rng.choice(sorted(ratios))
         for name in rng.sample(sorted(ratios), 2):
-            work = [("in", None), ("http", name)]
+            work = [("in", None), ("http", name)] + [("control", None)] * (name == with_control)
             rng.shuffle(work)
             got = {}
             for kind, _ in work:
-                if kind == "in":
-                    got["in"] = in_process_run()
+                if kind in ("in", "control"):
+                    got[kind] = in_process_run(kind)
                 else:
                     before, c0 = thread_cpu(), time.process_time()
+                    if client_idle:
+                        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
                     l = http_request(conn, name == "HTTP streamed")
+                    if client_idle:
+                        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
                     c1, after = time.process_time(), thread_cpu()
                     n = l["usage"]["completion_tokens"]
                     if n != tokens:
@@ -484,14 +514,18 @@ if pairs:
                     acct["decode_s"] = acct.get("decode_s", 0.0) + (n - 1) / l["usage"]["decode_tok_s"]
                     got["http"] = l["usage"]["decode_tok_s"]
             ratios[name].append(got["http"] / got["in"])
+            if "control" in got:
+                control.append(got["control"] / got["in"])
             http_tok[name] = got["http"]
         streamed_vs_whole.append(http_tok["HTTP streamed"] / http_tok["HTTP whole"])
         print(f"  pair {i + 1}/{pairs}: " + ", ".join(f"{k} {v[-1]:.4f}" for k, v in ratios.items())
-              + f", streamed/whole {streamed_vs_whole[-1]:.4f}", flush=True)
+              + f", streamed/whole {streamed_vs_whole[-1]:.4f}, control {control[-1]:.4f}",
+              flush=True)
 
-    paced.stdin.close()
-    if paced.wait() != 0:
-        sys.exit("bench-transports: `edgellm bench --paced` failed")
+    for which, p in paced.items():
+        p.stdin.close()
+        if p.wait() != 0:
+            sys.exit(f"bench-transports: `edgellm bench --paced` ({which}) failed")
 
     def interval(xs, k=4000):
         meds = sorted(med(rng.choices(xs, k=len(xs))) for _ in range(k))
@@ -504,6 +538,11 @@ if pairs:
         print(f"  {name:<14} median ratio {m:.4f} (95% interval {lo:.4f}-{hi:.4f}; "
               f"mean {statistics.fmean(xs):.4f}, {sum(x >= 1 for x in xs)}/{len(xs)} pairs >= 1): "
               f"{(m - 1) * 100:+.1f}% {'ok' if m >= 0.98 else 'MISSED'}")
+    lo, hi = interval(control)
+    m = med(control)
+    print(f"  {'control (A/A)':<14} median ratio {m:.4f} (95% interval {lo:.4f}-{hi:.4f}; "
+          f"{sum(x >= 1 for x in control)}/{pairs} pairs >= 1): a second in-process engine "
+          f"against the first, {(m - 1) * 100:+.1f}% (the method's own bias; ideally 0)")
     lo, hi = interval(streamed_vs_whole)
     m = med(streamed_vs_whole)
     print(f"  {'streamed/whole':<14} median ratio {m:.4f} (95% interval {lo:.4f}-{hi:.4f}; "
@@ -525,7 +564,7 @@ if pairs:
 PY
 B_EDGELLM="$edgellm" B_PKG="$package" B_PROMPT="$prompt" B_TOKENS="$tokens" B_REPS="$reps" \
     B_MAXLEN="$max_length" B_TMP="$tmp" B_BUS="$bus_address" B_MQTT="$mqtt_url" B_NODE="$node" \
-    B_HTTP="$http_addr" B_PAIRS="$pairs" B_PID="$edgellmd_pid" \
+    B_HTTP="$http_addr" B_PAIRS="$pairs" B_PID="$edgellmd_pid" B_CLIENT_IDLE="${BENCH_CLIENT_IDLE:-0}" \
     python3 "$tmp/measure.py"
 
 # ---------------------------------------------------------------------------------------------
