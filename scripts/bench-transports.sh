@@ -81,6 +81,8 @@
 #                  SCHED_IDLE (Linux; switching back needs root or RLIMIT_NICE), so the client takes
 #                  no core from the engine: what edgellmd's own work costs decode, as with a client
 #                  on another machine (default 0: the client competes, as a local one does)
+#   BENCH_HTTP_UNIX  1: edgellmd's HTTP face listens on a Unix socket (`listen = "unix:..."`, as
+#                  behind a local reverse proxy) instead of a loopback TCP port (default 0)
 #   BENCH_IDLE_S   idle seconds for edgellmd's CPU measure (default 30)
 #   BENCH_PROMPT   the prompt (default: a sentence)
 #   BENCH_PROFILE  cargo profile of the binaries: release (default, as scripts/bench-lib.sh) or
@@ -120,6 +122,7 @@ for v in tokens reps idle_s; do
 done
 [[ $pairs =~ ^[0-9]+$ ]] || die "BENCH_PAIRS must be a non-negative integer (got '$pairs')"
 [[ ${BENCH_CLIENT_IDLE:-0} =~ ^[01]$ ]] || die "BENCH_CLIENT_IDLE must be 0 or 1 (got '${BENCH_CLIENT_IDLE}')"
+[[ ${BENCH_HTTP_UNIX:-0} =~ ^[01]$ ]] || die "BENCH_HTTP_UNIX must be 0 or 1 (got '${BENCH_HTTP_UNIX}')"
 ((tokens >= 2)) || die "BENCH_TOKENS must be at least 2 (decode speed needs a second token)"
 [[ -n $prompt ]] || die "BENCH_PROMPT must not be empty"
 case "$profile" in
@@ -184,7 +187,12 @@ start_dbus
 
 config="$tmp/edgellm.toml"
 write_edgellmd_config "$config" "$package" "$max_length" "$ORT_DYLIB_PATH"
-http_addr="127.0.0.1:$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+if [[ ${BENCH_HTTP_UNIX:-0} == 1 ]]; then
+    http_addr="unix:$tmp/http.sock"
+else
+    http_addr="127.0.0.1:$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+fi
+echo "HTTP listens on $http_addr"
 printf '\n[http]\nenabled = true\nlisten = "%s"\n' "$http_addr" >>"$config"
 start_edgellmd "$bin" "$config"
 wait_edgellmd_ready "$ready_timeout_s" "$edgellm" ask
@@ -192,7 +200,7 @@ wait_edgellmd_ready "$ready_timeout_s" "$edgellm" ask
 # ---------------------------------------------------------------------------------------------
 step "Measuring: $reps repetitions x (run, D-Bus, MQTT) of $tokens tokens, prompt \"$prompt\""
 cat >"$tmp/measure.py" <<'PY'
-import http.client, json, os, statistics, subprocess, sys, time
+import http.client, json, os, socket, statistics, subprocess, sys, time
 
 E = os.environ
 edgellm, pkg, prompt = E["B_EDGELLM"], E["B_PKG"], E["B_PROMPT"]
@@ -366,7 +374,14 @@ def http_request(conn, stream):
 
 
 def http_connection():
-    host, port = E["B_HTTP"].split(":")
+    addr = E["B_HTTP"]
+    if addr.startswith("unix:"):
+        class UnixConnection(http.client.HTTPConnection):
+            def connect(self):
+                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                self.sock.connect(addr[len("unix:"):])
+        return UnixConnection("localhost")
+    host, port = addr.split(":")
     return http.client.HTTPConnection(host, int(port))
 
 
