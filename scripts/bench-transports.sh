@@ -61,11 +61,12 @@
 # narrow it), the streamed request against the whole one of the same pair (what streaming
 # itself costs decode), and a control: a second, identical paced process run once per pair beside
 # the same in-process run as one of the HTTP requests (an A/A ratio: what the method reads between
-# two processes doing the same work, its bias and spread). Beside it, a CPU account of those requests, which noise does not blur:
-# edgellmd's CPU per token by thread name (/proc/PID/task/*/schedstat: edgellm-engine and
-# edgellm-backend, ONNX Runtime's threads; the transports' edgellmd-io) and the client helper's
-# own, the transport + client share against the decode time per token being what streaming can
-# take from decode where the engine fills every core.
+# two processes doing the same work, its bias and spread). Beside it, a CPU account of those
+# requests, which noise does not blur: edgellmd's CPU per token by thread name
+# (/proc/PID/task/*/schedstat: edgellm-engine and edgellm-backend, ONNX Runtime's threads; the
+# transports' edgellmd-io) and the client helper's own, the transport + client share against the
+# decode time per token being what streaming can take from decode where the engine fills every
+# core.
 # Targets: overhead < 2 ms per request; decode tok/s through the daemon within 2% of in-process;
 # idle CPU ~0. Note that a stock mosquitto leaves Nagle's algorithm on for its sockets
 # (`set_tcp_nodelay false`): its small reply packets then wait for the client's delayed ACK,
@@ -473,11 +474,11 @@ if pairs:
         return run["decode_tok_s"]
     ratios = {"HTTP streamed": [], "HTTP whole": []}
     control = []
-    # BENCH_CLIENT_IDLE=1: this helper makes its HTTP requests under SCHED_IDLE, so it reads the
-    # answer only when a core is free (during a decode, in practice, at its end: the chunks wait
-    # in the socket buffer); edgellmd itself keeps its priority. The ratios then show what
-    # edgellmd's own transport work costs decode, as with a client on another machine; by
-    # default the client competes with the engine for the cores, as a local client does.
+    # BENCH_CLIENT_IDLE=1: this helper makes its HTTP requests under SCHED_IDLE, so it runs only
+    # on a core nothing else wants (the chunks it has not read wait in the socket buffer);
+    # edgellmd itself keeps its priority. The ratios then show what edgellmd's own transport
+    # work costs decode, as with a client on another machine; by default the client competes
+    # with the engine for the cores, as a local client does.
     client_idle = E.get("B_CLIENT_IDLE") == "1"
     if client_idle:
         print("the HTTP client runs under SCHED_IDLE (BENCH_CLIENT_IDLE=1)")
