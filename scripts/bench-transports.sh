@@ -441,19 +441,18 @@ if pairs:
     http_request(conn, True)  # warm-up
     if "\n" in prompt or "\r" in prompt:
         sys.exit("bench-transports: the paired comparison needs a one-line BENCH_PROMPT")
-    # Two in-process runs per pair (one beside each HTTP mode).
-    bench_cmd = [edgellm, "bench", "--model", pkg] + engine + [
-        "--prompt-tokens", str(prompt_tokens), "--gen-tokens", str(tokens),
-        "--runs", str(2 * pairs), "--paced", "--json"]
-    # The control (A/A): a second, identical paced process, run once per pair beside the same
-    # in-process run as one of the HTTP requests (which one, at random). Its ratio is what the
-    # method reads between two processes doing the same work: the bias and spread a difference
-    # between edgellmd and in-process must stand out from.
+    # "in": two runs per pair (one beside each HTTP mode). "control" (A/A): a second, identical
+    # paced process, run once per pair beside the same in-process run as one of the HTTP requests
+    # (which one, at random). Its ratio is what the method reads between two processes doing the
+    # same work: the bias and spread a difference between edgellmd and in-process must stand out
+    # from.
     paced = {}
-    for which in ("in", "control"):
-        bench_cmd[bench_cmd.index("--runs") + 1] = str(2 * pairs if which == "in" else pairs)
+    for which, runs in (("in", 2 * pairs), ("control", pairs)):
         paced[which] = subprocess.Popen(
-            bench_cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            [edgellm, "bench", "--model", pkg] + engine + [
+                "--prompt-tokens", str(prompt_tokens), "--gen-tokens", str(tokens),
+                "--runs", str(runs), "--paced", "--json"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=open(os.path.join(tmp, f"paced-{which}.err"), "wb"))
 
     def in_process_run(which="in"):
