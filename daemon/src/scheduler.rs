@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use crate::api::Request;
 pub use crate::api::{ErrorCode, RequestEvent, ServiceError, State, Status};
 use crate::engine::Engine;
-use crate::engine::serve::{AliveGuard, EngineShared, Job, Work, run_engine};
+use crate::engine::serve::{AliveGuard, EngineShared, Held, Job, Work, run_engine};
 pub use crate::engine::{BatchSteps, EngineHealth};
 use crate::metrics::Metrics;
 use crate::model::Model;
@@ -38,6 +38,8 @@ pub struct Limits {
     pub parallel: usize,
     pub max_new_tokens: usize,
     pub request_timeout: Duration,
+    /// Pieces of text per streamed chunk after the first (`[limits] stream_interval`; 1: each).
+    pub stream_interval: usize,
 }
 
 /// A submitted request: its events, and the token that cancels it.
@@ -284,6 +286,7 @@ impl Scheduler {
             events: events_tx,
             cancel: cancel.clone(),
             deadline: Instant::now() + self.limits.request_timeout,
+            held: Held::new(self.limits.stream_interval),
         };
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         match self.queue.try_send(Work::Run(Box::new(job))) {

@@ -300,6 +300,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         parallel: config.limits.parallel,
         max_new_tokens: config.limits.max_new_tokens,
         request_timeout: Duration::from_secs(config.limits.request_timeout_s),
+        stream_interval: config.limits.stream_interval,
     };
     let scheduler = Arc::new(Scheduler::start(engine, limits, CancellationToken::new()));
     scheduler.ping().await.map_err(RunError::Heartbeat)?;

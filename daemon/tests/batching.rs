@@ -26,6 +26,7 @@ fn scheduler(pkg: &Path, backend: &str, parallel: usize) -> Scheduler {
         parallel,
         max_new_tokens: 1000,
         request_timeout: Duration::from_secs(300),
+        stream_interval: 1,
     };
     Scheduler::start(
         common::small_step_engine(pkg, backend),

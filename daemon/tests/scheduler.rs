@@ -43,6 +43,7 @@ fn start_with_delay(
         parallel: 1,
         max_new_tokens: 1000,
         request_timeout: timeout,
+        stream_interval: 1,
     };
     (
         Scheduler::start(

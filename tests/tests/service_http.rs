@@ -465,3 +465,62 @@ async fn the_api_listens_on_a_unix_socket() {
         "the socket is removed when the daemon stops"
     );
 }
+
+/// `POST path` with a JSON body over a plain TCP connection (HTTP/1.0: the server closes when
+/// the answer is complete): (status, body).
+async fn post(base: &str, path: &str, body: &Value) -> (u16, String) {
+    let addr = base.strip_prefix("http://").unwrap();
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let body = body.to_string();
+    let head = format!(
+        "POST {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(body.as_bytes()).await.unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).await.unwrap();
+    let status = text.split(' ').nth(1).unwrap().parse().unwrap();
+    (status, text.split_once("\r\n\r\n").unwrap().1.to_string())
+}
+
+/// `[limits] stream_interval = 3`: the streamed text goes out three pieces at a time after the
+/// first, and the chunks still add up to the whole answer (the rest is flushed before the
+/// finish reason).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_interval_sends_text_in_fewer_chunks_that_add_up_to_the_answer() {
+    let backend = edgellm_tests::backends()[0].as_str();
+    let (mut config, base) = http_config(backend, tiny_package());
+    config.limits.stream_interval = 3;
+    let d = start(config, &base).await;
+    let ask = |stream: bool| {
+        serde_json::json!({"model": "m", "prompt": "The quick brown fox", "max_tokens": 13,
+            "temperature": 0, "stream": stream})
+    };
+    let (status, whole) = post(&base, "/v1/completions", &ask(false)).await;
+    assert_eq!(status, 200, "{whole}");
+    let whole: Value = serde_json::from_str(&whole).unwrap();
+    assert_eq!(whole["usage"]["completion_tokens"], 13, "{whole}");
+    let text = whole["choices"][0]["text"].as_str().unwrap();
+
+    let (status, sse) = post(&base, "/v1/completions", &ask(true)).await;
+    assert_eq!(status, 200, "{sse}");
+    let chunks: Vec<String> = sse
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: {"))
+        .map(|l| serde_json::from_str::<Value>(&format!("{{{l}")).unwrap())
+        .map(|c| c["choices"][0]["text"].as_str().unwrap().to_string())
+        .filter(|t| !t.is_empty())
+        .collect();
+    assert_eq!(chunks.concat(), text, "{sse}");
+    // 13 tokens: the first piece at once, then chunks of three (12 = 4 x 3). A piece is about a
+    // token (the detokenizer holds back an incomplete character), so at most 5 chunks; each
+    // token its own chunk would be 13.
+    assert!(
+        (2..=5).contains(&chunks.len()),
+        "{} chunks: {chunks:?}",
+        chunks.len()
+    );
+    assert!(sse.trim_end().ends_with("data: [DONE]"), "{sse}");
+    d.stop().await;
+}

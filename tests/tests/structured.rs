@@ -476,6 +476,7 @@ fn batched_structured_answers_validate() {
         parallel: 3,
         max_new_tokens: 512,
         request_timeout: Duration::from_secs(600),
+        stream_interval: 1,
     };
     let s = Scheduler::start(
         engine(BackendChoice::Ort),

@@ -20,21 +20,89 @@ use crate::api::{
 /// A request's events go to its transport as owned copies (one allocation per event: the
 /// text crosses to the transport's thread); a receiver gone (the caller left) cancels. A
 /// request that is not streamed (`req.stream` false) gets only its completion: its events are
-/// not sent, so no transport task is woken per token on a small board's few cores.
+/// not sent, so no transport task is woken per token on a small board's few cores. With
+/// `[limits] stream_interval` N > 1, answer text goes out N pieces at a time ([`Held`]).
 impl EventSink for Job {
     fn send(&self, event: Event<&str>) -> Flow {
-        let sent = if self.req.stream {
-            self.events
-                .send(RequestEvent::Event(event.to_owned()))
-                .is_ok()
-        } else {
+        let sent = if !self.req.stream {
             !self.events.is_closed()
+        } else {
+            match event {
+                Event::Delta(text) => match self.held.push(text) {
+                    Some(chunk) => self
+                        .events
+                        .send(RequestEvent::Event(Event::Delta(chunk)))
+                        .is_ok(),
+                    None => !self.events.is_closed(),
+                },
+                // Other events keep their order with the text: what is held goes first.
+                other => {
+                    self.flush_held();
+                    self.events
+                        .send(RequestEvent::Event(other.to_owned()))
+                        .is_ok()
+                }
+            }
         };
         if sent {
             ControlFlow::Continue(())
         } else {
             ControlFlow::Break(())
         }
+    }
+}
+
+/// Streamed answer text held back to go out `interval` pieces at a time (one piece is about
+/// one token): the first piece goes at once (time to first token is unchanged), then a chunk
+/// every `interval` pieces, and what is left goes before the request's next other event or its
+/// terminal one ([`Job::flush_held`]), so the chunks always add up to the answer. Each chunk
+/// is a socket write and a transport wake-up; on a board whose cores the engine fills, their
+/// CPU comes out of decoding (docs/http-api.md, "What streaming costs").
+#[derive(Debug)]
+pub(crate) struct Held {
+    interval: usize,
+    /// Only the engine thread touches it; the lock keeps [`Job`] `Sync` and is never contended.
+    state: std::sync::Mutex<(String, usize)>,
+}
+
+impl Held {
+    pub(crate) fn new(interval: usize) -> Self {
+        Held {
+            interval: interval.max(1),
+            // usize::MAX pieces held: nothing sent yet, so the first piece goes at once.
+            state: std::sync::Mutex::new((String::new(), usize::MAX)),
+        }
+    }
+
+    /// Adds a piece; the chunk to send now, if one is due.
+    fn push(&self, piece: &str) -> Option<String> {
+        if self.interval == 1 {
+            return Some(piece.to_owned());
+        }
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let (text, pieces) = &mut *state;
+        text.push_str(piece);
+        *pieces = pieces.saturating_add(1);
+        if *pieces >= self.interval {
+            *pieces = 0;
+            Some(std::mem::take(text))
+        } else {
+            None
+        }
+    }
+
+    /// The text held back, if any.
+    fn take(&self) -> Option<String> {
+        if self.interval == 1 {
+            return None;
+        }
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let (text, pieces) = &mut *state;
+        if text.is_empty() {
+            return None;
+        }
+        *pieces = 0;
+        Some(std::mem::take(text))
     }
 }
 
@@ -103,9 +171,18 @@ pub(crate) struct Job {
     pub(crate) events: mpsc::UnboundedSender<RequestEvent>,
     pub(crate) cancel: CancellationToken,
     pub(crate) deadline: Instant,
+    /// Streamed text not sent yet (`[limits] stream_interval`).
+    pub(crate) held: Held,
 }
 
 impl Job {
+    /// Sends the streamed text held back, if any (before another event or the terminal one).
+    fn flush_held(&self) {
+        if let Some(text) = self.held.take() {
+            let _ = self.events.send(RequestEvent::Event(Event::Delta(text)));
+        }
+    }
+
     /// Why the request must stop now, if it must: cancelled (or its receiver went away: the
     /// caller disconnected), the service stopping, or its deadline passed.
     fn cut_short(&self, root: &CancellationToken) -> Option<Why> {
@@ -192,6 +269,7 @@ impl EngineShared {
             RequestEvent::Error(e) => self.metrics.finished(job.req.origin, Err(e.code)),
             RequestEvent::Event(_) => {}
         }
+        job.flush_held();
         let _ = job.events.send(terminal);
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
@@ -534,4 +612,36 @@ fn run_job(
         &check,
     );
     terminal_of(result, why.get())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Held;
+
+    #[test]
+    fn held_text_goes_first_at_once_then_every_interval_pieces() {
+        let h = Held::new(3);
+        let sent: Vec<Option<String>> = ["a", "b", "c", "d", "e", "f", "g"]
+            .iter()
+            .map(|p| h.push(p))
+            .collect();
+        let some = |s: &str| Some(s.to_string());
+        assert_eq!(
+            sent,
+            [some("a"), None, None, some("bcd"), None, None, some("efg")]
+        );
+        assert_eq!(h.take(), None, "nothing is held after a full chunk");
+        assert_eq!(h.push("h"), None);
+        assert_eq!(h.take(), some("h"), "the rest goes before the end");
+        assert_eq!(h.take(), None);
+        // After a flush the count starts again: three more pieces make the next chunk.
+        assert_eq!(h.push("i"), None);
+        assert_eq!(h.push("j"), None);
+        assert_eq!(h.push("k"), some("ijk"));
+
+        let every = Held::new(1);
+        assert_eq!(every.push("x"), some("x"));
+        assert_eq!(every.push("y"), some("y"));
+        assert_eq!(every.take(), None);
+    }
 }

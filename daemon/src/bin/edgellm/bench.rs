@@ -177,6 +177,7 @@ fn concurrent_pass(
         parallel,
         max_new_tokens: usize::MAX,
         request_timeout: Duration::from_secs(3600),
+        stream_interval: 1,
     };
     let s = Scheduler::start(engine, limits, tokio_util::sync::CancellationToken::new());
     anyhow::ensure!(
