@@ -8,20 +8,23 @@
 # polling), one sequence, a 1024-token context, and serve the OpenAI completions route on loopback
 # TCP. One server runs at a time. A stdlib Python helper sends BENCH_PAIRS pairs of the same
 # request (a story prompt, greedy, BENCH_GEN new tokens), one whole and one streamed (SSE) in a
-# random order, on one keep-alive connection, and takes within each pair
+# random order, each on a connection of its own (llama-server closes one after a streamed
+# answer; setting up a connection is outside the decode timings), and takes within each pair
 #   streamed decode tok/s / whole decode tok/s
 # from the server's own timings (edgellmd: `timings.decode_tok_s`; llama-server:
 # `timings.predicted_per_second`; in the final chunk when streamed). A whole answer does no
 # per-token transport work, so the ratio is what the per-token chunk (format, socket write, the
 # server's wake-up; the client's reading where it shares the cores) takes from decode. Reported:
-# the median ratio and its bootstrap 95% interval, and the server's CPU per token (utime + stime
-# of the process, /proc/PID/stat) whole and streamed: their difference is the server's own cost
-# of a streamed token, set against its decode time per token.
+# the median ratio and its bootstrap 95% interval; the CPU per token, whole and streamed, of the
+# server's threads that do not decode (/proc/PID/task/*/schedstat; a decoding thread is one busy
+# for at least a quarter of the whole answers' time): their difference is what a streamed token
+# costs the server outside its decoding threads (work a server does per chunk on a decoding
+# thread is not in it, only in the decode ratio); and the helper's own CPU per token.
 #
 # The helper reads streamed bytes as they come and parses them at the end (as
 # scripts/bench-transports.sh does: parsing each chunk as it came would cost more CPU than the
-# server's side). BENCH_CLIENT_IDLE=1 runs it under SCHED_IDLE while it waits for an answer, so
-# it takes no core from the server (as a client on another machine).
+# server's side). BENCH_CLIENT_IDLE=1 runs it under SCHED_IDLE (Linux), so it takes almost no
+# core from the server (as a client on another machine).
 #
 # Usage: scripts/bench-streaming.sh
 # Environment:
@@ -29,9 +32,10 @@
 #   BENCH_GEN      new tokens per request (default 64; both servers must produce all of them)
 #   BENCH_THREADS  threads for both servers (default 2)
 #   BENCH_SERVERS  which servers, in order (default "edgellmd llama-server")
-#   BENCH_CLIENT_IDLE  1: the client waits under SCHED_IDLE (default 0)
-#   BENCH_STREAM_INTERVAL  edgellmd's `[limits] stream_interval` (default 1: a chunk per token, as
-#                  llama-server sends; 2: text in pairs, the first piece at once)
+#   BENCH_CLIENT_IDLE  1: the client runs under SCHED_IDLE (default 0: it competes for the
+#                  cores, as a local client does)
+#   BENCH_STREAM_INTERVAL  edgellmd's `[limits] stream_interval`, 1 to 64 (default 1: a chunk per
+#                  token, as llama-server sends; 2: text in pairs, the first piece at once)
 #   BENCH_DIR      work folder (default /tmp/edgellm-bench); llama.cpp's sdist and build under
 #                  BENCH_DIR/llama.cpp (scripts/llamacpp-lib.sh), shared with the other benches
 #   BENCH_BUILD    0: use target/release as it is (default: `cargo build --release` first)
@@ -55,8 +59,8 @@ stream_interval="${BENCH_STREAM_INTERVAL:-1}"
 [[ $pairs =~ ^[0-9]+$ ]] && ((pairs >= 2)) || die "BENCH_PAIRS must be an integer >= 2 (got '$pairs')"
 [[ $gen =~ ^[0-9]+$ ]] && ((gen >= 2)) || die "BENCH_GEN must be an integer >= 2 (got '$gen')"
 [[ $client_idle =~ ^[01]$ ]] || die "BENCH_CLIENT_IDLE must be 0 or 1 (got '$client_idle')"
-[[ $stream_interval =~ ^[0-9]+$ ]] && ((stream_interval >= 1)) \
-    || die "BENCH_STREAM_INTERVAL must be a positive integer (got '$stream_interval')"
+[[ $stream_interval =~ ^[0-9]+$ ]] && ((stream_interval >= 1 && stream_interval <= 64)) \
+    || die "BENCH_STREAM_INTERVAL must be an integer from 1 to 64 (got '$stream_interval')"
 for s in $servers; do
     [[ $s == edgellmd || $s == llama-server ]] || die "BENCH_SERVERS: unknown server '$s' (edgellmd, llama-server)"
 done
@@ -119,7 +123,6 @@ host, port = E["B_URL"].split(":")
 idle = E["B_CLIENT_IDLE"] == "1"
 prompt = ("Once upon a time, in a small workshop at the edge of a busy harbour town, an old "
           "clockmaker")
-tick = os.sysconf("SC_CLK_TCK")
 
 
 def thread_cpu():
@@ -139,16 +142,12 @@ def request(stream):
     body = json.dumps({"model": "bench", "prompt": prompt, "max_tokens": gen, "temperature": 0,
                        "stream": stream,
                        "stream_options": {"include_usage": True} if stream else None}).encode()
-    if idle:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     t0 = time.perf_counter()
     conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
     r = conn.getresponse()
     data = r.read() if not stream else b"".join(iter(lambda: r.read1(65536), b""))
     wall = time.perf_counter() - t0
     conn.close()
-    if idle:
-        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
     if r.status != 200:
         sys.exit(f"bench-streaming: {server}: HTTP {r.status}: {data[:300]!r}")
     if stream:
@@ -159,8 +158,8 @@ def request(stream):
                 timing = c.get("timings", timing)
                 if c.get("usage"):
                     n = c["usage"]["completion_tokens"]
-                if c.get("choices"):
-                    text += c["choices"][0].get("text") or ""
+                if c.get("choices") and c["choices"][0].get("text"):
+                    text += c["choices"][0]["text"]
                     chunks += 1
     else:
         a = json.loads(data)
@@ -172,6 +171,9 @@ def request(stream):
     return {"rate": rate, "text": text, "n": n, "chunks": chunks, "wall": wall}
 
 
+if idle:
+    # For good: switching back to SCHED_OTHER would need root or RLIMIT_NICE.
+    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
 rng = random.Random(20261202)
 texts, chunk_counts = set(), []
 request(False)  # pages in the weights
@@ -245,7 +247,7 @@ print(f"{server}: CPU per token outside its {len(compute)} compute threads {cpu_
       f"token ({extra / step_ms * 100:.1f}% of the step); the compute threads "
       f"{compute_ms['whole']:.2f} / {compute_ms['streamed']:.2f} ms; the client "
       f"{client_ms['whole']:.3f} / {client_ms['streamed']:.3f} ms")
-print(f"{server}: {summary['chunks_per_answer']:.0f} text chunks per streamed answer of {gen} tokens "
+print(f"{server}: {summary['chunks_per_answer']:.0f} chunks with text per streamed answer of {gen} tokens "
       f"(median); {len(texts)} distinct answer text(s) over the {2 * pairs} requests")
 print("JSON " + json.dumps(summary), flush=True)
 PY

@@ -84,7 +84,7 @@
 #                  on another machine (default 0: the client competes, as a local one does)
 #   BENCH_HTTP_UNIX  1: edgellmd's HTTP face listens on a Unix socket (`listen = "unix:..."`, as
 #                  behind a local reverse proxy) instead of a loopback TCP port (default 0)
-#   BENCH_STREAM_INTERVAL  edgellmd's `[limits] stream_interval` (default 1: a chunk per token;
+#   BENCH_STREAM_INTERVAL  edgellmd's `[limits] stream_interval`, 1 to 64 (default 1: a chunk per token;
 #                  N: the first piece at once, then N at a time), for every streamed path
 #   BENCH_IDLE_S   idle seconds for edgellmd's CPU measure (default 30)
 #   BENCH_PROMPT   the prompt (default: a sentence)
@@ -126,8 +126,8 @@ done
 [[ $pairs =~ ^[0-9]+$ ]] || die "BENCH_PAIRS must be a non-negative integer (got '$pairs')"
 [[ ${BENCH_CLIENT_IDLE:-0} =~ ^[01]$ ]] || die "BENCH_CLIENT_IDLE must be 0 or 1 (got '${BENCH_CLIENT_IDLE}')"
 [[ ${BENCH_HTTP_UNIX:-0} =~ ^[01]$ ]] || die "BENCH_HTTP_UNIX must be 0 or 1 (got '${BENCH_HTTP_UNIX}')"
-[[ ${BENCH_STREAM_INTERVAL:-1} =~ ^[0-9]+$ ]] && ((${BENCH_STREAM_INTERVAL:-1} >= 1)) \
-    || die "BENCH_STREAM_INTERVAL must be a positive integer (got '${BENCH_STREAM_INTERVAL}')"
+[[ ${BENCH_STREAM_INTERVAL:-1} =~ ^[0-9]+$ ]] && ((${BENCH_STREAM_INTERVAL:-1} >= 1 && ${BENCH_STREAM_INTERVAL:-1} <= 64)) \
+    || die "BENCH_STREAM_INTERVAL must be an integer from 1 to 64 (got '${BENCH_STREAM_INTERVAL}')"
 ((tokens >= 2)) || die "BENCH_TOKENS must be at least 2 (decode speed needs a second token)"
 [[ -n $prompt ]] || die "BENCH_PROMPT must not be empty"
 case "$profile" in

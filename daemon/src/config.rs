@@ -436,9 +436,9 @@ request_timeout_s = {timeout}
 # `shutting_down`; this bounds the wait for that. Keep it below the unit's TimeoutStopSec.
 shutdown_grace_s = {grace}
 # A streamed answer's text goes out this many pieces (about one per token) at a time, the
-# first at once; 1 sends each as it is decoded. Each chunk is a socket write and a wake-up
-# that, where the engine fills every core, comes out of decoding (0.15-0.2 ms of CPU per
-# chunk on a 2-core machine, docs/http-api.md); 2 halves that, the text arriving in pairs.
+# first at once; 1 (to 64) sends each as it is decoded. Each chunk is a socket write and a
+# wake-up that, where the engine fills every core, comes out of decoding (0.15-0.2 ms of CPU
+# per chunk on a 2-core machine, docs/http-api.md); 2 halves that, the text arriving in pairs.
 stream_interval = {stream_interval}
 
 [dbus]
