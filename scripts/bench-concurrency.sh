@@ -65,18 +65,7 @@ mkdir -p "$bench" "$llroot"
 # shellcheck source=scripts/services-lib.sh
 source "$root/scripts/services-lib.sh"
 services_init
-llama_pid=""
-cleanup() {
-    local rc=$?
-    trap - EXIT INT TERM
-    [[ -z $llama_pid ]] || stop_child "$llama_pid" 5 || true
-    services_cleanup || rc=1
-    ((rc == 0)) || echo "$name: FAILED (status $rc)" >&2
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+services_trap_exit
 
 # shellcheck source=scripts/llamacpp-lib.sh
 source "$root/scripts/llamacpp-lib.sh"

@@ -86,6 +86,24 @@ stop_edgellmd() {
     echo "edgellmd exited 0"
 }
 
+# Traps the script's exit (and SIGINT/SIGTERM) to stop llama.cpp's server ($llama_pid, for the
+# benchmarks that run one; empty until they do) and everything started here, then exit with the
+# script's status (failed when edgellmd did not exit 0).
+services_trap_exit() {
+    llama_pid=""
+    trap services_exit EXIT
+    trap 'exit 130' INT
+    trap 'exit 143' TERM
+}
+services_exit() {
+    local rc=$?
+    trap - EXIT INT TERM
+    [[ -z ${llama_pid:-} ]] || stop_child "$llama_pid" 5 || true
+    services_cleanup || rc=1
+    ((rc == 0)) || echo "$name: FAILED (status $rc)" >&2
+    exit "$rc"
+}
+
 # Stops everything started here and removes $tmp; fails when edgellmd did not exit 0.
 services_cleanup() {
     local rc=0
