@@ -26,11 +26,35 @@ fn http_config(backend: &str, package: &std::path::Path) -> (Config, String) {
 
 /// `GET path` over a plain TCP connection: (status, body).
 async fn get(base: &str, path: &str) -> Option<(u16, String)> {
+    exchange(base, "GET", path, None).await
+}
+
+/// `POST path` with a JSON body, the same way.
+async fn post(base: &str, path: &str, body: &Value) -> (u16, String) {
+    exchange(base, "POST", path, Some(body)).await.unwrap()
+}
+
+/// One HTTP/1.0 request (the server closes when the answer is complete): (status, body), or
+/// None when the server cannot be reached or answers no HTTP.
+async fn exchange(
+    base: &str,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+) -> Option<(u16, String)> {
     let addr = base.strip_prefix("http://")?;
     let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-        .await
-        .ok()?;
+    let mut request = format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\n");
+    if let Some(body) = body {
+        let body = body.to_string();
+        request += &format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+    } else {
+        request += "\r\n";
+    }
+    s.write_all(request.as_bytes()).await.ok()?;
     let mut text = String::new();
     s.read_to_string(&mut text).await.ok()?;
     let status = text.split(' ').nth(1)?.parse().ok()?;
@@ -474,24 +498,6 @@ async fn the_api_listens_on_a_unix_socket() {
     );
 }
 
-/// `POST path` with a JSON body over a plain TCP connection (HTTP/1.0: the server closes when
-/// the answer is complete): (status, body).
-async fn post(base: &str, path: &str, body: &Value) -> (u16, String) {
-    let addr = base.strip_prefix("http://").unwrap();
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let body = body.to_string();
-    let head = format!(
-        "POST {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    );
-    s.write_all(head.as_bytes()).await.unwrap();
-    s.write_all(body.as_bytes()).await.unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).await.unwrap();
-    let status = text.split(' ').nth(1).unwrap().parse().unwrap();
-    (status, text.split_once("\r\n\r\n").unwrap().1.to_string())
-}
-
 /// `[limits] stream_interval = 3`: the streamed text goes out three pieces at a time after the
 /// first, and the chunks still add up to the whole answer (the rest is flushed before the
 /// finish reason).
@@ -515,8 +521,9 @@ async fn stream_interval_sends_text_in_fewer_chunks_that_add_up_to_the_answer() 
     assert_eq!(status, 200, "{sse}");
     let chunks: Vec<String> = sse
         .lines()
-        .filter_map(|l| l.strip_prefix("data: {"))
-        .map(|l| serde_json::from_str::<Value>(&format!("{{{l}")).unwrap())
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
         .map(|c| c["choices"][0]["text"].as_str().unwrap().to_string())
         .filter(|t| !t.is_empty())
         .collect();
