@@ -110,14 +110,7 @@ impl Daemon {
                 }
             }
             if let Some((url, node)) = mqtt {
-                let mut c = MqttClient::connect(&url).await;
-                c.subscribe(&format!("edgellm/{node}/status")).await;
-                loop {
-                    let m = c.recv(Duration::from_secs(120)).await;
-                    if m.json["state"] == "online" {
-                        break;
-                    }
-                }
+                mqtt_online(&url, &node).await;
             }
         };
         tokio::time::timeout(Duration::from_secs(120), ready)
@@ -339,6 +332,21 @@ pub struct Received {
     pub json: Value,
     pub correlation: Option<bytes::Bytes>,
     pub retain: bool,
+}
+
+/// Waits, on a client of its own, for node `node`'s retained status to say `online`. The daemon
+/// publishes it after it has asked for its request subscriptions on the same connection, so
+/// the broker routes requests published from here on to it; before, a request can find no
+/// subscriber and be dropped by the broker.
+pub async fn mqtt_online(url: &str, node: &str) {
+    let mut c = MqttClient::connect(url).await;
+    c.subscribe(&format!("edgellm/{node}/status")).await;
+    loop {
+        let m = c.recv(Duration::from_secs(120)).await;
+        if m.json["state"] == "online" {
+            break;
+        }
+    }
 }
 
 /// An MQTT 5 test client: reconnects every 100 ms when the broker goes away and subscribes

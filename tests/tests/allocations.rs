@@ -372,6 +372,8 @@ fn each_transport_reports_its_allocations_per_token() {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
+        // D-Bus answering says nothing of MQTT: wait for the node's `online` too.
+        mqtt_online(&broker.url(), "alloc").await;
         let mut mqtt = MqttClient::connect(&broker.url()).await;
         mqtt.subscribe("edgellm/alloc/response/#").await;
         let options = |n: u32| {
