@@ -54,20 +54,20 @@
 # /proc/PID/stat), and its VmRSS less the weights (model.onnx + model.onnx.data) and the f32 KV
 # cache (layers x 2 x KV heads x head size x max_length x 4 bytes, from genai_config.json).
 #
-# Decode, paired (BENCH_PAIRS): each HTTP request (streamed, whole) next to a warm in-process run
-# of the same work (`edgellm bench --paced`: one long-lived process, one run per request), in a
-# random order, the ratio taken within the pair; the median ratio and its bootstrap 95% interval
-# (single medians of runs minutes apart cannot see 2% on a shared 2-core VM; adjacent pairs
-# narrow it), the streamed request against the whole one of the same pair (what streaming
-# itself costs decode), and a control: a second, identical paced process run beside each
-# in-process run, as often as it and as edgellmd (an A/A ratio: what the method reads between two
-# processes doing the same work, its bias and spread; run once per pair, as it was before, it read
-# -1.2% and -5.1% in two runs, beside each in-process run -0.8%). Beside it, a CPU account of those
-# requests, which noise does not blur: edgellmd's CPU per token by thread name
-# (/proc/PID/task/*/schedstat: edgellm-engine and edgellm-backend, ONNX Runtime's threads; the
-# transports' edgellmd-io) and the client helper's own, the transport + client share against the
-# decode time per token being what streaming can take from decode where the engine fills every
-# core.
+# Decode, paired, in rounds (BENCH_ROUNDS x BENCH_PAIRS): each round starts a fresh edgellmd and
+# two fresh in-process engines (`edgellm bench --paced`: one long-lived process each, one run per
+# request); each HTTP request (streamed, whole) runs next to a run of each engine, in a random
+# order, the ratios taken within the triple: HTTP against in-process (the geometric mean of the
+# two engines' runs), the streamed request against the whole one of the same pair (what
+# streaming itself costs decode), and a control, one engine against the other (an A/A ratio:
+# the method's bias and spread). Pairs cancel the machine's drift over minutes; fresh processes
+# per round turn each process's own speed offset (two identical engines side by side read 0.5-5%
+# apart for as long as they live, on the 2-core VM) into noise that the rounds average, with a
+# t 95% interval over rounds. Beside it, a CPU account of those requests, which noise does not
+# blur: edgellmd's CPU per token by thread name (/proc/PID/task/*/schedstat: edgellm-engine and
+# edgellm-backend, ONNX Runtime's threads; the transports' edgellmd-io) and the client helper's
+# own, the transport + client share against the decode time per token being what streaming can
+# take from decode where the engine fills every core.
 # Targets: overhead < 2 ms per request; decode tok/s through the daemon within 2% of in-process;
 # idle CPU ~0. Note that a stock mosquitto leaves Nagle's algorithm on for its sockets
 # (`set_tcp_nodelay false`): its small reply packets then wait for the client's delayed ACK,
@@ -77,8 +77,10 @@
 # Environment:
 #   BENCH_TOKENS   new tokens per request (default 64, at least 2)
 #   BENCH_REPS     repetitions per path, medians reported (default 5)
-#   BENCH_PAIRS    pairs of (HTTP request, warm in-process run) per HTTP mode for the paired
-#                  decode comparison (default 16; 0 leaves it out)
+#   BENCH_ROUNDS   rounds of fresh processes for the paired decode comparison (default 6; 0
+#                  leaves it out; the interval needs 2)
+#   BENCH_PAIRS    pairs of (HTTP request, warm in-process run) per HTTP mode per round (default 4;
+#                  0 leaves the comparison out)
 #   BENCH_CLIENT_IDLE  1: in the paired comparison, the helper sends each HTTP request under
 #                  SCHED_IDLE (Linux; switching back needs root or RLIMIT_NICE), so the client takes
 #                  no core from the engine: what edgellmd's own work costs decode, as with a client
@@ -109,7 +111,8 @@ node=bench
 ready_timeout_s=60
 tokens="${BENCH_TOKENS:-64}"
 reps="${BENCH_REPS:-5}"
-pairs="${BENCH_PAIRS:-16}"
+rounds="${BENCH_ROUNDS:-6}"
+pairs="${BENCH_PAIRS:-4}"
 idle_s="${BENCH_IDLE_S:-30}"
 prompt="${BENCH_PROMPT:-Explain in one sentence why the sky looks blue on a clear afternoon.}"
 profile="${BENCH_PROFILE:-release}"
@@ -125,6 +128,7 @@ for v in tokens reps idle_s; do
     fi
 done
 [[ $pairs =~ ^[0-9]+$ ]] || die "BENCH_PAIRS must be a non-negative integer (got '$pairs')"
+[[ $rounds =~ ^[0-9]+$ ]] || die "BENCH_ROUNDS must be a non-negative integer (got '$rounds')"
 [[ ${BENCH_CLIENT_IDLE:-0} =~ ^[01]$ ]] || die "BENCH_CLIENT_IDLE must be 0 or 1 (got '${BENCH_CLIENT_IDLE}')"
 [[ ${BENCH_HTTP_UNIX:-0} =~ ^[01]$ ]] || die "BENCH_HTTP_UNIX must be 0 or 1 (got '${BENCH_HTTP_UNIX}')"
 [[ ${BENCH_STREAM_INTERVAL:-1} =~ ^[0-9]+$ ]] && ((${BENCH_STREAM_INTERVAL:-1} >= 1 && ${BENCH_STREAM_INTERVAL:-1} <= 64)) \
@@ -202,6 +206,13 @@ echo "HTTP listens on $http_addr"
 printf '\n[http]\nenabled = true\nlisten = "%s"\n' "$http_addr" >>"$config"
 printf '\n[limits]\nstream_interval = %s\n' "${BENCH_STREAM_INTERVAL:-1}" >>"$config"
 echo "streamed answers: stream_interval = ${BENCH_STREAM_INTERVAL:-1}"
+# The paired comparison's fresh edgellmd per round: the same configuration on its own HTTP
+# address and MQTT node, D-Bus off (the bus name stays with the edgellmd above).
+round_config="$tmp/round.toml.in"
+write_edgellmd_config "$round_config" "$package" "$max_length" "$ORT_DYLIB_PATH"
+sed -i -e 's/^\[dbus\]$/[dbus]\nenabled = false/' -e 's/^node_id = .*/node_id = "@NODE@"/' "$round_config"
+printf '\n[http]\nenabled = true\nlisten = "@LISTEN@"\n' >>"$round_config"
+printf '\n[limits]\nstream_interval = %s\n' "${BENCH_STREAM_INTERVAL:-1}" >>"$round_config"
 start_edgellmd "$bin" "$config"
 wait_edgellmd_ready "$ready_timeout_s" "$edgellm" ask
 
@@ -381,8 +392,7 @@ def http_request(conn, stream):
             "usage": dict(timing, completion_tokens=n)}
 
 
-def http_connection():
-    addr = E["B_HTTP"]
+def http_connection(addr=E["B_HTTP"]):
     if addr.startswith("unix:"):
         class UnixConnection(http.client.HTTPConnection):
             def connect(self):
@@ -416,9 +426,7 @@ for name in ("D-Bus", "MQTT", "HTTP"):
 
 d = {k: med(rows[k]["decode"]) / base_dec - 1 for k in ("D-Bus", "MQTT")}
 o = {k: med([w - i for w, i in zip(rows[k]["wall"], rows[k]["inside"])]) for k in ("D-Bus", "MQTT")}
-print(f"\ntargets: decode tok/s no more than 2% below in-process: "
-      + ", ".join(f"{k} {v * 100:+.1f}% {'ok' if v >= -0.02 else 'MISSED'}" for k, v in d.items()))
-print(f"         overhead < 2 ms per request (raw wall - in-daemon): "
+print(f"\ntargets: overhead < 2 ms per request (raw wall - in-daemon): "
       + ", ".join(f"{k} {v:.1f} ms {'ok' if v < 2 else 'MISSED'}" for k, v in o.items())
       + f"; net of process start: "
       + ", ".join(f"{k} {v - start:.1f} ms {'ok' if v - start < 2 else 'MISSED'}"
@@ -426,47 +434,91 @@ print(f"         overhead < 2 ms per request (raw wall - in-daemon): "
 print(f"         overhead < 2 ms per request on one connection: "
       + ", ".join(f"{k} {v[0]:.2f} ms (first token {v[1]:.2f} ms) "
                   f"{'ok' if v[0] < 2 and v[1] < 2 else 'MISSED'}" for k, v in persist.items()))
-print(f"         decode within 2% on one connection: "
-      + ", ".join(f"{k} {(v[2] / base_dec - 1) * 100:+.1f}% "
-                  f"{'ok' if v[2] / base_dec - 1 >= -0.02 else 'MISSED'}" for k, v in persist.items()))
+# Decode from medians of runs minutes apart moves by +-10% on a shared 2-core VM: shown, not
+# judged; the paired rounds below are the decode figure.
+print(f"         decode against the in-process median (unpaired, minutes apart; for the 2% aim "
+      f"see the paired rounds): one-shot "
+      + ", ".join(f"{k} {v * 100:+.1f}%" for k, v in d.items()) + "; on one connection "
+      + ", ".join(f"{k} {(v[2] / base_dec - 1) * 100:+.1f}%" for k, v in persist.items()))
 
-# Decode through HTTP against in-process, paired: this machine's run-to-run noise (about +-10%
-# between runs minutes apart on the 2-core VM) is five times the 2% aim, so each HTTP request
-# (streamed and whole, one keep-alive connection) is put next to a warm in-process run of the same
-# work, in a random order per pair, and the ratio is taken within the pair. The in-process runs
-# come from one long-lived `edgellm bench --paced` process given the same chat prompt (a warm-up
-# run, then one run per line it reads: the same template, tokens and greedy answer as the HTTP
-# request, the prefix kept between runs as edgellmd keeps it), so the two halves of a pair are
-# seconds apart with no process start or model load between them (a fresh `edgellm bench` per
-# pair put ~5 s of loading between them). Reported: the median of the pairs' ratios with a
-# bootstrap 95% interval, and the same for the A/A control.
-pairs = int(E["B_PAIRS"])
-if pairs:
+# Decode through HTTP against in-process, in rounds of fresh processes. Two kinds of noise hide
+# 2% on this shared 2-core VM. The machine's speed drifts by +-10% between runs minutes apart:
+# so each HTTP request (streamed and whole, one keep-alive connection) is put next to a warm
+# in-process run of the same work, in a random order, and the ratio is taken within the pair.
+# And each process has a speed of its own for as long as it lives: two identical in-process
+# engines, side by side for hundreds of pairs, read 0.5% to 5% apart from one run of this script
+# to the next (a fixed offset per process: where its weights and buffers landed in memory, or
+# the like), so a comparison between one edgellmd and one in-process engine, however many pairs
+# it has, measures those two processes' offsets as much as the daemon. Hence rounds: each round
+# starts a fresh edgellmd (the configuration above, on its own HTTP address, D-Bus off: the
+# first edgellmd, idle, keeps the bus name) and two fresh `edgellm bench --paced` processes (one
+# long-lived process each, one run per line read: the same chat template, tokens and greedy
+# answer as the HTTP request, the prefix kept between runs as edgellmd keeps it), in a random
+# order, runs BENCH_PAIRS pairs per HTTP mode (each HTTP request beside one run of each
+# in-process engine, the three in a random order, its ratio taken against their geometric mean),
+# and stops them. A round's figure is the geometric mean of its pairs' ratios; the result is the
+# geometric mean over rounds with a t 95% interval, which counts the processes' offsets as the
+# noise they are. The control is an A/A ratio, one in-process engine against the other: the
+# method's bias (ideally 1) and its spread per round.
+rounds, pairs = int(E["B_ROUNDS"]), int(E["B_PAIRS"])
+if rounds and pairs:
+    import math
     import random
     rng = random.Random(16)
-    conn = http_connection()
-    http_request(conn, True)  # warm-up
     if "\n" in prompt or "\r" in prompt:
         sys.exit("bench-transports: the paired comparison needs a one-line BENCH_PROMPT")
-    # "in": two runs per pair (one beside each HTTP mode). "control" (A/A): a second, identical
-    # paced process run beside each of them, so that all three processes (edgellmd too) work
-    # equally often (run half as often, it read 1-5% slower on this 2-core VM). Its
-    # ratio is what the method reads between two processes doing the same work: the bias and
-    # spread a difference between edgellmd and in-process must stand out from.
-    paced = {}
-    for which, runs in (("in", 2 * pairs), ("control", 2 * pairs)):
-        paced[which] = subprocess.Popen(
+    round_template = open(E["B_ROUND_CONFIG"]).read()
+    daemon_env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
+
+    def start_round_daemon(r):
+        """A fresh edgellmd for round r, started; (process, its HTTP address, its log path)."""
+        if E["B_HTTP"].startswith("unix:"):
+            listen = f"unix:{tmp}/http-round{r}.sock"
+        else:
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            listen = f"127.0.0.1:{s.getsockname()[1]}"
+            s.close()
+        config = os.path.join(tmp, f"round{r}.toml")
+        with open(config, "w") as f:
+            f.write(round_template.replace("@LISTEN@", listen).replace("@NODE@", f"{E['B_NODE']}-round{r}"))
+        log = os.path.join(tmp, f"edgellmd-round{r}.log")
+        p = subprocess.Popen([E["B_EDGELLMD"], "--config", config], env=daemon_env,
+                             stdout=subprocess.DEVNULL, stderr=open(log, "wb"))
+        return p, listen, log
+
+    def wait_healthy(r, p, listen, log):
+        """Waits until round r's edgellmd answers /health with 200."""
+        deadline = time.monotonic() + 120
+        while True:
+            if p.poll() is not None:
+                sys.exit(f"bench-transports: edgellmd (round {r}) exited {p.returncode}: "
+                         + open(log, errors="replace").read()[-2000:])
+            try:
+                c = http_connection(listen)
+                c.request("GET", "/health")
+                if c.getresponse().status == 200:
+                    c.close()
+                    return
+                c.close()
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                p.kill()
+                sys.exit(f"bench-transports: edgellmd (round {r}) not healthy after 120 s")
+            time.sleep(0.2)
+
+    def paced_process(which):
+        return subprocess.Popen(
             [edgellm, "bench", "--model", pkg] + engine + [
                 "--prompt-tokens", str(prompt_tokens), "--gen-tokens", str(tokens),
-                "--runs", str(runs), "--paced", "--json"],
+                "--runs", str(2 * pairs + 1), "--paced", "--json"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=open(os.path.join(tmp, f"paced-{which}.err"), "wb"))
 
-    def in_process_run(which="in"):
-        """One warm in-process run of a paced bench process, the HTTP requests' chat prompt
-        (same template, same tokens; the engine keeps its cache between runs as edgellmd's
-        does): its decode tok/s."""
-        p = paced[which]
+    def in_process_run(p, which):
+        """One warm in-process run of a paced bench process, the HTTP requests' chat prompt:
+        its decode tok/s."""
         p.stdin.write(prompt.encode() + b"\n")
         p.stdin.flush()
         line = p.stdout.readline()
@@ -478,23 +530,12 @@ if pairs:
             sys.exit(f"bench-transports: the in-process run has {run['gen_tokens']} tokens, "
                      f"not {tokens}")
         return run["decode_tok_s"]
-    ratios = {"HTTP streamed": [], "HTTP whole": []}
-    control = []
-    # BENCH_CLIENT_IDLE=1: this helper makes its HTTP requests under SCHED_IDLE, so it runs only
-    # on a core nothing else wants (the chunks it has not read wait in the socket buffer);
-    # edgellmd itself keeps its priority. The ratios then show what edgellmd's own transport
-    # work costs decode, as with a client on another machine; by default the client competes
-    # with the engine for the cores, as a local client does.
-    client_idle = E.get("B_CLIENT_IDLE") == "1"
-    if client_idle:
-        print("the HTTP client runs under SCHED_IDLE (BENCH_CLIENT_IDLE=1)")
-    cpu = {k: {} for k in ratios}
 
-    def thread_cpu():
+    def thread_cpu(pid):
         """edgellmd's CPU seconds by thread name (/proc/PID/task/TID/schedstat's run time, in ns):
         its engine thread and ONNX Runtime's threads (edgellm-engine, edgellm-backend), the
         transports' tokio threads (edgellmd-io)."""
-        out, base = {}, f"/proc/{E['B_PID']}/task"
+        out, base = {}, f"/proc/{pid}/task"
         for t in os.listdir(base):
             try:
                 comm = open(f"{base}/{t}/comm").read().strip()
@@ -503,27 +544,56 @@ if pairs:
                 continue
             out[comm] = out.get(comm, 0.0) + ns / 1e9
         return out
-    # Streamed against whole, the two HTTP requests of the same pair: what streaming itself
-    # costs decode (a whole answer does no per-token transport work), free of whatever sets
-    # edgellmd's engine apart from a fresh in-process run.
-    streamed_vs_whole = []
-    for i in range(pairs):
-        http_tok = {}
-        for name in rng.sample(sorted(ratios), 2):
-            work = [("in", None), ("http", name), ("control", None)]
-            rng.shuffle(work)
-            got = {}
-            for kind, _ in work:
-                if kind in ("in", "control"):
-                    got[kind] = in_process_run(kind)
-                else:
-                    before, c0 = thread_cpu(), time.process_time()
+
+    # BENCH_CLIENT_IDLE=1: this helper makes its HTTP requests under SCHED_IDLE, so it runs only
+    # on a core nothing else wants (the chunks it has not read wait in the socket buffer);
+    # edgellmd itself keeps its priority. The ratios then show what edgellmd's own transport
+    # work costs decode, as with a client on another machine; by default the client competes
+    # with the engine for the cores, as a local client does.
+    client_idle = E.get("B_CLIENT_IDLE") == "1"
+    if client_idle:
+        print("the HTTP client runs under SCHED_IDLE (BENCH_CLIENT_IDLE=1)")
+    # Per round, the geometric mean of its pairs' ratios: each HTTP mode against the two
+    # in-process runs beside it (their geometric mean), the control (A/A) as one in-process
+    # engine against the other, and the streamed request against the whole one of the same pair
+    # (what streaming itself costs decode: a whole answer does no per-token transport work).
+    keys = ("HTTP whole", "HTTP streamed", "control (A/A)", "streamed/whole")
+    per_round = {k: [] for k in keys}
+    cpu = {k: {} for k in keys[:2]}
+    print(f"\ndecode, paired, in {rounds} rounds of fresh processes x {pairs} pairs per HTTP mode "
+          f"({tokens} new tokens):")
+    for r in range(rounds):
+        # The three processes start in a random order (which loads first may matter to where
+        # its memory lands); the two in-process engines are alike but for their labels.
+        paced = {}
+        for which in rng.sample(["daemon", "in", "control"], 3):
+            if which == "daemon":
+                daemon, listen, log = start_round_daemon(r)
+            else:
+                paced[which] = paced_process(which)
+        wait_healthy(r, daemon, listen, log)
+        conn = http_connection(listen)
+        http_request(conn, True)  # warm-up
+        for which, p in paced.items():
+            in_process_run(p, which)  # warm-up
+        ratios = {k: [] for k in keys}
+        for i in range(pairs):
+            http_tok = {}
+            for name in rng.sample(keys[:2], 2):
+                work = ["in", "http", "control"]
+                rng.shuffle(work)
+                got = {}
+                for kind in work:
+                    if kind != "http":
+                        got[kind] = in_process_run(paced[kind], kind)
+                        continue
+                    before, c0 = thread_cpu(daemon.pid), time.process_time()
                     if client_idle:
                         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
                     l = http_request(conn, name == "HTTP streamed")
                     if client_idle:
                         os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
-                    c1, after = time.process_time(), thread_cpu()
+                    c1, after = time.process_time(), thread_cpu(daemon.pid)
                     n = l["usage"]["completion_tokens"]
                     if n != tokens:
                         sys.exit(f"bench-transports: the HTTP answer has {n} tokens, not {tokens}")
@@ -534,41 +604,52 @@ if pairs:
                     acct["tokens"] = acct.get("tokens", 0) + n
                     acct["decode_s"] = acct.get("decode_s", 0.0) + (n - 1) / l["usage"]["decode_tok_s"]
                     got["http"] = l["usage"]["decode_tok_s"]
-            ratios[name].append(got["http"] / got["in"])
-            if "control" in got:
-                control.append(got["control"] / got["in"])
-            http_tok[name] = got["http"]
-        streamed_vs_whole.append(http_tok["HTTP streamed"] / http_tok["HTTP whole"])
-        print(f"  pair {i + 1}/{pairs}: " + ", ".join(f"{k} {v[-1]:.4f}" for k, v in ratios.items())
-              + f", streamed/whole {streamed_vs_whole[-1]:.4f}, control {control[-1]:.4f}",
+                # Against both in-process engines (their geometric mean): each one's own
+                # offset weighs half.
+                ratios[name].append(got["http"] / math.sqrt(got["in"] * got["control"]))
+                ratios["control (A/A)"].append(got["control"] / got["in"])
+                http_tok[name] = got["http"]
+            ratios["streamed/whole"].append(http_tok["HTTP streamed"] / http_tok["HTTP whole"])
+        conn.close()
+        daemon.terminate()
+        if daemon.wait() != 0:
+            sys.exit(f"bench-transports: edgellmd (round {r}) exited {daemon.returncode} on SIGTERM: "
+                     + open(log, errors="replace").read()[-2000:])
+        for which, p in paced.items():
+            p.stdin.close()
+            if p.wait() != 0:
+                sys.exit(f"bench-transports: `edgellm bench --paced` ({which}) failed")
+        for k, xs in ratios.items():
+            per_round[k].append(math.exp(statistics.fmean(math.log(x) for x in xs)))
+        print(f"  round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]:.4f}" for k, v in per_round.items()),
               flush=True)
 
-    for which, p in paced.items():
-        p.stdin.close()
-        if p.wait() != 0:
-            sys.exit(f"bench-transports: `edgellm bench --paced` ({which}) failed")
-
-    def interval(xs, k=4000):
-        meds = sorted(med(rng.choices(xs, k=len(xs))) for _ in range(k))
-        return meds[int(0.025 * k)], meds[int(0.975 * k) - 1]
-
-    print(f"\ndecode, paired with a warm in-process run ({pairs} pairs each, {tokens} new tokens):")
-    for name, xs in ratios.items():
-        lo, hi = interval(xs)
-        m = med(xs)
-        print(f"  {name:<14} median ratio {m:.4f} (95% interval {lo:.4f}-{hi:.4f}; "
-              f"mean {statistics.fmean(xs):.4f}, {sum(x >= 1 for x in xs)}/{len(xs)} pairs >= 1): "
-              f"{(m - 1) * 100:+.1f}% {'ok' if m >= 0.98 else 'MISSED'}")
-    lo, hi = interval(control)
-    m = med(control)
-    print(f"  {'control (A/A)':<14} median ratio {m:.4f} (95% interval {lo:.4f}-{hi:.4f}; "
-          f"{sum(x >= 1 for x in control)}/{len(control)} ratios >= 1): a second in-process engine "
-          f"against the first, {(m - 1) * 100:+.1f}% (the method's own bias; ideally 0)")
-    lo, hi = interval(streamed_vs_whole)
-    m = med(streamed_vs_whole)
-    print(f"  {'streamed/whole':<14} median ratio {m:.4f} (95% interval {lo:.4f}-{hi:.4f}; "
-          f"{sum(x >= 1 for x in streamed_vs_whole)}/{pairs} pairs >= 1): what streaming costs "
-          f"decode, {(m - 1) * 100:+.1f}%")
+    # Two-sided 95% quantiles of Student's t by degrees of freedom (1-30; beyond, the 30th: a
+    # little wide).
+    t975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+            2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+            2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+    print(f"\ndecode against warm in-process runs, over {rounds} rounds (geometric mean of the "
+          f"rounds; t 95% interval; sd: one round against another):")
+    for k, xs in per_round.items():
+        logs = [math.log(x) for x in xs]
+        m = statistics.fmean(logs)
+        half = math.inf
+        if len(logs) > 1:
+            sd = statistics.stdev(logs)
+            half = t975[min(len(logs) - 1, len(t975)) - 1] * sd / math.sqrt(len(logs))
+            spread = (f"95% interval {math.exp(m - half):.4f}-{math.exp(m + half):.4f}, "
+                      f"sd {sd * 100:.1f}%")
+        else:
+            spread = "one round: no interval (BENCH_ROUNDS >= 2)"
+        # The 2% aim, judged on the estimate; said when the interval reaches past it.
+        aim = math.log(0.98)
+        judged = ("MISSED" if m < aim else "ok" if m - half >= aim
+                  else "ok at the estimate, its interval reaching below -2%")
+        verdict = {"HTTP whole": judged, "HTTP streamed": judged,
+                   "control (A/A)": "the method's own bias; ideally 0",
+                   "streamed/whole": "what streaming itself costs decode"}[k]
+        print(f"  {k:<15} {math.exp(m):.4f} ({spread}): {(math.exp(m) - 1) * 100:+.1f}% {verdict}")
     # What the transport and its client spend per token, against the time a token takes: the
     # most that serving over HTTP can take from decode on a machine whose cores the engine
     # fills (precise where the ratios above are noisy: CPU time, not wall time). The whole
@@ -585,7 +666,7 @@ if pairs:
 PY
 B_EDGELLM="$edgellm" B_PKG="$package" B_PROMPT="$prompt" B_TOKENS="$tokens" B_REPS="$reps" \
     B_MAXLEN="$max_length" B_TMP="$tmp" B_BUS="$bus_address" B_MQTT="$mqtt_url" B_NODE="$node" \
-    B_HTTP="$http_addr" B_PAIRS="$pairs" B_PID="$edgellmd_pid" B_CLIENT_IDLE="${BENCH_CLIENT_IDLE:-0}" \
+    B_HTTP="$http_addr" B_PAIRS="$pairs" B_ROUNDS="$rounds" B_EDGELLMD="$root/$bin/edgellmd" B_ROUND_CONFIG="$round_config" B_CLIENT_IDLE="${BENCH_CLIENT_IDLE:-0}" \
     python3 "$tmp/measure.py"
 
 # ---------------------------------------------------------------------------------------------
