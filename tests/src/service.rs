@@ -431,6 +431,20 @@ impl MqttClient {
         .expect("client task alive");
     }
 
+    /// SubAcks received so far (the client subscribes again on every reconnection).
+    pub fn subacks(&self) -> usize {
+        *self.acked.borrow()
+    }
+
+    /// Waits until more than `seen` SubAcks have arrived: after a broker restart, the client
+    /// has reconnected and holds its subscriptions again.
+    pub async fn resubscribed(&mut self, seen: usize) {
+        tokio::time::timeout(Duration::from_secs(30), self.acked.wait_for(|n| *n > seen))
+            .await
+            .expect("the client did not subscribe again within 30 s")
+            .expect("client task alive");
+    }
+
     pub async fn publish(&self, topic: &str, payload: impl Into<Vec<u8>>) {
         self.client
             .publish(topic, QoS::AtLeastOnce, false, payload.into())
@@ -719,4 +733,62 @@ pub async fn http_checks(args: &[&str]) -> Value {
     );
     serde_json::from_str(stdout.lines().last().unwrap_or_default())
         .unwrap_or_else(|e| panic!("checks {args:?} printed no JSON ({e}): {stdout}"))
+}
+
+/// A TCP forwarder on a loopback port in front of another (a broker): the daemon connects
+/// through it while test clients connect straight to the broker. Closed, it accepts and drops
+/// new connections (connections already forwarded go on), so a test decides when the daemon may
+/// reach a restarted broker: after its own client has subscribed there again.
+pub struct TcpGate {
+    port: u16,
+    open: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TcpGate {
+    /// Starts an open gate to `127.0.0.1:target`.
+    pub async fn start(target: u16) -> TcpGate {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+            .await
+            .expect("bind the gate's port");
+        let port = listener.local_addr().expect("the gate's address").port();
+        let open = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let is_open = open.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    continue;
+                };
+                if !is_open.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue; // dropped: the peer sees the connection closed
+                }
+                tokio::spawn(async move {
+                    if let Ok(mut outbound) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", target)).await
+                    {
+                        let _ = inbound.set_nodelay(true);
+                        let _ = outbound.set_nodelay(true);
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+            }
+        });
+        TcpGate { port, open, task }
+    }
+
+    /// `mqtt://127.0.0.1:PORT` of the gate.
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+
+    /// Opens or closes the gate to new connections.
+    pub fn set_open(&self, open: bool) {
+        self.open.store(open, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for TcpGate {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }

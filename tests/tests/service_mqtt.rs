@@ -294,13 +294,17 @@ async fn status_is_retained_and_goes_offline_on_stop(backend: &'static str) {
 
 async fn cancel_topic_and_broker_restart_mid_stream(backend: &'static str) {
     let mut broker = Mosquitto::start();
+    // The daemon reaches the broker through a gate, this test's client straight: after the
+    // restart the gate opens once the client has subscribed again, so the daemon's kept message
+    // cannot reach the new broker before anyone listens there (a race a CI run lost once).
+    let gate = TcpGate::start(broker.port()).await;
     // D-Bus too: it shows the engine's state while the broker is down.
     let bus_daemon = edgellm_tests::harness::DbusBus::start();
     let mut cfg = config(
         backend,
         slow_package(),
         Some(bus_daemon.address()),
-        Some(&broker.url()),
+        Some(&gate.url()),
         "n1",
     );
     cfg.model.max_length = 1024;
@@ -335,6 +339,7 @@ async fn cancel_topic_and_broker_restart_mid_stream(backend: &'static str) {
     .await;
     let first = c.recv(WAIT).await;
     assert_eq!(first.json["id"], "r1");
+    gate.set_open(false);
     broker.stop();
     // The answer must finish while the broker is down (so the final message has to wait for
     // the reconnection): the engine is idle again, seen over D-Bus, before the restart.
@@ -352,10 +357,12 @@ async fn cancel_topic_and_broker_restart_mid_stream(backend: &'static str) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(!broker.is_running(), "the broker came back too early");
-    // Stay down a while longer: the daemon's reconnect backoff (0.25 s doubling) then lets the
-    // test client re-subscribe (on its own reconnection) before the kept message arrives.
+    // Stay down a while longer: the daemon's reconnect backoff (0.25 s doubling, to 10 s) grows.
     tokio::time::sleep(Duration::from_secs(3)).await;
+    let seen = c.subacks();
     broker.restart();
+    c.resubscribed(seen).await;
+    gate.set_open(true);
     let mut terminal = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while terminal.is_empty() {
