@@ -416,19 +416,13 @@ impl MqttClient {
 
     /// Subscribes (QoS 1) and waits for the broker's SubAck.
     pub async fn subscribe(&mut self, topic: &str) {
-        let before = *self.acked.borrow();
+        let before = self.subacks();
         self.subs.send_modify(|s| s.push(topic.to_string()));
         self.client
             .subscribe(topic, QoS::AtLeastOnce)
             .await
             .expect("subscribe");
-        tokio::time::timeout(
-            Duration::from_secs(10),
-            self.acked.wait_for(|n| *n > before),
-        )
-        .await
-        .expect("no SubAck within 10 s")
-        .expect("client task alive");
+        self.subacks_after(before, Duration::from_secs(10)).await;
     }
 
     /// SubAcks received so far (the client subscribes again on every reconnection).
@@ -439,9 +433,13 @@ impl MqttClient {
     /// Waits until more than `seen` SubAcks have arrived: after a broker restart, the client
     /// has reconnected and holds its subscriptions again.
     pub async fn resubscribed(&mut self, seen: usize) {
-        tokio::time::timeout(Duration::from_secs(30), self.acked.wait_for(|n| *n > seen))
+        self.subacks_after(seen, Duration::from_secs(30)).await;
+    }
+
+    async fn subacks_after(&mut self, seen: usize, within: Duration) {
+        tokio::time::timeout(within, self.acked.wait_for(|n| *n > seen))
             .await
-            .expect("the client did not subscribe again within 30 s")
+            .unwrap_or_else(|_| panic!("no SubAck within {within:?}"))
             .expect("client task alive");
     }
 
